@@ -1,0 +1,348 @@
+//! The command line: `run` streams every configured source until SIGTERM/SIGINT;
+//! `check` validates the config offline, then probes each live database and NATS
+//! server and says, one line per check, what would be streamed and what must be fixed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{self, Config, NatsConfig, SourceConfig, TableSelection};
+use crate::jetstream::provision;
+use crate::pipeline::{self, ErrorChain};
+use crate::postgres::catalog::{Catalog, CatalogError};
+
+/// Stream PostgreSQL row changes into NATS JetStream as CloudEvents, exactly once and in
+/// commit order.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// Human-readable lines without colors, for log collectors.
+    Plain,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream every configured source until SIGTERM or SIGINT.
+    ///
+    /// Each source runs on its own and fails alone. A failed pipeline is rebuilt from
+    /// durable state (the replication slot and the stream) with backoff; a problem only
+    /// an operator can fix stops that source with the fix in the log.
+    /// Exit codes: 0 after a clean shutdown, 1 when a source stopped on an error,
+    /// 2 for a bad config.
+    Run {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config, then check each source's database and NATS server.
+    ///
+    /// Changes nothing. Prints one line per check, and what would be streamed.
+    /// Exit codes: 0 when everything is ready, 1 when a check failed, 2 for a bad config.
+    Check {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+    },
+}
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Plain => builder.with_ansi(false).init(),
+    }
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => match load(&config) {
+            Ok(cfg) => run_sources(cfg).await,
+            Err(code) => code,
+        },
+        Command::Check { config } => match load(&config) {
+            Ok(cfg) => check(cfg).await,
+            Err(code) => code,
+        },
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|err| {
+        eprintln!("error: {}", ErrorChain(&err));
+        ExitCode::from(2)
+    })
+}
+
+async fn run_sources(cfg: Config) -> ExitCode {
+    let root = CancellationToken::new();
+    let mut sources = JoinSet::new();
+    for source in cfg.sources {
+        let name = source.name.clone();
+        let token = root.child_token();
+        let nats = cfg.nats.clone();
+        sources.spawn(async move { (name, pipeline::run_source(source, nats, token).await) });
+    }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("error: cannot listen for SIGTERM: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            biased;
+            // 1. A signal: every source drains and sends its last status update.
+            _ = term.recv(), if !root.is_cancelled() => {
+                info!("SIGTERM received; draining");
+                root.cancel();
+            }
+            _ = tokio::signal::ctrl_c(), if !root.is_cancelled() => {
+                info!("SIGINT received; draining");
+                root.cancel();
+            }
+            // 2. A source ended.
+            joined = sources.join_next() => match joined {
+                None => break,
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((name, Err(err)))) => {
+                    error!(source = %name, error = %ErrorChain(&err), "source stopped");
+                    failed = true;
+                }
+                Some(Err(join_err)) => {
+                    error!(error = %join_err, "a source task panicked");
+                    failed = true;
+                }
+            },
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        info!("all sources stopped");
+        ExitCode::SUCCESS
+    }
+}
+
+/// Prints one check line; returns whether it passed.
+fn line(source: &str, ok: bool, what: &str, detail: &str) -> bool {
+    let mark = if ok { "ok  " } else { "FAIL" };
+    println!("{mark} [{source}] {what}: {detail}");
+    ok
+}
+
+async fn check(cfg: Config) -> ExitCode {
+    println!(
+        "ok   config {}: {} source(s)",
+        cfg.path.display(),
+        cfg.sources.len()
+    );
+    let mut all_ok = true;
+    for source in &cfg.sources {
+        all_ok &= check_source(source, &cfg.nats).await;
+    }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
+    let n = s.name.as_str();
+    let mut ok = true;
+    let pg = format!(
+        "{}:{}/{}",
+        s.postgres.host, s.postgres.port, s.postgres.dbname
+    );
+    match check_postgres(s).await {
+        Ok(lines) => {
+            line(
+                n,
+                true,
+                "postgres",
+                &format!("connected to {pg} as {}", s.postgres.user),
+            );
+            for (good, what, detail) in lines {
+                ok &= line(n, good, &what, &detail);
+            }
+        }
+        Err(err) => ok &= line(n, false, "postgres", &ErrorChain(&err).to_string()),
+    }
+    match check_nats(s, nats).await {
+        Ok(lines) => {
+            for (good, what, detail) in lines {
+                ok &= line(n, good, &what, &detail);
+            }
+        }
+        Err(err) => ok &= line(n, false, "nats", &ErrorChain(&err).to_string()),
+    }
+    if ok {
+        println!(
+            "ok   [{n}] would stream to subjects {n}.<table>.<created|updated|deleted|truncated> in stream {:?}",
+            s.stream.name
+        );
+    }
+    ok
+}
+
+type CheckLines = Vec<(bool, String, String)>;
+
+async fn check_postgres(s: &SourceConfig) -> Result<CheckLines, CatalogError> {
+    let catalog = Catalog::connect(&s.postgres).await?;
+    let mut out: CheckLines = Vec::new();
+    match catalog.check_wal_level().await {
+        Ok(()) => out.push((true, "wal_level".into(), "logical".into())),
+        Err(e) => out.push((false, "wal_level".into(), e.to_string())),
+    }
+    let wanted = match &s.tables {
+        TableSelection::All => catalog.all_tables().await?,
+        TableSelection::Listed(t) => t.clone(),
+    };
+    let published = catalog.publication(&s.publication).await?;
+    let pub_name = format!("publication {:?}", s.publication);
+    match (&published, s.create_publication) {
+        (Some(tables), _) => out.push((
+            true,
+            pub_name,
+            format!("exists, publishes {} table(s)", tables.len()),
+        )),
+        (None, true) => out.push((true, pub_name, "will be created".into())),
+        (None, false) => out.push((
+            false,
+            pub_name,
+            CatalogError::PublicationMissing {
+                name: s.publication.clone(),
+            }
+            .to_string(),
+        )),
+    }
+    match catalog.tables(&wanted).await {
+        Err(e) => out.push((false, "tables".into(), e.to_string())),
+        Ok(tables) => {
+            for t in tables {
+                let in_pub = published
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&(t.schema.clone(), t.name.clone())));
+                let key = if t.primary_key.is_empty() {
+                    "no primary key".to_string()
+                } else {
+                    format!("key ({})", t.primary_key.join(", "))
+                };
+                let identity = match t.replica_identity {
+                    'f' => "full",
+                    'n' => "nothing",
+                    'i' => "index",
+                    _ => "default",
+                };
+                let what = format!("table {}", t.qualified());
+                match t.identity_problem() {
+                    Some(problem) if !in_pub => out.push((false, what, CatalogError::NoReplicaIdentity { table: t.qualified(), identity: problem }.to_string())),
+                    Some(_) => out.push((true, what, format!("replica identity {identity}, {key}; warning: UPDATE and DELETE on it fail while it is published; set REPLICA IDENTITY FULL or add a primary key"))),
+                    None if !in_pub && !s.create_publication && published.is_some() => out.push((false, what, CatalogError::PublicationLacksTable { publication: s.publication.clone(), table: t.qualified() }.to_string())),
+                    None => out.push((true, what, format!("replica identity {identity}, {key}{}", if in_pub { "" } else { "; will be added to the publication" }))),
+                }
+            }
+        }
+    }
+    let slot_name = format!("slot {:?}", s.slot);
+    match catalog.slot(&s.slot).await? {
+        Some(info) => match catalog.check_slot(&s.slot, &info) {
+            Ok(()) => out.push((
+                true,
+                slot_name,
+                format!(
+                    "exists, confirmed flush {}, {}",
+                    info.confirmed_flush
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    match info.active_pid {
+                        Some(pid) if info.active => format!("active (pid {pid})"),
+                        _ => "inactive".into(),
+                    }
+                ),
+            )),
+            Err(e) => out.push((false, slot_name, e.to_string())),
+        },
+        None if s.create_slot => out.push((true, slot_name, "will be created".into())),
+        None => out.push((
+            false,
+            slot_name,
+            CatalogError::SlotMissing {
+                slot: s.slot.clone(),
+            }
+            .to_string(),
+        )),
+    }
+    Ok(out)
+}
+
+async fn check_nats(
+    s: &SourceConfig,
+    nats: &NatsConfig,
+) -> Result<CheckLines, provision::ProvisionError> {
+    let client = provision::connect(nats, "tidemark-check").await?;
+    let mut out: CheckLines = Vec::new();
+    let info = client.server_info();
+    let payload_ok = info.max_payload == 0 || s.max_event_bytes <= info.max_payload;
+    out.push((
+        payload_ok,
+        "nats".into(),
+        if payload_ok {
+            format!(
+                "connected to {} (server {}, max_payload {})",
+                nats.servers.join(","),
+                info.version,
+                info.max_payload
+            )
+        } else {
+            provision::ProvisionError::PayloadLimit {
+                max_payload: info.max_payload,
+                max_event_bytes: s.max_event_bytes,
+            }
+            .to_string()
+        },
+    ));
+    let js = async_nats::jetstream::new(client);
+    let what = format!("stream {:?}", s.stream.name);
+    match js.get_stream(&s.stream.name).await {
+        Ok(mut stream) => match provision::read_tail(&mut stream, &s.name).await {
+            Ok(tail) => out.push((
+                true,
+                what,
+                format!("exists, last sequence {}", tail.last_seq),
+            )),
+            Err(e) => out.push((false, what, e.to_string())),
+        },
+        Err(_) => match js.query_account().await {
+            Ok(_) => out.push((true, what, "will be created".into())),
+            Err(e) => out.push((
+                false,
+                what,
+                format!("JetStream is not available: {e}; start nats-server with -js"),
+            )),
+        },
+    }
+    Ok(out)
+}

@@ -1,0 +1,964 @@
+//! Configuration: the TOML file, parsed into a raw model, then validated into `Config`,
+//! the only form the rest of the program sees.
+//!
+//! Every problem is reported as `file:line: key: message`, and validation collects all
+//! of them before giving up, so an operator fixes a file in one pass. `${VAR}` in the
+//! file is replaced by the environment variable before parsing (comments excepted), and
+//! a missing variable is named with its line. Passwords never sit in the file: they come
+//! from an environment variable or a file, and are `Secret`s that never reach `Debug`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A secret (password, token). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(.path, .issues))]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl ConfigError {
+    pub fn issues(&self) -> &[ConfigIssue] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { issues, .. } => issues,
+        }
+    }
+}
+
+fn render_issues(path: &Path, issues: &[ConfigIssue]) -> String {
+    let lines: Vec<String> = issues
+        .iter()
+        .map(|i| {
+            let loc = match i.line {
+                Some(l) => format!("{}:{l}", path.display()),
+                None => path.display().to_string(),
+            };
+            if i.key.is_empty() {
+                format!("{loc}: {}", i.message)
+            } else {
+                format!("{loc}: {}: {}", i.key, i.message)
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+// ---------------------------------------------------------------------------------
+// The raw model: what the file says, with spans kept on values checked later.
+// ---------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    nats: Spanned<RawNats>,
+    #[serde(default)]
+    source: Vec<Spanned<RawSource>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    servers: Spanned<Vec<String>>,
+    user: Option<Spanned<String>>,
+    password_env: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    token_env: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    credentials_file: Option<Spanned<String>>,
+    connect_timeout_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Spanned<String>,
+    postgres: Spanned<RawPostgres>,
+    publication: Spanned<String>,
+    slot: Spanned<String>,
+    tables: Option<Spanned<Vec<String>>>,
+    all_tables: Option<Spanned<bool>>,
+    create_publication: Option<bool>,
+    create_slot: Option<bool>,
+    stream: Spanned<RawStream>,
+    publish_window: Option<Spanned<u64>>,
+    max_event_bytes: Option<Spanned<u64>>,
+    ack_timeout_secs: Option<Spanned<u64>>,
+    status_interval_secs: Option<Spanned<u64>>,
+    restart_backoff_initial_ms: Option<Spanned<u64>>,
+    restart_backoff_max_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    host: Spanned<String>,
+    port: Option<Spanned<u64>>,
+    dbname: Spanned<String>,
+    user: Spanned<String>,
+    password_env: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    connect_timeout_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    name: Spanned<String>,
+    subjects: Option<Spanned<Vec<String>>>,
+    storage: Option<Spanned<String>>,
+    replicas: Option<Spanned<u64>>,
+    max_age_secs: Option<Spanned<u64>>,
+    max_bytes: Option<Spanned<u64>>,
+    duplicate_window_secs: Option<Spanned<u64>>,
+}
+
+// ---------------------------------------------------------------------------------
+// The validated model.
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub nats: NatsConfig,
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum NatsAuth {
+    None,
+    UserPassword { user: String, password: Secret },
+    Token(Secret),
+    CredentialsFile(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub postgres: PostgresConfig,
+    pub publication: String,
+    pub slot: String,
+    pub tables: TableSelection,
+    pub create_publication: bool,
+    pub create_slot: bool,
+    pub stream: StreamConfig,
+    pub publish_window: usize,
+    pub max_event_bytes: usize,
+    pub ack_timeout: Duration,
+    pub status_interval: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// A host name or address, or a directory holding the Unix socket (starts with '/').
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableSelection {
+    All,
+    /// `(schema, table)` pairs.
+    Listed(Vec<(String, String)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    File,
+    Memory,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub storage: Storage,
+    pub replicas: usize,
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<i64>,
+    pub duplicate_window: Duration,
+}
+
+pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+/// Below nats-server's default `max_payload` (1 MiB), leaving room for headers.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+
+/// Loads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text, &|k| std::env::var(k).ok())
+}
+
+/// Parses and validates config text; `env` looks up environment variables.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let invalid = |issues| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        issues,
+    };
+    let text = interpolate(text, env).map_err(invalid)?;
+    let raw: RawConfig = {
+        let de = toml::Deserializer::parse(&text)
+            .map_err(|e| invalid(vec![toml_issue(&text, &e, "")]))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            // Spanned wraps values in a private field whose name shows up in the path.
+            let key = e
+                .path()
+                .to_string()
+                .split('.')
+                .filter(|seg| !seg.starts_with("$__serde_spanned"))
+                .collect::<Vec<_>>()
+                .join(".");
+            let key = if key.is_empty() || key == "." {
+                String::new()
+            } else {
+                key
+            };
+            invalid(vec![toml_issue(&text, e.inner(), &key)])
+        })?
+    };
+    let mut v = Validator {
+        text: &text,
+        issues: Vec::new(),
+        env,
+        base: path.parent().unwrap_or(Path::new(".")),
+    };
+    let config = v.config(path, raw);
+    if v.issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(v.issues))
+    }
+}
+
+fn toml_issue(text: &str, e: &toml::de::Error, key: &str) -> ConfigIssue {
+    ConfigIssue {
+        line: e.span().map(|s| line_of(text, s.start)),
+        key: key.to_string(),
+        message: e.message().trim().to_string(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Replaces `${NAME}` with the variable's value, outside comments. Every missing
+/// variable is an issue naming it and its line.
+fn interpolate(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<ConfigIssue>> {
+    let mut out = String::with_capacity(text.len());
+    let mut issues = Vec::new();
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        let mut in_string: Option<char> = None;
+        while let Some(c) = rest.chars().next() {
+            if in_string.is_none() && c == '#' {
+                out.push_str(rest);
+                break;
+            }
+            if c == '"' || c == '\'' {
+                in_string = match in_string {
+                    None => Some(c),
+                    Some(q) if q == c => None,
+                    other => other,
+                };
+            }
+            if c == '\\' && in_string == Some('"') && rest.len() > 1 {
+                let next = rest[1..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&rest[..1 + next]);
+                rest = &rest[1 + next..];
+                continue;
+            }
+            if rest.starts_with("${")
+                && let Some(end) = rest.find('}')
+            {
+                let name = &rest[2..end];
+                match env(name) {
+                    Some(v) => out.push_str(&v),
+                    None => issues.push(ConfigIssue {
+                        line: Some(n + 1),
+                        key: String::new(),
+                        message: format!(
+                            "environment variable {name} is not set (the file refers to it as ${{{name}}})"
+                        ),
+                    }),
+                }
+                rest = &rest[end + 1..];
+                continue;
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(issues)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    issues: Vec<ConfigIssue>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn issue<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            line: Some(line_of(self.text, at.span().start)),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A whole number in `range`, or the default when absent.
+    fn number(
+        &mut self,
+        v: &Option<Spanned<u64>>,
+        key: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> u64 {
+        match v {
+            None => default,
+            Some(s) if range.contains(s.get_ref()) => *s.get_ref(),
+            Some(s) => {
+                self.issue(
+                    s,
+                    key,
+                    format!(
+                        "{} is out of range: use a value from {} to {}",
+                        s.get_ref(),
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A secret from an environment variable or a file; at most one may be given.
+    fn secret(
+        &mut self,
+        env_key: &str,
+        env_var: &Option<Spanned<String>>,
+        file_key: &str,
+        file: &Option<Spanned<String>>,
+    ) -> Option<Secret> {
+        match (env_var, file) {
+            (Some(e), Some(_)) => {
+                self.issue(
+                    e,
+                    env_key,
+                    format!("set either {env_key} or {file_key}, not both"),
+                );
+                None
+            }
+            (Some(e), None) => match (self.env)(e.get_ref()) {
+                Some(v) => Some(Secret::new(v)),
+                None => {
+                    self.issue(
+                        e,
+                        env_key,
+                        format!("environment variable {} is not set", e.get_ref()),
+                    );
+                    None
+                }
+            },
+            (None, Some(f)) => {
+                let path = self.base.join(f.get_ref());
+                match std::fs::read_to_string(&path) {
+                    Ok(v) => Some(Secret::new(v.trim_end_matches(['\n', '\r']).to_string())),
+                    Err(err) => {
+                        self.issue(
+                            f,
+                            file_key,
+                            format!("cannot read {}: {err}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
+        let nats = self.nats(raw.nats);
+        if raw.source.is_empty() {
+            self.issues.push(ConfigIssue {
+                line: None,
+                key: "source".into(),
+                message: "no [[source]] is configured: add one per database to stream".into(),
+            });
+        }
+        let mut sources = Vec::new();
+        let mut names = HashSet::new();
+        let mut streams = HashSet::new();
+        for (i, s) in raw.source.into_iter().enumerate() {
+            let prefix = format!("source[{i}]");
+            let src = s.into_inner();
+            if !names.insert(src.name.get_ref().clone()) {
+                self.issue(&src.name, format!("{prefix}.name"), "duplicate source name");
+            }
+            if !streams.insert(src.stream.get_ref().name.get_ref().clone()) {
+                self.issue(
+                    &src.stream.get_ref().name,
+                    format!("{prefix}.stream.name"),
+                    "another source already writes this stream: each source needs its own stream",
+                );
+            }
+            sources.push(self.source(&prefix, src));
+        }
+        Config {
+            path: path.to_path_buf(),
+            nats,
+            sources,
+        }
+    }
+
+    fn nats(&mut self, raw: Spanned<RawNats>) -> NatsConfig {
+        let n = raw.get_ref();
+        if n.servers.get_ref().is_empty() {
+            self.issue(
+                &n.servers,
+                "nats.servers",
+                "list at least one server, like \"nats://127.0.0.1:4222\"",
+            );
+        }
+        let password = self.secret(
+            "nats.password_env",
+            &n.password_env,
+            "nats.password_file",
+            &n.password_file,
+        );
+        let token = self.secret(
+            "nats.token_env",
+            &n.token_env,
+            "nats.token_file",
+            &n.token_file,
+        );
+        let auth = match (&n.user, password, token, &n.credentials_file) {
+            (None, None, None, None) => NatsAuth::None,
+            (Some(u), Some(p), None, None) => NatsAuth::UserPassword {
+                user: u.get_ref().clone(),
+                password: p,
+            },
+            (None, None, Some(t), None) => NatsAuth::Token(t),
+            (None, None, None, Some(c)) => NatsAuth::CredentialsFile(self.base.join(c.get_ref())),
+            (Some(u), None, None, None) => {
+                if n.password_env.is_none() && n.password_file.is_none() {
+                    self.issue(u, "nats.user", "a user needs password_env or password_file");
+                }
+                NatsAuth::None
+            }
+            _ => {
+                if n.password_env.is_some()
+                    || n.password_file.is_some()
+                    || n.token_env.is_some()
+                    || n.token_file.is_some()
+                    || n.credentials_file.is_some()
+                {
+                    self.issue(&raw, "nats", "choose one way to authenticate: user with password, a token, or a credentials file");
+                }
+                NatsAuth::None
+            }
+        };
+        NatsConfig {
+            servers: n.servers.get_ref().clone(),
+            auth,
+            connect_timeout: Duration::from_secs(self.number(
+                &n.connect_timeout_secs,
+                "nats.connect_timeout_secs",
+                5,
+                1..=600,
+            )),
+        }
+    }
+
+    fn source(&mut self, prefix: &str, s: RawSource) -> SourceConfig {
+        let name = s.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            self.issue(
+                &s.name,
+                format!("{prefix}.name"),
+                "use letters, digits, '_' and '-' only: the name starts every subject and event id",
+            );
+        }
+        let slot = s.slot.get_ref().clone();
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            self.issue(
+                &s.slot,
+                format!("{prefix}.slot"),
+                "a replication slot name has 1 to 63 lowercase letters, digits or '_'",
+            );
+        }
+        let publication = s.publication.get_ref().clone();
+        if publication.is_empty() || publication.len() > 63 {
+            self.issue(
+                &s.publication,
+                format!("{prefix}.publication"),
+                "a publication name has 1 to 63 characters",
+            );
+        }
+        let all = s.all_tables.as_ref().map(|a| *a.get_ref());
+        let tables = match (&s.tables, all) {
+            (Some(t), None | Some(false)) => {
+                let mut out = Vec::new();
+                if t.get_ref().is_empty() {
+                    self.issue(
+                        t,
+                        format!("{prefix}.tables"),
+                        "list at least one table, or set all_tables = true",
+                    );
+                }
+                for name in t.get_ref() {
+                    match split_table(name) {
+                        Some(pair) => out.push(pair),
+                        None => self.issue(
+                            t,
+                            format!("{prefix}.tables"),
+                            format!(
+                                "{name:?} is not a table name: use \"table\" or \"schema.table\""
+                            ),
+                        ),
+                    }
+                }
+                TableSelection::Listed(out)
+            }
+            (Some(t), Some(true)) => {
+                self.issue(
+                    t,
+                    format!("{prefix}.tables"),
+                    "set either tables or all_tables = true, not both",
+                );
+                TableSelection::All
+            }
+            (None, Some(true)) => TableSelection::All,
+            (None, _) => {
+                self.issue(
+                    &s.publication,
+                    format!("{prefix}.tables"),
+                    "say which tables to stream: tables = [\"orders\", ...] or all_tables = true",
+                );
+                TableSelection::All
+            }
+        };
+        let pg = self.postgres(prefix, s.postgres.into_inner());
+        let stream = self.stream(prefix, &name, s.stream.into_inner());
+        let publish_window = self.number(
+            &s.publish_window,
+            &format!("{prefix}.publish_window"),
+            DEFAULT_PUBLISH_WINDOW as u64,
+            1..=65_536,
+        ) as usize;
+        let max_event_bytes = self.number(
+            &s.max_event_bytes,
+            &format!("{prefix}.max_event_bytes"),
+            DEFAULT_MAX_EVENT_BYTES as u64,
+            1024..=64 * 1024 * 1024,
+        ) as usize;
+        let ack_timeout = Duration::from_secs(self.number(
+            &s.ack_timeout_secs,
+            &format!("{prefix}.ack_timeout_secs"),
+            30,
+            1..=3600,
+        ));
+        let status_interval = Duration::from_secs(self.number(
+            &s.status_interval_secs,
+            &format!("{prefix}.status_interval_secs"),
+            10,
+            1..=3600,
+        ));
+        let backoff_initial = Duration::from_millis(self.number(
+            &s.restart_backoff_initial_ms,
+            &format!("{prefix}.restart_backoff_initial_ms"),
+            500,
+            10..=600_000,
+        ));
+        let backoff_max = Duration::from_secs(self.number(
+            &s.restart_backoff_max_secs,
+            &format!("{prefix}.restart_backoff_max_secs"),
+            30,
+            1..=3600,
+        ));
+        SourceConfig {
+            name,
+            postgres: pg,
+            publication,
+            slot,
+            tables,
+            create_publication: s.create_publication.unwrap_or(true),
+            create_slot: s.create_slot.unwrap_or(true),
+            stream,
+            publish_window,
+            max_event_bytes,
+            ack_timeout,
+            status_interval,
+            backoff_initial,
+            backoff_max: backoff_max.max(backoff_initial),
+        }
+    }
+
+    fn postgres(&mut self, prefix: &str, p: RawPostgres) -> PostgresConfig {
+        let port = self.number(
+            &p.port,
+            &format!("{prefix}.postgres.port"),
+            5432,
+            1..=65_535,
+        ) as u16;
+        let password = self.secret(
+            &format!("{prefix}.postgres.password_env"),
+            &p.password_env,
+            &format!("{prefix}.postgres.password_file"),
+            &p.password_file,
+        );
+        if p.host.get_ref().is_empty() {
+            self.issue(
+                &p.host,
+                format!("{prefix}.postgres.host"),
+                "set a host name, an address, or a Unix socket directory",
+            );
+        }
+        PostgresConfig {
+            host: p.host.into_inner(),
+            port,
+            dbname: p.dbname.into_inner(),
+            user: p.user.into_inner(),
+            password,
+            connect_timeout: Duration::from_secs(self.number(
+                &p.connect_timeout_secs,
+                &format!("{prefix}.postgres.connect_timeout_secs"),
+                10,
+                1..=600,
+            )),
+        }
+    }
+
+    fn stream(&mut self, prefix: &str, source: &str, s: RawStream) -> StreamConfig {
+        let name = s.name.get_ref().clone();
+        if name.is_empty()
+            || name
+                .chars()
+                .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+        {
+            self.issue(
+                &s.name,
+                format!("{prefix}.stream.name"),
+                "a stream name cannot be empty or hold spaces, '.', '*', '>', '/' or '\\'",
+            );
+        }
+        let own = format!("{source}.>");
+        let subjects = match &s.subjects {
+            None => vec![own.clone()],
+            Some(list) => {
+                if !list.get_ref().iter().any(|x| x == &own || x == ">") {
+                    self.issue(
+                        list,
+                        format!("{prefix}.stream.subjects"),
+                        format!("the stream must capture {own:?}, where this source publishes"),
+                    );
+                }
+                list.get_ref().clone()
+            }
+        };
+        let storage = match s.storage.as_ref().map(|x| x.get_ref().as_str()) {
+            None | Some("file") => Storage::File,
+            Some("memory") => Storage::Memory,
+            Some(other) => {
+                let at = s.storage.as_ref().map(|x| x.span());
+                if let Some(span) = at {
+                    self.issues.push(ConfigIssue {
+                        line: Some(line_of(self.text, span.start)),
+                        key: format!("{prefix}.stream.storage"),
+                        message: format!("{other:?} is not a storage: use \"file\" or \"memory\""),
+                    });
+                }
+                Storage::File
+            }
+        };
+        let replicas =
+            self.number(&s.replicas, &format!("{prefix}.stream.replicas"), 1, 1..=5) as usize;
+        let max_age = s.max_age_secs.as_ref().map(|_| {
+            Duration::from_secs(self.number(
+                &s.max_age_secs,
+                &format!("{prefix}.stream.max_age_secs"),
+                0,
+                1..=u64::from(u32::MAX),
+            ))
+        });
+        let max_bytes = s.max_bytes.as_ref().map(|_| {
+            self.number(
+                &s.max_bytes,
+                &format!("{prefix}.stream.max_bytes"),
+                0,
+                1024..=i64::MAX as u64,
+            ) as i64
+        });
+        let duplicate_window = Duration::from_secs(self.number(
+            &s.duplicate_window_secs,
+            &format!("{prefix}.stream.duplicate_window_secs"),
+            120,
+            1..=86_400,
+        ));
+        StreamConfig {
+            name,
+            subjects,
+            storage,
+            replicas,
+            max_age,
+            max_bytes,
+            duplicate_window,
+        }
+    }
+}
+
+/// `"orders"` is `public.orders`; `"sales.orders"` is schema `sales`.
+fn split_table(name: &str) -> Option<(String, String)> {
+    let valid = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
+    match name.split_once('.') {
+        None if valid(name) => Some(("public".into(), name.into())),
+        Some((schema, table)) if valid(schema) && valid(table) && !table.contains('.') => {
+            Some((schema.into(), table.into()))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[nats]
+servers = ["nats://127.0.0.1:4222"]
+
+[[source]]
+name = "store"
+publication = "tidemark_store"
+slot = "tidemark_store"
+tables = ["orders", "sales.customers"]
+
+[source.postgres]
+host = "127.0.0.1"
+dbname = "store"
+user = "tidemark"
+password_env = "STORE_PG_PASSWORD"
+
+[source.stream]
+name = "STORE"
+"#;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "STORE_PG_PASSWORD" => Some("s3cret".into()),
+            "HOST" => Some("db.internal".into()),
+            _ => None,
+        }
+    }
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("tidemark.toml"), text, &env)
+    }
+
+    fn errors(text: &str) -> String {
+        parse_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = parse_str(GOOD).unwrap();
+        let s = &c.sources[0];
+        assert_eq!(s.name, "store");
+        assert_eq!(s.postgres.port, 5432);
+        assert_eq!(
+            s.postgres.password.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
+        assert_eq!(
+            s.tables,
+            TableSelection::Listed(vec![
+                ("public".into(), "orders".into()),
+                ("sales".into(), "customers".into())
+            ])
+        );
+        assert_eq!(s.stream.subjects, vec!["store.>"]);
+        assert_eq!(s.stream.storage, Storage::File);
+        assert_eq!(s.publish_window, DEFAULT_PUBLISH_WINDOW);
+        assert!(s.create_slot && s.create_publication);
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "secret leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = GOOD.replace(
+            "slot = \"tidemark_store\"",
+            "slott = \"x\"\nslot = \"tidemark_store\"",
+        );
+        let msg = errors(&text);
+        assert!(
+            msg.starts_with("tidemark.toml:8: source[0].slott: unknown field `slott`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = GOOD.replace("dbname = \"store\"", "dbname = 5");
+        let msg = errors(&text);
+        assert!(
+            msg.starts_with("tidemark.toml:13: source[0].postgres.dbname: invalid type"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let msg = errors("[nats]\nservers = [\n");
+        assert!(msg.starts_with("tidemark.toml:"), "{msg}");
+    }
+
+    #[test]
+    fn validation_collects_every_problem() {
+        let text = GOOD
+            .replace("slot = \"tidemark_store\"", "slot = \"Bad-Slot\"")
+            .replace("name = \"STORE\"", "name = \"STORE.X\"\nreplicas = 9")
+            .replace("STORE_PG_PASSWORD", "MISSING_VAR");
+        let err = parse_str(&text).unwrap_err();
+        let keys: Vec<&str> = err.issues().iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "source[0].slot",
+                "source[0].postgres.password_env",
+                "source[0].stream.name",
+                "source[0].stream.replicas"
+            ],
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tidemark.toml:8: source[0].slot: a replication slot name"),
+            "{msg}"
+        );
+        assert!(msg.contains("tidemark.toml:15: source[0].postgres.password_env: environment variable MISSING_VAR is not set"), "{msg}");
+    }
+
+    #[test]
+    fn env_interpolation_and_missing_variable() {
+        let c = parse_str(&GOOD.replace("\"127.0.0.1\"", "\"${HOST}\" # not ${NOPE}")).unwrap();
+        assert_eq!(c.sources[0].postgres.host, "db.internal");
+        let msg = errors(&GOOD.replace("\"127.0.0.1\"", "\"${NOPE}\""));
+        assert_eq!(
+            msg,
+            "tidemark.toml:12: environment variable NOPE is not set (the file refers to it as ${NOPE})"
+        );
+    }
+
+    #[test]
+    fn tables_or_all_tables() {
+        let msg = errors(&GOOD.replace("tables = [\"orders\", \"sales.customers\"]", ""));
+        assert!(msg.contains("source[0].tables: say which tables"), "{msg}");
+        let c = parse_str(&GOOD.replace(
+            "tables = [\"orders\", \"sales.customers\"]",
+            "all_tables = true",
+        ))
+        .unwrap();
+        assert_eq!(c.sources[0].tables, TableSelection::All);
+        let msg = errors(&GOOD.replace("\"sales.customers\"", "\"a.b.c\""));
+        assert!(msg.contains("\"a.b.c\" is not a table name"), "{msg}");
+    }
+
+    #[test]
+    fn subjects_must_cover_the_source() {
+        let msg = errors(&GOOD.replace(
+            "name = \"STORE\"",
+            "name = \"STORE\"\nsubjects = [\"other.>\"]",
+        ));
+        assert!(msg.contains("the stream must capture \"store.>\""), "{msg}");
+    }
+
+    #[test]
+    fn no_sources_is_an_error() {
+        let msg = errors("[nats]\nservers = [\"nats://x:4222\"]\n");
+        assert!(msg.contains("no [[source]] is configured"), "{msg}");
+    }
+}

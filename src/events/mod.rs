@@ -1,0 +1,5 @@
+//! The model stage: row changes to domain events (`mapping`) in a CloudEvents envelope
+//! (`envelope`). Pure code: no I/O, no clocks.
+
+pub mod envelope;
+pub mod mapping;

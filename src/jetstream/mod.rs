@@ -1,0 +1,5 @@
+//! The sink stage: provisioning the stream (`provision`) and the ordered, pipelined,
+//! gap-free publisher (`publisher`).
+
+pub mod provision;
+pub mod publisher;

@@ -1,0 +1,244 @@
+//! Connecting to NATS, provisioning a source's stream from config, and reading the
+//! stream's tail: what is already stored, which is half of the durable state a
+//! pipeline rebuilds from (the slot's confirmed LSN is the other half).
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{ConnectOptions, HeaderMap};
+
+use crate::config::{NatsAuth, NatsConfig, Storage, StreamConfig};
+use crate::position::{EventId, StreamTail};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(
+        "cannot connect to NATS at {servers}: check that nats-server runs and the address and credentials are right"
+    )]
+    Connect {
+        servers: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot read NATS credentials file {path}")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the NATS server's max_payload is {max_payload} bytes, below max_event_bytes = {max_event_bytes}: lower max_event_bytes or raise max_payload in the server config"
+    )]
+    PayloadLimit {
+        max_payload: usize,
+        max_event_bytes: usize,
+    },
+    #[error(
+        "JetStream request failed: {what}; is JetStream enabled on the server (nats-server -js)?"
+    )]
+    JetStream {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "stream {stream:?} exists but {problem}: change the config to match, or update or recreate the stream"
+    )]
+    StreamConflict { stream: String, problem: String },
+    #[error(
+        "stream {stream:?} ends with message {seq}, which tidemark did not write ({reason}): the stream must be written only by source {source_name:?}"
+    )]
+    ForeignMessage {
+        stream: String,
+        seq: u64,
+        source_name: String,
+        reason: String,
+    },
+}
+
+fn js_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> ProvisionError {
+    move |e| ProvisionError::JetStream {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// Connects to NATS with the configured authentication.
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, ProvisionError> {
+    let mut opts = ConnectOptions::new()
+        .name(name)
+        .connection_timeout(cfg.connect_timeout);
+    opts = match &cfg.auth {
+        NatsAuth::None => opts,
+        NatsAuth::UserPassword { user, password } => {
+            opts.user_and_password(user.clone(), password.expose().to_string())
+        }
+        NatsAuth::Token(t) => opts.token(t.expose().to_string()),
+        NatsAuth::CredentialsFile(path) => {
+            opts.credentials_file(path)
+                .await
+                .map_err(|source| ProvisionError::Credentials {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+    };
+    opts.connect(cfg.servers.clone())
+        .await
+        .map_err(|source| ProvisionError::Connect {
+            servers: cfg.servers.join(","),
+            source,
+        })
+}
+
+/// Creates the stream, or checks that the existing one fits the config.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &StreamConfig,
+) -> Result<stream::Stream, ProvisionError> {
+    let storage = match cfg.storage {
+        Storage::File => stream::StorageType::File,
+        Storage::Memory => stream::StorageType::Memory,
+    };
+    match js.get_stream(&cfg.name).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(js_err("stream info"))?;
+            let existing = &info.config;
+            for want in &cfg.subjects {
+                if !existing
+                    .subjects
+                    .iter()
+                    .any(|have| subject_covers(have, want))
+                {
+                    return Err(ProvisionError::StreamConflict {
+                        stream: cfg.name.clone(),
+                        problem: format!("captures subjects {:?}, not {want:?}", existing.subjects),
+                    });
+                }
+            }
+            if existing.storage != storage {
+                return Err(ProvisionError::StreamConflict {
+                    stream: cfg.name.clone(),
+                    problem: format!(
+                        "uses {:?} storage, the config says {:?}",
+                        existing.storage, cfg.storage
+                    ),
+                });
+            }
+            if existing.num_replicas != cfg.replicas {
+                tracing::warn!(stream = %cfg.name, existing = existing.num_replicas, configured = cfg.replicas, "stream replicas differ from the config; leaving the stream as it is");
+            }
+            Ok(s)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            let config = stream::Config {
+                name: cfg.name.clone(),
+                subjects: cfg.subjects.clone(),
+                storage,
+                num_replicas: cfg.replicas,
+                max_age: cfg.max_age.unwrap_or_default(),
+                max_bytes: cfg.max_bytes.unwrap_or(-1),
+                duplicate_window: cfg.duplicate_window,
+                ..Default::default()
+            };
+            let s = js
+                .create_stream(config)
+                .await
+                .map_err(js_err("create stream"))?;
+            tracing::info!(stream = %cfg.name, "stream created");
+            Ok(s)
+        }
+        Err(e) => Err(js_err("get stream")(e)),
+    }
+}
+
+/// Whether stream subject `have` captures every subject `want` can match.
+fn subject_covers(have: &str, want: &str) -> bool {
+    let h: Vec<&str> = have.split('.').collect();
+    let w: Vec<&str> = want.split('.').collect();
+    for (i, ht) in h.iter().enumerate() {
+        match *ht {
+            ">" => return w.len() > i,
+            "*" => {
+                if w.get(i).is_none_or(|t| *t == ">") {
+                    return false;
+                }
+            }
+            lit => {
+                if w.get(i) != Some(&lit) {
+                    return false;
+                }
+            }
+        }
+    }
+    h.len() == w.len()
+}
+
+/// Reads what the stream already holds: its last sequence and the id of its last
+/// event, from the `Nats-Msg-Id` header.
+pub async fn read_tail(
+    stream: &mut stream::Stream,
+    source: &str,
+) -> Result<StreamTail, ProvisionError> {
+    let info = stream.info().await.map_err(js_err("stream info"))?;
+    let state = info.state.clone();
+    let name = info.config.name.clone();
+    if state.messages == 0 || state.last_sequence == 0 {
+        // Empty, or every message aged out: the slot's confirmed LSN alone says where
+        // we are, since a position is confirmed only after its events were stored.
+        return Ok(StreamTail {
+            last_seq: state.last_sequence,
+            last_event: None,
+        });
+    }
+    let msg = stream
+        .get_raw_message(state.last_sequence)
+        .await
+        .map_err(js_err("read last message"))?;
+    let foreign = |reason: String| ProvisionError::ForeignMessage {
+        stream: name.clone(),
+        seq: state.last_sequence,
+        source_name: source.to_string(),
+        reason,
+    };
+    let id = msg_id(&msg.headers).ok_or_else(|| foreign("it has no Nats-Msg-Id".into()))?;
+    let id: EventId = id
+        .parse()
+        .map_err(|e: crate::position::EventIdParseError| foreign(e.to_string()))?;
+    if id.source != source {
+        return Err(foreign(format!("its id belongs to source {:?}", id.source)));
+    }
+    Ok(StreamTail {
+        last_seq: state.last_sequence,
+        last_event: Some(id.position()),
+    })
+}
+
+fn msg_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_covers;
+
+    #[test]
+    fn subject_coverage() {
+        assert!(subject_covers("store.>", "store.>"));
+        assert!(subject_covers(">", "store.>"));
+        assert!(subject_covers("store.>", "store.orders.created"));
+        assert!(subject_covers("store.*.*", "store.orders.created"));
+        assert!(!subject_covers("store.*", "store.>"));
+        assert!(!subject_covers("store.*.*", "store.>"));
+        assert!(!subject_covers("other.>", "store.>"));
+        assert!(!subject_covers("store", "store.>"));
+    }
+}

@@ -1,0 +1,597 @@
+//! One source's pipeline: replication -> decode -> map -> publish -> flush LSN feedback,
+//! and the crash-only loop around it.
+//!
+//! Every attempt rebuilds from durable state only: the slot resumes at its confirmed
+//! flush LSN, the stream's tail says which events are already stored, and those are
+//! skipped (`StreamTail::is_stored`). The flush LSN sent to Postgres moves to the end of
+//! a transaction only once JetStream has acked every event of it and of all before it.
+//! Any error tears the attempt down; retryable ones back off and rebuild, fatal ones
+//! (those an operator must fix) stop the source with the fix in the message.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, trace, warn};
+
+use crate::config::{NatsConfig, SourceConfig};
+use crate::events::mapping::{
+    self, DomainEvent, Operation, RowChange, ShapeError, Table, TableColumn, TxContext,
+};
+use crate::jetstream::provision::{self, ProvisionError};
+use crate::jetstream::publisher::{PublishError, Publisher};
+use crate::position::{HighWater, Lsn, StreamTail};
+use crate::postgres::catalog::{Catalog, CatalogError};
+use crate::postgres::pgoutput::{self, DecodeError, LogicalMessage, PgTimestamp};
+use crate::postgres::replication::{
+    ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
+};
+use crate::postgres::values::TypeRegistry;
+
+/// Why an attempt ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("cannot decode the replication message at LSN {lsn}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: DecodeError,
+    },
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    #[error("replication stream out of order: {0}")]
+    Protocol(String),
+    #[error("replication slot {slot:?} is in use by another process{}; standing by to take over", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    SlotBusy { slot: String, pid: Option<i32> },
+}
+
+/// What to do after an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Tear down, back off, rebuild from durable state.
+    Retry,
+    /// Another process holds the slot: poll for it at a short interval.
+    Standby,
+    /// The operator must act: stop this source.
+    Fatal,
+}
+
+impl SourceError {
+    /// The one place that decides retry or stop.
+    pub fn recovery(&self) -> Recovery {
+        use CatalogError as C;
+        use ReplicationError as R;
+        // SQLSTATEs that no retry can fix: bad password, no such database or role,
+        // missing slot, wal_level too low.
+        let fatal_code = |code: Option<&str>| matches!(code, Some(c) if c.starts_with("28") || c == "3D000" || c == "42704" || c == "55000");
+        match self {
+            SourceError::SlotBusy { .. } => Recovery::Standby,
+            SourceError::Catalog(e) => match e {
+                C::Connect { .. } | C::Query { .. } if fatal_code(e.code()) => Recovery::Fatal,
+                C::Connect { .. } | C::Query { .. } => Recovery::Retry,
+                _ => Recovery::Fatal,
+            },
+            SourceError::Replication(e) => match e {
+                R::AuthFailed { .. }
+                | R::PasswordRequired { .. }
+                | R::UnsupportedAuth { .. }
+                | R::MessageTooLarge { .. } => Recovery::Fatal,
+                R::Server(_) if fatal_code(e.code()) => Recovery::Fatal,
+                _ => Recovery::Retry,
+            },
+            SourceError::Provision(e) => match e {
+                ProvisionError::Connect { .. } | ProvisionError::JetStream { .. } => {
+                    Recovery::Retry
+                }
+                _ => Recovery::Fatal,
+            },
+            SourceError::Publish(PublishError::Oversized { .. }) => Recovery::Fatal,
+            SourceError::Publish(_)
+            | SourceError::Decode { .. }
+            | SourceError::Shape(_)
+            | SourceError::Protocol(_) => Recovery::Retry,
+        }
+    }
+}
+
+/// Runs one source until `cancel` fires (Ok) or a fatal error (Err).
+pub async fn run_source(
+    cfg: SourceConfig,
+    nats: NatsConfig,
+    cancel: CancellationToken,
+) -> Result<(), SourceError> {
+    let span =
+        info_span!("source", source = %cfg.name, slot = %cfg.slot, stream = %cfg.stream.name);
+    async move {
+        let mut backoff = cfg.backoff_initial;
+        let mut attempt: u64 = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let result = run_attempt(&cfg, &nats, &cancel)
+                .instrument(info_span!("attempt", attempt))
+                .await;
+            let err = match result {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let wait = match err.recovery() {
+                Recovery::Fatal => {
+                    error!(error = %ErrorChain(&err), "source stopped: this needs an operator");
+                    return Err(err);
+                }
+                Recovery::Standby => {
+                    info!(error = %err, "waiting for the slot");
+                    cfg.backoff_initial.min(Duration::from_secs(1))
+                }
+                Recovery::Retry => {
+                    // A long healthy run earns a fresh backoff.
+                    if started.elapsed() > cfg.backoff_max * 2 {
+                        backoff = cfg.backoff_initial;
+                    }
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(cfg.backoff_max);
+                    warn!(error = %ErrorChain(&err), elapsed_ms = wait.as_millis() as u64, "pipeline failed; rebuilding from the slot and the stream after a pause");
+                    wait
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Renders an error with its causes, for log fields.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Size of a replication message that could still become an event under the limit:
+/// JSON adds column names and quoting, but hex bytea shrinks to base64, so allow twice
+/// the event limit plus room for the protocol headers.
+fn max_message_bytes(max_event_bytes: usize) -> usize {
+    max_event_bytes.saturating_mul(2).saturating_add(64 * 1024)
+}
+
+async fn run_attempt(
+    cfg: &SourceConfig,
+    nats: &NatsConfig,
+    cancel: &CancellationToken,
+) -> Result<(), SourceError> {
+    // Postgres: catalog checks and setup.
+    let catalog = Catalog::connect(&cfg.postgres).await?;
+    catalog.check_wal_level().await?;
+    let tables = catalog
+        .ensure_publication(&cfg.publication, &cfg.tables, cfg.create_publication)
+        .await?;
+    for t in &tables {
+        if let Some(identity) = t.identity_problem() {
+            warn!(table = %t.qualified(), identity, "table has no usable replica identity: PostgreSQL rejects its UPDATEs and DELETEs while it is published");
+        }
+    }
+    let slot = catalog.slot(&cfg.slot).await?;
+    match &slot {
+        Some(s) => catalog.check_slot(&cfg.slot, s)?,
+        None if !cfg.create_slot => {
+            return Err(CatalogError::SlotMissing {
+                slot: cfg.slot.clone(),
+            }
+            .into());
+        }
+        None => {}
+    }
+
+    // NATS: the stream and what it already holds.
+    let client = provision::connect(nats, &format!("tidemark-{}", cfg.name)).await?;
+    let max_payload = client.server_info().max_payload;
+    if max_payload > 0 && cfg.max_event_bytes > max_payload {
+        return Err(ProvisionError::PayloadLimit {
+            max_payload,
+            max_event_bytes: cfg.max_event_bytes,
+        }
+        .into());
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
+    let tail = provision::read_tail(&mut stream, &cfg.name).await?;
+
+    // Replication.
+    let mut conn =
+        ReplicationConnection::connect(&cfg.postgres, max_message_bytes(cfg.max_event_bytes))
+            .await?;
+    let ident = conn.identify_system().await?;
+    if slot.is_none() {
+        let at = conn.create_slot(&cfg.slot).await?;
+        info!(lsn = %at, "replication slot created");
+    }
+    let repl = match conn
+        .start_replication(&cfg.slot, &cfg.publication, Lsn::ZERO)
+        .await
+    {
+        Ok(r) => r,
+        Err(ReplicationError::Server(e)) if e.code == "55006" => {
+            let pid = catalog
+                .slot(&cfg.slot)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|s| s.active_pid);
+            return Err(SourceError::SlotBusy {
+                slot: cfg.slot.clone(),
+                pid,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let confirmed = catalog
+        .slot(&cfg.slot)
+        .await?
+        .and_then(|s| s.confirmed_flush)
+        .unwrap_or(Lsn::ZERO);
+    info!(
+        lsn = %confirmed,
+        server_lsn = %ident.xlog_pos,
+        seq = tail.last_seq,
+        last_event = ?tail.last_event,
+        "streaming"
+    );
+
+    let publisher = Publisher::new(
+        client,
+        cfg.stream.name.clone(),
+        tail.last_seq,
+        cfg.publish_window,
+        cfg.ack_timeout,
+    );
+    let mut p = Pipeline {
+        cfg,
+        catalog,
+        repl,
+        publisher,
+        tail,
+        relations: HashMap::new(),
+        types: TypeRegistry::default(),
+        tx: None,
+        pending_commits: VecDeque::new(),
+        published: 0,
+        acked: 0,
+        skipped: 0,
+        flush: HighWater::new(confirmed),
+        sent_flush: confirmed,
+    };
+    p.run(cancel).await
+}
+
+/// The transaction being received.
+struct OpenTx {
+    final_lsn: Lsn,
+    xid: u32,
+    commit_time: PgTimestamp,
+    next_index: u64,
+}
+
+struct Pipeline<'a> {
+    cfg: &'a SourceConfig,
+    catalog: Catalog,
+    repl: ReplicationStream,
+    publisher: Publisher,
+    tail: StreamTail,
+    relations: HashMap<u32, Table>,
+    types: TypeRegistry,
+    tx: Option<OpenTx>,
+    /// Committed transactions not yet confirmed: (events published when the commit
+    /// arrived, the commit's end LSN). Confirmable once `acked` reaches the count.
+    pending_commits: VecDeque<(u64, Lsn)>,
+    published: u64,
+    acked: u64,
+    skipped: u64,
+    /// Highest LSN whose every event is stored: what we confirm to Postgres.
+    flush: HighWater,
+    sent_flush: Lsn,
+}
+
+impl<'a> Pipeline<'a> {
+    async fn run(&mut self, cancel: &CancellationToken) -> Result<(), SourceError> {
+        let mut status_tick = tokio::time::interval(self.cfg.status_interval);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown: stop reading WAL and drain.
+                _ = cancel.cancelled() => return self.drain().await,
+                // 2. Acks: free window room and move the flush LSN.
+                ack = self.publisher.next_ack(), if self.publisher.in_flight() > 0 => {
+                    let ack = ack?;
+                    trace!(event_id = %ack.event_id, seq = ack.seq, "acked");
+                    self.acked += 1;
+                    self.confirm_acked_commits();
+                }
+                // 3. Periodic standby status, so Postgres can recycle WAL.
+                _ = status_tick.tick() => self.send_status(false).await?,
+                // 4. New WAL, only while the publish window has room (backpressure).
+                msg = self.repl.next(), if self.publisher.has_capacity() => {
+                    self.handle(msg?).await?;
+                }
+            }
+        }
+    }
+
+    /// Moves the flush LSN over every commit whose events are all acked.
+    fn confirm_acked_commits(&mut self) {
+        while let Some(&(count, end_lsn)) = self.pending_commits.front() {
+            if count > self.acked {
+                break;
+            }
+            self.flush.advance(end_lsn);
+            self.pending_commits.pop_front();
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.tx.is_none() && self.pending_commits.is_empty() && self.publisher.in_flight() == 0
+    }
+
+    async fn send_status(&mut self, reply: bool) -> Result<(), SourceError> {
+        let flush = self.flush.get();
+        // Write is reported as the flush LSN: walsender pings an idle client only
+        // while the client's write position is behind what it sent, and those pings
+        // are what lets a quiet publication confirm past other tables' churn.
+        self.repl.send_status(flush, flush, reply).await?;
+        if flush != self.sent_flush {
+            debug!(lsn = %flush, count = self.acked, "flush LSN confirmed");
+            self.sent_flush = flush;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, msg: ReplicationMessage) -> Result<(), SourceError> {
+        match msg {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                // Nothing in flight and no open transaction: everything the server
+                // decoded up to wal_end is stored, so it can be confirmed.
+                let moved = self.idle() && self.flush.advance(wal_end);
+                if reply_requested || moved {
+                    self.send_status(false).await?;
+                }
+                Ok(())
+            }
+            ReplicationMessage::XLogData {
+                wal_start, data, ..
+            } => {
+                let msg = pgoutput::decode(data).map_err(|source| SourceError::Decode {
+                    lsn: wal_start,
+                    source,
+                })?;
+                self.apply(msg).await
+            }
+        }
+    }
+
+    async fn apply(&mut self, msg: LogicalMessage) -> Result<(), SourceError> {
+        match msg {
+            LogicalMessage::Begin(b) => {
+                if self.tx.is_some() {
+                    return Err(SourceError::Protocol("BEGIN inside a transaction".into()));
+                }
+                debug!(commit_lsn = %b.final_lsn, xid = b.xid, "begin");
+                self.tx = Some(OpenTx {
+                    final_lsn: b.final_lsn,
+                    xid: b.xid,
+                    commit_time: b.commit_time,
+                    next_index: 0,
+                });
+            }
+            LogicalMessage::Commit(c) => {
+                let tx = self
+                    .tx
+                    .take()
+                    .ok_or_else(|| SourceError::Protocol("COMMIT without BEGIN".into()))?;
+                debug!(commit_lsn = %c.commit_lsn, xid = tx.xid, count = tx.next_index, "commit");
+                self.pending_commits.push_back((self.published, c.end_lsn));
+                self.confirm_acked_commits();
+            }
+            LogicalMessage::Relation(r) => {
+                let table = self.describe(r).await?;
+                self.relations.insert(table.relation_id, table);
+            }
+            LogicalMessage::Insert { relation_id, new } => {
+                self.row(relation_id, Operation::Insert, None, Some(&new))
+                    .await?;
+            }
+            LogicalMessage::Update(u) => {
+                let old = u.old.as_ref().map(|(k, t)| (*k, t));
+                self.row(u.relation_id, Operation::Update, old, Some(&u.new))
+                    .await?;
+            }
+            LogicalMessage::Delete(d) => {
+                let (kind, old) = &d.old;
+                self.row(d.relation_id, Operation::Delete, Some((*kind, old)), None)
+                    .await?;
+            }
+            LogicalMessage::Truncate(t) => {
+                for rel in t.relation_ids {
+                    let (tx, index) = self.next_position()?;
+                    if self.tail.is_stored(tx.commit_lsn, index) {
+                        self.skipped += 1;
+                        continue;
+                    }
+                    let event = mapping::map_truncate(&tx, index, self.table(rel)?);
+                    self.emit(event).await?;
+                }
+            }
+            LogicalMessage::Message(m) => {
+                // Emitted messages become events with the outbox support (issue 4).
+                debug!(lsn = %m.lsn, prefix = %m.prefix, transactional = m.transactional, "logical decoding message ignored");
+            }
+            LogicalMessage::Type(_) | LogicalMessage::Origin { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The transaction context and index for the next change of the open transaction.
+    fn next_position(&mut self) -> Result<(TxContext<'a>, u64), SourceError> {
+        let cfg: &'a SourceConfig = self.cfg;
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| SourceError::Protocol("row change outside a transaction".into()))?;
+        let index = tx.next_index;
+        tx.next_index += 1;
+        Ok((
+            TxContext {
+                source: &cfg.name,
+                commit_lsn: tx.final_lsn,
+                xid: tx.xid,
+                commit_time: tx.commit_time,
+            },
+            index,
+        ))
+    }
+
+    fn table(&self, relation_id: u32) -> Result<&Table, SourceError> {
+        self.relations.get(&relation_id).ok_or_else(|| {
+            SourceError::Protocol(format!(
+                "change for relation {relation_id} before its RELATION message"
+            ))
+        })
+    }
+
+    async fn row(
+        &mut self,
+        relation_id: u32,
+        op: Operation,
+        old: Option<(pgoutput::OldKind, &pgoutput::Tuple)>,
+        new: Option<&pgoutput::Tuple>,
+    ) -> Result<(), SourceError> {
+        let (tx, index) = self.next_position()?;
+        if self.tail.is_stored(tx.commit_lsn, index) {
+            self.skipped += 1;
+            return Ok(());
+        }
+        let table = self.table(relation_id)?;
+        let event = mapping::map_change(&tx, index, table, &RowChange { op, old, new })?;
+        self.emit(event).await
+    }
+
+    async fn emit(&mut self, event: DomainEvent) -> Result<(), SourceError> {
+        if event.payload.len() > self.cfg.max_event_bytes {
+            let (table, _) = event.event_type.rsplit_once('.').unwrap_or_default();
+            return Err(PublishError::Oversized {
+                table: table.to_string(),
+                key: event_key(&event),
+                size: event.payload.len(),
+                limit: self.cfg.max_event_bytes,
+                event_id: event.id,
+            }
+            .into());
+        }
+        trace!(event_id = %event.id, subject = %event.subject, "publish");
+        self.publisher.publish(event).await?;
+        self.published += 1;
+        Ok(())
+    }
+
+    /// Builds the mapper's view of a table from a RELATION message and the catalog.
+    async fn describe(&mut self, r: pgoutput::Relation) -> Result<Table, SourceError> {
+        for c in &r.columns {
+            if !self.types.is_known(c.type_oid) {
+                let kind = self.catalog.resolve_type(c.type_oid).await?;
+                self.types.register(c.type_oid, kind);
+            }
+        }
+        let pk = self.catalog.primary_key(r.id).await?;
+        let key: Vec<usize> = if pk.is_empty() {
+            r.columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_key)
+                .map(|(i, _)| i)
+                .collect()
+        } else {
+            pk.iter()
+                .filter_map(|name| r.columns.iter().position(|c| &c.name == name))
+                .collect()
+        };
+        debug!(table = %format!("{}.{}", r.namespace, r.name), count = r.columns.len(), "relation");
+        Ok(Table {
+            relation_id: r.id,
+            token: mapping::table_token(&r.namespace, &r.name),
+            schema: r.namespace,
+            name: r.name,
+            replica_identity: r.replica_identity,
+            columns: r
+                .columns
+                .into_iter()
+                .map(|c| TableColumn {
+                    kind: self.types.kind(c.type_oid),
+                    name: c.name,
+                    type_oid: c.type_oid,
+                })
+                .collect(),
+            key,
+        })
+    }
+
+    /// Shutdown: no more WAL is read; wait (bounded) for in-flight acks, confirm what
+    /// is stored, send a last status update and close the stream.
+    async fn drain(&mut self) -> Result<(), SourceError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
+        while self.publisher.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, self.publisher.next_ack()).await {
+                Ok(Ok(_)) => {
+                    self.acked += 1;
+                    self.confirm_acked_commits();
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %ErrorChain(&e), "publish failed while draining; the rest will be resent on the next start");
+                    break;
+                }
+                Err(_) => {
+                    warn!(
+                        count = self.publisher.in_flight(),
+                        "acks still outstanding at the drain deadline; they will be resent on the next start"
+                    );
+                    break;
+                }
+            }
+        }
+        self.send_status(false).await?;
+        info!(lsn = %self.flush.get(), count = self.published, skipped = self.skipped, "stopped; final flush LSN sent");
+        Ok(())
+    }
+}
+
+/// The event's key as compact JSON, for error messages (never logged: rows stay out
+/// of logs, but an operator needs the key to find an oversized row).
+fn event_key(event: &DomainEvent) -> String {
+    serde_json::from_slice::<serde_json::Value>(&event.payload)
+        .ok()
+        .map(|v| v["data"]["key"].to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

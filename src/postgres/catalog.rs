@@ -1,0 +1,462 @@
+//! Catalog checks and setup over a normal (non-replication) session, with
+//! `tokio-postgres`: wal_level, the publication, the slot, replica identities, primary
+//! keys and user-defined types. Each failure an operator must fix is its own variant
+//! whose message says the fix.
+
+use std::collections::HashMap;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use crate::config::{PostgresConfig, TableSelection};
+use crate::position::Lsn;
+use crate::postgres::replication::quote_ident;
+use crate::postgres::values::{TypeKind, builtin_kind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot connect to postgres at {target} as {user:?}")]
+    Connect {
+        target: String,
+        user: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("catalog query failed: {what}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "wal_level is {actual:?}, not \"logical\": set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
+    )]
+    WalLevel { actual: String },
+    #[error("publication {name:?} does not exist and create_publication = false: run CREATE PUBLICATION {} FOR TABLE ... as an owner of the tables, or set create_publication = true", quote_ident(.name))]
+    PublicationMissing { name: String },
+    #[error("publication {publication:?} does not publish table {table}: run ALTER PUBLICATION {} ADD TABLE {table}, or set create_publication = true to let tidemark add it", quote_ident(.publication))]
+    PublicationLacksTable { publication: String, table: String },
+    #[error(
+        "table {table} does not exist in database {dbname:?}: fix the tables list in the config"
+    )]
+    TableMissing { table: String, dbname: String },
+    #[error(
+        "table {table} has no primary key and REPLICA IDENTITY {identity}: publishing it would make PostgreSQL reject UPDATE and DELETE on it; run ALTER TABLE {table} REPLICA IDENTITY FULL (or add a primary key) first"
+    )]
+    NoReplicaIdentity {
+        table: String,
+        identity: &'static str,
+    },
+    #[error(
+        "replication slot {slot:?} does not exist and create_slot = false: create it with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'), or set create_slot = true"
+    )]
+    SlotMissing { slot: String },
+    #[error(
+        "replication slot {slot:?} uses output plugin {plugin:?}; tidemark needs pgoutput: drop it or pick another slot name"
+    )]
+    SlotWrongPlugin { slot: String, plugin: String },
+    #[error(
+        "replication slot {slot:?} belongs to database {actual:?}, not {expected:?}: pick another slot name"
+    )]
+    SlotWrongDatabase {
+        slot: String,
+        actual: String,
+        expected: String,
+    },
+    #[error(
+        "replication slot {slot:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, so changes were lost; drop the slot and start the source over"
+    )]
+    SlotInvalidated { slot: String },
+}
+
+impl CatalogError {
+    /// The SQLSTATE of an underlying database error, if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            CatalogError::Connect { source, .. } | CatalogError::Query { source, .. } => {
+                source.code().map(|c| c.code())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A connection for catalog work. The connection future runs in a task this struct
+/// owns and aborts on drop.
+pub struct Catalog {
+    client: tokio_postgres::Client,
+    task: JoinHandle<()>,
+    dbname: String,
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What `pg_replication_slots` says of a slot.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: String,
+    pub database: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+/// One table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    pub oid: u32,
+    /// `pg_class.relreplident`: d, n, f or i.
+    pub replica_identity: char,
+    pub primary_key: Vec<String>,
+}
+
+impl TableInfo {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// Whether UPDATE and DELETE can be published (Postgres refuses them otherwise).
+    pub fn identity_problem(&self) -> Option<&'static str> {
+        match self.replica_identity {
+            'n' => Some("NOTHING"),
+            'd' if self.primary_key.is_empty() => Some("DEFAULT"),
+            _ => None,
+        }
+    }
+}
+
+fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
+    move |source| CatalogError::Query { what, source }
+}
+
+impl Catalog {
+    pub async fn connect(cfg: &PostgresConfig) -> Result<Catalog, CatalogError> {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&cfg.host)
+            .port(cfg.port)
+            .dbname(&cfg.dbname)
+            .user(&cfg.user)
+            .application_name("tidemark-catalog")
+            .connect_timeout(cfg.connect_timeout);
+        if let Some(p) = &cfg.password {
+            pg.password(p.expose());
+        }
+        let target = format!("{}:{}", cfg.host, cfg.port);
+        let (client, connection) =
+            pg.connect(NoTls)
+                .await
+                .map_err(|source| CatalogError::Connect {
+                    target,
+                    user: cfg.user.clone(),
+                    source,
+                })?;
+        let task = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "catalog connection ended");
+            }
+        });
+        Ok(Catalog {
+            client,
+            task,
+            dbname: cfg.dbname.clone(),
+        })
+    }
+
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+
+    pub async fn check_wal_level(&self) -> Result<(), CatalogError> {
+        let row = self
+            .client
+            .query_one("SHOW wal_level", &[])
+            .await
+            .map_err(q("SHOW wal_level"))?;
+        let actual: String = row.get(0);
+        if actual != "logical" {
+            return Err(CatalogError::WalLevel { actual });
+        }
+        Ok(())
+    }
+
+    pub async fn server_version_num(&self) -> Result<i32, CatalogError> {
+        let row = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(q("server version"))?;
+        Ok(row.get(0))
+    }
+
+    /// Describes tables by name (`(schema, table)`); a missing one is an error.
+    pub async fn tables(&self, names: &[(String, String)]) -> Result<Vec<TableInfo>, CatalogError> {
+        let mut out = Vec::new();
+        for (schema, name) in names {
+            let rows = self
+                .client
+                .query(
+                    "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                    &[schema, name],
+                )
+                .await
+                .map_err(q("look up table"))?;
+            let Some(row) = rows.first() else {
+                return Err(CatalogError::TableMissing {
+                    table: format!("{schema}.{name}"),
+                    dbname: self.dbname.clone(),
+                });
+            };
+            let oid: u32 = row.get(0);
+            let ident: String = row.get(1);
+            out.push(TableInfo {
+                schema: schema.clone(),
+                name: name.clone(),
+                oid,
+                replica_identity: ident.chars().next().unwrap_or('d'),
+                primary_key: self.primary_key(oid).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every user table in the database (for `all_tables`).
+    pub async fn all_tables(&self) -> Result<Vec<(String, String)>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(q("list tables"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn primary_key(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&relid],
+            )
+            .await
+            .map_err(q("primary key"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Whether the publication exists, and which tables it publishes.
+    pub async fn publication(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<(String, String)>>, CatalogError> {
+        let exists = self
+            .client
+            .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+            .await
+            .map_err(q("look up publication"))?;
+        if exists.is_empty() {
+            return Ok(None);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+                &[&name],
+            )
+            .await
+            .map_err(q("publication tables"))?;
+        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    }
+
+    /// Makes sure the publication publishes the configured tables, creating it or
+    /// adding tables when allowed. Refuses tables whose UPDATEs Postgres would reject
+    /// once published. Returns the tables that will be streamed.
+    pub async fn ensure_publication(
+        &self,
+        name: &str,
+        selection: &TableSelection,
+        create: bool,
+    ) -> Result<Vec<TableInfo>, CatalogError> {
+        let wanted = match selection {
+            TableSelection::All => self.all_tables().await?,
+            TableSelection::Listed(t) => t.clone(),
+        };
+        let tables = self.tables(&wanted).await?;
+        let existing = self.publication(name).await?;
+        let missing: Vec<&TableInfo> = match &existing {
+            None => tables.iter().collect(),
+            Some(published) => tables
+                .iter()
+                .filter(|t| !published.contains(&(t.schema.clone(), t.name.clone())))
+                .collect(),
+        };
+        if missing.is_empty() && existing.is_some() {
+            return Ok(tables);
+        }
+        if !create {
+            return Err(match existing {
+                None => CatalogError::PublicationMissing { name: name.into() },
+                Some(_) => CatalogError::PublicationLacksTable {
+                    publication: name.into(),
+                    table: missing[0].qualified(),
+                },
+            });
+        }
+        for t in &missing {
+            if let Some(identity) = t.identity_problem() {
+                return Err(CatalogError::NoReplicaIdentity {
+                    table: t.qualified(),
+                    identity,
+                });
+            }
+        }
+        let sql = match (&existing, selection) {
+            (None, TableSelection::All) => {
+                format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name))
+            }
+            (None, TableSelection::Listed(_)) => format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(name),
+                missing
+                    .iter()
+                    .map(|t| t.qualified())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            (Some(_), _) => format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_ident(name),
+                missing
+                    .iter()
+                    .map(|t| t.qualified())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(q("create or alter publication"))?;
+        tracing::info!(
+            publication = name,
+            count = missing.len(),
+            "publication set up"
+        );
+        Ok(tables)
+    }
+
+    pub async fn slot(&self, name: &str) -> Result<Option<SlotInfo>, CatalogError> {
+        let version = self.server_version_num().await?;
+        // wal_status exists from PostgreSQL 13 on.
+        let wal_status = if version >= 130000 {
+            "wal_status::text"
+        } else {
+            "NULL::text"
+        };
+        let sql = format!(
+            "SELECT plugin::text, database::text, active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, {wal_status} \
+             FROM pg_replication_slots WHERE slot_name = $1"
+        );
+        let rows = self
+            .client
+            .query(&sql, &[&name])
+            .await
+            .map_err(q("look up slot"))?;
+        Ok(rows.first().map(|r| {
+            let lsn = |i: usize| r.get::<_, Option<String>>(i).and_then(|s| s.parse().ok());
+            SlotInfo {
+                plugin: r.get::<_, Option<String>>(0).unwrap_or_default(),
+                database: r.get::<_, Option<String>>(1).unwrap_or_default(),
+                active: r.get(2),
+                active_pid: r.get(3),
+                confirmed_flush: lsn(4),
+                restart_lsn: lsn(5),
+                wal_status: r.get(6),
+            }
+        }))
+    }
+
+    /// Checks an existing slot fits this source.
+    pub fn check_slot(&self, name: &str, slot: &SlotInfo) -> Result<(), CatalogError> {
+        if slot.plugin != "pgoutput" {
+            return Err(CatalogError::SlotWrongPlugin {
+                slot: name.into(),
+                plugin: slot.plugin.clone(),
+            });
+        }
+        if slot.database != self.dbname {
+            return Err(CatalogError::SlotWrongDatabase {
+                slot: name.into(),
+                actual: slot.database.clone(),
+                expected: self.dbname.clone(),
+            });
+        }
+        if slot.wal_status.as_deref() == Some("lost") {
+            return Err(CatalogError::SlotInvalidated { slot: name.into() });
+        }
+        Ok(())
+    }
+
+    /// Learns how to convert values of a user-defined type: enums are text, domains
+    /// take their base type, arrays their element type. Unknown kinds stay text.
+    pub async fn resolve_type(&self, oid: u32) -> Result<TypeKind, CatalogError> {
+        let mut seen = HashMap::new();
+        self.resolve_inner(oid, &mut seen, 0).await
+    }
+
+    async fn resolve_inner(
+        &self,
+        oid: u32,
+        seen: &mut HashMap<u32, TypeKind>,
+        depth: u32,
+    ) -> Result<TypeKind, CatalogError> {
+        if let Some(k) = builtin_kind(oid) {
+            return Ok(k);
+        }
+        if let Some(k) = seen.get(&oid) {
+            return Ok(k.clone());
+        }
+        if depth > 8 {
+            return Ok(TypeKind::Unknown);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT typtype::text, typelem, typdelim::text, typbasetype, typcategory::text FROM pg_type WHERE oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(q("look up type"))?;
+        let Some(r) = rows.first() else {
+            return Ok(TypeKind::Unknown);
+        };
+        let typtype: String = r.get(0);
+        let elem: u32 = r.get(1);
+        let delim: String = r.get(2);
+        let base: u32 = r.get(3);
+        let category: String = r.get(4);
+        let kind = match (typtype.as_str(), category.as_str()) {
+            ("e", _) => TypeKind::Text,
+            ("d", _) => Box::pin(self.resolve_inner(base, seen, depth + 1)).await?,
+            (_, "A") if elem != 0 => TypeKind::Array {
+                element: Box::new(Box::pin(self.resolve_inner(elem, seen, depth + 1)).await?),
+                delimiter: delim.bytes().next().unwrap_or(b','),
+            },
+            _ => TypeKind::Unknown,
+        };
+        seen.insert(oid, kind.clone());
+        Ok(kind)
+    }
+}

@@ -1,0 +1,655 @@
+//! The replication connection: a walsender session (`replication=database`) spoken over
+//! a tokio TCP or Unix socket with `postgres-protocol` for message bodies and
+//! authentication. `tokio-postgres` has no CopyBoth support, so framing is done here:
+//! one frame at a time, its length checked against a limit before any of it is
+//! buffered, which bounds memory by configuration rather than by row size.
+//!
+//! It owns: startup and authentication (trust, cleartext, MD5, SCRAM-SHA-256), simple
+//! queries (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT), START_REPLICATION, and the
+//! CopyBoth stream of XLogData and keepalives, plus standby status updates. It leaves
+//! decoding to `pgoutput.rs` and all policy (what to confirm, when) to the pipeline.
+//!
+//! References: "Streaming Replication Protocol" and "Message Formats" in the
+//! PostgreSQL manual.
+
+use std::io;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::{PostgresConfig, Secret};
+use crate::position::Lsn;
+
+/// An error the server sent, with its SQLSTATE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; detail: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ServerError {
+    fn from_body(body: &ErrorResponseBody) -> ServerError {
+        let mut e = ServerError {
+            code: String::new(),
+            message: String::new(),
+            detail: None,
+            hint: None,
+        };
+        let mut fields = body.fields();
+        while let Ok(Some(f)) = fields.next() {
+            let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            match f.type_() {
+                b'C' => e.code = value,
+                b'M' => e.message = value,
+                b'D' => e.detail = Some(value),
+                b'H' => e.hint = Some(value),
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error(
+        "cannot connect to postgres at {target}: check that the database runs and that host and port are right"
+    )]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to postgres at {target} timed out after {}s: check host, port and firewalls", .after.as_secs())]
+    ConnectTimeout { target: String, after: Duration },
+    #[error(
+        "postgres rejected the login of user {user:?}: {error}; check the password and pg_hba.conf"
+    )]
+    AuthFailed { user: String, error: ServerError },
+    #[error(
+        "postgres asks user {user:?} for a password but none is configured: set postgres.password_env or postgres.password_file"
+    )]
+    PasswordRequired { user: String },
+    #[error(
+        "postgres asks for authentication method {method}, which tidemark does not support: use scram-sha-256, md5, password or trust in pg_hba.conf"
+    )]
+    UnsupportedAuth { method: String },
+    #[error("postgres: {0}")]
+    Server(ServerError),
+    #[error("replication connection to postgres failed")]
+    Io(#[from] io::Error),
+    #[error("postgres closed the replication connection")]
+    Closed,
+    #[error("unexpected message from postgres: {0}")]
+    Protocol(String),
+    #[error(
+        "postgres sent a {len}-byte replication message{}, over the {limit}-byte limit: a row this large cannot become an event under max_event_bytes; raise max_event_bytes (and the NATS max_payload) or shrink the row",
+        .lsn.map(|l| format!(" at LSN {l}")).unwrap_or_default()
+    )]
+    MessageTooLarge {
+        len: usize,
+        limit: usize,
+        lsn: Option<Lsn>,
+    },
+}
+
+impl ReplicationError {
+    /// The SQLSTATE, when the server reported the error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server(e) => Some(&e.code),
+            ReplicationError::AuthFailed { error, .. } => Some(&error.code),
+            _ => None,
+        }
+    }
+}
+
+/// A socket to Postgres: TCP, or a Unix socket when the host is a directory.
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.read_buf(buf).await,
+            Socket::Unix(s) => s.read_buf(buf).await,
+        }
+    }
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => write_all_flush(s, buf).await,
+            Socket::Unix(s) => write_all_flush(s, buf).await,
+        }
+    }
+}
+
+async fn write_all_flush<S: AsyncWrite + AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &[u8],
+) -> io::Result<()> {
+    s.write_all(buf).await?;
+    s.flush().await
+}
+
+/// What IDENTIFY_SYSTEM reports.
+#[derive(Debug, Clone)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_pos: Lsn,
+}
+
+/// One raw frame: its tag and body.
+struct Frame {
+    tag: u8,
+    raw: BytesMut,
+}
+
+/// A replication session before START_REPLICATION.
+pub struct ReplicationConnection {
+    socket: Socket,
+    buf: BytesMut,
+    out: BytesMut,
+    max_message_bytes: usize,
+    /// `server_version_num`, from ParameterStatus.
+    pub server_version: Option<String>,
+}
+
+/// Session settings the value conversions rely on (see `values.rs`).
+const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, YMD"),
+    ("TimeZone", "UTC"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "1"),
+    ("IntervalStyle", "iso_8601"),
+];
+
+impl ReplicationConnection {
+    /// Connects and authenticates a `replication=database` session.
+    pub async fn connect(
+        cfg: &PostgresConfig,
+        max_message_bytes: usize,
+    ) -> Result<Self, ReplicationError> {
+        let target = if cfg.host.starts_with('/') {
+            format!("{}/.s.PGSQL.{}", cfg.host, cfg.port)
+        } else {
+            format!("{}:{}", cfg.host, cfg.port)
+        };
+        let connect = async {
+            if cfg.host.starts_with('/') {
+                UnixStream::connect(&target).await.map(Socket::Unix)
+            } else {
+                let s = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+                s.set_nodelay(true)?;
+                Ok(Socket::Tcp(s))
+            }
+        };
+        let socket = match tokio::time::timeout(cfg.connect_timeout, connect).await {
+            Err(_) => {
+                return Err(ReplicationError::ConnectTimeout {
+                    target,
+                    after: cfg.connect_timeout,
+                });
+            }
+            Ok(Err(source)) => return Err(ReplicationError::Connect { target, source }),
+            Ok(Ok(s)) => s,
+        };
+        let mut conn = ReplicationConnection {
+            socket,
+            buf: BytesMut::with_capacity(64 * 1024),
+            out: BytesMut::with_capacity(1024),
+            max_message_bytes,
+            server_version: None,
+        };
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "tidemark"),
+        ];
+        params.extend_from_slice(SESSION_SETTINGS);
+        frontend::startup_message(params.iter().copied(), &mut conn.out)?;
+        conn.flush_out().await?;
+        tokio::time::timeout(
+            cfg.connect_timeout,
+            conn.authenticate(&cfg.user, cfg.password.as_ref()),
+        )
+        .await
+        .map_err(|_| ReplicationError::ConnectTimeout {
+            target: target.clone(),
+            after: cfg.connect_timeout,
+        })??;
+        Ok(conn)
+    }
+
+    async fn flush_out(&mut self) -> Result<(), ReplicationError> {
+        let out = self.out.split();
+        self.socket.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&Secret>,
+    ) -> Result<(), ReplicationError> {
+        let need_password = || {
+            password.ok_or_else(|| ReplicationError::PasswordRequired {
+                user: user.to_string(),
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = self.next_message().await?;
+            match msg {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(
+                        need_password()?.expose().as_bytes(),
+                        &mut self.out,
+                    )?;
+                    self.flush_out().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        need_password()?.expose().as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.out)?;
+                    self.flush_out().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ReplicationError::UnsupportedAuth {
+                            method: "SASL without SCRAM-SHA-256".into(),
+                        });
+                    }
+                    let s = ScramSha256::new(
+                        need_password()?.expose().as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.out)?;
+                    self.flush_out().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())?;
+                    frontend::sasl_response(s.message(), &mut self.out)?;
+                    self.flush_out().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data())?;
+                }
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(ReplicationError::UnsupportedAuth {
+                        method: "GSSAPI/SSPI/Kerberos".into(),
+                    });
+                }
+                Message::ParameterStatus(body) => {
+                    if body.name().ok() == Some("server_version") {
+                        self.server_version = body.value().ok().map(str::to_string);
+                    }
+                }
+                Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => {
+                    let error = ServerError::from_body(&body);
+                    return Err(if error.code.starts_with("28") {
+                        ReplicationError::AuthFailed {
+                            user: user.to_string(),
+                            error,
+                        }
+                    } else {
+                        ReplicationError::Server(error)
+                    });
+                }
+                _ => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message during startup".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Reads one complete frame. Cancel-safe: all state is in `self.buf`.
+    async fn next_frame(&mut self) -> Result<Frame, ReplicationError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len < 4 {
+                    return Err(ReplicationError::Protocol(format!(
+                        "invalid message length {len}"
+                    )));
+                }
+                if len > self.max_message_bytes {
+                    // XLogData: 'd' len 'w' start(8): the LSN helps the operator find the row.
+                    let lsn = (self.buf[0] == b'd' && self.buf.len() >= 14 && self.buf[5] == b'w')
+                        .then(|| {
+                            let mut b = &self.buf[6..14];
+                            Lsn(b.get_u64())
+                        });
+                    return Err(ReplicationError::MessageTooLarge {
+                        len,
+                        limit: self.max_message_bytes,
+                        lsn,
+                    });
+                }
+                let total = len + 1;
+                if self.buf.len() >= total {
+                    let raw = self.buf.split_to(total);
+                    return Ok(Frame { tag: raw[0], raw });
+                }
+                self.buf.reserve(total - self.buf.len());
+            }
+            let n = self.socket.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ReplicationError::Closed);
+            }
+        }
+    }
+
+    async fn next_message(&mut self) -> Result<Message, ReplicationError> {
+        let mut frame = self.next_frame().await?;
+        match Message::parse(&mut frame.raw)? {
+            Some(m) => Ok(m),
+            None => Err(ReplicationError::Protocol("incomplete frame".into())),
+        }
+    }
+
+    /// Runs a simple query and returns its rows as text.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        frontend::query(sql, &mut self.out)?;
+        self.flush_out().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(row) => {
+                    let buf = row.buffer();
+                    let mut values = Vec::new();
+                    let mut ranges = row.ranges();
+                    while let Some(r) = ranges.next()? {
+                        values.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(values);
+                }
+                Message::ErrorResponse(body) => error = Some(ServerError::from_body(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(ReplicationError::Server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok(SystemIdentity {
+            system_id: col(0),
+            timeline: col(1).parse().unwrap_or(0),
+            xlog_pos: col(2)
+                .parse()
+                .map_err(|e| ReplicationError::Protocol(format!("IDENTIFY_SYSTEM: {e}")))?,
+        })
+    }
+
+    /// Creates a logical slot for pgoutput and returns its consistent point.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let lsn = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .ok_or_else(|| {
+                ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+            })?;
+        lsn.parse()
+            .map_err(|e| ReplicationError::Protocol(format!("CREATE_REPLICATION_SLOT: {e}")))
+    }
+
+    /// Starts streaming from the slot. `start` 0/0 means "from the slot's confirmed
+    /// flush LSN", which is how every restart resumes.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
+            quote_ident(slot),
+            start,
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.out)?;
+        self.flush_out().await?;
+        loop {
+            let frame = self.next_frame().await?;
+            match frame.tag {
+                b'W' => break,
+                b'N' | b'S' => continue,
+                _ => {
+                    let mut raw = frame.raw;
+                    match Message::parse(&mut raw)? {
+                        Some(Message::ErrorResponse(body)) => {
+                            return Err(ReplicationError::Server(ServerError::from_body(&body)));
+                        }
+                        _ => {
+                            return Err(ReplicationError::Protocol(format!(
+                                "expected CopyBothResponse to START_REPLICATION, got message {:?}",
+                                char::from(frame.tag)
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ReplicationStream { conn: self })
+    }
+}
+
+/// One message of the replication stream.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        reply_requested: bool,
+    },
+}
+
+/// The CopyBoth stream after START_REPLICATION.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+}
+
+impl ReplicationStream {
+    /// The next XLogData or keepalive. Cancel-safe, so it can sit in a `select!`.
+    pub async fn next(&mut self) -> Result<ReplicationMessage, ReplicationError> {
+        loop {
+            let frame = self.conn.next_frame().await?;
+            match frame.tag {
+                b'd' => {
+                    let mut body = frame.raw.freeze().slice(5..);
+                    if body.is_empty() {
+                        return Err(ReplicationError::Protocol("empty CopyData".into()));
+                    }
+                    let kind = body.get_u8();
+                    match kind {
+                        b'w' if body.len() >= 24 => {
+                            let wal_start = Lsn(body.get_u64());
+                            let wal_end = Lsn(body.get_u64());
+                            let _send_time = body.get_i64();
+                            return Ok(ReplicationMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                data: body,
+                            });
+                        }
+                        b'k' if body.len() >= 17 => {
+                            let wal_end = Lsn(body.get_u64());
+                            let _send_time = body.get_i64();
+                            let reply_requested = body.get_u8() == 1;
+                            return Ok(ReplicationMessage::Keepalive {
+                                wal_end,
+                                reply_requested,
+                            });
+                        }
+                        other => {
+                            return Err(ReplicationError::Protocol(format!(
+                                "unknown or short CopyData message {:?} ({} bytes)",
+                                char::from(other),
+                                body.len()
+                            )));
+                        }
+                    }
+                }
+                b'N' | b'S' => continue,
+                b'c' => return Err(ReplicationError::Closed),
+                _ => {
+                    let mut raw = frame.raw;
+                    return match Message::parse(&mut raw)? {
+                        Some(Message::ErrorResponse(body)) => {
+                            Err(ReplicationError::Server(ServerError::from_body(&body)))
+                        }
+                        _ => Err(ReplicationError::Protocol(format!(
+                            "unexpected message {:?} in replication stream",
+                            char::from(frame.tag)
+                        ))),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Sends a standby status update. `flush` is what Postgres records as the slot's
+    /// confirmed flush LSN: only positions whose events JetStream has stored.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(write.0);
+        msg.put_u64(flush.0);
+        msg.put_u64(flush.0);
+        msg.put_i64(pg_now_micros());
+        msg.put_u8(u8::from(reply_requested));
+        frontend::CopyData::new(&msg[..])?.write(&mut self.conn.out);
+        self.conn.flush_out().await
+    }
+
+    /// Ends the stream politely: CopyDone and Terminate. Errors are ignored by the
+    /// caller since the status was already sent; the server cleans up either way.
+    pub async fn close(mut self) -> Result<(), ReplicationError> {
+        frontend::copy_done(&mut self.conn.out);
+        frontend::terminate(&mut self.conn.out);
+        self.conn.flush_out().await
+    }
+}
+
+/// Microseconds since the Postgres epoch (2000-01-01 UTC), for status updates.
+fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix - 946_684_800_000_000
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(&quote_ident("pub")), "'\"pub\"'");
+    }
+
+    #[test]
+    fn oversized_message_error_names_the_lsn_and_the_fix() {
+        let e = ReplicationError::MessageTooLarge {
+            len: 5_000_000,
+            limit: 2_000_000,
+            lsn: Some(Lsn(0x10)),
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("5000000-byte replication message at LSN 0/10"),
+            "{msg}"
+        );
+        assert!(msg.contains("raise max_event_bytes"), "{msg}");
+    }
+}
