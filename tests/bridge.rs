@@ -68,18 +68,66 @@ async fn each_operation_on_several_tables_arrives_once_in_commit_order() {
     assert_exactly_once(&events);
     let got = summarize(&events);
     let expected = vec![
-        ("store.customers.created", "customers.created", json!({"op": "insert", "table": "public.customers", "key": {"id": 1}, "before": null, "after": {"id": 1, "name": "Zoë ✓ 東京", "email": null}})),
-        ("store.customers.created", "customers.created", json!({"op": "insert", "table": "public.customers", "key": {"id": 2}, "before": null, "after": {"id": 2, "name": "Bob", "email": "bob@example.com"}})),
-        ("store.order_items.created", "order_items.created", json!({"op": "insert", "table": "public.order_items", "key": {"order_id": 10, "line": 1}, "before": null, "after": {"order_id": 10, "line": 1, "sku": "SKU-1", "qty": 2}})),
-        ("store.order_items.created", "order_items.created", json!({"op": "insert", "table": "public.order_items", "key": {"order_id": 10, "line": 2}, "before": null, "after": {"order_id": 10, "line": 2, "sku": "SKU-2", "qty": 1}})),
-        ("store.customers.updated", "customers.updated", json!({"op": "update", "table": "public.customers", "key": {"id": 1}, "before": null, "after": {"id": 1, "name": "Zoë ✓ 東京", "email": "zoe@example.com"}})),
-        ("store.order_items.updated", "order_items.updated", json!({"op": "update", "table": "public.order_items", "key": {"order_id": 10, "line": 2}, "before": null, "after": {"order_id": 10, "line": 2, "sku": "SKU-2", "qty": 5}})),
-        ("store.customers.updated", "customers.updated", json!({"op": "update", "table": "public.customers", "key": {"id": 3}, "before": {"id": 2}, "after": {"id": 3, "name": "Bob", "email": "bob@example.com"}})),
-        ("store.audit_log.created", "audit_log.created", json!({"op": "insert", "table": "public.audit_log", "key": {"at": "2024-05-06T07:08:09Z", "message": big}, "before": null, "after": {"at": "2024-05-06T07:08:09Z", "message": big}})),
-        ("store.audit_log.updated", "audit_log.updated", json!({"op": "update", "table": "public.audit_log", "key": {"at": "2024-05-06T07:08:09Z", "message": "short"}, "before": {"at": "2024-05-06T07:08:09Z", "message": big}, "after": {"at": "2024-05-06T07:08:09Z", "message": "short"}})),
-        ("store.audit_log.deleted", "audit_log.deleted", json!({"op": "delete", "table": "public.audit_log", "key": {"at": "2024-05-06T07:08:09Z", "message": "short"}, "before": {"at": "2024-05-06T07:08:09Z", "message": "short"}, "after": null})),
-        ("store.order_items.deleted", "order_items.deleted", json!({"op": "delete", "table": "public.order_items", "key": {"order_id": 10, "line": 1}, "before": {"order_id": 10, "line": 1}, "after": null})),
-        ("store.order_items.truncated", "order_items.truncated", json!({"op": "truncate", "table": "public.order_items", "key": null, "before": null, "after": null})),
+        (
+            "store.customers.created",
+            "customers.created",
+            json!({"op": "insert", "table": "public.customers", "key": {"id": 1}, "before": null, "after": {"id": 1, "name": "Zoë ✓ 東京", "email": null}}),
+        ),
+        (
+            "store.customers.created",
+            "customers.created",
+            json!({"op": "insert", "table": "public.customers", "key": {"id": 2}, "before": null, "after": {"id": 2, "name": "Bob", "email": "bob@example.com"}}),
+        ),
+        (
+            "store.order_items.created",
+            "order_items.created",
+            json!({"op": "insert", "table": "public.order_items", "key": {"order_id": 10, "line": 1}, "before": null, "after": {"order_id": 10, "line": 1, "sku": "SKU-1", "qty": 2}}),
+        ),
+        (
+            "store.order_items.created",
+            "order_items.created",
+            json!({"op": "insert", "table": "public.order_items", "key": {"order_id": 10, "line": 2}, "before": null, "after": {"order_id": 10, "line": 2, "sku": "SKU-2", "qty": 1}}),
+        ),
+        (
+            "store.customers.updated",
+            "customers.updated",
+            json!({"op": "update", "table": "public.customers", "key": {"id": 1}, "before": null, "after": {"id": 1, "name": "Zoë ✓ 東京", "email": "zoe@example.com"}}),
+        ),
+        (
+            "store.order_items.updated",
+            "order_items.updated",
+            json!({"op": "update", "table": "public.order_items", "key": {"order_id": 10, "line": 2}, "before": null, "after": {"order_id": 10, "line": 2, "sku": "SKU-2", "qty": 5}}),
+        ),
+        (
+            "store.customers.updated",
+            "customers.updated",
+            json!({"op": "update", "table": "public.customers", "key": {"id": 3}, "before": {"id": 2}, "after": {"id": 3, "name": "Bob", "email": "bob@example.com"}}),
+        ),
+        (
+            "store.audit_log.created",
+            "audit_log.created",
+            json!({"op": "insert", "table": "public.audit_log", "key": {"at": "2024-05-06T07:08:09Z", "message": big}, "before": null, "after": {"at": "2024-05-06T07:08:09Z", "message": big}}),
+        ),
+        (
+            "store.audit_log.updated",
+            "audit_log.updated",
+            json!({"op": "update", "table": "public.audit_log", "key": {"at": "2024-05-06T07:08:09Z", "message": "short"}, "before": {"at": "2024-05-06T07:08:09Z", "message": big}, "after": {"at": "2024-05-06T07:08:09Z", "message": "short"}}),
+        ),
+        (
+            "store.audit_log.deleted",
+            "audit_log.deleted",
+            json!({"op": "delete", "table": "public.audit_log", "key": {"at": "2024-05-06T07:08:09Z", "message": "short"}, "before": {"at": "2024-05-06T07:08:09Z", "message": "short"}, "after": null}),
+        ),
+        (
+            "store.order_items.deleted",
+            "order_items.deleted",
+            json!({"op": "delete", "table": "public.order_items", "key": {"order_id": 10, "line": 1}, "before": {"order_id": 10, "line": 1}, "after": null}),
+        ),
+        (
+            "store.order_items.truncated",
+            "order_items.truncated",
+            json!({"op": "truncate", "table": "public.order_items", "key": null, "before": null, "after": null}),
+        ),
     ];
     // Compare one by one for a readable failure.
     assert_eq!(got.len(), 12, "event count; got {got:#?}");
@@ -133,7 +181,11 @@ fn backlog_expected(t: i64) -> (&'static str, Vec<i64>) {
 /// Checks the stream holds exactly the backlog: 500 transactions in order, each with
 /// its 100 changes, nothing else.
 fn assert_backlog(events: &[StoredEvent]) {
-    assert_eq!(events.len(), 50_000, "the stream must hold exactly the 50,000 changes");
+    assert_eq!(
+        events.len(),
+        50_000,
+        "the stream must hold exactly the 50,000 changes"
+    );
     assert_exactly_once(events);
     let mut groups: Vec<(String, Vec<&StoredEvent>)> = Vec::new();
     for e in events {
@@ -153,31 +205,56 @@ fn assert_backlog(events: &[StoredEvent]) {
                 e.body["data"]["key"]["id"].as_i64().unwrap()
             })
             .collect();
-        let indices: Vec<u64> = group.iter().map(|e| e.body["txindex"].as_u64().unwrap()).collect();
-        assert_eq!(indices, (0..100).collect::<Vec<u64>>(), "indices in transaction {t}");
+        let indices: Vec<u64> = group
+            .iter()
+            .map(|e| e.body["txindex"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            indices,
+            (0..100).collect::<Vec<u64>>(),
+            "indices in transaction {t}"
+        );
         got.sort();
         assert_eq!(got, keys, "keys of transaction {t}");
     }
 }
 
 async fn current_lsn(db: &tokio_postgres::Client) -> tidemark::position::Lsn {
-    let s: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let s: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     s.parse().unwrap()
 }
 
-async fn confirmed_flush(db: &tokio_postgres::Client, slot: &str) -> Option<tidemark::position::Lsn> {
+async fn confirmed_flush(
+    db: &tokio_postgres::Client,
+    slot: &str,
+) -> Option<tidemark::position::Lsn> {
     let rows = db
-        .query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .ok()?;
     rows.first()?.get::<_, Option<String>>(0)?.parse().ok()
 }
 
-async fn wait_confirmed(pg: &PgServer, dbname: &str, slot: &str, at_least: tidemark::position::Lsn, timeout: Duration, log: impl Fn() -> String) {
+async fn wait_confirmed(
+    pg: &PgServer,
+    dbname: &str,
+    slot: &str,
+    at_least: tidemark::position::Lsn,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         // A fresh client each time: the server may have restarted.
-        if let Ok((c, conn)) = tokio_postgres::connect(&pg.url(dbname), tokio_postgres::NoTls).await {
+        if let Ok((c, conn)) = tokio_postgres::connect(&pg.url(dbname), tokio_postgres::NoTls).await
+        {
             let h = tokio::spawn(conn);
             let got = confirmed_flush(&c, slot).await;
             h.abort();
@@ -185,7 +262,10 @@ async fn wait_confirmed(pg: &PgServer, dbname: &str, slot: &str, at_least: tidem
                 return;
             }
             if std::time::Instant::now() > deadline {
-                panic!("slot {slot} confirmed {got:?}, wanted {at_least} within {timeout:?}\n{}", log());
+                panic!(
+                    "slot {slot} confirmed {got:?}, wanted {at_least} within {timeout:?}\n{}",
+                    log()
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -204,12 +284,25 @@ async fn backlog_survives(disruption: Disruption) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("tidemark.log");
     let db = pg.create_db("store").await;
-    db.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int, note text)").await.unwrap();
-    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec { tables: "tables = [\"items\"]", extra: "publish_window = 256", ..SourceSpec::new("store", "store") });
+    db.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int, note text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"items\"]",
+            extra: "publish_window = 256",
+            ..SourceSpec::new("store", "store")
+        },
+    );
 
     // First run creates the slot and the stream; stop it to build a backlog.
     let mut tm = Tidemark::run(&cfg, &log);
-    wait_for("tidemark to stream", Duration::from_secs(30), || tm.log().contains("streaming").then_some(()));
+    wait_for("tidemark to stream", Duration::from_secs(30), || {
+        tm.log().contains("streaming").then_some(())
+    });
     assert!(tm.terminate(Duration::from_secs(30)).success());
     db.batch_execute(BACKLOG).await.unwrap();
     let end = current_lsn(&db).await;
@@ -218,7 +311,10 @@ async fn backlog_survives(disruption: Disruption) {
     let nc = nats.client().await;
     let mut tm = Tidemark::run(&cfg, &log);
     let at = wait_stream_count(&nc, "STORE", 5_000, Duration::from_secs(60), || tm.log()).await;
-    assert!(at < 50_000, "the backlog drained before the disruption ({at} events): make it larger");
+    assert!(
+        at < 50_000,
+        "the backlog drained before the disruption ({at} events): make it larger"
+    );
     match &disruption {
         Disruption::KillTidemark => {
             tm.kill9();
@@ -236,11 +332,23 @@ async fn backlog_survives(disruption: Disruption) {
         }
     }
     // Everything is stored once the slot confirms the end of the backlog.
-    wait_confirmed(&pg, "store", "tidemark_store", end, Duration::from_secs(120), || tm.log()).await;
+    wait_confirmed(
+        &pg,
+        "store",
+        "tidemark_store",
+        end,
+        Duration::from_secs(120),
+        || tm.log(),
+    )
+    .await;
     let nc = nats.client().await;
     let events = read_stream(&nc, "STORE").await;
     assert_backlog(&events);
-    assert!(tm.is_running(), "tidemark must recover on its own:\n{}", tm.log());
+    assert!(
+        tm.is_running(),
+        "tidemark must recover on its own:\n{}",
+        tm.log()
+    );
     let text = tm.log();
     match disruption {
         // The restarted process resumed from a stream that already held events.
@@ -250,7 +358,10 @@ async fn backlog_survives(disruption: Disruption) {
         Disruption::RestartNats => assert!(text.contains("disconnected"), "{text}"),
         // The replication connection died with the server: the pipeline rebuilt.
         Disruption::RestartPostgres => {
-            assert!(text.contains("rebuilding from the slot and the stream"), "{text}")
+            assert!(
+                text.contains("rebuilding from the slot and the stream"),
+                "{text}"
+            )
         }
     }
     assert!(tm.terminate(Duration::from_secs(30)).success());
@@ -278,16 +389,391 @@ async fn quiet_published_tables_do_not_pin_wal_while_others_churn() {
     let dir = tempfile::tempdir().unwrap();
     let db = pg.create_db("store").await;
     db.batch_execute("CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id serial PRIMARY KEY, v text);").await.unwrap();
-    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec { tables: "tables = [\"quiet\"]", ..SourceSpec::new("store", "store") });
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"quiet\"]",
+            ..SourceSpec::new("store", "store")
+        },
+    );
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    wait_for("tidemark to stream", Duration::from_secs(30), || tm.log().contains("streaming").then_some(()));
+    wait_for("tidemark to stream", Duration::from_secs(30), || {
+        tm.log().contains("streaming").then_some(())
+    });
     let before = confirmed_flush(&db, "tidemark_store").await.unwrap();
     for i in 0..200 {
-        db.execute("INSERT INTO busy (v) VALUES ($1)", &[&format!("row {i}")]).await.unwrap();
+        db.execute("INSERT INTO busy (v) VALUES ($1)", &[&format!("row {i}")])
+            .await
+            .unwrap();
     }
     let after_churn = current_lsn(&db).await;
     assert!(after_churn > before);
-    wait_confirmed(&pg, "store", "tidemark_store", after_churn, Duration::from_secs(60), || tm.log()).await;
+    wait_confirmed(
+        &pg,
+        "store",
+        "tidemark_store",
+        after_churn,
+        Duration::from_secs(60),
+        || tm.log(),
+    )
+    .await;
     let nc = nats.client().await;
-    assert_eq!(stream_count(&nc, "STORE").await, 0, "busy is not published: no events");
+    assert_eq!(
+        stream_count(&nc, "STORE").await,
+        0,
+        "busy is not published: no events"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Values: one column per supported type, checked against the expected JSON.
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_supported_type_arrives_as_the_expected_json() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+         CREATE TABLE vals (
+           id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4, f8 float8,
+           f_nan float8, f_inf float8, f_ninf float4, n numeric, t text, vc varchar(10), bp char(3),
+           nm name, u uuid, j json, jb jsonb, d date, tm time, tmtz timetz, ts timestamp,
+           tstz timestamptz, by bytea, ai int[], at text[], a2 int[][], ab bool[], an numeric[],
+           ajb jsonb[], ats timestamptz[], m mood, am mood[], dom positive, nul text, big_i8 int8
+         );",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    wait_for("tidemark to stream", Duration::from_secs(30), || {
+        tm.log().contains("streaming").then_some(())
+    });
+    db.batch_execute(
+        r#"INSERT INTO vals VALUES (
+           1, true, -32768, 2147483647, -9223372036854775808, 1.5, 0.1,
+           'NaN', 'Infinity', '-Infinity', 12345678901234567890.000000000000000001, 'héllo "wörld" ✓', 'short', 'ab',
+           'a_name', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"k": [1, "two", null]}', '{"z": 1, "a": {"b": true}}',
+           '2024-02-29', '13:14:15.5', '13:14:15+02', '2024-01-02 03:04:05.123456',
+           '2024-01-02 03:04:05.5+01', '\x00ff10', '{1,NULL,3}', '{"a b","c,d","e\"f",NULL,"NULL"}', '{{1,2},{3,4}}',
+           '{t,f}', '{1.10,NaN}', ARRAY['{"x":1}'::jsonb, '[2]'::jsonb], ARRAY['2024-01-02 03:04:05+00'::timestamptz],
+           'happy', '{happy,sad}', 7, NULL, 9007199254740993
+        )"#,
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let after = &events[0].body["data"]["after"];
+    let expected = json!({
+        "id": 1, "b": true, "i2": -32768, "i4": 2147483647, "i8": -9223372036854775808i64,
+        "f4": 1.5, "f8": 0.1, "f_nan": "NaN", "f_inf": "Infinity", "f_ninf": "-Infinity",
+        "n": "12345678901234567890.000000000000000001", "t": "héllo \"wörld\" ✓", "vc": "short", "bp": "ab ",
+        "nm": "a_name", "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "j": {"k": [1, "two", null]}, "jb": {"a": {"b": true}, "z": 1},
+        "d": "2024-02-29", "tm": "13:14:15.5", "tmtz": "13:14:15+02:00",
+        "ts": "2024-01-02T03:04:05.123456", "tstz": "2024-01-02T02:04:05.5Z",
+        "by": "AP8Q", "ai": [1, null, 3], "at": ["a b", "c,d", "e\"f", null, "NULL"], "a2": [[1, 2], [3, 4]],
+        "ab": [true, false], "an": ["1.10", "NaN"], "ajb": [{"x": 1}, [2]], "ats": ["2024-01-02T03:04:05Z"],
+        "m": "happy", "am": ["happy", "sad"], "dom": 7, "nul": null, "big_i8": 9007199254740993i64
+    });
+    for (k, v) in expected.as_object().unwrap() {
+        assert_eq!(&after[k], v, "column {k}");
+    }
+    assert_eq!(
+        after.as_object().unwrap().len(),
+        expected.as_object().unwrap().len(),
+        "{after:#}"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Authentication over the replication connection.
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_md5_and_cleartext_logins_stream_and_a_wrong_password_is_named() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         CREATE ROLE pw_scram LOGIN REPLICATION SUPERUSER PASSWORD 'secret-scram';
+         CREATE ROLE pw_plain LOGIN REPLICATION SUPERUSER PASSWORD 'secret-plain';
+         SET password_encryption = 'md5';
+         CREATE ROLE pw_md5 LOGIN REPLICATION SUPERUSER PASSWORD 'secret-md5';",
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    for (n, (user, password)) in [
+        ("pw_scram", "secret-scram"),
+        ("pw_md5", "secret-md5"),
+        ("pw_plain", "secret-plain"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("s{n}");
+        std::fs::write(
+            dir.path().join(format!("{name}.pw")),
+            format!("{password}\n"),
+        )
+        .unwrap();
+        let cfg = write_config(
+            dir.path(),
+            &pg,
+            &nats,
+            &SourceSpec {
+                tables: "tables = [\"t\"]",
+                postgres_extra: &format!("password_file = \"{name}.pw\""),
+                ..SourceSpec::new(&name, "store")
+            },
+        );
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("user = \"postgres\"", &format!("user = \"{user}\""));
+        std::fs::write(&cfg, text).unwrap();
+        let mut tm = Tidemark::run(&cfg, &dir.path().join(format!("{name}.log")));
+        wait_for(
+            &format!("{user} to stream"),
+            Duration::from_secs(30),
+            || {
+                assert!(tm.is_running(), "{user}: {}", tm.log());
+                tm.log().contains("streaming").then_some(())
+            },
+        );
+        db.execute("INSERT INTO t VALUES ($1)", &[&(n as i32)])
+            .await
+            .unwrap();
+        wait_stream_count(
+            &nc,
+            &name.to_uppercase(),
+            1,
+            Duration::from_secs(30),
+            || tm.log(),
+        )
+        .await;
+        assert!(tm.terminate(Duration::from_secs(30)).success());
+    }
+
+    // A wrong password: `check` says which login failed, `run` stops with exit 1.
+    std::fs::write(dir.path().join("bad.pw"), "nope").unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"t\"]",
+            postgres_extra: "password_file = \"bad.pw\"",
+            ..SourceSpec::new("bad", "store")
+        },
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("user = \"postgres\"", "user = \"pw_scram\"");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [bad] postgres: cannot connect to postgres at 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("password authentication failed for user \"pw_scram\""),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("bad.log"));
+    let status = tm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", tm.log());
+    assert!(
+        tm.log()
+            .contains("password authentication failed for user \"pw_scram\""),
+        "{}",
+        tm.log()
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Bad input: each gets a message that says what to do, and nothing is streamed.
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_config_key_is_named_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tidemark.toml");
+    std::fs::write(
+        &cfg,
+        "[nats]\nservers = [\"nats://127.0.0.1:4222\"]\n\n[[source]]\nname = \"store\"\npublication = \"p\"\nslot = \"s\"\nall_tables = true\nslot_nam = \"typo\"\n[source.postgres]\nhost = \"h\"\ndbname = \"d\"\nuser = \"u\"\n[source.stream]\nname = \"S\"\n",
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let (code, _, err) = tidemark_cmd(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 2, "{err}");
+        let want = format!(
+            "error: {}:9: source[0].slot_nam: unknown field `slot_nam`",
+            cfg.display()
+        );
+        assert!(err.starts_with(&want), "{cmd}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_replica_is_refused_with_the_fix() {
+    let pg = PgServer::start_with(&[("wal_level", "replica")]);
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    pg.create_db("store")
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL [store] wal_level: wal_level is \"replica\", not \"logical\": set wal_level = logical in postgresql.conf"), "{out}");
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    assert_eq!(tm.wait_exit(Duration::from_secs(30)).code(), Some(1));
+    assert!(
+        tm.log()
+            .contains("wal_level is \"replica\", not \"logical\""),
+        "{}",
+        tm.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_publication_with_creation_disabled_is_refused() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "create_publication = false",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL [store] publication \"tidemark_store\": publication \"tidemark_store\" does not exist and create_publication = false: run CREATE PUBLICATION \"tidemark_store\" FOR TABLE"), "{out}");
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    assert_eq!(tm.wait_exit(Duration::from_secs(30)).code(), Some(1));
+    assert!(
+        tm.log()
+            .contains("does not exist and create_publication = false"),
+        "{}",
+        tm.log()
+    );
+    // Nothing was created behind the operator's back.
+    let slots = db
+        .query("SELECT 1 FROM pg_replication_slots", &[])
+        .await
+        .unwrap();
+    assert!(slots.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_and_table_without_replica_identity_are_explained() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE no_key (v text)")
+        .await
+        .unwrap();
+
+    // A table whose UPDATEs Postgres would reject once published.
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"no_key\"]",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("table \"public\".\"no_key\" has no primary key and REPLICA IDENTITY DEFAULT"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ALTER TABLE \"public\".\"no_key\" REPLICA IDENTITY FULL"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("t.log"));
+    assert_eq!(tm.wait_exit(Duration::from_secs(30)).code(), Some(1));
+    db.execute("UPDATE no_key SET v = 'still works'", &[])
+        .await
+        .expect("the application's UPDATEs keep working");
+
+    // Nothing listens on this port.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("port = {}", pg.port),
+        &format!("port = {}", free_port()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [store] postgres: cannot connect to postgres at 127.0.0.1:"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_ready_source_and_changes_nothing() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"orders\"]",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let (code, out, err) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for want in [
+        "ok   [store] wal_level: logical",
+        "ok   [store] publication \"tidemark_store\": will be created",
+        "ok   [store] table \"public\".\"orders\": replica identity default, key (id); will be added to the publication",
+        "ok   [store] slot \"tidemark_store\": will be created",
+        "ok   [store] stream \"STORE\": will be created",
+        "ok   [store] would stream to subjects store.<table>.<created|updated|deleted|truncated>",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let slots = db
+        .query("SELECT 1 FROM pg_replication_slots", &[])
+        .await
+        .unwrap();
+    let pubs = db.query("SELECT 1 FROM pg_publication", &[]).await.unwrap();
+    assert!(
+        slots.is_empty() && pubs.is_empty(),
+        "check must not create anything"
+    );
 }

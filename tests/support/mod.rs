@@ -61,7 +61,11 @@ pub fn pg_bindir() -> PathBuf {
         .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     candidates.sort();
-    if let Some(dir) = candidates.into_iter().rev().find(|d| d.join("initdb").exists()) {
+    if let Some(dir) = candidates
+        .into_iter()
+        .rev()
+        .find(|d| d.join("initdb").exists())
+    {
         return dir;
     }
     if let Ok(path) = std::env::var("PATH") {
@@ -153,7 +157,10 @@ impl PgServer {
     /// Starts a server with extra `-c` settings (they override the defaults).
     pub fn start_with(extra: &[(&str, &str)]) -> PgServer {
         let bindir = pg_bindir();
-        let dir = tempfile::Builder::new().prefix("tidemark-pg-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-pg-")
+            .tempdir()
+            .expect("temp dir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
         chown_for_server(dir.path());
         let data = dir.path().join("data");
@@ -161,7 +168,15 @@ impl PgServer {
             Command::new(bindir.join("initdb"))
                 .arg("-D")
                 .arg(&data)
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]),
         )
         .output()
         .expect("run initdb");
@@ -225,7 +240,10 @@ impl PgServer {
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()));
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ));
         for (k, v) in &self.settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
@@ -235,19 +253,31 @@ impl PgServer {
             .expect("spawn postgres");
         self.child = Some(child);
         let port = self.port;
-        wait_for("postgres to accept connections", Duration::from_secs(30), || {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                panic!("postgres exited with {st}: {}", self.log());
-            }
-            let ready = Command::new(self.bindir.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q"])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or_else(|_| port_open(port));
-            ready.then_some(())
-        });
+        wait_for(
+            "postgres to accept connections",
+            Duration::from_secs(30),
+            || {
+                if let Some(c) = self.child.as_mut()
+                    && let Ok(Some(st)) = c.try_wait()
+                {
+                    panic!("postgres exited with {st}: {}", self.log());
+                }
+                let ready = Command::new(self.bindir.join("pg_isready"))
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "-U",
+                        "postgres",
+                        "-q",
+                    ])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or_else(|_| port_open(port));
+                ready.then_some(())
+            },
+        );
     }
 
     /// Fast shutdown (SIGINT), waiting for the server to exit.
@@ -271,7 +301,10 @@ impl PgServer {
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
     }
 
     /// A client as the superuser `postgres` on database `db`.
@@ -324,7 +357,10 @@ impl NatsServer {
     }
 
     pub fn start_with(extra_args: &[&str]) -> NatsServer {
-        let dir = tempfile::Builder::new().prefix("tidemark-nats-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-nats-")
+            .tempdir()
+            .expect("temp dir");
         let mut n = NatsServer {
             port: free_port(),
             dir,
@@ -349,7 +385,14 @@ impl NatsServer {
             .expect("open nats log");
         let log2 = log.try_clone().expect("clone log handle");
         let child = Command::new(&self.bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.path().join("store"))
             .args(&self.extra_args)
             .stdout(log)
@@ -384,7 +427,9 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
     }
 }
 
@@ -452,7 +497,10 @@ impl Tidemark {
             None => {
                 kill(&mut c, libc::SIGKILL);
                 let _ = c.wait();
-                panic!("tidemark did not exit within {timeout:?} of SIGTERM:\n{}", self.log());
+                panic!(
+                    "tidemark did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log()
+                );
             }
         }
     }
@@ -470,7 +518,9 @@ impl Tidemark {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -617,7 +667,13 @@ pub async fn stream_count(client: &async_nats::Client, stream: &str) -> u64 {
 }
 
 /// Waits until a stream holds at least `n` messages.
-pub async fn wait_stream_count(client: &async_nats::Client, stream: &str, n: u64, timeout: Duration, log: impl Fn() -> String) -> u64 {
+pub async fn wait_stream_count(
+    client: &async_nats::Client,
+    stream: &str,
+    n: u64,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
         let c = stream_count(client, stream).await;
@@ -625,7 +681,10 @@ pub async fn wait_stream_count(client: &async_nats::Client, stream: &str, n: u64
             return c;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {n} messages in {stream} (have {c});\ntidemark log:\n{}", log());
+            panic!(
+                "timed out after {timeout:?} waiting for {n} messages in {stream} (have {c});\ntidemark log:\n{}",
+                log()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -638,8 +697,16 @@ pub fn assert_exactly_once(events: &[StoredEvent]) {
     let mut seen = std::collections::HashSet::new();
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1, "gap or reorder at position {i}");
-        assert!(seen.insert(e.msg_id.clone()), "duplicate event id {}", e.msg_id);
-        assert_eq!(e.body["id"].as_str(), Some(e.msg_id.as_str()), "Nats-Msg-Id differs from the CloudEvent id");
+        assert!(
+            seen.insert(e.msg_id.clone()),
+            "duplicate event id {}",
+            e.msg_id
+        );
+        assert_eq!(
+            e.body["id"].as_str(),
+            Some(e.msg_id.as_str()),
+            "Nats-Msg-Id differs from the CloudEvent id"
+        );
         let parts: Vec<&str> = e.msg_id.rsplitn(3, ':').collect();
         let index: u64 = parts[0].parse().expect("index");
         let lsn: tidemark::position::Lsn = parts[1].parse().expect("lsn");
