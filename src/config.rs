@@ -962,3 +962,20 @@ name = "STORE"
         assert!(msg.contains("no [[source]] is configured"), "{msg}");
     }
 }
+
+#[cfg(test)]
+mod example_config {
+    /// The shipped example config is valid.
+    #[test]
+    fn example_config_parses() {
+        let path =
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tidemark.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = super::parse(path, &text, &|k| {
+            (k == "TIDEMARK_PG_PASSWORD").then(|| "pw".to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.sources[0].name, "store");
+        assert_eq!(cfg.sources[0].stream.name, "STORE");
+    }
+}

@@ -451,7 +451,15 @@ pub struct Tidemark {
 impl Tidemark {
     /// Path of the tidemark binary under test.
     pub fn bin() -> PathBuf {
-        PathBuf::from(env!("CARGO_BIN_EXE_tidemark"))
+        // Integration tests get the path from cargo; examples (demo, benchmark) find the
+        // binary beside their own directory in the same target profile.
+        match option_env!("CARGO_BIN_EXE_tidemark") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|p| Some(p.parent()?.parent()?.join("tidemark")))
+                .expect("locate the tidemark binary next to this program"),
+        }
     }
 
     /// Runs `tidemark run --config <config>`, logging to `log_path` (appended).

