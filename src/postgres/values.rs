@@ -157,7 +157,7 @@ fn convert(kind: &TypeKind, s: &str) -> Value {
 /// `2024-01-02 03:04:05.5+00` to `2024-01-02T03:04:05.5Z`. Values RFC 3339 cannot hold
 /// (`infinity`, BC dates) pass through unchanged.
 fn iso_timestamp(s: &str, with_offset: bool) -> String {
-    if s.ends_with(" BC") || !s.as_bytes().get(10).is_some_and(|b| *b == b' ') {
+    if s.ends_with(" BC") || s.as_bytes().get(10).is_none_or(|b| *b != b' ') {
         return s.to_string();
     }
     let t = format!("{}T{}", &s[..10], &s[11..]);

@@ -489,6 +489,18 @@ impl Tidemark {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill(&mut c, libc::SIGKILL);

@@ -1,0 +1,426 @@
+//! The benchmark (run it with `scripts/bench.sh`; it is not a test and asserts no time).
+//!
+//! 1. Backlog: writes N row changes (default 200,000) to a store-like table in
+//!    transactions of 100 (70 inserts, 20 updates, 10 deletes each), then times tidemark
+//!    from process start until JetStream has stored all N. Peak RSS from VmHWM.
+//! 2. Ceilings on the same data: draining a second slot with `pg_recvlogical` (what
+//!    Postgres can send), and acked publishes of the very same events with a bare
+//!    async-nats client and the same window (what NATS can take). tidemark's rate is
+//!    printed as a fraction of the slower ceiling.
+//! 3. Live load: small transactions at a steady rate while tidemark runs; latency is the
+//!    server's store time of each event minus its commit time (commit to ack), p50/p99.
+//! 4. One big transaction (default 1,000,000 rows) through a fresh tidemark: events/s
+//!    and peak RSS, which shows memory does not grow with the transaction.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::*;
+
+struct Args {
+    changes: u64,
+    big_tx: u64,
+    live_secs: u64,
+    live_tps: u64,
+    window: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        changes: 200_000,
+        big_tx: 1_000_000,
+        live_secs: 10,
+        live_tps: 200,
+        window: 1024,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = || -> u64 {
+            argv.get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| usage(&format!("{} needs a number", argv[i])))
+        };
+        match argv[i].as_str() {
+            "--changes" => a.changes = val().max(100) / 100 * 100,
+            "--big-tx" => a.big_tx = val(),
+            "--live-secs" => a.live_secs = val(),
+            "--live-tps" => a.live_tps = val().max(1),
+            "--window" => a.window = val().max(1) as usize,
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+        i += 2;
+    }
+    a
+}
+
+fn usage(msg: &str) -> ! {
+    if !msg.is_empty() {
+        eprintln!("error: {msg}");
+    }
+    eprintln!(
+        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)]"
+    );
+    std::process::exit(2)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,
+                     total numeric(12,2) NOT NULL, note text, updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE big (id bigint PRIMARY KEY, payload text);
+CREATE TABLE live (id bigserial PRIMARY KEY, v int);
+";
+
+/// Transactions of 100 changes: 70 inserts, 20 updates of earlier rows, 10 deletes.
+fn backlog_sql(txs: u64) -> String {
+    format!(
+        "DO $$
+         BEGIN
+           FOR t IN 0..{last} LOOP
+             INSERT INTO orders (id, customer_id, status, total, note)
+               SELECT t * 70 + g, g % 50, 'placed', 10.00 + g, 'note for order ' || (t * 70 + g)
+               FROM generate_series(0, 69) g;
+             UPDATE orders SET status = 'shipped', updated_at = now()
+               WHERE id >= t * 70 AND id < t * 70 + 20;
+             DELETE FROM orders WHERE id >= t * 70 + 60 AND id < t * 70 + 70;
+             COMMIT;
+           END LOOP;
+         END $$;",
+        last = txs - 1
+    )
+}
+
+async fn lsn(db: &tokio_postgres::Client) -> String {
+    db.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("current lsn")
+        .get(0)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs tidemark until the stream holds `n` messages: (elapsed, peak RSS).
+async fn run_until(
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+    nc: &async_nats::Client,
+    stream: &str,
+    n: u64,
+) -> (Duration, u64, Tidemark) {
+    let start = Instant::now();
+    let tm = Tidemark::run(cfg, log);
+    let mut peak = 0;
+    loop {
+        peak = peak.max(tm.peak_rss_bytes().unwrap_or(0));
+        if stream_count(nc, stream).await >= n {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(1800) {
+            panic!(
+                "tidemark did not store {n} events in 30 minutes:\n{}",
+                tm.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed();
+    peak = peak.max(tm.peak_rss_bytes().unwrap_or(0));
+    (elapsed, peak, tm)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let n = args.changes;
+    let txs = n / 100;
+    println!(
+        "tidemark benchmark: {n} changes in {txs} transactions of 100 (70 insert, 20 update, 10 delete)"
+    );
+    let pg = PgServer::start_with(&[("max_wal_size", "4GB"), ("checkpoint_timeout", "30min")]);
+    let nats = NatsServer::start_with(&["-m", "0"]);
+    let db = pg.create_db("bench").await;
+    db.batch_execute(SCHEMA).await.expect("schema");
+    // Separate statements: a slot cannot be created in a transaction that wrote.
+    for sql in [
+        "CREATE PUBLICATION tidemark_bench FOR TABLE orders, live",
+        "SELECT pg_create_logical_replication_slot('tidemark_bench', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('ceiling', 'pgoutput')",
+    ] {
+        db.batch_execute(sql).await.expect("publication and slots");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"orders\", \"live\"]",
+            extra: &format!("publish_window = {}", args.window),
+            ..SourceSpec::new("bench", "bench")
+        },
+    );
+    // write_config names the publication after the source; the slot likewise.
+
+    let t = Instant::now();
+    db.batch_execute(&backlog_sql(txs)).await.expect("backlog");
+    let end = lsn(&db).await;
+    println!(
+        "backlog written in {:.1}s (WAL end {end})",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Ceiling 1: what Postgres can send, on an identical slot.
+    let t = Instant::now();
+    let out = Command::new(pg_bindir().join("pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "bench",
+        ])
+        .args([
+            "--slot",
+            "ceiling",
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+            "-E",
+            &end,
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=tidemark_bench",
+        ])
+        .output()
+        .expect("run pg_recvlogical");
+    assert!(
+        out.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pg_secs = t.elapsed().as_secs_f64();
+    let pg_rate = n as f64 / pg_secs;
+
+    // tidemark on the backlog.
+    let nc = nats.client().await;
+    let log = dir.path().join("tidemark.log");
+    let (elapsed, peak, mut tm) = run_until(&cfg, &log, &nc, "BENCH", n).await;
+    let tm_secs = elapsed.as_secs_f64();
+    let tm_rate = n as f64 / tm_secs;
+
+    // Ceiling 2: what NATS can take: the same events, bare client, same window.
+    let events = read_raw(&nc, "BENCH", n).await;
+    let js = async_nats::jetstream::new(nc.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "CEILING".into(),
+        subjects: vec!["ceiling.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("ceiling stream");
+    let t = Instant::now();
+    let mut inflight = std::collections::VecDeque::new();
+    for (subject, id, payload) in events {
+        let ack = js
+            .send_publish(
+                format!("ceiling.{subject}"),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .message_id(id),
+            )
+            .await
+            .expect("publish");
+        inflight.push_back(ack);
+        if inflight.len() >= args.window
+            && let Some(a) = inflight.pop_front()
+        {
+            a.await.expect("ack");
+        }
+    }
+    for a in inflight {
+        a.await.expect("ack");
+    }
+    let nats_secs = t.elapsed().as_secs_f64();
+    let nats_rate = n as f64 / nats_secs;
+
+    // Live load: commit-to-ack latency.
+    let live = live_latency(&db, &nc, args.live_secs, args.live_tps).await;
+    let _ = tm.terminate(Duration::from_secs(60));
+
+    // One big transaction through a fresh source.
+    let big = if args.big_tx > 0 {
+        Some(big_transaction(&pg, &nats, &db, dir.path(), args.big_tx, args.window).await)
+    } else {
+        None
+    };
+
+    let ceiling = pg_rate.min(nats_rate);
+    println!();
+    println!(
+        "== results ({} changes, publish window {}) ==",
+        n, args.window
+    );
+    println!("pg_recvlogical ceiling : {pg_rate:>10.0} changes/s ({pg_secs:.2}s)");
+    println!("bare NATS ceiling      : {nats_rate:>10.0} events/s  ({nats_secs:.2}s)");
+    println!(
+        "tidemark               : {tm_rate:>10.0} events/s  ({tm_secs:.2}s from process start to last ack)"
+    );
+    println!(
+        "tidemark / slower ceiling ({}): {:.0}%",
+        if pg_rate < nats_rate {
+            "postgres"
+        } else {
+            "nats"
+        },
+        100.0 * tm_rate / ceiling
+    );
+    println!("tidemark peak RSS      : {:>10.1} MiB", mib(peak));
+    match live {
+        Some((count, p50, p99, max)) => println!(
+            "live latency (commit -> stored), {count} events at {} tx/s: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+            args.live_tps
+        ),
+        None => println!("live latency: no events measured"),
+    }
+    if let Some((rows, secs, rss)) = big {
+        println!(
+            "one transaction of {rows} rows: {:.0} events/s ({secs:.2}s), peak RSS {:.1} MiB",
+            rows as f64 / secs,
+            mib(rss)
+        );
+    }
+}
+
+/// Reads (table subject suffix, id, payload) of every event back.
+async fn read_raw(
+    nc: &async_nats::Client,
+    stream: &str,
+    n: u64,
+) -> Vec<(String, String, bytes::Bytes)> {
+    let js = async_nats::jetstream::new(nc.clone());
+    let s = js.get_stream(stream).await.expect("stream");
+    let consumer = s
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("consumer");
+    let mut msgs = consumer.messages().await.expect("messages");
+    let mut out = Vec::with_capacity(n as usize);
+    while (out.len() as u64) < n {
+        let m = msgs.next().await.expect("stream ended").expect("message");
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        out.push((m.subject.to_string(), id, m.payload.clone()));
+    }
+    out
+}
+
+/// Writes small transactions at `tps` for `secs` and measures, for each event, the
+/// server's store time minus the commit time in the event.
+async fn live_latency(
+    db: &tokio_postgres::Client,
+    nc: &async_nats::Client,
+    secs: u64,
+    tps: u64,
+) -> Option<(usize, f64, f64, f64)> {
+    let js = async_nats::jetstream::new(nc.clone());
+    let s = js.get_stream("BENCH").await.ok()?;
+    let consumer = s
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "bench.live.>".into(),
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let mut msgs = consumer.messages().await.ok()?;
+    let total = secs * tps;
+    let period = Duration::from_secs_f64(1.0 / tps as f64);
+    let writer = async {
+        let mut tick = tokio::time::interval(period);
+        for _ in 0..total {
+            tick.tick().await;
+            db.execute("INSERT INTO live (v) VALUES (1)", &[])
+                .await
+                .expect("live insert");
+        }
+    };
+    let reader = async {
+        let mut lat = Vec::new();
+        while (lat.len() as u64) < total {
+            let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), msgs.next()).await
+            else {
+                break;
+            };
+            let stored = m.info().ok().map(|i| i.published);
+            let ev: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            let commit = ev["time"].as_str().and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            });
+            if let (Some(stored), Some(commit)) = (stored, commit) {
+                lat.push((stored - commit).as_seconds_f64() * 1000.0);
+            }
+        }
+        lat
+    };
+    let ((), mut lat) = tokio::join!(writer, reader);
+    if lat.is_empty() {
+        return None;
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    Some((lat.len(), pct(0.5), pct(0.99), lat[lat.len() - 1]))
+}
+
+async fn big_transaction(
+    pg: &PgServer,
+    nats: &NatsServer,
+    db: &tokio_postgres::Client,
+    dir: &std::path::Path,
+    rows: u64,
+    window: usize,
+) -> (u64, f64, u64) {
+    for sql in [
+        "CREATE PUBLICATION tidemark_big FOR TABLE big",
+        "SELECT pg_create_logical_replication_slot('tidemark_big', 'pgoutput')",
+    ] {
+        db.batch_execute(sql)
+            .await
+            .expect("big publication and slot");
+    }
+    db.batch_execute(&format!(
+        "INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, {rows}) g"
+    ))
+    .await
+    .expect("big transaction");
+    let cfg = write_config(
+        dir,
+        pg,
+        nats,
+        &SourceSpec {
+            tables: "tables = [\"big\"]",
+            extra: &format!("publish_window = {window}"),
+            ..SourceSpec::new("big", "bench")
+        },
+    );
+    let nc = nats.client().await;
+    let (elapsed, peak, mut tm) = run_until(&cfg, &dir.join("big.log"), &nc, "BIG", rows).await;
+    let _ = tm.terminate(Duration::from_secs(60));
+    (rows, elapsed.as_secs_f64(), peak)
+}
