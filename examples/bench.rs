@@ -115,7 +115,7 @@ async fn run_until(
     n: u64,
 ) -> (Duration, u64, Tidemark) {
     let start = Instant::now();
-    let tm = Tidemark::run(cfg, log);
+    let tm = Tidemark::run_logging(cfg, log, "info");
     let mut peak = 0;
     loop {
         peak = peak.max(tm.peak_rss_bytes().unwrap_or(0));

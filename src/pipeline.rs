@@ -22,7 +22,7 @@ use crate::jetstream::provision::{self, ProvisionError};
 use crate::jetstream::publisher::{PublishError, Publisher};
 use crate::position::{HighWater, Lsn, StreamTail};
 use crate::postgres::catalog::{Catalog, CatalogError};
-use crate::postgres::pgoutput::{self, DecodeError, LogicalMessage, PgTimestamp};
+use crate::postgres::pgoutput::{self, DecodeError, LogicalMessage};
 use crate::postgres::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -289,8 +289,10 @@ async fn run_attempt(
 struct OpenTx {
     final_lsn: Lsn,
     xid: u32,
-    commit_time: PgTimestamp,
     next_index: u64,
+    /// Texts shared by every event of the transaction.
+    lsn_text: String,
+    time_text: String,
 }
 
 struct Pipeline<'a> {
@@ -313,7 +315,7 @@ struct Pipeline<'a> {
     sent_flush: Lsn,
 }
 
-impl<'a> Pipeline<'a> {
+impl Pipeline<'_> {
     async fn run(&mut self, cancel: &CancellationToken) -> Result<(), SourceError> {
         let mut status_tick = tokio::time::interval(self.cfg.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -403,8 +405,9 @@ impl<'a> Pipeline<'a> {
                 self.tx = Some(OpenTx {
                     final_lsn: b.final_lsn,
                     xid: b.xid,
-                    commit_time: b.commit_time,
                     next_index: 0,
+                    lsn_text: b.final_lsn.to_string(),
+                    time_text: b.commit_time.to_rfc3339(),
                 });
             }
             LogicalMessage::Commit(c) => {
@@ -436,12 +439,12 @@ impl<'a> Pipeline<'a> {
             }
             LogicalMessage::Truncate(t) => {
                 for rel in t.relation_ids {
-                    let (tx, index) = self.next_position()?;
-                    if self.tail.is_stored(tx.commit_lsn, index) {
+                    let (commit_lsn, index) = self.next_index()?;
+                    if self.tail.is_stored(commit_lsn, index) {
                         self.skipped += 1;
                         continue;
                     }
-                    let event = mapping::map_truncate(&tx, index, self.table(rel)?);
+                    let event = mapping::map_truncate(&self.context()?, index, self.table(rel)?);
                     self.emit(event).await?;
                 }
             }
@@ -454,24 +457,30 @@ impl<'a> Pipeline<'a> {
         Ok(())
     }
 
-    /// The transaction context and index for the next change of the open transaction.
-    fn next_position(&mut self) -> Result<(TxContext<'a>, u64), SourceError> {
-        let cfg: &'a SourceConfig = self.cfg;
+    /// Claims the next index in the open transaction: (commit LSN, index).
+    fn next_index(&mut self) -> Result<(Lsn, u64), SourceError> {
         let tx = self
             .tx
             .as_mut()
             .ok_or_else(|| SourceError::Protocol("row change outside a transaction".into()))?;
         let index = tx.next_index;
         tx.next_index += 1;
-        Ok((
-            TxContext {
-                source: &cfg.name,
-                commit_lsn: tx.final_lsn,
-                xid: tx.xid,
-                commit_time: tx.commit_time,
-            },
-            index,
-        ))
+        Ok((tx.final_lsn, index))
+    }
+
+    /// The open transaction as the mapper sees it.
+    fn context(&self) -> Result<TxContext<'_>, SourceError> {
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| SourceError::Protocol("row change outside a transaction".into()))?;
+        Ok(TxContext {
+            source: &self.cfg.name,
+            commit_lsn: tx.final_lsn,
+            xid: tx.xid,
+            commit_lsn_text: &tx.lsn_text,
+            time: &tx.time_text,
+        })
     }
 
     fn table(&self, relation_id: u32) -> Result<&Table, SourceError> {
@@ -489,13 +498,17 @@ impl<'a> Pipeline<'a> {
         old: Option<(pgoutput::OldKind, &pgoutput::Tuple)>,
         new: Option<&pgoutput::Tuple>,
     ) -> Result<(), SourceError> {
-        let (tx, index) = self.next_position()?;
-        if self.tail.is_stored(tx.commit_lsn, index) {
+        let (commit_lsn, index) = self.next_index()?;
+        if self.tail.is_stored(commit_lsn, index) {
             self.skipped += 1;
             return Ok(());
         }
-        let table = self.table(relation_id)?;
-        let event = mapping::map_change(&tx, index, table, &RowChange { op, old, new })?;
+        let event = mapping::map_change(
+            &self.context()?,
+            index,
+            self.table(relation_id)?,
+            &RowChange { op, old, new },
+        )?;
         self.emit(event).await
     }
 

@@ -7,54 +7,65 @@
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::Value;
-
-use crate::position::EventId;
-use crate::postgres::pgoutput::PgTimestamp;
 
 /// The facts an envelope is built from.
-pub struct EnvelopeFields<'a> {
-    pub id: &'a EventId,
+pub struct EnvelopeFields<'a, D: Serialize> {
+    pub id: &'a str,
     pub source: &'a str,
     pub event_type: &'a str,
     pub subject: &'a str,
-    pub time: PgTimestamp,
+    /// The commit time, RFC 3339.
+    pub time: &'a str,
+    /// The commit LSN, `X/Y`.
+    pub commit_lsn: &'a str,
     pub xid: u32,
-    pub data: &'a Value,
+    pub index: u64,
+    pub data: &'a D,
 }
 
 #[derive(Serialize)]
-struct Envelope<'a> {
+struct Envelope<'a, D: Serialize> {
     specversion: &'static str,
-    id: String,
-    source: String,
+    id: &'a str,
+    source: SourceUri<'a>,
     #[serde(rename = "type")]
     event_type: &'a str,
     subject: &'a str,
-    time: String,
+    time: &'a str,
     datacontenttype: &'static str,
-    commitlsn: String,
+    commitlsn: &'a str,
     xid: u32,
     txindex: u64,
-    data: &'a Value,
+    data: &'a D,
+}
+
+/// `/tidemark/<source>`, written without an intermediate String.
+struct SourceUri<'a>(&'a str);
+
+impl Serialize for SourceUri<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("/tidemark/{}", self.0))
+    }
 }
 
 /// Encodes one CloudEvent as JSON.
-pub fn encode(f: &EnvelopeFields<'_>) -> Bytes {
+pub fn encode<D: Serialize>(f: &EnvelopeFields<'_, D>) -> Bytes {
     let env = Envelope {
         specversion: "1.0",
-        id: f.id.to_string(),
-        source: format!("/tidemark/{}", f.source),
+        id: f.id,
+        source: SourceUri(f.source),
         event_type: f.event_type,
         subject: f.subject,
-        time: f.time.to_rfc3339(),
+        time: f.time,
         datacontenttype: "application/json",
-        commitlsn: f.id.commit_lsn.to_string(),
+        commitlsn: f.commit_lsn,
         xid: f.xid,
-        txindex: f.id.index,
+        txindex: f.index,
         data: f.data,
     };
-    // Serializing a struct of strings, integers and a `Value` into a Vec cannot fail:
-    // serde_json errors only on I/O or on maps with non-string keys, and there are none.
-    Bytes::from(serde_json::to_vec(&env).expect("envelope serializes"))
+    let mut out = Vec::with_capacity(512);
+    // Writing into a Vec cannot fail with an I/O error, and the data types tidemark
+    // passes serialize only string-keyed maps, which serde_json always accepts.
+    serde_json::to_writer(&mut out, &env).expect("envelope serializes");
+    Bytes::from(out)
 }

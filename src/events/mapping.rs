@@ -8,12 +8,12 @@
 //! subject token.
 
 use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde::Serialize;
 
 use crate::events::envelope::{self, EnvelopeFields};
 use crate::position::{EventId, Lsn};
-use crate::postgres::pgoutput::{ColumnValue, OldKind, PgTimestamp, ReplicaIdentity, Tuple};
-use crate::postgres::values::{TypeKind, text_to_json};
+use crate::postgres::pgoutput::{ColumnValue, OldKind, ReplicaIdentity, Tuple};
+use crate::postgres::values::{JsonText, TypeKind};
 
 /// What the mapper needs to know of one table's columns.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,19 +100,25 @@ pub struct RowChange<'a> {
     pub new: Option<&'a Tuple>,
 }
 
-/// The transaction an event belongs to.
+/// The transaction an event belongs to, with the texts every event of it shares
+/// formatted once.
 #[derive(Clone, Copy, Debug)]
 pub struct TxContext<'a> {
     pub source: &'a str,
     pub commit_lsn: Lsn,
     pub xid: u32,
-    pub commit_time: PgTimestamp,
+    /// The commit LSN as `X/Y`.
+    pub commit_lsn_text: &'a str,
+    /// The commit time, RFC 3339.
+    pub time: &'a str,
 }
 
 /// A domain event ready to publish.
 #[derive(Clone, Debug)]
 pub struct DomainEvent {
     pub id: EventId,
+    /// `id` as text: the CloudEvents id and the `Nats-Msg-Id`.
+    pub msg_id: String,
     pub subject: String,
     pub event_type: String,
     pub payload: Bytes,
@@ -144,156 +150,185 @@ pub fn map_change(
             });
         }
     }
-    let mut data = Map::new();
-    data.insert("op".into(), Value::String(change.op.as_str().into()));
-    data.insert("table".into(), Value::String(table.qualified_name()));
-
     let old_full = match change.old {
         Some((OldKind::Full, t)) => Some(t),
         _ => None,
     };
-    let key_source = change.new.or(change.old.map(|(_, t)| t));
-    let key = match key_source {
-        Some(t) if !table.key.is_empty() => {
-            // On an UPDATE that changes the key, the event's key is the new one and
-            // `before` carries the old.
-            Value::Object(row_object(
-                table,
-                t,
-                Some(&table.key),
-                None,
-                &mut Vec::new(),
-            ))
-        }
-        _ => Value::Null,
+    let row = |tuple, only, fill_from| RowJson::new(table, tuple, only, fill_from);
+    // On an UPDATE that changes the key, the event's key is the new one and `before`
+    // carries the old.
+    let key = match change.new.or(change.old.map(|(_, t)| t)) {
+        Some(t) if !table.key.is_empty() => Some(row(t, Some(&table.key), None)),
+        _ => None,
     };
-    data.insert("key".into(), key);
-
-    let before = match change.old {
-        Some((OldKind::Full, t)) => {
-            Value::Object(row_object(table, t, None, None, &mut Vec::new()))
-        }
-        Some((OldKind::Key, t)) => Value::Object(row_object(
-            table,
-            t,
-            Some(&table.key),
-            None,
-            &mut Vec::new(),
-        )),
-        None => Value::Null,
+    let before = change.old.map(|(kind, t)| match kind {
+        OldKind::Full => row(t, None, None),
+        OldKind::Key => row(t, Some(&table.key), None),
+    });
+    let after = change.new.map(|t| row(t, None, old_full));
+    let unchanged_toast = match &after {
+        Some(a) => a.unchanged_columns(),
+        None => Vec::new(),
     };
-    data.insert("before".into(), before);
-
-    let mut unchanged = Vec::new();
-    let after = match change.new {
-        Some(t) => Value::Object(row_object(table, t, None, old_full, &mut unchanged)),
-        None => Value::Null,
+    let qualified = table.qualified_name();
+    let data = Data {
+        op: change.op.as_str(),
+        table: &qualified,
+        key,
+        before,
+        after,
+        unchanged_toast,
     };
-    data.insert("after".into(), after);
-    if !unchanged.is_empty() {
-        data.insert(
-            "unchanged_toast".into(),
-            Value::Array(unchanged.into_iter().map(Value::String).collect()),
-        );
-    }
-
-    Ok(build(
-        tx,
-        index,
-        &table.token,
-        change.op,
-        Value::Object(data),
-    ))
+    Ok(build(tx, index, &table.token, change.op, &data))
 }
 
 /// Builds the event for one table of a TRUNCATE.
 pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> DomainEvent {
-    let mut data = Map::new();
-    data.insert("op".into(), Value::String("truncate".into()));
-    data.insert("table".into(), Value::String(table.qualified_name()));
-    data.insert("key".into(), Value::Null);
-    data.insert("before".into(), Value::Null);
-    data.insert("after".into(), Value::Null);
-    build(
-        tx,
-        index,
-        &table.token,
-        Operation::Truncate,
-        Value::Object(data),
-    )
+    let qualified = table.qualified_name();
+    let data = Data {
+        op: Operation::Truncate.as_str(),
+        table: &qualified,
+        key: None,
+        before: None,
+        after: None,
+        unchanged_toast: Vec::new(),
+    };
+    build(tx, index, &table.token, Operation::Truncate, &data)
 }
 
-fn build(tx: &TxContext<'_>, index: u64, token: &str, op: Operation, data: Value) -> DomainEvent {
+/// The `data` of a row event.
+#[derive(Serialize)]
+struct Data<'a> {
+    op: &'static str,
+    table: &'a str,
+    key: Option<RowJson<'a>>,
+    before: Option<RowJson<'a>>,
+    after: Option<RowJson<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unchanged_toast: Vec<&'a str>,
+}
+
+fn build(
+    tx: &TxContext<'_>,
+    index: u64,
+    token: &str,
+    op: Operation,
+    data: &Data<'_>,
+) -> DomainEvent {
     let id = EventId {
         source: tx.source.to_string(),
         commit_lsn: tx.commit_lsn,
         index,
     };
+    let msg_id = id.to_string();
     let event_type = format!("{token}.{}", op.event_name());
     let subject = format!("{}.{token}.{}", tx.source, op.event_name());
     let payload = envelope::encode(&EnvelopeFields {
-        id: &id,
+        id: &msg_id,
         source: tx.source,
         event_type: &event_type,
         subject: token,
-        time: tx.commit_time,
+        time: tx.time,
+        commit_lsn: tx.commit_lsn_text,
         xid: tx.xid,
-        data: &data,
+        index,
+        data,
     });
     DomainEvent {
         id,
+        msg_id,
         subject,
         event_type,
         payload,
     }
 }
 
-/// The columns of a tuple as a JSON object. `only` restricts it to some columns (the
-/// key); `fill_from` supplies unchanged TOAST values from a full old row. Unchanged
-/// TOAST values that cannot be filled are left out of the object and named in
-/// `unchanged`, so a consumer never mistakes them for NULL.
-fn row_object(
-    table: &Table,
-    tuple: &Tuple,
-    only: Option<&[usize]>,
-    fill_from: Option<&Tuple>,
-    unchanged: &mut Vec<String>,
-) -> Map<String, Value> {
-    let mut obj = Map::new();
-    let mut put = |i: usize| {
-        let col = &table.columns[i];
-        let mut value = &tuple.0[i];
+/// The columns of a tuple, serialized as a JSON object straight from the wire bytes.
+/// `only` restricts it to some columns (the key); `fill_from` supplies unchanged TOAST
+/// values from a full old row. Unchanged TOAST values that cannot be filled are left
+/// out of the object and named in `unchanged_toast`, so a consumer never mistakes them
+/// for NULL.
+struct RowJson<'a> {
+    table: &'a Table,
+    tuple: &'a Tuple,
+    only: Option<&'a [usize]>,
+    fill_from: Option<&'a Tuple>,
+}
+
+impl<'a> RowJson<'a> {
+    fn new(
+        table: &'a Table,
+        tuple: &'a Tuple,
+        only: Option<&'a [usize]>,
+        fill_from: Option<&'a Tuple>,
+    ) -> Self {
+        RowJson {
+            table,
+            tuple,
+            only,
+            fill_from,
+        }
+    }
+
+    fn value(&self, i: usize) -> &'a ColumnValue {
+        let value = &self.tuple.0[i];
         if matches!(value, ColumnValue::UnchangedToast)
-            && let Some(old) = fill_from.and_then(|t| t.0.get(i))
+            && let Some(old) = self.fill_from.and_then(|t| t.0.get(i))
             && !matches!(old, ColumnValue::UnchangedToast)
         {
-            value = old;
+            return old;
         }
-        let json = match value {
-            ColumnValue::Null => Value::Null,
-            ColumnValue::Text(b) => text_to_json(&col.kind, b),
-            ColumnValue::Binary(b) => {
-                use base64::Engine as _;
-                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
-            }
-            ColumnValue::UnchangedToast => {
-                unchanged.push(col.name.clone());
-                return;
-            }
-        };
-        obj.insert(col.name.clone(), json);
-    };
-    match only {
-        Some(idx) => idx.iter().copied().for_each(&mut put),
-        None => (0..table.columns.len()).for_each(&mut put),
+        value
     }
-    obj
+
+    fn indices(&self) -> Box<dyn Iterator<Item = usize> + 'a> {
+        match self.only {
+            Some(idx) => Box::new(idx.iter().copied()),
+            None => Box::new(0..self.table.columns.len()),
+        }
+    }
+
+    fn unchanged_columns(&self) -> Vec<&'a str> {
+        self.indices()
+            .filter(|i| matches!(self.value(*i), ColumnValue::UnchangedToast))
+            .map(|i| self.table.columns[i].name.as_str())
+            .collect()
+    }
+}
+
+impl Serialize for RowJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for i in self.indices() {
+            let col = &self.table.columns[i];
+            match self.value(i) {
+                ColumnValue::Null => map.serialize_entry(&col.name, &())?,
+                ColumnValue::Text(b) => map.serialize_entry(
+                    &col.name,
+                    &JsonText {
+                        kind: &col.kind,
+                        text: b,
+                    },
+                )?,
+                ColumnValue::Binary(b) => {
+                    use base64::Engine as _;
+                    map.serialize_entry(
+                        &col.name,
+                        &base64::engine::general_purpose::STANDARD.encode(b),
+                    )?
+                }
+                ColumnValue::UnchangedToast => {}
+            }
+        }
+        map.end()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn text(s: &str) -> ColumnValue {
         ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()))
@@ -332,7 +367,8 @@ mod tests {
             source: "store",
             commit_lsn: Lsn(0x16B3748),
             xid: 900,
-            commit_time: PgTimestamp(0),
+            commit_lsn_text: "0/16B3748",
+            time: "2000-01-01T00:00:00Z",
         }
     }
 

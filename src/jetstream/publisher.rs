@@ -136,7 +136,7 @@ impl Publisher {
     pub async fn publish(&mut self, event: DomainEvent) -> Result<(), PublishError> {
         let msg = PublishMessage::build()
             .payload(event.payload)
-            .message_id(event.id.to_string())
+            .message_id(&event.msg_id)
             .expected_last_sequence(self.last_sent_seq);
         let ack = self
             .js

@@ -464,6 +464,11 @@ impl Tidemark {
 
     /// Runs `tidemark run --config <config>`, logging to `log_path` (appended).
     pub fn run(config: &Path, log_path: &Path) -> Tidemark {
+        Self::run_logging(config, log_path, "info,tidemark=debug")
+    }
+
+    /// Like `run`, with the given `RUST_LOG`.
+    pub fn run_logging(config: &Path, log_path: &Path, rust_log: &str) -> Tidemark {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -473,7 +478,7 @@ impl Tidemark {
         let child = Command::new(Self::bin())
             .args(["--log-format", "plain", "run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info,tidemark=debug")
+            .env("RUST_LOG", rust_log)
             .stdout(log)
             .stderr(log2)
             .stdin(Stdio::null())
