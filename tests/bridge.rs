@@ -777,3 +777,188 @@ async fn check_reports_a_ready_source_and_changes_nothing() {
         "check must not create anything"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "max_event_bytes = 2048",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    wait_for("tidemark to stream", Duration::from_secs(30), || {
+        tm.log().contains("streaming").then_some(())
+    });
+    db.batch_execute("INSERT INTO notes VALUES (1, 'small')")
+        .await
+        .unwrap();
+    let before_big = current_lsn(&db).await;
+    db.batch_execute(&format!(
+        "INSERT INTO notes VALUES (42, '{}')",
+        "y".repeat(5000)
+    ))
+    .await
+    .unwrap();
+    db.batch_execute("INSERT INTO notes VALUES (2, 'after the big one')")
+        .await
+        .unwrap();
+    let status = tm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", tm.log());
+    let log = tm.log();
+    assert!(log.contains("for notes (key {\"id\":42}) is "), "{log}");
+    assert!(log.contains("over max_event_bytes = 2048"), "{log}");
+    // The small row before it is stored; nothing at or after the big one is, and the
+    // slot was not confirmed past it, so a restart with a higher limit sends it again.
+    let nc = nats.client().await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body["data"]["key"], json!({"id": 1}));
+    let confirmed = confirmed_flush(&db, "tidemark_store").await.unwrap();
+    assert!(
+        confirmed <= before_big,
+        "confirmed {confirmed} past the oversized row at {before_big}"
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_event_bytes = 2048", "max_event_bytes = 100000");
+    std::fs::write(&cfg, text).unwrap();
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let keys: Vec<Value> = events
+        .iter()
+        .map(|e| e.body["data"]["key"]["id"].clone())
+        .collect();
+    assert_eq!(keys, vec![json!(1), json!(42), json!(2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_confirms_the_last_transaction_and_exits_0() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // A long status interval: the final status update on SIGTERM is what confirms.
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("status_interval_secs = 1", "status_interval_secs = 3600");
+    std::fs::write(&cfg, text).unwrap();
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    wait_for("tidemark to stream", Duration::from_secs(30), || {
+        tm.log().contains("streaming").then_some(())
+    });
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 2000)")
+        .await
+        .unwrap();
+    let end = current_lsn(&db).await;
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 2000, Duration::from_secs(30), || tm.log()).await;
+    let status = tm.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{}", tm.log());
+    assert!(
+        tm.log().contains("stopped; final flush LSN sent"),
+        "{}",
+        tm.log()
+    );
+    let confirmed = confirmed_flush(&db, "tidemark_store").await.unwrap();
+    assert!(
+        confirmed >= end,
+        "confirmed {confirmed}, wanted at least {end}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_over_a_unix_socket() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let socket_dir = pg.data_dir().parent().unwrap().to_path_buf();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "host = \"127.0.0.1\"",
+        &format!("host = \"{}\"", socket_dir.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    wait_for("tidemark to stream", Duration::from_secs(30), || {
+        tm.log().contains("streaming").then_some(())
+    });
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_stands_by_and_takes_over_exactly_once() {
+    let pg = PgServer::start();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int, note text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: "tables = [\"items\"]",
+            extra: "publish_window = 256",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut first = Tidemark::run(&cfg, &dir.path().join("first.log"));
+    wait_for(
+        "the first instance to stream",
+        Duration::from_secs(30),
+        || first.log().contains("streaming").then_some(()),
+    );
+    let second = Tidemark::run(&cfg, &dir.path().join("second.log"));
+    wait_for(
+        "the second instance to stand by",
+        Duration::from_secs(30),
+        || {
+            second
+                .log()
+                .contains("is in use by another process")
+                .then_some(())
+        },
+    );
+    db.batch_execute(BACKLOG).await.unwrap();
+    let end = current_lsn(&db).await;
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 5_000, Duration::from_secs(60), || first.log()).await;
+    first.kill9();
+    wait_confirmed(
+        &pg,
+        "store",
+        "tidemark_store",
+        end,
+        Duration::from_secs(120),
+        || second.log(),
+    )
+    .await;
+    assert!(second.log().contains("streaming"), "{}", second.log());
+    let events = read_stream(&nc, "STORE").await;
+    assert_backlog(&events);
+}
