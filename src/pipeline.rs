@@ -335,7 +335,18 @@ impl Pipeline<'_> {
                 _ = status_tick.tick() => self.send_status(false).await?,
                 // 4. New WAL, only while the publish window has room (backpressure).
                 msg = self.repl.next(), if self.publisher.has_capacity() => {
-                    self.handle(msg?).await?;
+                    let handled = match msg {
+                        Ok(msg) => self.handle(msg).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(err) = handled {
+                        // Store and confirm what was sent before the failure, so a
+                        // rebuild (or an operator's fix) resends as little as possible.
+                        if let Err(settle_err) = self.settle().await {
+                            debug!(error = %ErrorChain(&settle_err), "could not confirm after a failure; the next start resends from the slot");
+                        }
+                        return Err(err);
+                    }
                 }
             }
         }
@@ -571,9 +582,16 @@ impl Pipeline<'_> {
         })
     }
 
-    /// Shutdown: no more WAL is read; wait (bounded) for in-flight acks, confirm what
-    /// is stored, send a last status update and close the stream.
+    /// Shutdown: no more WAL is read; settle in-flight publishes and say so.
     async fn drain(&mut self) -> Result<(), SourceError> {
+        self.settle().await?;
+        info!(lsn = %self.flush.get(), count = self.published, skipped = self.skipped, "stopped; final flush LSN sent");
+        Ok(())
+    }
+
+    /// Waits (bounded by the ack timeout) for in-flight acks, confirms every
+    /// transaction they complete, and sends a status update.
+    async fn settle(&mut self) -> Result<(), SourceError> {
         let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
         while self.publisher.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, self.publisher.next_ack()).await {
@@ -582,7 +600,7 @@ impl Pipeline<'_> {
                     self.confirm_acked_commits();
                 }
                 Ok(Err(e)) => {
-                    warn!(error = %ErrorChain(&e), "publish failed while draining; the rest will be resent on the next start");
+                    warn!(error = %ErrorChain(&e), "publish failed while settling; the rest will be resent on the next start");
                     break;
                 }
                 Err(_) => {
@@ -594,9 +612,7 @@ impl Pipeline<'_> {
                 }
             }
         }
-        self.send_status(false).await?;
-        info!(lsn = %self.flush.get(), count = self.published, skipped = self.skipped, "stopped; final flush LSN sent");
-        Ok(())
+        self.send_status(false).await
     }
 }
 

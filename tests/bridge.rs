@@ -32,18 +32,13 @@ fn summarize(events: &[StoredEvent]) -> Vec<(String, String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_operation_on_several_tables_arrives_once_in_commit_order() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute(SCHEMA).await.unwrap();
     let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     let nc = nats.client().await;
     // The slot exists once tidemark streams; changes before that would not be captured.
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    tm.wait_streaming();
 
     let big = "x".repeat(100_000);
     db.batch_execute(&format!(
@@ -300,9 +295,7 @@ async fn backlog_survives(disruption: Disruption) {
 
     // First run creates the slot and the stream; stop it to build a backlog.
     let mut tm = Tidemark::run(&cfg, &log);
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    tm.wait_streaming();
     assert!(tm.terminate(Duration::from_secs(30)).success());
     db.batch_execute(BACKLOG).await.unwrap();
     let end = current_lsn(&db).await;
@@ -384,10 +377,7 @@ async fn postgres_restart_mid_backlog_recovers_alone_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_published_tables_do_not_pin_wal_while_others_churn() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id serial PRIMARY KEY, v text);").await.unwrap();
     let cfg = write_config(
         dir.path(),
@@ -398,10 +388,8 @@ async fn quiet_published_tables_do_not_pin_wal_while_others_churn() {
             ..SourceSpec::new("store", "store")
         },
     );
-    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
     let before = confirmed_flush(&db, "tidemark_store").await.unwrap();
     for i in 0..200 {
         db.execute("INSERT INTO busy (v) VALUES ($1)", &[&format!("row {i}")])
@@ -433,10 +421,7 @@ async fn quiet_published_tables_do_not_pin_wal_while_others_churn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_supported_type_arrives_as_the_expected_json() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute(
         "CREATE TYPE mood AS ENUM ('happy', 'sad');
          CREATE DOMAIN positive AS int CHECK (VALUE > 0);
@@ -451,10 +436,8 @@ async fn every_supported_type_arrives_as_the_expected_json() {
     .await
     .unwrap();
     let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
-    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
     db.batch_execute(
         r#"INSERT INTO vals VALUES (
            1, true, -32768, 2147483647, -9223372036854775808, 1.5, 0.1,
@@ -500,10 +483,7 @@ async fn every_supported_type_arrives_as_the_expected_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_md5_and_cleartext_logins_stream_and_a_wrong_password_is_named() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY);
          CREATE ROLE pw_scram LOGIN REPLICATION SUPERUSER PASSWORD 'secret-scram';
@@ -652,10 +632,7 @@ async fn wal_level_replica_is_refused_with_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_publication_with_creation_disabled_is_refused() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
@@ -689,10 +666,7 @@ async fn missing_publication_with_creation_disabled_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_database_and_table_without_replica_identity_are_explained() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE no_key (v text)")
         .await
         .unwrap();
@@ -739,10 +713,7 @@ async fn unreachable_database_and_table_without_replica_identity_are_explained()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_ready_source_and_changes_nothing() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
         .await
         .unwrap();
@@ -780,10 +751,7 @@ async fn check_reports_a_ready_source_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
         .await
         .unwrap();
@@ -797,9 +765,7 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
         },
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    tm.wait_streaming();
     db.batch_execute("INSERT INTO notes VALUES (1, 'small')")
         .await
         .unwrap();
@@ -846,10 +812,7 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_confirms_the_last_transaction_and_exits_0() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
@@ -860,9 +823,7 @@ async fn sigterm_drains_confirms_the_last_transaction_and_exits_0() {
         .replace("status_interval_secs = 1", "status_interval_secs = 3600");
     std::fs::write(&cfg, text).unwrap();
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    tm.wait_streaming();
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 2000)")
         .await
         .unwrap();
@@ -885,10 +846,7 @@ async fn sigterm_drains_confirms_the_last_transaction_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_over_a_unix_socket() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
@@ -899,10 +857,8 @@ async fn connects_over_a_unix_socket() {
         &format!("host = \"{}\"", socket_dir.display()),
     );
     std::fs::write(&cfg, text).unwrap();
-    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    wait_for("tidemark to stream", Duration::from_secs(30), || {
-        tm.log().contains("streaming").then_some(())
-    });
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
     db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
     let nc = nats.client().await;
     wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
@@ -910,10 +866,7 @@ async fn connects_over_a_unix_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_stands_by_and_takes_over_exactly_once() {
-    let pg = PgServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let db = pg.create_db("store").await;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int, note text)")
         .await
         .unwrap();
@@ -961,4 +914,45 @@ async fn a_second_instance_stands_by_and_takes_over_exactly_once() {
     assert!(second.log().contains("streaming"), "{}", second.log());
     let events = read_stream(&nc, "STORE").await;
     assert_backlog(&events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_stream_and_unreachable_nats_are_explained() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    async_nats::jetstream::new(nc.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "STORE".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    assert_eq!(
+        tm.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        tm.log()
+    );
+    assert!(
+        tm.log().contains("stream \"STORE\" exists but captures subjects [\"other.>\"], not \"store.>\": change the config to match"),
+        "{}",
+        tm.log()
+    );
+
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&nats.url(), &format!("nats://127.0.0.1:{}", free_port()));
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [store] nats: cannot connect to NATS at nats://127.0.0.1:"),
+        "{out}"
+    );
 }

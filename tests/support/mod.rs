@@ -494,6 +494,15 @@ impl Tidemark {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits until the pipeline streams (slot and stream set up), failing early if the
+    /// process exits.
+    pub fn wait_streaming(&mut self) {
+        wait_for("tidemark to stream", Duration::from_secs(30), || {
+            assert!(self.is_running(), "tidemark exited:\n{}", self.log());
+            self.log().contains("streaming").then_some(())
+        });
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -630,6 +639,30 @@ name = "{stream}"
     let path = dir.join(format!("{}.toml", s.name));
     fs::write(&path, text).expect("write config");
     path
+}
+
+/// What most tests start with: a Postgres, a nats-server, a temporary directory, and
+/// a client on a fresh database `store`. Destructure it to keep the names short.
+pub struct Rig {
+    pub pg: PgServer,
+    pub nats: NatsServer,
+    pub dir: TempDir,
+    pub db: tokio_postgres::Client,
+}
+
+impl Rig {
+    pub async fn start() -> Rig {
+        Self::start_with(&[]).await
+    }
+
+    /// With extra Postgres settings.
+    pub async fn start_with(pg_settings: &[(&str, &str)]) -> Rig {
+        let pg = PgServer::start_with(pg_settings);
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = pg.create_db("store").await;
+        Rig { pg, nats, dir, db }
+    }
 }
 
 /// One event read back from a stream.
