@@ -518,10 +518,7 @@ async fn scram_md5_and_cleartext_logins_stream_and_a_wrong_password_is_named() {
                 ..SourceSpec::new(&name, "store")
             },
         );
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("user = \"postgres\"", &format!("user = \"{user}\""));
-        std::fs::write(&cfg, text).unwrap();
+        edit_file(&cfg, "user = \"postgres\"", &format!("user = \"{user}\""));
         let mut tm = Tidemark::run(&cfg, &dir.path().join(format!("{name}.log")));
         wait_for(
             &format!("{user} to stream"),
@@ -557,10 +554,7 @@ async fn scram_md5_and_cleartext_logins_stream_and_a_wrong_password_is_named() {
             ..SourceSpec::new("bad", "store")
         },
     );
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("user = \"postgres\"", "user = \"pw_scram\"");
-    std::fs::write(&cfg, text).unwrap();
+    edit_file(&cfg, "user = \"postgres\"", "user = \"pw_scram\"");
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -698,11 +692,11 @@ async fn unreachable_database_and_table_without_replica_identity_are_explained()
         .expect("the application's UPDATEs keep working");
 
     // Nothing listens on this port.
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+    edit_file(
+        &cfg,
         &format!("port = {}", pg.port),
         &format!("port = {}", free_port()),
     );
-    std::fs::write(&cfg, text).unwrap();
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -795,10 +789,7 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
         confirmed <= before_big,
         "confirmed {confirmed} past the oversized row at {before_big}"
     );
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("max_event_bytes = 2048", "max_event_bytes = 100000");
-    std::fs::write(&cfg, text).unwrap();
+    edit_file(&cfg, "max_event_bytes = 2048", "max_event_bytes = 100000");
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
     wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
     let events = read_stream(&nc, "STORE").await;
@@ -818,10 +809,11 @@ async fn sigterm_drains_confirms_the_last_transaction_and_exits_0() {
         .unwrap();
     // A long status interval: the final status update on SIGTERM is what confirms.
     let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("status_interval_secs = 1", "status_interval_secs = 3600");
-    std::fs::write(&cfg, text).unwrap();
+    edit_file(
+        &cfg,
+        "status_interval_secs = 1",
+        "status_interval_secs = 3600",
+    );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 2000)")
@@ -852,11 +844,11 @@ async fn connects_over_a_unix_socket() {
         .unwrap();
     let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
     let socket_dir = pg.data_dir().parent().unwrap().to_path_buf();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+    edit_file(
+        &cfg,
         "host = \"127.0.0.1\"",
         &format!("host = \"{}\"", socket_dir.display()),
     );
-    std::fs::write(&cfg, text).unwrap();
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
     db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
@@ -945,10 +937,11 @@ async fn conflicting_stream_and_unreachable_nats_are_explained() {
         tm.log()
     );
 
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(&nats.url(), &format!("nats://127.0.0.1:{}", free_port()));
-    std::fs::write(&cfg, text).unwrap();
+    edit_file(
+        &cfg,
+        &nats.url(),
+        &format!("nats://127.0.0.1:{}", free_port()),
+    );
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(

@@ -665,6 +665,18 @@ impl Rig {
     }
 }
 
+/// Replaces `from` with `to` in a file (a config a test adjusts). Panics when `from`
+/// is not there, so a test never runs silently with the config unchanged.
+pub fn edit_file(path: &Path, from: &str, to: &str) {
+    let text = fs::read_to_string(path).expect("read file to edit");
+    assert!(
+        text.contains(from),
+        "{} does not contain {from:?}",
+        path.display()
+    );
+    fs::write(path, text.replace(from, to)).expect("write edited file");
+}
+
 /// One event read back from a stream.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
