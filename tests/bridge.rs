@@ -949,3 +949,45 @@ async fn conflicting_stream_and_unreachable_nats_are_explained() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_the_new_shape_after_alter_table_mid_stream() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, a text)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute(
+        "INSERT INTO t VALUES (1, 'x');
+         ALTER TABLE t ADD COLUMN qty int DEFAULT 5;
+         INSERT INTO t VALUES (2, 'y', 7);
+         ALTER TABLE t DROP COLUMN a;
+         UPDATE t SET qty = 9 WHERE id = 1;
+         ALTER TABLE t RENAME COLUMN qty TO amount;
+         ALTER TABLE t ALTER COLUMN amount TYPE numeric;
+         DELETE FROM t WHERE id = 2;
+         INSERT INTO t VALUES (3, 1.5);",
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 5, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let rows: Vec<Value> = events
+        .iter()
+        .map(|e| e.body["data"]["after"].clone())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            json!({"id": 1, "a": "x"}),
+            json!({"id": 2, "a": "y", "qty": 7}),
+            json!({"id": 1, "qty": 9}),
+            Value::Null,
+            json!({"id": 3, "amount": "1.5"}),
+        ]
+    );
+}
