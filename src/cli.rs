@@ -176,7 +176,9 @@ async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
         "{}:{}/{}",
         s.postgres.host, s.postgres.port, s.postgres.dbname
     );
-    match check_postgres(s).await {
+    let mut slot_exists = None;
+    let mut stream_last_seq = None;
+    match check_postgres(s, &mut slot_exists).await {
         Ok(lines) => {
             line(
                 n,
@@ -190,13 +192,24 @@ async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
         }
         Err(err) => ok &= line(n, false, "postgres", &ErrorChain(&err).to_string()),
     }
-    match check_nats(s, nats).await {
+    match check_nats(s, nats, &mut stream_last_seq).await {
         Ok(lines) => {
             for (good, what, detail) in lines {
                 ok &= line(n, good, &what, &detail);
             }
         }
         Err(err) => ok &= line(n, false, "nats", &ErrorChain(&err).to_string()),
+    }
+    if let (Some(false), Some(last_seq)) = (slot_exists, stream_last_seq)
+        && last_seq > 0
+    {
+        let err = pipeline::SourceError::SlotLost {
+            slot: s.slot.clone(),
+            stream: s.stream.name.clone(),
+            last_seq,
+            last_lsn: None,
+        };
+        ok &= line(n, false, &format!("slot {:?}", s.slot), &err.to_string());
     }
     if ok {
         println!(
@@ -209,7 +222,11 @@ async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
 
 type CheckLines = Vec<(bool, String, String)>;
 
-async fn check_postgres(s: &SourceConfig) -> Result<CheckLines, CatalogError> {
+/// Checks the database; records whether the slot exists in `slot_exists`.
+async fn check_postgres(
+    s: &SourceConfig,
+    slot_exists: &mut Option<bool>,
+) -> Result<CheckLines, CatalogError> {
     let catalog = Catalog::connect(&s.postgres).await?;
     let mut out: CheckLines = Vec::new();
     match catalog.check_wal_level().await {
@@ -267,7 +284,9 @@ async fn check_postgres(s: &SourceConfig) -> Result<CheckLines, CatalogError> {
         }
     }
     let slot_name = format!("slot {:?}", s.slot);
-    match catalog.slot(&s.slot).await? {
+    let slot = catalog.slot(&s.slot).await?;
+    *slot_exists = Some(slot.is_some());
+    match slot {
         Some(info) => match catalog.check_slot(&s.slot, &info) {
             Ok(()) => out.push((
                 true,
@@ -298,9 +317,11 @@ async fn check_postgres(s: &SourceConfig) -> Result<CheckLines, CatalogError> {
     Ok(out)
 }
 
+/// Checks NATS and the stream; records the stream's last sequence in `last_seq`.
 async fn check_nats(
     s: &SourceConfig,
     nats: &NatsConfig,
+    last_seq: &mut Option<u64>,
 ) -> Result<CheckLines, provision::ProvisionError> {
     let client = provision::connect(nats, "tidemark-check").await?;
     let mut out: CheckLines = Vec::new();
@@ -328,11 +349,14 @@ async fn check_nats(
     let what = format!("stream {:?}", s.stream.name);
     match js.get_stream(&s.stream.name).await {
         Ok(mut stream) => match provision::read_tail(&mut stream, &s.name).await {
-            Ok(tail) => out.push((
-                true,
-                what,
-                format!("exists, last sequence {}", tail.last_seq),
-            )),
+            Ok(tail) => {
+                *last_seq = Some(tail.last_seq);
+                out.push((
+                    true,
+                    what,
+                    format!("exists, last sequence {}", tail.last_seq),
+                ))
+            }
             Err(e) => out.push((false, what, e.to_string())),
         },
         Err(_) => match js.query_account().await {

@@ -49,6 +49,16 @@ pub enum SourceError {
     Shape(#[from] ShapeError),
     #[error("replication stream out of order: {0}")]
     Protocol(String),
+    #[error(
+        "replication slot {slot:?} does not exist, but stream {stream:?} already holds events of this source (up to sequence {last_seq}{}): the slot was dropped or lost, so changes made since then may be missing; to start over, delete the stream or point the source at a new one",
+        .last_lsn.map(|l| format!(", commit LSN {l}")).unwrap_or_default()
+    )]
+    SlotLost {
+        slot: String,
+        stream: String,
+        last_seq: u64,
+        last_lsn: Option<Lsn>,
+    },
     #[error("replication slot {slot:?} is in use by another process{}; standing by to take over", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     SlotBusy { slot: String, pid: Option<i32> },
 }
@@ -93,7 +103,9 @@ impl SourceError {
                 }
                 _ => Recovery::Fatal,
             },
-            SourceError::Publish(PublishError::Oversized { .. }) => Recovery::Fatal,
+            SourceError::Publish(PublishError::Oversized { .. }) | SourceError::SlotLost { .. } => {
+                Recovery::Fatal
+            }
             SourceError::Publish(_)
             | SourceError::Decode { .. }
             | SourceError::Shape(_)
@@ -217,6 +229,17 @@ async fn run_attempt(
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
+    // A new slot starts at the current WAL position: if the stream already holds this
+    // source's events, whatever happened between them and now would be skipped in
+    // silence. Refuse, and say so.
+    if slot.is_none() && tail.last_seq > 0 {
+        return Err(SourceError::SlotLost {
+            slot: cfg.slot.clone(),
+            stream: cfg.stream.name.clone(),
+            last_seq: tail.last_seq,
+            last_lsn: tail.last_event.map(|(l, _)| l),
+        });
+    }
 
     // Replication.
     let mut conn =

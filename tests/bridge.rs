@@ -991,3 +991,40 @@ async fn events_follow_the_new_shape_after_alter_table_mid_stream() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_not_silently_recreated_over_a_stream_with_events() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("first.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+    db.batch_execute("SELECT pg_drop_replication_slot('tidemark_store')")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("second.log"));
+    assert_eq!(
+        tm.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        tm.log()
+    );
+    assert!(
+        tm.log().contains("replication slot \"tidemark_store\" does not exist, but stream \"STORE\" already holds events of this source (up to sequence 1, commit LSN "),
+        "{}",
+        tm.log()
+    );
+    let slots = db
+        .query("SELECT 1 FROM pg_replication_slots", &[])
+        .await
+        .unwrap();
+    assert!(slots.is_empty(), "no new slot behind the operator's back");
+}
