@@ -58,6 +58,21 @@ pub enum Command {
         #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
         config: PathBuf,
     },
+    /// Show each source's chain of positions: WAL, slot, stream, consumers.
+    ///
+    /// Postgres' current WAL position; the slot's confirmed flush and restart LSNs, the
+    /// WAL it retains and whether it is active; the stream's stored range by sequence and
+    /// commit LSN; each durable consumer's ack floor and pending count. Read-only.
+    /// Exit codes: 0 healthy, 1 when a slot is missing or invalidated or a system is
+    /// unreachable (so it can back a probe), 2 for a bad config.
+    Status {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// Print JSON (one array of sources) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn init_tracing(format: LogFormat) {
@@ -81,6 +96,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         },
         Command::Check { config } => match load(&config) {
             Ok(cfg) => check(cfg).await,
+            Err(code) => code,
+        },
+        Command::Status { config, json } => match load(&config) {
+            Ok(cfg) => status(cfg, json).await,
             Err(code) => code,
         },
     }
@@ -369,4 +388,32 @@ async fn check_nats(
         },
     }
     Ok(out)
+}
+
+async fn status(cfg: Config, json: bool) -> ExitCode {
+    let mut all = Vec::new();
+    for source in &cfg.sources {
+        all.push(crate::status::source_status(source, &cfg.nats).await);
+    }
+    let healthy = all.iter().all(|s| s.problems().is_empty());
+    if json {
+        let values: Vec<serde_json::Value> = all
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                v["problems"] = serde_json::json!(s.problems());
+                v
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(values));
+    } else {
+        for s in &all {
+            print!("{}", crate::status::render(s));
+        }
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -14,3 +14,4 @@ pub mod jetstream;
 pub mod pipeline;
 pub mod position;
 pub mod postgres;
+pub mod status;

@@ -1028,3 +1028,85 @@ async fn a_dropped_slot_is_not_silently_recreated_over_a_stream_with_events() {
         .unwrap();
     assert!(slots.is_empty(), "no new slot behind the operator's back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_chain_of_positions_and_fails_for_a_missing_slot() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    for i in 1..=3 {
+        db.execute("INSERT INTO t VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+    }
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+    let end = confirmed_flush(&db, "tidemark_store").await.unwrap();
+    let events = read_stream(&nc, "STORE").await;
+    // A durable consumer that has read nothing: 3 pending.
+    let js = async_nats::jetstream::new(nc.clone());
+    js.get_stream("STORE")
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("projector".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (code, out, err) = tidemark_cmd(&["status", "--json", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("status --json prints JSON");
+    let s = &v[0];
+    assert_eq!(s["source"], "store");
+    assert_eq!(s["problems"], json!([]));
+    assert_eq!(s["postgres"]["slot"]["active"], false);
+    assert_eq!(
+        s["postgres"]["slot"]["confirmed_flush_lsn"],
+        end.to_string()
+    );
+    assert!(
+        s["postgres"]["slot"]["retained_wal_bytes"]
+            .as_i64()
+            .unwrap()
+            >= 0
+    );
+    assert_eq!(s["stream"]["messages"], 3);
+    assert_eq!(s["stream"]["first_seq"], 1);
+    assert_eq!(s["stream"]["last_seq"], 3);
+    assert_eq!(s["stream"]["first_lsn"], events[0].body["commitlsn"]);
+    assert_eq!(s["stream"]["last_lsn"], events[2].body["commitlsn"]);
+    assert_eq!(
+        s["stream"]["consumers"],
+        json!([{"name": "projector", "ack_floor_seq": 0, "pending": 3}])
+    );
+
+    let (code, out, _) = tidemark_cmd(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("  slot      confirmed flush {end}")),
+        "{out}"
+    );
+    assert!(out.contains("  stream    3 messages  seq 1..3"), "{out}");
+    assert!(
+        out.contains("  consumer  projector  ack floor 0  pending 3"),
+        "{out}"
+    );
+
+    db.batch_execute("SELECT pg_drop_replication_slot('tidemark_store')")
+        .await
+        .unwrap();
+    let (code, out, _) = tidemark_cmd(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("  slot      MISSING"), "{out}");
+    assert!(
+        out.contains("  PROBLEM   replication slot \"tidemark_store\" does not exist"),
+        "{out}"
+    );
+}

@@ -1,0 +1,341 @@
+//! `tidemark status`: the chain of positions of each source, and the distances between
+//! them: Postgres' current WAL position, the slot's confirmed flush and restart LSNs
+//! (and the WAL the slot retains), the stream's stored range, and each durable
+//! consumer's ack floor and pending count. Read-only.
+
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::config::{NatsConfig, SourceConfig};
+use crate::jetstream::provision;
+use crate::pipeline::ErrorChain;
+use crate::position::EventId;
+use crate::postgres::catalog::Catalog;
+
+#[derive(Debug, Serialize)]
+pub struct SourceStatus {
+    pub source: String,
+    pub slot_name: String,
+    pub stream_name: String,
+    #[serde(serialize_with = "value_or_error")]
+    pub postgres: Result<PgStatus, String>,
+    #[serde(serialize_with = "value_or_error")]
+    pub stream: Result<StreamStatus, String>,
+}
+
+/// `Ok(v)` as `v`, `Err(e)` as `{"error": e}`.
+fn value_or_error<T: Serialize, S: serde::Serializer>(
+    r: &Result<T, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match r {
+        Ok(v) => v.serialize(s),
+        Err(e) => serde_json::json!({ "error": e }).serialize(s),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PgStatus {
+    pub current_wal_lsn: String,
+    /// None when the slot does not exist.
+    pub slot: Option<SlotStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotStatus {
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    pub wal_status: Option<String>,
+    /// WAL kept for the slot: current WAL position minus restart LSN.
+    pub retained_wal_bytes: Option<i64>,
+    /// Current WAL position minus confirmed flush LSN.
+    pub lag_bytes: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamStatus {
+    pub messages: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Commit LSNs of the first and last stored events.
+    pub first_lsn: Option<String>,
+    pub last_lsn: Option<String>,
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub ack_floor_seq: u64,
+    /// Messages not yet delivered plus delivered but not acked. Only durable
+    /// consumers are listed.
+    pub pending: u64,
+}
+
+impl SourceStatus {
+    /// What makes this source unhealthy for a probe: unreachable systems, or a slot that
+    /// is missing or lost.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match &self.postgres {
+            Err(e) => out.push(format!("postgres: {e}")),
+            Ok(pg) => match &pg.slot {
+                None => out.push(format!(
+                    "replication slot {:?} does not exist",
+                    self.slot_name
+                )),
+                Some(s) if s.wal_status.as_deref() == Some("lost") => out.push(format!(
+                    "replication slot {:?} is invalidated (wal_status = lost)",
+                    self.slot_name
+                )),
+                Some(_) => {}
+            },
+        }
+        if let Err(e) = &self.stream {
+            out.push(format!("stream: {e}"));
+        }
+        out
+    }
+}
+
+/// Gathers the status of one source.
+pub async fn source_status(s: &SourceConfig, nats: &NatsConfig) -> SourceStatus {
+    SourceStatus {
+        source: s.name.clone(),
+        slot_name: s.slot.clone(),
+        stream_name: s.stream.name.clone(),
+        postgres: pg_status(s).await,
+        stream: stream_status(s, nats).await,
+    }
+}
+
+async fn pg_status(s: &SourceConfig) -> Result<PgStatus, String> {
+    let catalog = Catalog::connect(&s.postgres)
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    let c = catalog.client();
+    let err = |e: tokio_postgres::Error| ErrorChain(&e).to_string();
+    let current: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    let slot = catalog
+        .slot(&s.slot)
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    let slot = match slot {
+        None => None,
+        Some(info) => {
+            let row = c
+                .query_one(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                            pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&s.slot],
+                )
+                .await
+                .map_err(err)?;
+            Some(SlotStatus {
+                active: info.active,
+                active_pid: info.active_pid.filter(|_| info.active),
+                confirmed_flush_lsn: info.confirmed_flush.map(|l| l.to_string()),
+                restart_lsn: info.restart_lsn.map(|l| l.to_string()),
+                wal_status: info.wal_status,
+                retained_wal_bytes: row.get(0),
+                lag_bytes: row.get(1),
+            })
+        }
+    };
+    Ok(PgStatus {
+        current_wal_lsn: current,
+        slot,
+    })
+}
+
+async fn stream_status(s: &SourceConfig, nats: &NatsConfig) -> Result<StreamStatus, String> {
+    let client = provision::connect(nats, "tidemark-status")
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(&s.stream.name)
+        .await
+        .map_err(|e| format!("stream {:?}: {e}", s.stream.name))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| format!("stream info: {e}"))?
+        .state
+        .clone();
+    let lsn_at = |seq: u64| {
+        let stream = &stream;
+        async move {
+            if seq == 0 {
+                return None;
+            }
+            let msg = stream.get_raw_message(seq).await.ok()?;
+            let id = msg.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+            let id: EventId = id.as_str().parse().ok()?;
+            Some(id.commit_lsn.to_string())
+        }
+    };
+    let (first_lsn, last_lsn) = if state.messages == 0 {
+        (None, None)
+    } else {
+        (
+            lsn_at(state.first_sequence).await,
+            lsn_at(state.last_sequence).await,
+        )
+    };
+    let mut consumers = Vec::new();
+    let mut list = stream.consumers();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| format!("list consumers: {e}"))?;
+        // Ephemeral consumers (a replay, a `nats sub`) come and go; only durable ones
+        // are read models whose lag matters.
+        if info.config.durable_name.is_none() {
+            continue;
+        }
+        consumers.push(ConsumerStatus {
+            name: info.name.clone(),
+            ack_floor_seq: info.ack_floor.stream_sequence,
+            pending: info.num_pending + info.num_ack_pending as u64,
+        });
+    }
+    Ok(StreamStatus {
+        messages: state.messages,
+        first_seq: state.first_sequence,
+        last_seq: state.last_sequence,
+        first_lsn,
+        last_lsn,
+        consumers,
+    })
+}
+
+fn bytes(n: Option<i64>) -> String {
+    match n {
+        None => "-".into(),
+        Some(b) if b.abs() < 1024 => format!("{b} B"),
+        Some(b) if b.abs() < 1024 * 1024 => format!("{:.1} KiB", b as f64 / 1024.0),
+        Some(b) if b.abs() < 1024 * 1024 * 1024 => format!("{:.1} MiB", b as f64 / 1048576.0),
+        Some(b) => format!("{:.1} GiB", b as f64 / 1073741824.0),
+    }
+}
+
+/// The human view: one block per source.
+pub fn render(st: &SourceStatus) -> String {
+    let mut out = format!(
+        "source {}  (slot {}, stream {})\n",
+        st.source, st.slot_name, st.stream_name
+    );
+    match &st.postgres {
+        Err(e) => out.push_str(&format!("  postgres  unreachable: {e}\n")),
+        Ok(pg) => {
+            out.push_str(&format!("  postgres  current WAL {}\n", pg.current_wal_lsn));
+            match &pg.slot {
+                None => out.push_str("  slot      MISSING\n"),
+                Some(s) => {
+                    let state = match (s.active, s.active_pid) {
+                        (true, Some(pid)) => format!("active (pid {pid})"),
+                        (true, None) => "active".into(),
+                        (false, _) => "inactive".into(),
+                    };
+                    out.push_str(&format!(
+                        "  slot      confirmed flush {}  lag {}  {state}\n",
+                        s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                        bytes(s.lag_bytes)
+                    ));
+                    out.push_str(&format!(
+                        "            restart LSN {}  WAL retained {}  wal_status {}\n",
+                        s.restart_lsn.as_deref().unwrap_or("-"),
+                        bytes(s.retained_wal_bytes),
+                        s.wal_status.as_deref().unwrap_or("-")
+                    ));
+                }
+            }
+        }
+    }
+    match &st.stream {
+        Err(e) => out.push_str(&format!("  stream    unavailable: {e}\n")),
+        Ok(s) => {
+            out.push_str(&format!(
+                "  stream    {} messages  seq {}..{}  LSN {}..{}\n",
+                s.messages,
+                s.first_seq,
+                s.last_seq,
+                s.first_lsn.as_deref().unwrap_or("-"),
+                s.last_lsn.as_deref().unwrap_or("-")
+            ));
+            for c in &s.consumers {
+                out.push_str(&format!(
+                    "  consumer  {}  ack floor {}  pending {}\n",
+                    c.name, c.ack_floor_seq, c.pending
+                ));
+            }
+        }
+    }
+    for p in st.problems() {
+        out.push_str(&format!("  PROBLEM   {p}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(slot: Option<SlotStatus>) -> SourceStatus {
+        SourceStatus {
+            source: "store".into(),
+            slot_name: "s".into(),
+            stream_name: "S".into(),
+            postgres: Ok(PgStatus {
+                current_wal_lsn: "0/100".into(),
+                slot,
+            }),
+            stream: Ok(StreamStatus {
+                messages: 2,
+                first_seq: 1,
+                last_seq: 2,
+                first_lsn: Some("0/10".into()),
+                last_lsn: Some("0/20".into()),
+                consumers: vec![],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_missing_or_lost_slot_is_a_problem() {
+        assert_eq!(
+            status(None).problems(),
+            vec!["replication slot \"s\" does not exist"]
+        );
+        let lost = SlotStatus {
+            active: false,
+            active_pid: None,
+            confirmed_flush_lsn: None,
+            restart_lsn: None,
+            wal_status: Some("lost".into()),
+            retained_wal_bytes: None,
+            lag_bytes: None,
+        };
+        assert_eq!(status(Some(lost)).problems().len(), 1);
+        let text = render(&status(None));
+        assert!(text.contains("slot      MISSING"), "{text}");
+        assert!(
+            text.contains("stream    2 messages  seq 1..2  LSN 0/10..0/20"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn byte_sizes_read_well() {
+        assert_eq!(bytes(Some(512)), "512 B");
+        assert_eq!(bytes(Some(2048)), "2.0 KiB");
+        assert_eq!(bytes(Some(3 * 1048576)), "3.0 MiB");
+        assert_eq!(bytes(None), "-");
+    }
+}
