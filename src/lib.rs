@@ -14,4 +14,5 @@ pub mod jetstream;
 pub mod pipeline;
 pub mod position;
 pub mod postgres;
+pub mod replay;
 pub mod status;

@@ -1110,3 +1110,152 @@ async fn status_shows_the_chain_of_positions_and_fails_for_a_missing_slot() {
         "{out}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Replay from a log position.
+// ---------------------------------------------------------------------------------
+
+/// The commit LSN and id of the message at `seq`.
+async fn event_at(nc: &async_nats::Client, seq: u64) -> (tidemark::position::Lsn, String, Value) {
+    let js = async_nats::jetstream::new(nc.clone());
+    let m = js
+        .get_stream("STORE")
+        .await
+        .unwrap()
+        .get_raw_message(seq)
+        .await
+        .unwrap();
+    let id = m
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .unwrap()
+        .as_str()
+        .to_string();
+    let body: Value = serde_json::from_slice(&m.payload).unwrap();
+    (
+        body["commitlsn"].as_str().unwrap().parse().unwrap(),
+        id,
+        body,
+    )
+}
+
+fn replay_lines(cfg: &std::path::Path, args: &[&str]) -> (i32, Vec<Value>, String) {
+    let mut all = vec!["replay", "--config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, out, err) = tidemark_cmd(&all);
+    let lines = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each stdout line is an event"))
+        .collect();
+    (code, lines, err)
+}
+
+/// The number of reads the replay used to locate its range, from its summary.
+fn reads(stderr: &str) -> u64 {
+    let at = stderr
+        .find("start located in ")
+        .unwrap_or_else(|| panic!("no summary in {stderr}"));
+    stderr[at + 17..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_lsn_sequence_and_time_gives_exact_slices_found_by_binary_search() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute(
+        "DO $$ BEGIN FOR t IN 0..999 LOOP
+           INSERT INTO t SELECT t * 100 + g FROM generate_series(0, 99) g; COMMIT;
+         END LOOP; END $$;",
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 100_000, Duration::from_secs(180), || tm.log()).await;
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+
+    // The transaction that starts at sequence 50,001 (100 events per transaction).
+    let (mid_lsn, mid_id, mid_body) = event_at(&nc, 50_001).await;
+    let (prev_lsn, _, _) = event_at(&nc, 50_000).await;
+    assert!(prev_lsn < mid_lsn);
+    let lsn = mid_lsn.to_string();
+    let (code, lines, err) = replay_lines(&cfg, &["--from-lsn", &lsn, "--to-lsn", &lsn]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines.len(), 100, "exactly the one transaction");
+    assert_eq!(lines[0]["id"], mid_id.as_str());
+    assert_eq!(lines[99]["id"], format!("store:{lsn}:99"));
+    assert!(err.contains("sequences 50001..50100"), "{err}");
+    // Logarithmic in the stream size: two searches of at most ⌈log2(100000)⌉ + 1 reads.
+    assert!(reads(&err) <= 36, "{err}");
+
+    // A position between two transactions starts at the next one.
+    let between = tidemark::position::Lsn(mid_lsn.0 - 1).to_string();
+    let (code, lines, err) = replay_lines(&cfg, &["--from-lsn", &between, "--to-seq", "50001"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["id"], mid_id.as_str());
+
+    // Both edges: before the first event (nothing was cut, so from the start), and
+    // from a sequence to the newest.
+    let (code, lines, err) = replay_lines(&cfg, &["--from-lsn", "0/1", "--to-seq", "100"]);
+    assert_eq!((code, lines.len()), (0, 100), "{err}");
+    assert_eq!(lines[0]["txindex"], 0);
+    let (code, lines, err) = replay_lines(&cfg, &["--from-seq", "99901"]);
+    assert_eq!((code, lines.len()), (0, 100), "{err}");
+    let (_, last_id, _) = event_at(&nc, 100_000).await;
+    assert_eq!(lines[99]["id"], last_id.as_str());
+
+    // By commit time: the transaction committed at that time, and nothing before it.
+    let time = mid_body["time"].as_str().unwrap();
+    let (code, lines, err) = replay_lines(&cfg, &["--from-time", time, "--to-seq", "50100"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines[0]["id"], mid_id.as_str(), "{err}");
+    assert_eq!(lines.len(), 100);
+
+    // After the newest event.
+    let (newest, _, _) = event_at(&nc, 100_000).await;
+    let after = tidemark::position::Lsn(newest.0 + 1).to_string();
+    let (code, lines, err) = replay_lines(&cfg, &["--from-lsn", &after]);
+    assert_eq!((code, lines.len()), (1, 0));
+    assert!(
+        err.contains(&format!(
+            "LSN {after} is after the newest stored event (sequence 100000"
+        )),
+        "{err}"
+    );
+
+    // Retention cut the head: positions before the oldest stored event are refused.
+    async_nats::jetstream::new(nc.clone())
+        .get_stream("STORE")
+        .await
+        .unwrap()
+        .purge()
+        .sequence(1001)
+        .await
+        .unwrap();
+    let (code, _, err) = replay_lines(&cfg, &["--from-seq", "5"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("sequence 5 is before the oldest stored event (sequence 1001, commit LSN "),
+        "{err}"
+    );
+    let (code, _, err) = replay_lines(&cfg, &["--from-lsn", "0/1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("retention removed older events"), "{err}");
+    let (code, lines, err) = replay_lines(&cfg, &["--to-seq", "1100"]);
+    assert_eq!((code, lines.len()), (0, 100), "{err}");
+
+    // A malformed LSN is a usage error that quotes it.
+    let (code, _, err) = replay_lines(&cfg, &["--from-lsn", "0/XYZ"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid LSN \"0/XYZ\""), "{err}");
+}

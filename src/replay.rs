@@ -1,0 +1,378 @@
+//! `tidemark replay`: reads a source's event log (its JetStream stream) from a position
+//! to a position and writes the events as JSON lines on stdout.
+//!
+//! A position is a commit LSN, a stream sequence or a commit time. LSN and time
+//! positions are located by binary search over stream sequences (`Bisect`, pure), so
+//! finding the start of a replay reads O(log n) messages, not the stream. The number of
+//! reads is reported in the summary on stderr. Stdout carries only events.
+
+use std::io::Write;
+
+use futures_util::StreamExt;
+use time::OffsetDateTime;
+
+use crate::config::{NatsConfig, SourceConfig};
+use crate::jetstream::provision;
+use crate::position::{EventId, Lsn};
+
+/// Where a replay starts or stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// The first event whose commit LSN is at or after this one.
+    Lsn(Lsn),
+    /// A stream sequence.
+    Seq(u64),
+    /// The first event committed at or after this time.
+    Time(OffsetDateTime),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Nats(#[from] provision::ProvisionError),
+    #[error("stream {stream:?}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("stream {stream:?} is empty: there is nothing to replay")]
+    Empty { stream: String },
+    #[error("{position} is before the oldest stored event (sequence {first_seq}{}): retention removed older events; start at or after it", .first_lsn.map(|l| format!(", commit LSN {l}")).unwrap_or_default())]
+    BeforeOldest {
+        position: String,
+        first_seq: u64,
+        first_lsn: Option<Lsn>,
+    },
+    #[error("{position} is after the newest stored event (sequence {last_seq}{}): nothing to replay yet", .last_lsn.map(|l| format!(", commit LSN {l}")).unwrap_or_default())]
+    AfterNewest {
+        position: String,
+        last_seq: u64,
+        last_lsn: Option<Lsn>,
+    },
+    #[error(
+        "the replay range is empty: it ends (sequence {end}) before it starts (sequence {start})"
+    )]
+    EmptyRange { start: u64, end: u64 },
+    #[error("message {seq} of stream {stream:?} is not a tidemark event ({reason})")]
+    NotAnEvent {
+        stream: String,
+        seq: u64,
+        reason: String,
+    },
+    #[error("cannot write to stdout")]
+    Stdout(#[source] std::io::Error),
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::Lsn(l) => write!(f, "LSN {l}"),
+            Position::Seq(s) => write!(f, "sequence {s}"),
+            Position::Time(t) => write!(
+                f,
+                "time {}",
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_else(|_| t.to_string())
+            ),
+        }
+    }
+}
+
+/// Binary search for the first sequence in `[lo, hi]` whose event is at or after a
+/// position. Pure: the caller reads the message `probe()` names and reports with
+/// `record()`. Finishes after at most ⌈log2(hi - lo + 1)⌉ + 1 probes.
+#[derive(Debug, Clone)]
+pub struct Bisect {
+    lo: u64,
+    /// One past the last candidate: `hi + 1` means "no event qualifies".
+    hi: u64,
+}
+
+impl Bisect {
+    pub fn new(lo: u64, hi: u64) -> Self {
+        Bisect { lo, hi: hi + 1 }
+    }
+
+    /// The sequence to read next, or None when the search is done.
+    pub fn probe(&self) -> Option<u64> {
+        (self.lo < self.hi).then(|| self.lo + (self.hi - self.lo) / 2)
+    }
+
+    /// Reports whether the event at `seq` is at or after the position.
+    pub fn record(&mut self, seq: u64, at_or_after: bool) {
+        if at_or_after {
+            self.hi = seq;
+        } else {
+            self.lo = seq + 1;
+        }
+    }
+
+    /// The answer: the first qualifying sequence, or `hi + 1` of the range when none.
+    pub fn result(&self) -> u64 {
+        self.lo
+    }
+}
+
+/// What a replay did, for the summary line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Messages read to locate the start and end positions.
+    pub probes: u64,
+    pub emitted: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// The facts of one stored event a search compares.
+struct Probe {
+    lsn: Lsn,
+    time: Option<OffsetDateTime>,
+}
+
+struct Log {
+    stream: async_nats::jetstream::stream::Stream,
+    name: String,
+    probes: u64,
+}
+
+impl Log {
+    async fn read(&mut self, seq: u64) -> Result<Probe, ReplayError> {
+        self.probes += 1;
+        let msg = self
+            .stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| ReplayError::Stream {
+                stream: self.name.clone(),
+                message: format!("read message {seq}: {e}"),
+            })?;
+        let not_event = |reason: String| ReplayError::NotAnEvent {
+            stream: self.name.clone(),
+            seq,
+            reason,
+        };
+        let id = msg
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .ok_or_else(|| not_event("no Nats-Msg-Id".into()))?;
+        let id: EventId = id.as_str().parse().map_err(|e| not_event(format!("{e}")))?;
+        let time = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+            .ok()
+            .and_then(|v| {
+                v["time"].as_str().and_then(|t| {
+                    OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+                })
+            });
+        Ok(Probe {
+            lsn: id.commit_lsn,
+            time,
+        })
+    }
+
+    /// The first sequence in `[lo, hi]` at or after `pos` (`hi + 1` when none).
+    async fn locate(&mut self, pos: &Position, lo: u64, hi: u64) -> Result<u64, ReplayError> {
+        if let Position::Seq(s) = pos {
+            return Ok(*s);
+        }
+        let mut b = Bisect::new(lo, hi);
+        while let Some(seq) = b.probe() {
+            let p = self.read(seq).await?;
+            let at_or_after = match pos {
+                Position::Lsn(l) => p.lsn >= *l,
+                // An event without a readable time sorts first: never skip past it.
+                Position::Time(t) => p.time.is_none_or(|pt| pt >= *t),
+                Position::Seq(_) => unreachable!("handled above"),
+            };
+            b.record(seq, at_or_after);
+        }
+        Ok(b.result())
+    }
+}
+
+/// Replays events from `from` (default: the oldest stored) up to `to` (inclusive;
+/// default: the newest stored) as JSON lines on `out`.
+pub async fn replay(
+    source: &SourceConfig,
+    nats: &NatsConfig,
+    from: Option<&Position>,
+    to: Option<&Position>,
+    out: &mut (dyn Write + Send),
+) -> Result<ReplayStats, ReplayError> {
+    let client = provision::connect(nats, "tidemark-replay").await?;
+    let js = async_nats::jetstream::new(client);
+    let name = source.stream.name.clone();
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| ReplayError::Stream {
+            stream: name.clone(),
+            message: e.to_string(),
+        })?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| ReplayError::Stream {
+            stream: name.clone(),
+            message: e.to_string(),
+        })?
+        .state
+        .clone();
+    if state.messages == 0 {
+        return Err(ReplayError::Empty { stream: name });
+    }
+    let (first, last) = (state.first_sequence, state.last_sequence);
+    let mut log = Log {
+        stream,
+        name: name.clone(),
+        probes: 0,
+    };
+
+    // Start. A position before the first stored event is an error only when retention
+    // removed events (first > 1); otherwise the replay starts at the first event.
+    let Some(from) = from else {
+        return emit(&mut log, first, last, to, out).await;
+    };
+    let start = log.locate(from, first, last).await?;
+    if first > 1 {
+        let oldest = log.read(first).await?;
+        let before_oldest = match from {
+            Position::Seq(s) => *s < first,
+            Position::Lsn(l) => oldest.lsn > *l,
+            Position::Time(t) => oldest.time.is_some_and(|ot| ot > *t),
+        };
+        if before_oldest {
+            return Err(ReplayError::BeforeOldest {
+                position: from.to_string(),
+                first_seq: first,
+                first_lsn: Some(oldest.lsn),
+            });
+        }
+    }
+    let start = start.max(first);
+    if start > last {
+        let last_lsn = log.read(last).await.ok().map(|p| p.lsn);
+        return Err(ReplayError::AfterNewest {
+            position: from.to_string(),
+            last_seq: last,
+            last_lsn,
+        });
+    }
+    emit(&mut log, start, last, to, out).await
+}
+
+/// Finds the end (the last event at or before `to`) and writes `start..=end`.
+async fn emit(
+    log: &mut Log,
+    start: u64,
+    last: u64,
+    to: Option<&Position>,
+    out: &mut (dyn Write + Send),
+) -> Result<ReplayStats, ReplayError> {
+    let name = log.name.clone();
+    let end = match to {
+        None => last,
+        Some(Position::Seq(s)) => (*s).min(last),
+        // The first event strictly after `to`, minus one.
+        Some(Position::Lsn(l)) => {
+            log.locate(&Position::Lsn(Lsn(l.0.saturating_add(1))), start, last)
+                .await?
+                - 1
+        }
+        Some(Position::Time(t)) => {
+            let next = log
+                .locate(
+                    &Position::Time(*t + time::Duration::nanoseconds(1)),
+                    start,
+                    last,
+                )
+                .await?;
+            next - 1
+        }
+    };
+    if end < start {
+        return Err(ReplayError::EmptyRange { start, end });
+    }
+
+    let consumer = log
+        .stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ReplayError::Stream {
+            stream: name.clone(),
+            message: format!("create consumer: {e}"),
+        })?;
+    let mut messages = consumer.messages().await.map_err(|e| ReplayError::Stream {
+        stream: name.clone(),
+        message: format!("consume: {e}"),
+    })?;
+    let mut stats = ReplayStats {
+        probes: log.probes,
+        first_seq: start,
+        last_seq: start,
+        ..Default::default()
+    };
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| ReplayError::Stream {
+            stream: name.clone(),
+            message: format!("read: {e}"),
+        })?;
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        if seq > end {
+            break;
+        }
+        out.write_all(&m.payload).map_err(ReplayError::Stdout)?;
+        out.write_all(b"\n").map_err(ReplayError::Stdout)?;
+        stats.emitted += 1;
+        stats.last_seq = seq;
+        if seq >= end {
+            break;
+        }
+    }
+    out.flush().map_err(ReplayError::Stdout)?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn search(values: &[u64], target: u64) -> (u64, u64) {
+        // Sequences start at 1: values[i] is the event at sequence i + 1.
+        let mut b = Bisect::new(1, values.len() as u64);
+        let mut probes = 0;
+        while let Some(seq) = b.probe() {
+            probes += 1;
+            b.record(seq, values[(seq - 1) as usize] >= target);
+        }
+        (b.result(), probes)
+    }
+
+    #[test]
+    fn finds_the_first_at_or_after() {
+        let v = [10, 20, 20, 30, 40];
+        assert_eq!(search(&v, 5).0, 1);
+        assert_eq!(search(&v, 10).0, 1);
+        assert_eq!(search(&v, 15).0, 2);
+        assert_eq!(search(&v, 20).0, 2);
+        assert_eq!(search(&v, 40).0, 5);
+        assert_eq!(search(&v, 41).0, 6, "past the end");
+    }
+
+    proptest! {
+        #[test]
+        fn bisect_matches_a_linear_scan_in_logarithmic_probes(
+            mut values in proptest::collection::vec(0u64..1000, 1..300),
+            target in 0u64..1100,
+        ) {
+            values.sort();
+            let (got, probes) = search(&values, target);
+            let expected = values.iter().position(|v| *v >= target).map_or(values.len() as u64 + 1, |i| i as u64 + 1);
+            prop_assert_eq!(got, expected);
+            let bound = 64 - (values.len() as u64).leading_zeros() as u64 + 1;
+            prop_assert!(probes <= bound, "{} probes for {} values", probes, values.len());
+        }
+    }
+}
