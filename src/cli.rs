@@ -15,7 +15,7 @@ use crate::jetstream::provision;
 use crate::pipeline::{self, ErrorChain};
 use crate::position::Lsn;
 use crate::postgres::catalog::{Catalog, CatalogError};
-use crate::replay::Position;
+use crate::replay::{Filter, Position};
 use time::OffsetDateTime;
 
 /// Stream PostgreSQL row changes into NATS JetStream as CloudEvents, exactly once and in
@@ -88,6 +88,18 @@ pub enum Command {
         to_seq: Option<u64>,
         #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "to")]
         to_time: Option<OffsetDateTime>,
+        /// Only events on these subjects (NATS wildcards allowed); repeatable.
+        #[arg(long = "subject", value_name = "SUBJECT")]
+        subjects: Vec<String>,
+        /// Only events of these types, like orders.created; repeatable.
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// Only events of these tables ("orders" is public.orders); repeatable.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+        /// Keep going with new events after the stored ones (until interrupted).
+        #[arg(long, conflicts_with = "to")]
+        follow: bool,
     },
     /// Show each source's chain of positions: WAL, slot, stream, consumers.
     ///
@@ -138,11 +150,21 @@ pub async fn run(cli: Cli) -> ExitCode {
             to_lsn,
             to_seq,
             to_time,
+            subjects,
+            types,
+            tables,
+            follow,
         } => match load(&config) {
             Ok(cfg) => {
                 let from = position(from_lsn, from_seq, from_time);
                 let to = position(to_lsn, to_seq, to_time);
-                replay(cfg, source, from, to).await
+                let mut filter = Filter {
+                    subjects,
+                    types,
+                    tables: Vec::new(),
+                };
+                tables.iter().for_each(|t| filter.add_table(t));
+                replay(cfg, source, from, to, filter, follow).await
             }
             Err(code) => code,
         },
@@ -482,6 +504,8 @@ async fn replay(
     source: Option<String>,
     from: Option<Position>,
     to: Option<Position>,
+    filter: Filter,
+    follow: bool,
 ) -> ExitCode {
     let chosen = match &source {
         Some(name) => cfg.sources.iter().find(|s| &s.name == name),
@@ -502,7 +526,17 @@ async fn replay(
     };
     let started = std::time::Instant::now();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    match crate::replay::replay(src, &cfg.nats, from.as_ref(), to.as_ref(), &mut out).await {
+    match crate::replay::replay(
+        src,
+        &cfg.nats,
+        from.as_ref(),
+        to.as_ref(),
+        &filter,
+        follow,
+        &mut out,
+    )
+    .await
+    {
         Ok(stats) => {
             eprintln!(
                 "replayed {} events, sequences {}..{}, start located in {} reads, {} ms",

@@ -110,6 +110,45 @@ impl Bisect {
     }
 }
 
+/// Which events a replay emits. Subjects (with NATS wildcards) filter on the server;
+/// event types and tables are checked on each event.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub subjects: Vec<String>,
+    pub types: Vec<String>,
+    /// Qualified names, `schema.table`.
+    pub tables: Vec<String>,
+}
+
+impl Filter {
+    /// Adds a table; a bare name means `public.<name>`.
+    pub fn add_table(&mut self, name: &str) {
+        if name.contains('.') {
+            self.tables.push(name.to_string());
+        } else {
+            self.tables.push(format!("public.{name}"));
+        }
+    }
+
+    fn matches(&self, payload: &[u8]) -> bool {
+        if self.types.is_empty() && self.tables.is_empty() {
+            return true;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return false;
+        };
+        let type_ok = self.types.is_empty()
+            || v["type"]
+                .as_str()
+                .is_some_and(|t| self.types.iter().any(|x| x == t));
+        let table_ok = self.tables.is_empty()
+            || v["data"]["table"]
+                .as_str()
+                .is_some_and(|t| self.tables.iter().any(|x| x == t));
+        type_ok && table_ok
+    }
+}
+
 /// What a replay did, for the summary line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReplayStats {
@@ -193,6 +232,8 @@ pub async fn replay(
     nats: &NatsConfig,
     from: Option<&Position>,
     to: Option<&Position>,
+    filter: &Filter,
+    follow: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<ReplayStats, ReplayError> {
     let client = provision::connect(nats, "tidemark-replay").await?;
@@ -227,7 +268,7 @@ pub async fn replay(
     // Start. A position before the first stored event is an error only when retention
     // removed events (first > 1); otherwise the replay starts at the first event.
     let Some(from) = from else {
-        return emit(&mut log, first, last, to, out).await;
+        return emit(&mut log, first, last, to, filter, follow, out).await;
     };
     let start = log.locate(from, first, last).await?;
     if first > 1 {
@@ -254,15 +295,18 @@ pub async fn replay(
             last_lsn,
         });
     }
-    emit(&mut log, start, last, to, out).await
+    emit(&mut log, start, last, to, filter, follow, out).await
 }
 
-/// Finds the end (the last event at or before `to`) and writes `start..=end`.
+/// Finds the end (the last event at or before `to`) and writes the matching events of
+/// `start..=end`, or from `start` on for `follow`.
 async fn emit(
     log: &mut Log,
     start: u64,
     last: u64,
     to: Option<&Position>,
+    filter: &Filter,
+    follow: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<ReplayStats, ReplayError> {
     let name = log.name.clone();
@@ -290,12 +334,13 @@ async fn emit(
         return Err(ReplayError::EmptyRange { start, end });
     }
 
-    let consumer = log
+    let mut consumer = log
         .stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: start,
             },
+            filter_subjects: filter.subjects.clone(),
             ..Default::default()
         })
         .await
@@ -303,6 +348,14 @@ async fn emit(
             stream: name.clone(),
             message: format!("create consumer: {e}"),
         })?;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| ReplayError::Stream {
+            stream: name.clone(),
+            message: format!("consumer info: {e}"),
+        })?
+        .num_pending;
     let mut messages = consumer.messages().await.map_err(|e| ReplayError::Stream {
         stream: name.clone(),
         message: format!("consume: {e}"),
@@ -313,20 +366,33 @@ async fn emit(
         last_seq: start,
         ..Default::default()
     };
+    // With a subject filter the last match may come before `end`: stop when the
+    // consumer has nothing more pending rather than waiting for a later match.
+    if pending == 0 && !follow {
+        return Ok(stats);
+    }
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| ReplayError::Stream {
             stream: name.clone(),
             message: format!("read: {e}"),
         })?;
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-        if seq > end {
+        let (seq, remaining) = m
+            .info()
+            .map(|i| (i.stream_sequence, i.pending))
+            .unwrap_or((0, 0));
+        if seq > end && !follow {
             break;
         }
-        out.write_all(&m.payload).map_err(ReplayError::Stdout)?;
-        out.write_all(b"\n").map_err(ReplayError::Stdout)?;
-        stats.emitted += 1;
+        if filter.matches(&m.payload) {
+            out.write_all(&m.payload).map_err(ReplayError::Stdout)?;
+            out.write_all(b"\n").map_err(ReplayError::Stdout)?;
+            if follow {
+                out.flush().map_err(ReplayError::Stdout)?;
+            }
+            stats.emitted += 1;
+        }
         stats.last_seq = seq;
-        if seq >= end {
+        if !follow && (seq >= end || remaining == 0) {
             break;
         }
     }
@@ -359,6 +425,20 @@ mod tests {
         assert_eq!(search(&v, 20).0, 2);
         assert_eq!(search(&v, 40).0, 5);
         assert_eq!(search(&v, 41).0, 6, "past the end");
+    }
+
+    #[test]
+    fn filter_by_type_and_table() {
+        let ev = br#"{"type":"orders.created","data":{"table":"public.orders"}}"#;
+        assert!(Filter::default().matches(ev));
+        let mut f = Filter::default();
+        f.add_table("orders");
+        assert!(f.matches(ev));
+        f.types.push("orders.deleted".into());
+        assert!(!f.matches(ev));
+        let mut g = Filter::default();
+        g.add_table("sales.orders");
+        assert!(!g.matches(ev));
     }
 
     proptest! {

@@ -1259,3 +1259,99 @@ async fn replay_by_lsn_sequence_and_time_gives_exact_slices_found_by_binary_sear
     assert_eq!(code, 2);
     assert!(err.contains("invalid LSN \"0/XYZ\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_filters_by_subject_type_and_table_and_follows_new_events() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, s text); CREATE TABLE notes (id int PRIMARY KEY);")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute(
+        "INSERT INTO orders VALUES (1, 'a'), (2, 'b');
+         INSERT INTO notes VALUES (1);
+         UPDATE orders SET s = 'c' WHERE id = 1;
+         INSERT INTO notes VALUES (2);",
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 5, Duration::from_secs(30), || tm.log()).await;
+
+    let ids = |lines: &[Value]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| format!("{}:{}", l["type"].as_str().unwrap(), l["data"]["key"]["id"]))
+            .collect()
+    };
+    // The last match comes before the end of the stream: the replay still ends.
+    let (code, lines, err) = replay_lines(&cfg, &["--subject", "store.orders.>"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        ids(&lines),
+        vec!["orders.created:1", "orders.created:2", "orders.updated:1"]
+    );
+    let (code, lines, err) =
+        replay_lines(&cfg, &["--subject", "store.*.created", "--table", "notes"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ids(&lines), vec!["notes.created:1", "notes.created:2"]);
+    let (code, lines, err) = replay_lines(
+        &cfg,
+        &["--type", "orders.updated", "--type", "notes.created"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        ids(&lines),
+        vec!["notes.created:1", "orders.updated:1", "notes.created:2"]
+    );
+    let (code, lines, err) = replay_lines(&cfg, &["--subject", "store.nothing.>"]);
+    assert_eq!((code, lines.len()), (0, 0), "{err}");
+
+    // --follow: stored events, then new ones as they are stored.
+    let mut child = std::process::Command::new(Tidemark::bin())
+        .args([
+            "replay",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--follow",
+            "--table",
+            "orders",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    for _ in 0..3 {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("a stored event");
+    }
+    db.batch_execute("INSERT INTO notes VALUES (3); INSERT INTO orders VALUES (9, 'new');")
+        .await
+        .unwrap();
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the new event arrives while following");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["data"]["key"], json!({"id": 9}));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--follow keeps running"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}
