@@ -15,7 +15,7 @@ use crate::jetstream::provision;
 use crate::pipeline::{self, ErrorChain};
 use crate::position::Lsn;
 use crate::postgres::catalog::{Catalog, CatalogError};
-use crate::replay::{Filter, Position};
+use crate::replay::{Filter, Position, Sink};
 use time::OffsetDateTime;
 
 /// Stream PostgreSQL row changes into NATS JetStream as CloudEvents, exactly once and in
@@ -69,38 +69,7 @@ pub enum Command {
     /// event; without --to-*, it ends at the newest. A summary goes to stderr; stdout
     /// carries only events. Exit codes: 0 ok, 1 when the range is outside what is
     /// stored, 2 for bad usage or config.
-    Replay {
-        /// The config file.
-        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
-        config: PathBuf,
-        /// The source to replay (may be left out when the config has one).
-        #[arg(long)]
-        source: Option<String>,
-        #[arg(long, value_name = "LSN", group = "from")]
-        from_lsn: Option<Lsn>,
-        #[arg(long, value_name = "SEQ", group = "from")]
-        from_seq: Option<u64>,
-        #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "from")]
-        from_time: Option<OffsetDateTime>,
-        #[arg(long, value_name = "LSN", group = "to")]
-        to_lsn: Option<Lsn>,
-        #[arg(long, value_name = "SEQ", group = "to")]
-        to_seq: Option<u64>,
-        #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "to")]
-        to_time: Option<OffsetDateTime>,
-        /// Only events on these subjects (NATS wildcards allowed); repeatable.
-        #[arg(long = "subject", value_name = "SUBJECT")]
-        subjects: Vec<String>,
-        /// Only events of these types, like orders.created; repeatable.
-        #[arg(long = "type", value_name = "TYPE")]
-        types: Vec<String>,
-        /// Only events of these tables ("orders" is public.orders); repeatable.
-        #[arg(long = "table", value_name = "TABLE")]
-        tables: Vec<String>,
-        /// Keep going with new events after the stored ones (until interrupted).
-        #[arg(long, conflicts_with = "to")]
-        follow: bool,
-    },
+    Replay(Box<ReplayArgs>),
     /// Show each source's chain of positions: WAL, slot, stream, consumers.
     ///
     /// Postgres' current WAL position; the slot's confirmed flush and restart LSNs, the
@@ -116,6 +85,48 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The arguments of `replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The config file.
+    #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+    pub config: PathBuf,
+    /// The source to replay (may be left out when the config has one).
+    #[arg(long)]
+    pub source: Option<String>,
+    #[arg(long, value_name = "LSN", group = "from")]
+    pub from_lsn: Option<Lsn>,
+    #[arg(long, value_name = "SEQ", group = "from")]
+    pub from_seq: Option<u64>,
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "from")]
+    pub from_time: Option<OffsetDateTime>,
+    #[arg(long, value_name = "LSN", group = "to")]
+    pub to_lsn: Option<Lsn>,
+    #[arg(long, value_name = "SEQ", group = "to")]
+    pub to_seq: Option<u64>,
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "to")]
+    pub to_time: Option<OffsetDateTime>,
+    /// Only events on these subjects (NATS wildcards allowed); repeatable.
+    #[arg(long = "subject", value_name = "SUBJECT")]
+    pub subjects: Vec<String>,
+    /// Only events of these types, like orders.created; repeatable.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub types: Vec<String>,
+    /// Only events of these tables ("orders" is public.orders); repeatable.
+    #[arg(long = "table", value_name = "TABLE")]
+    pub tables: Vec<String>,
+    /// Keep going with new events after the stored ones (until interrupted).
+    #[arg(long, conflicts_with = "to")]
+    pub follow: bool,
+    /// Print one human-readable line per event instead of JSON.
+    #[arg(long, conflicts_with = "republish")]
+    pub pretty: bool,
+    /// Publish the events again under PREFIX.<subject>, exactly once (a stream must
+    /// capture PREFIX.>), instead of printing them.
+    #[arg(long, value_name = "PREFIX")]
+    pub republish: Option<String>,
 }
 
 pub fn init_tracing(format: LogFormat) {
@@ -141,30 +152,23 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(cfg) => check(cfg).await,
             Err(code) => code,
         },
-        Command::Replay {
-            config,
-            source,
-            from_lsn,
-            from_seq,
-            from_time,
-            to_lsn,
-            to_seq,
-            to_time,
-            subjects,
-            types,
-            tables,
-            follow,
-        } => match load(&config) {
+        Command::Replay(args) => match load(&args.config) {
             Ok(cfg) => {
-                let from = position(from_lsn, from_seq, from_time);
-                let to = position(to_lsn, to_seq, to_time);
+                let a = *args;
+                let from = position(a.from_lsn, a.from_seq, a.from_time);
+                let to = position(a.to_lsn, a.to_seq, a.to_time);
                 let mut filter = Filter {
-                    subjects,
-                    types,
+                    subjects: a.subjects,
+                    types: a.types,
                     tables: Vec::new(),
                 };
-                tables.iter().for_each(|t| filter.add_table(t));
-                replay(cfg, source, from, to, filter, follow).await
+                a.tables.iter().for_each(|t| filter.add_table(t));
+                let output = match (a.pretty, a.republish) {
+                    (_, Some(prefix)) => Output::Republish(prefix),
+                    (true, None) => Output::Pretty,
+                    (false, None) => Output::Lines,
+                };
+                replay(cfg, a.source, from, to, filter, a.follow, output).await
             }
             Err(code) => code,
         },
@@ -488,6 +492,13 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
     }
 }
 
+/// What `replay` does with the events.
+enum Output {
+    Lines,
+    Pretty,
+    Republish(String),
+}
+
 fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|e| format!("{e}: use RFC 3339, like 2026-11-24T10:00:00Z"))
@@ -506,6 +517,7 @@ async fn replay(
     to: Option<Position>,
     filter: Filter,
     follow: bool,
+    output: Output,
 ) -> ExitCode {
     let chosen = match &source {
         Some(name) => cfg.sources.iter().find(|s| &s.name == name),
@@ -525,21 +537,41 @@ async fn replay(
         return ExitCode::from(2);
     };
     let started = std::time::Instant::now();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    match crate::replay::replay(
+    let mut stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let mut sink = match output {
+        Output::Lines => Sink::Lines(&mut stdout),
+        Output::Pretty => Sink::Pretty(&mut stdout),
+        Output::Republish(prefix) => {
+            match crate::replay::Republisher::new(&cfg.nats, &prefix, &src.name).await {
+                Ok(r) => Sink::Republish(Box::new(r)),
+                Err(err) => {
+                    eprintln!("error: {}", ErrorChain(&err));
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
+    let result = crate::replay::replay(
         src,
         &cfg.nats,
         from.as_ref(),
         to.as_ref(),
         &filter,
         follow,
-        &mut out,
+        &mut sink,
     )
-    .await
-    {
+    .await;
+    match result {
         Ok(stats) => {
+            let republished = match &sink {
+                Sink::Republish(r) => format!(
+                    " ({} republished, {} already there)",
+                    r.published, r.skipped
+                ),
+                _ => String::new(),
+            };
             eprintln!(
-                "replayed {} events, sequences {}..{}, start located in {} reads, {} ms",
+                "replayed {} events{republished}, sequences {}..{}, start located in {} reads, {} ms",
                 stats.emitted,
                 stats.first_seq,
                 stats.last_seq,

@@ -149,6 +149,175 @@ impl Filter {
     }
 }
 
+/// Where replayed events go.
+pub enum Sink<'a> {
+    /// Each event's JSON on its own line.
+    Lines(&'a mut (dyn Write + Send)),
+    /// One human-readable line per event.
+    Pretty(&'a mut (dyn Write + Send)),
+    /// Published again under `<prefix>.<original subject>`.
+    Republish(Box<Republisher>),
+}
+
+/// Republishes events under a subject prefix, exactly once: the target stream's last
+/// republished event says where a previous run stopped (events at or below it are
+/// skipped, the pipeline's own rule), and `Nats-Msg-Id` (the original event id) lets
+/// the server's duplicate window catch anything else.
+pub struct Republisher {
+    js: async_nats::jetstream::Context,
+    prefix: String,
+    last: Option<(Lsn, u64)>,
+    in_flight: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture>,
+    pub published: u64,
+    pub skipped: u64,
+}
+
+const REPUBLISH_WINDOW: usize = 256;
+
+impl Republisher {
+    /// Finds the stream that captures `<prefix>.>` and what it already holds.
+    pub async fn new(nats: &NatsConfig, prefix: &str, source: &str) -> Result<Self, ReplayError> {
+        let client = provision::connect(nats, "tidemark-republish").await?;
+        let js = async_nats::jetstream::new(client);
+        let err = |message: String| ReplayError::Stream {
+            stream: format!("{prefix}.>"),
+            message,
+        };
+        let name = js
+            .stream_by_subject(format!("{prefix}.{source}.republish"))
+            .await
+            .map_err(|e| {
+                err(format!(
+                    "no stream captures {prefix}.>: create one first ({e})"
+                ))
+            })?;
+        let mut stream = js.get_stream(&name).await.map_err(|e| err(e.to_string()))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .state
+            .clone();
+        let mut last = None;
+        if state.messages > 0 {
+            let m = stream
+                .get_raw_message(state.last_sequence)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            if m.subject.starts_with(&format!("{prefix}.")) {
+                last = m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .and_then(|v| v.as_str().parse::<EventId>().ok())
+                    .filter(|id| id.source == source)
+                    .map(|id| id.position());
+            }
+        }
+        Ok(Republisher {
+            js,
+            prefix: prefix.to_string(),
+            last,
+            in_flight: Default::default(),
+            published: 0,
+            skipped: 0,
+        })
+    }
+
+    async fn publish(
+        &mut self,
+        subject: &str,
+        id: &str,
+        payload: bytes::Bytes,
+    ) -> Result<(), ReplayError> {
+        let err = |message: String| ReplayError::Stream {
+            stream: format!("{}.>", self.prefix),
+            message,
+        };
+        if let (Some(last), Ok(eid)) = (self.last, id.parse::<EventId>())
+            && eid.position() <= last
+        {
+            self.skipped += 1;
+            return Ok(());
+        }
+        let ack = self
+            .js
+            .send_publish(
+                format!("{}.{subject}", self.prefix),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .message_id(id),
+            )
+            .await
+            .map_err(|e| err(format!("republish {id}: {e}")))?;
+        self.in_flight.push_back(ack);
+        self.published += 1;
+        if self.in_flight.len() >= REPUBLISH_WINDOW {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), ReplayError> {
+        if let Some(ack) = self.in_flight.pop_front() {
+            ack.await.map_err(|e| ReplayError::Stream {
+                stream: format!("{}.>", self.prefix),
+                message: format!("republish not acknowledged: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), ReplayError> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink<'_> {
+    async fn write(
+        &mut self,
+        m: &async_nats::jetstream::Message,
+        seq: u64,
+    ) -> Result<(), ReplayError> {
+        match self {
+            Sink::Lines(out) => {
+                out.write_all(&m.payload).map_err(ReplayError::Stdout)?;
+                out.write_all(b"\n").map_err(ReplayError::Stdout)
+            }
+            Sink::Pretty(out) => {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                let line = format!(
+                    "#{seq:<8} {:<27} {:<24} {:<28} key={}\n",
+                    v["time"].as_str().unwrap_or("-"),
+                    v["type"].as_str().unwrap_or("-"),
+                    v["id"].as_str().unwrap_or("-"),
+                    v["data"]["key"]
+                );
+                out.write_all(line.as_bytes()).map_err(ReplayError::Stdout)
+            }
+            Sink::Republish(r) => {
+                let id = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default();
+                r.publish(m.subject.as_str(), &id, m.payload.clone()).await
+            }
+        }
+    }
+
+    async fn flush(&mut self, live: bool) -> Result<(), ReplayError> {
+        match self {
+            Sink::Lines(out) | Sink::Pretty(out) => out.flush().map_err(ReplayError::Stdout),
+            Sink::Republish(r) if !live => r.finish().await,
+            Sink::Republish(_) => Ok(()),
+        }
+    }
+}
+
 /// What a replay did, for the summary line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReplayStats {
@@ -234,7 +403,7 @@ pub async fn replay(
     to: Option<&Position>,
     filter: &Filter,
     follow: bool,
-    out: &mut (dyn Write + Send),
+    out: &mut Sink<'_>,
 ) -> Result<ReplayStats, ReplayError> {
     let client = provision::connect(nats, "tidemark-replay").await?;
     let js = async_nats::jetstream::new(client);
@@ -307,7 +476,7 @@ async fn emit(
     to: Option<&Position>,
     filter: &Filter,
     follow: bool,
-    out: &mut (dyn Write + Send),
+    out: &mut Sink<'_>,
 ) -> Result<ReplayStats, ReplayError> {
     let name = log.name.clone();
     let end = match to {
@@ -384,10 +553,9 @@ async fn emit(
             break;
         }
         if filter.matches(&m.payload) {
-            out.write_all(&m.payload).map_err(ReplayError::Stdout)?;
-            out.write_all(b"\n").map_err(ReplayError::Stdout)?;
+            out.write(&m, seq).await?;
             if follow {
-                out.flush().map_err(ReplayError::Stdout)?;
+                out.flush(true).await?;
             }
             stats.emitted += 1;
         }
@@ -396,7 +564,7 @@ async fn emit(
             break;
         }
     }
-    out.flush().map_err(ReplayError::Stdout)?;
+    out.flush(false).await?;
     Ok(stats)
 }
 

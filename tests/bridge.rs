@@ -1355,3 +1355,74 @@ async fn replay_filters_by_subject_type_and_table_and_follows_new_events() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_republishes_exactly_once_and_prints_a_pretty_view() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO orders SELECT generate_series(1, 300)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 300, Duration::from_secs(30), || tm.log()).await;
+
+    // Without a stream for the prefix: a clear error.
+    let (code, _, err) = replay_lines(&cfg, &["--republish", "copy"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no stream captures copy.>"), "{err}");
+
+    // A private copy, republished twice (the second run also after new events): each
+    // event is there once, in order, under the prefix, with the original id.
+    async_nats::jetstream::new(nc.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "COPY".into(),
+            subjects: vec!["copy.>".into()],
+            // No duplicate window to lean on: exactly-once comes from the tail rule.
+            duplicate_window: Duration::from_millis(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (code, lines, err) = replay_lines(&cfg, &["--republish", "copy", "--to-seq", "200"]);
+    assert_eq!((code, lines.len()), (0, 0), "{err}");
+    assert!(err.contains("(200 republished, 0 already there)"), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _, err) = replay_lines(&cfg, &["--republish", "copy"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("(100 republished, 200 already there)"),
+        "{err}"
+    );
+    let copy = read_stream(&nc, "COPY").await;
+    let original = read_stream(&nc, "STORE").await;
+    assert_eq!(copy.len(), 300);
+    assert_exactly_once(&copy);
+    for (c, o) in copy.iter().zip(&original) {
+        assert_eq!(c.msg_id, o.msg_id);
+        assert_eq!(c.subject, format!("copy.{}", o.subject));
+    }
+
+    // The human view: one line per event, with sequence, type and key.
+    let (code, out, _) = tidemark_cmd(&[
+        "replay",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--pretty",
+        "--to-seq",
+        "2",
+    ]);
+    assert_eq!(code, 0);
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].starts_with("#1 ")
+            && rows[0].contains("orders.created")
+            && rows[0].ends_with("key={\"id\":1}"),
+        "{out}"
+    );
+}
