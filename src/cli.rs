@@ -70,6 +70,9 @@ pub enum Command {
     /// carries only events. Exit codes: 0 ok, 1 when the range is outside what is
     /// stored, 2 for bad usage or config.
     Replay(Box<ReplayArgs>),
+    /// Manage a source's replication slot.
+    #[command(subcommand)]
+    Slot(SlotCommand),
     /// Show each source's chain of positions: WAL, slot, stream, consumers.
     ///
     /// Postgres' current WAL position; the slot's confirmed flush and restart LSNs, the
@@ -84,6 +87,27 @@ pub enum Command {
         /// Print JSON (one array of sources) instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SlotCommand {
+    /// Drop the source's replication slot, so Postgres can recycle the WAL it holds.
+    ///
+    /// Refuses while a process streams from the slot, unless --force, which ends that
+    /// connection first. After a drop the stream still holds the source's events, and
+    /// `run` refuses to start over it in silence: the changes made meanwhile would be
+    /// missing.
+    Drop {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// The source whose slot to drop (may be left out when the config has one).
+        #[arg(long)]
+        source: Option<String>,
+        /// Terminate the connection that holds the slot, then drop it.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -170,6 +194,17 @@ pub async fn run(cli: Cli) -> ExitCode {
                 };
                 replay(cfg, a.source, from, to, filter, a.follow, output).await
             }
+            Err(code) => code,
+        },
+        Command::Slot(SlotCommand::Drop {
+            config,
+            source,
+            force,
+        }) => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => slot_drop(src, force).await,
+                Err(code) => code,
+            },
             Err(code) => code,
         },
         Command::Status { config, json } => match load(&config) {
@@ -519,22 +554,9 @@ async fn replay(
     follow: bool,
     output: Output,
 ) -> ExitCode {
-    let chosen = match &source {
-        Some(name) => cfg.sources.iter().find(|s| &s.name == name),
-        None if cfg.sources.len() == 1 => cfg.sources.first(),
-        None => None,
-    };
-    let Some(src) = chosen else {
-        let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
-        eprintln!(
-            "error: {}: choose one with --source ({})",
-            match source {
-                Some(n) => format!("no source named {n:?}"),
-                None => "the config has several sources".into(),
-            },
-            names.join(", ")
-        );
-        return ExitCode::from(2);
+    let src = match pick_source(&cfg, source) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let started = std::time::Instant::now();
     let mut stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
@@ -588,6 +610,88 @@ async fn replay(
         Err(err) => {
             eprintln!("error: {}", ErrorChain(&err));
             ExitCode::from(1)
+        }
+    }
+}
+
+/// The source named on the command line, or the only one.
+fn pick_source(cfg: &Config, source: Option<String>) -> Result<&SourceConfig, ExitCode> {
+    let chosen = match &source {
+        Some(name) => cfg.sources.iter().find(|s| &s.name == name),
+        None if cfg.sources.len() == 1 => cfg.sources.first(),
+        None => None,
+    };
+    chosen.ok_or_else(|| {
+        let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
+        eprintln!(
+            "error: {}: choose one with --source ({})",
+            match source {
+                Some(n) => format!("no source named {n:?}"),
+                None => "the config has several sources".into(),
+            },
+            names.join(", ")
+        );
+        ExitCode::from(2)
+    })
+}
+
+async fn slot_drop(src: &SourceConfig, force: bool) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(1)
+    };
+    let catalog = match Catalog::connect(&src.postgres).await {
+        Ok(c) => c,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let slot = &src.slot;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let info = match catalog.slot(slot).await {
+            Ok(Some(info)) => info,
+            Ok(None) => return fail(format!("replication slot {slot:?} does not exist")),
+            Err(e) => return fail(ErrorChain(&e).to_string()),
+        };
+        if info.active {
+            let pid = info.active_pid.unwrap_or(0);
+            if !force {
+                return fail(format!(
+                    "replication slot {slot:?} is active (pid {pid}): stop the tidemark that streams from it first, or pass --force to end its connection"
+                ));
+            }
+            if std::time::Instant::now() > deadline {
+                return fail(format!(
+                    "replication slot {slot:?} is still active (pid {pid}) after terminating its connection"
+                ));
+            }
+            // The holder may reconnect between the terminate and the drop: loop.
+            if let Err(e) = catalog
+                .client()
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+            {
+                return fail(format!("cannot terminate pid {pid}: {e}"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        }
+        match catalog
+            .client()
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await
+        {
+            Ok(_) => {
+                println!("dropped replication slot {slot:?}");
+                return ExitCode::SUCCESS;
+            }
+            // Taken again between the check and the drop (55006: object in use).
+            Err(e) if e.code().map(|c| c.code()) == Some("55006") && force => continue,
+            Err(e) => {
+                return fail(format!(
+                    "cannot drop replication slot {slot:?}: {}",
+                    ErrorChain(&e)
+                ));
+            }
         }
     }
 }

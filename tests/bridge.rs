@@ -1426,3 +1426,57 @@ async fn replay_republishes_exactly_once_and_prints_a_pretty_view() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_drop_refuses_an_active_slot_unless_forced() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+
+    let c = cfg.to_str().unwrap();
+    let (code, _, err) = tidemark_cmd(&["slot", "drop", "--config", c]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("replication slot \"tidemark_store\" is active (pid "),
+        "{err}"
+    );
+    assert!(err.contains("pass --force"), "{err}");
+    assert!(
+        confirmed_flush(&db, "tidemark_store").await.is_some(),
+        "the slot is still there"
+    );
+
+    let (code, out, err) = tidemark_cmd(&["slot", "drop", "--config", c, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("dropped replication slot \"tidemark_store\""),
+        "{out}"
+    );
+    // The running tidemark lost its slot; with events in the stream it stops rather
+    // than starting over in silence.
+    assert_eq!(
+        tm.wait_exit(Duration::from_secs(60)).code(),
+        Some(1),
+        "{}",
+        tm.log()
+    );
+    assert!(
+        tm.log()
+            .contains("does not exist, but stream \"STORE\" already holds events"),
+        "{}",
+        tm.log()
+    );
+    let (code, _, err) = tidemark_cmd(&["slot", "drop", "--config", c]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("replication slot \"tidemark_store\" does not exist"),
+        "{err}"
+    );
+}
