@@ -540,6 +540,22 @@ async fn emit(
     if pending == 0 && !follow {
         return Ok(stats);
     }
+    // A bar on stderr for long bounded replays; indicatif draws nothing when stderr is
+    // not a terminal, so pipes and logs stay clean.
+    let bar = if follow {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(end - start + 1),
+            indicatif::ProgressDrawTarget::stderr_with_hz(4),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    };
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| ReplayError::Stream {
             stream: name.clone(),
@@ -560,10 +576,12 @@ async fn emit(
             stats.emitted += 1;
         }
         stats.last_seq = seq;
+        bar.set_position(seq - start + 1);
         if !follow && (seq >= end || remaining == 0) {
             break;
         }
     }
+    bar.finish_and_clear();
     out.flush(false).await?;
     Ok(stats)
 }
