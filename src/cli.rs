@@ -70,6 +70,29 @@ pub enum Command {
     /// carries only events. Exit codes: 0 ok, 1 when the range is outside what is
     /// stored, 2 for bad usage or config.
     Replay(Box<ReplayArgs>),
+    /// Start a source over from now: drop its slot and delete its stream's events.
+    ///
+    /// The next `run` creates a new slot and streams changes made from then on. Events
+    /// already in the stream are deleted, so consumers must rebuild. Refuses without
+    /// --purge-stream and --yes. (Starting over while keeping the stream is `resync`,
+    /// which records the discontinuity in the stream.)
+    Reset {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// The source to reset (may be left out when the config has one).
+        #[arg(long)]
+        source: Option<String>,
+        /// Delete every event in the source's stream.
+        #[arg(long)]
+        purge_stream: bool,
+        /// Confirm: this cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        /// End the connection of a tidemark still streaming from the slot.
+        #[arg(long)]
+        force: bool,
+    },
     /// Manage a source's replication slot.
     #[command(subcommand)]
     Slot(SlotCommand),
@@ -203,6 +226,19 @@ pub async fn run(cli: Cli) -> ExitCode {
         }) => match load(&config) {
             Ok(cfg) => match pick_source(&cfg, source) {
                 Ok(src) => slot_drop(src, force).await,
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Reset {
+            config,
+            source,
+            purge_stream,
+            yes,
+            force,
+        } => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => reset(src, &cfg.nats, purge_stream, yes, force).await,
                 Err(code) => code,
             },
             Err(code) => code,
@@ -478,7 +514,8 @@ async fn check_nats(
     match js.get_stream(&s.stream.name).await {
         Ok(mut stream) => match provision::read_tail(&mut stream, &s.name).await {
             Ok(tail) => {
-                *last_seq = Some(tail.last_seq);
+                // Only a stream that still holds an event makes a missing slot a loss.
+                *last_seq = tail.last_event.map(|_| tail.last_seq);
                 out.push((
                     true,
                     what,
@@ -694,4 +731,69 @@ async fn slot_drop(src: &SourceConfig, force: bool) -> ExitCode {
             }
         }
     }
+}
+
+async fn reset(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    purge: bool,
+    yes: bool,
+    force: bool,
+) -> ExitCode {
+    if !purge || !yes {
+        eprintln!(
+            "error: reset drops replication slot {:?} and deletes every event in stream {:?}; consumers must rebuild. Pass --purge-stream --yes to do it",
+            src.slot, src.stream.name
+        );
+        return ExitCode::from(2);
+    }
+    // The slot first: once it is gone, no tidemark can append to the stream.
+    let slot_exists = match Catalog::connect(&src.postgres).await {
+        Ok(c) => match c.slot(&src.slot).await {
+            Ok(s) => s.is_some(),
+            Err(e) => {
+                eprintln!("error: {}", ErrorChain(&e));
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {}", ErrorChain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    if slot_exists {
+        let code = slot_drop(src, force).await;
+        if code != ExitCode::SUCCESS {
+            return code;
+        }
+    }
+    let client = match provision::connect(nats, "tidemark-reset").await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", ErrorChain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream(&src.stream.name).await {
+        Ok(stream) => match stream.purge().await {
+            Ok(p) => println!(
+                "purged {} events from stream {:?}",
+                p.purged, src.stream.name
+            ),
+            Err(e) => {
+                eprintln!("error: cannot purge stream {:?}: {e}", src.stream.name);
+                return ExitCode::from(1);
+            }
+        },
+        Err(_) => println!(
+            "stream {:?} does not exist; nothing to purge",
+            src.stream.name
+        ),
+    }
+    println!(
+        "source {:?} reset: the next run creates a new slot and streams changes from then on",
+        src.name
+    );
+    ExitCode::SUCCESS
 }

@@ -229,10 +229,11 @@ async fn run_attempt(
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
-    // A new slot starts at the current WAL position: if the stream already holds this
-    // source's events, whatever happened between them and now would be skipped in
-    // silence. Refuse, and say so.
-    if slot.is_none() && tail.last_seq > 0 {
+    // A new slot starts at the current WAL position: if the stream still holds this
+    // source's events, whatever happened between them and now would be missing in
+    // silence. Refuse, and say so. (An emptied stream, as `tidemark reset` leaves it,
+    // is a deliberate fresh start.)
+    if slot.is_none() && tail.last_event.is_some() {
         return Err(SourceError::SlotLost {
             slot: cfg.slot.clone(),
             stream: cfg.stream.name.clone(),

@@ -1480,3 +1480,53 @@ async fn slot_drop_refuses_an_active_slot_unless_forced() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_with_confirmation_starts_a_source_over_from_an_empty_stream() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("first.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1), (2)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 2, Duration::from_secs(30), || tm.log()).await;
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+
+    let c = cfg.to_str().unwrap();
+    let (code, _, err) = tidemark_cmd(&["reset", "--config", c]);
+    assert_eq!(code, 2);
+    assert!(err.contains("Pass --purge-stream --yes"), "{err}");
+    assert_eq!(
+        stream_count(&nc, "STORE").await,
+        2,
+        "nothing happened without confirmation"
+    );
+
+    let (code, out, err) = tidemark_cmd(&["reset", "--config", c, "--purge-stream", "--yes"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("dropped replication slot \"tidemark_store\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("purged 2 events from stream \"STORE\""),
+        "{out}"
+    );
+    assert_eq!(stream_count(&nc, "STORE").await, 0);
+    assert!(confirmed_flush(&db, "tidemark_store").await.is_none());
+
+    // A deliberate fresh start: run creates a new slot and streams from then on.
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("second.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].seq, 3, "sequences go on after a purge");
+    assert_eq!(events[0].body["data"]["key"], json!({"id": 3}));
+}
