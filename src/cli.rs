@@ -70,12 +70,13 @@ pub enum Command {
     /// carries only events. Exit codes: 0 ok, 1 when the range is outside what is
     /// stored, 2 for bad usage or config.
     Replay(Box<ReplayArgs>),
-    /// Start a source over from now: drop its slot and delete its stream's events.
+    /// Start a source over from now with a new slot, purging or keeping its stream.
     ///
-    /// The next `run` creates a new slot and streams changes made from then on. Events
-    /// already in the stream are deleted, so consumers must rebuild. Refuses without
-    /// --purge-stream and --yes. (Starting over while keeping the stream is `resync`,
-    /// which records the discontinuity in the stream.)
+    /// --purge-stream deletes the stream's events: consumers must rebuild. --keep-stream
+    /// keeps them and appends a `tidemark.reset` event that marks the discontinuity
+    /// (changes made while no slot existed are not in the stream). Either way the next
+    /// `run` streams changes made from the new slot on. Refuses without one of the two
+    /// and --yes.
     Reset {
         /// The config file.
         #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
@@ -84,8 +85,11 @@ pub enum Command {
         #[arg(long)]
         source: Option<String>,
         /// Delete every event in the source's stream.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep_stream")]
         purge_stream: bool,
+        /// Keep the stream's events and append a reset marker.
+        #[arg(long)]
+        keep_stream: bool,
         /// Confirm: this cannot be undone.
         #[arg(long)]
         yes: bool,
@@ -234,11 +238,19 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
             source,
             purge_stream,
+            keep_stream,
             yes,
             force,
         } => match load(&config) {
             Ok(cfg) => match pick_source(&cfg, source) {
-                Ok(src) => reset(src, &cfg.nats, purge_stream, yes, force).await,
+                Ok(src) => {
+                    let mode = match (purge_stream, keep_stream) {
+                        (true, _) => Some(ResetMode::Purge),
+                        (false, true) => Some(ResetMode::Keep),
+                        (false, false) => None,
+                    };
+                    reset(src, &cfg.nats, mode, yes, force).await
+                }
                 Err(code) => code,
             },
             Err(code) => code,
@@ -733,35 +745,40 @@ async fn slot_drop(src: &SourceConfig, force: bool) -> ExitCode {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetMode {
+    Purge,
+    Keep,
+}
+
 async fn reset(
     src: &SourceConfig,
     nats: &NatsConfig,
-    purge: bool,
+    mode: Option<ResetMode>,
     yes: bool,
     force: bool,
 ) -> ExitCode {
-    if !purge || !yes {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(1)
+    };
+    let Some(mode) = mode.filter(|_| yes) else {
         eprintln!(
-            "error: reset drops replication slot {:?} and deletes every event in stream {:?}; consumers must rebuild. Pass --purge-stream --yes to do it",
+            "error: reset drops replication slot {:?} and starts the source over from now; changes made before are not sent again. Pass --purge-stream --yes to also delete every event in stream {:?} (consumers must rebuild), or --keep-stream --yes to keep them and mark the discontinuity",
             src.slot, src.stream.name
         );
         return ExitCode::from(2);
-    }
-    // The slot first: once it is gone, no tidemark can append to the stream.
-    let slot_exists = match Catalog::connect(&src.postgres).await {
-        Ok(c) => match c.slot(&src.slot).await {
-            Ok(s) => s.is_some(),
-            Err(e) => {
-                eprintln!("error: {}", ErrorChain(&e));
-                return ExitCode::from(1);
-            }
-        },
-        Err(e) => {
-            eprintln!("error: {}", ErrorChain(&e));
-            return ExitCode::from(1);
-        }
     };
-    if slot_exists {
+    // The slot first: once it is gone, no tidemark can append to the stream.
+    let catalog = match Catalog::connect(&src.postgres).await {
+        Ok(c) => c,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let old_slot = match catalog.slot(&src.slot).await {
+        Ok(s) => s,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    if old_slot.is_some() {
         let code = slot_drop(src, force).await;
         if code != ExitCode::SUCCESS {
             return code;
@@ -769,30 +786,85 @@ async fn reset(
     }
     let client = match provision::connect(nats, "tidemark-reset").await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {}", ErrorChain(&e));
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(ErrorChain(&e).to_string()),
     };
     let js = async_nats::jetstream::new(client);
-    match js.get_stream(&src.stream.name).await {
-        Ok(stream) => match stream.purge().await {
-            Ok(p) => println!(
-                "purged {} events from stream {:?}",
-                p.purged, src.stream.name
+    match mode {
+        ResetMode::Purge => match js.get_stream(&src.stream.name).await {
+            Ok(stream) => match stream.purge().await {
+                Ok(p) => println!(
+                    "purged {} events from stream {:?}",
+                    p.purged, src.stream.name
+                ),
+                Err(e) => return fail(format!("cannot purge stream {:?}: {e}", src.stream.name)),
+            },
+            Err(_) => println!(
+                "stream {:?} does not exist; nothing to purge",
+                src.stream.name
             ),
-            Err(e) => {
-                eprintln!("error: cannot purge stream {:?}: {e}", src.stream.name);
-                return ExitCode::from(1);
-            }
         },
-        Err(_) => println!(
-            "stream {:?} does not exist; nothing to purge",
-            src.stream.name
-        ),
+        ResetMode::Keep => {
+            // A new slot now, then the marker: its id sorts after every event already
+            // stored and before every change the new slot will send.
+            let row = match catalog
+                .client()
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&src.slot],
+                )
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    return fail(format!(
+                        "cannot create replication slot {:?}: {}",
+                        src.slot,
+                        ErrorChain(&e)
+                    ));
+                }
+            };
+            let start: String = row.get(0);
+            let Ok(start) = start.parse::<Lsn>() else {
+                return fail(format!("postgres returned a malformed slot LSN {start:?}"));
+            };
+            let mut stream = match provision::ensure_stream(&js, &src.stream).await {
+                Ok(s) => s,
+                Err(e) => return fail(ErrorChain(&e).to_string()),
+            };
+            let tail = match provision::read_tail(&mut stream, &src.name).await {
+                Ok(t) => t,
+                Err(e) => return fail(ErrorChain(&e).to_string()),
+            };
+            let marker = crate::events::mapping::reset_marker(
+                &src.name,
+                start,
+                old_slot.and_then(|s| s.confirmed_flush),
+                tail.last_event.map(|(l, _)| l),
+            );
+            let published = js
+                .send_publish(
+                    marker.subject.clone(),
+                    async_nats::jetstream::message::PublishMessage::build()
+                        .payload(marker.payload)
+                        .message_id(&marker.msg_id)
+                        .expected_last_sequence(tail.last_seq),
+                )
+                .await;
+            match published {
+                Ok(ack) => match ack.await {
+                    Ok(a) => println!(
+                        "kept stream {:?}; reset marker {} at sequence {}",
+                        src.stream.name, marker.msg_id, a.sequence
+                    ),
+                    Err(e) => return fail(format!("reset marker not stored: {e}")),
+                },
+                Err(e) => return fail(format!("cannot publish the reset marker: {e}")),
+            }
+            println!("created replication slot {:?} at {start}", src.slot);
+        }
     }
     println!(
-        "source {:?} reset: the next run creates a new slot and streams changes from then on",
+        "source {:?} reset: the next run streams changes from the new slot on",
         src.name
     );
     ExitCode::SUCCESS

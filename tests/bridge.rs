@@ -1482,7 +1482,7 @@ async fn slot_drop_refuses_an_active_slot_unless_forced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_with_confirmation_starts_a_source_over_from_an_empty_stream() {
+async fn reset_with_confirmation_starts_a_source_over_purging_or_keeping_the_stream() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
@@ -1529,4 +1529,38 @@ async fn reset_with_confirmation_starts_a_source_over_from_an_empty_stream() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].seq, 3, "sequences go on after a purge");
     assert_eq!(events[0].body["data"]["key"], json!({"id": 3}));
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+
+    // Keep the stream instead: a marker records the discontinuity, and the next run
+    // streams after it, exactly once.
+    db.batch_execute("INSERT INTO t VALUES (4)").await.unwrap(); // lost: no slot will see it
+    let (code, out, err) = tidemark_cmd(&["reset", "--config", c, "--keep-stream", "--yes"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("kept stream \"STORE\"; reset marker store:"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("third.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (5)").await.unwrap();
+    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| e.body["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, vec!["t.created", "tidemark.reset", "t.created"]);
+    assert_eq!(events[1].subject, "store._tidemark.reset");
+    assert_eq!(events[1].body["data"]["op"], "reset");
+    assert_eq!(events[2].body["data"]["key"], json!({"id": 5}));
+    let positions: Vec<(tidemark::position::Lsn, u64)> = events
+        .iter()
+        .map(|e| {
+            e.msg_id
+                .parse::<tidemark::position::EventId>()
+                .unwrap()
+                .position()
+        })
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
 }

@@ -196,6 +196,54 @@ pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> DomainEven
     build(tx, index, &table.token, Operation::Truncate, &data)
 }
 
+/// The event that marks where a source started over with a new slot while keeping
+/// its stream (`tidemark reset --keep-stream`). Changes committed between the last
+/// stored event and the new slot's start are not in the stream; consumers that need
+/// them must rebuild. Its position, `(new slot start - 1, u64::MAX)`, sorts after
+/// every event stored before and before every change the new slot sends, so the
+/// exactly-once rule needs no special case.
+pub fn reset_marker(
+    source: &str,
+    new_slot_start: Lsn,
+    old_confirmed: Option<Lsn>,
+    last_stored: Option<Lsn>,
+) -> DomainEvent {
+    let id = EventId {
+        source: source.to_string(),
+        commit_lsn: Lsn(new_slot_start.0.saturating_sub(1)),
+        index: u64::MAX,
+    };
+    let msg_id = id.to_string();
+    let data = serde_json::json!({
+        "op": "reset",
+        "new_slot_lsn": new_slot_start.to_string(),
+        "old_slot_confirmed_flush_lsn": old_confirmed.map(|l| l.to_string()),
+        "last_stored_commit_lsn": last_stored.map(|l| l.to_string()),
+    });
+    let time = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let lsn_text = id.commit_lsn.to_string();
+    let payload = envelope::encode(&EnvelopeFields {
+        id: &msg_id,
+        source,
+        event_type: "tidemark.reset",
+        subject: "tidemark",
+        time: &time,
+        commit_lsn: &lsn_text,
+        xid: 0,
+        index: u64::MAX,
+        data: &data,
+    });
+    DomainEvent {
+        id,
+        msg_id,
+        subject: format!("{source}._tidemark.reset"),
+        event_type: "tidemark.reset".into(),
+        payload,
+    }
+}
+
 /// The `data` of a row event.
 #[derive(Serialize)]
 struct Data<'a> {
