@@ -180,9 +180,16 @@ pub struct ReplayArgs {
     pub republish: Option<String>,
 }
 
-pub fn init_tracing(format: LogFormat) {
+/// Sets up logging on stderr. `run` logs its lifecycle at info; the one-shot commands
+/// (check, status, replay, ...) print their own output and log only warnings, unless
+/// RUST_LOG says otherwise.
+pub fn init_tracing(format: LogFormat, command: &Command) {
+    let default = match command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

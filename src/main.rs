@@ -7,7 +7,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = tidemark::cli::Cli::parse();
-    tidemark::cli::init_tracing(cli.log_format);
+    tidemark::cli::init_tracing(cli.log_format, &cli.command);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -550,7 +550,7 @@ async fn emit(
             indicatif::ProgressDrawTarget::stderr_with_hz(4),
         );
         if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+            "{bar:40} {human_pos}/{human_len} events, eta {eta}",
         ) {
             bar.set_style(style);
         }
