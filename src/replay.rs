@@ -205,10 +205,8 @@ impl Republisher {
                 .await
                 .map_err(|e| err(e.to_string()))?;
             if m.subject.starts_with(&format!("{prefix}.")) {
-                last = m
-                    .headers
-                    .get(async_nats::header::NATS_MESSAGE_ID)
-                    .and_then(|v| v.as_str().parse::<EventId>().ok())
+                last = provision::msg_id(&m.headers)
+                    .and_then(|v| v.parse::<EventId>().ok())
                     .filter(|id| id.source == source)
                     .map(|id| id.position());
             }
@@ -301,9 +299,9 @@ impl Sink<'_> {
                 let id = m
                     .headers
                     .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                    .map(|v| v.as_str().to_string())
-                    .unwrap_or_default();
+                    .and_then(provision::msg_id)
+                    .unwrap_or_default()
+                    .to_string();
                 r.publish(m.subject.as_str(), &id, m.payload.clone()).await
             }
         }
@@ -356,11 +354,9 @@ impl Log {
             seq,
             reason,
         };
-        let id = msg
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .ok_or_else(|| not_event("no Nats-Msg-Id".into()))?;
-        let id: EventId = id.as_str().parse().map_err(|e| not_event(format!("{e}")))?;
+        let id =
+            provision::msg_id(&msg.headers).ok_or_else(|| not_event("no Nats-Msg-Id".into()))?;
+        let id: EventId = id.parse().map_err(|e| not_event(format!("{e}")))?;
         let time = serde_json::from_slice::<serde_json::Value>(&msg.payload)
             .ok()
             .and_then(|v| {

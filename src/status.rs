@@ -177,8 +177,7 @@ async fn stream_status(s: &SourceConfig, nats: &NatsConfig) -> Result<StreamStat
                 return None;
             }
             let msg = stream.get_raw_message(seq).await.ok()?;
-            let id = msg.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
-            let id: EventId = id.as_str().parse().ok()?;
+            let id: EventId = provision::msg_id(&msg.headers)?.parse().ok()?;
             Some(id.commit_lsn.to_string())
         }
     };

@@ -220,10 +220,11 @@ pub async fn read_tail(
     })
 }
 
-fn msg_id(headers: &HeaderMap) -> Option<String> {
+/// The `Nats-Msg-Id` of a stored message: for tidemark's events, the event id.
+pub(crate) fn msg_id(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_string())
+        .map(|v| v.as_str())
 }
 
 #[cfg(test)]
