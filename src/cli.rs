@@ -852,7 +852,7 @@ async fn reset(
                 .send_publish(
                     marker.subject.clone(),
                     async_nats::jetstream::message::PublishMessage::build()
-                        .payload(marker.payload)
+                        .payload(marker.payload.into())
                         .message_id(&marker.msg_id)
                         .expected_last_sequence(tail.last_seq),
                 )

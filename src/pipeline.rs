@@ -16,13 +16,14 @@ use tracing::{Instrument, debug, error, info, info_span, trace, warn};
 
 use crate::config::{NatsConfig, SourceConfig};
 use crate::events::mapping::{
-    self, DomainEvent, Operation, RowChange, ShapeError, Table, TableColumn, TxContext,
+    self, DomainEvent, MapError, Operation, RowChange, Shrink, Table, TableColumn, TxContext,
 };
+use crate::events::rules::{self, BindError, LiveTable, OversizedPlan, TablePlan};
 use crate::jetstream::provision::{self, ProvisionError};
 use crate::jetstream::publisher::{PublishError, Publisher};
 use crate::position::{HighWater, Lsn, StreamTail};
 use crate::postgres::catalog::{Catalog, CatalogError};
-use crate::postgres::pgoutput::{self, DecodeError, LogicalMessage};
+use crate::postgres::pgoutput::{self, DecodeError, LogicalMessage, ReplicaIdentity};
 use crate::postgres::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
 };
@@ -46,7 +47,9 @@ pub enum SourceError {
         source: DecodeError,
     },
     #[error(transparent)]
-    Shape(#[from] ShapeError),
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Mapping(#[from] BindError),
     #[error("replication stream out of order: {0}")]
     Protocol(String),
     #[error(
@@ -103,12 +106,12 @@ impl SourceError {
                 }
                 _ => Recovery::Fatal,
             },
-            SourceError::Publish(PublishError::Oversized { .. }) | SourceError::SlotLost { .. } => {
-                Recovery::Fatal
-            }
+            SourceError::Publish(PublishError::Oversized { .. })
+            | SourceError::SlotLost { .. }
+            | SourceError::Mapping(_) => Recovery::Fatal,
             SourceError::Publish(_)
             | SourceError::Decode { .. }
-            | SourceError::Shape(_)
+            | SourceError::Map(_)
             | SourceError::Protocol(_) => Recovery::Retry,
         }
     }
@@ -204,6 +207,8 @@ async fn run_attempt(
             warn!(table = %t.qualified(), identity, "table has no usable replica identity: PostgreSQL rejects its UPDATEs and DELETEs while it is published");
         }
     }
+    // Mapping rules must fit the live tables before anything streams.
+    plan_tables(&catalog, cfg, &tables).await?;
     let slot = catalog.slot(&cfg.slot).await?;
     match &slot {
         Some(s) => catalog.check_slot(&cfg.slot, s)?,
@@ -299,6 +304,7 @@ async fn run_attempt(
         relations: HashMap::new(),
         types: TypeRegistry::default(),
         tx: None,
+        held: None,
         pending_commits: VecDeque::new(),
         published: 0,
         acked: 0,
@@ -328,6 +334,9 @@ struct Pipeline<'a> {
     relations: HashMap<u32, Table>,
     types: TypeRegistry,
     tx: Option<OpenTx>,
+    /// The open transaction's latest event, held back until the next one (or the
+    /// commit) shows whether it is the transaction's last.
+    held: Option<DomainEvent>,
     /// Committed transactions not yet confirmed: (events published when the commit
     /// arrived, the commit's end LSN). Confirmable once `acked` reaches the count.
     pending_commits: VecDeque<(u64, Lsn)>,
@@ -451,6 +460,10 @@ impl Pipeline<'_> {
                     .take()
                     .ok_or_else(|| SourceError::Protocol("COMMIT without BEGIN".into()))?;
                 debug!(commit_lsn = %c.commit_lsn, xid = tx.xid, count = tx.next_index, "commit");
+                if let Some(mut last) = self.held.take() {
+                    last.mark_last();
+                    self.send(last).await?;
+                }
                 self.pending_commits.push_back((self.published, c.end_lsn));
                 self.confirm_acked_commits();
             }
@@ -479,14 +492,14 @@ impl Pipeline<'_> {
                         self.skipped += 1;
                         continue;
                     }
-                    let event = mapping::map_truncate(&self.context()?, index, self.table(rel)?);
-                    self.emit(event).await?;
+                    if let Some(event) =
+                        mapping::map_truncate(&self.context()?, index, self.table(rel)?)
+                    {
+                        self.emit(event).await?;
+                    }
                 }
             }
-            LogicalMessage::Message(m) => {
-                // Emitted messages become events with the outbox support (issue 4).
-                debug!(lsn = %m.lsn, prefix = %m.prefix, transactional = m.transactional, "logical decoding message ignored");
-            }
+            LogicalMessage::Message(m) => self.message(m).await?,
             LogicalMessage::Type(_) | LogicalMessage::Origin { .. } => {}
         }
         Ok(())
@@ -538,20 +551,81 @@ impl Pipeline<'_> {
             self.skipped += 1;
             return Ok(());
         }
-        let event = mapping::map_change(
-            &self.context()?,
-            index,
-            self.table(relation_id)?,
-            &RowChange { op, old, new },
-        )?;
+        let tx = self.context()?;
+        let table = self.table(relation_id)?;
+        let change = RowChange { op, old, new };
+        let Some(mut event) = mapping::map_change(&tx, index, table, &change, None)? else {
+            return Ok(());
+        };
+        // Too large: shrink the columns the table's plan allows, cutting harder
+        // until it fits or there is nothing left to cut.
+        let limit = self.cfg.max_event_bytes;
+        if event.payload.len() > limit && table.plan.oversized != OversizedPlan::Fail {
+            let biggest = [new, old.map(|(_, t)| t)]
+                .into_iter()
+                .flatten()
+                .flat_map(|t| t.0.iter())
+                .map(|v| match v {
+                    pgoutput::ColumnValue::Text(b) | pgoutput::ColumnValue::Binary(b) => b.len(),
+                    _ => 0,
+                })
+                .max()
+                .unwrap_or(0);
+            let mut cap = biggest.saturating_sub(event.payload.len() - limit + 256);
+            for _ in 0..12 {
+                let shrink = Shrink {
+                    plan: &table.plan.oversized,
+                    max_value_bytes: cap,
+                };
+                if let Some(smaller) =
+                    mapping::map_change(&tx, index, table, &change, Some(shrink))?
+                {
+                    event = smaller;
+                }
+                if event.payload.len() <= limit || cap == 0 {
+                    break;
+                }
+                cap /= 2;
+            }
+        }
         self.emit(event).await
     }
 
+    /// An emitted logical message: an event when its prefix is configured. Every
+    /// transactional message takes an index in its transaction, configured or not, so
+    /// event ids do not move when the configuration changes.
+    async fn message(&mut self, m: pgoutput::EmittedMessage) -> Result<(), SourceError> {
+        let spec = self.cfg.messages.iter().find(|s| s.prefix == m.prefix);
+        if !m.transactional {
+            match spec {
+                Some(_) => {
+                    warn!(prefix = %m.prefix, lsn = %m.lsn, "non-transactional logical message ignored: emit it with pg_logical_emit_message(true, ...) so it commits (and is published) with its transaction")
+                }
+                None => {
+                    debug!(prefix = %m.prefix, lsn = %m.lsn, "non-transactional logical message ignored")
+                }
+            }
+            return Ok(());
+        }
+        let (commit_lsn, index) = self.next_index()?;
+        let Some(spec) = spec else {
+            debug!(prefix = %m.prefix, lsn = %m.lsn, "logical message with an unconfigured prefix ignored");
+            return Ok(());
+        };
+        if self.tail.is_stored(commit_lsn, index) {
+            self.skipped += 1;
+            return Ok(());
+        }
+        let event = mapping::map_message(&self.context()?, index, spec, &m.content);
+        self.emit(event).await
+    }
+
+    /// Queues an event of the open transaction: the one held before it is sent, and
+    /// this one is held until the next event or the commit says whether it is last.
     async fn emit(&mut self, event: DomainEvent) -> Result<(), SourceError> {
         if event.payload.len() > self.cfg.max_event_bytes {
-            let (table, _) = event.event_type.rsplit_once('.').unwrap_or_default();
             return Err(PublishError::Oversized {
-                table: table.to_string(),
+                table: event.origin.clone(),
                 key: event_key(&event),
                 size: event.payload.len(),
                 limit: self.cfg.max_event_bytes,
@@ -559,6 +633,13 @@ impl Pipeline<'_> {
             }
             .into());
         }
+        if let Some(prev) = self.held.replace(event) {
+            self.send(prev).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, event: DomainEvent) -> Result<(), SourceError> {
         trace!(event_id = %event.id, subject = %event.subject, "publish");
         self.publisher.publish(event).await?;
         self.published += 1;
@@ -586,13 +667,33 @@ impl Pipeline<'_> {
                 .filter_map(|name| r.columns.iter().position(|c| &c.name == name))
                 .collect()
         };
-        debug!(table = %format!("{}.{}", r.namespace, r.name), count = r.columns.len(), "relation");
+        let token = mapping::table_token(&r.namespace, &r.name);
+        let qualified = format!("{}.{}", r.namespace, r.name);
+        let cols: Vec<(String, u32)> = r
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect();
+        let plan = bind_plan(
+            self.cfg,
+            &r.namespace,
+            &r.name,
+            &LiveTable {
+                qualified: &qualified,
+                token: &token,
+                columns: &cols,
+                replica_identity: r.replica_identity,
+                default_key: &key,
+            },
+        )?;
+        debug!(table = %qualified, count = r.columns.len(), schema = %plan.fingerprint, "relation");
         Ok(Table {
             relation_id: r.id,
-            token: mapping::table_token(&r.namespace, &r.name),
+            token,
             schema: r.namespace,
             name: r.name,
             replica_identity: r.replica_identity,
+            plan,
             columns: r
                 .columns
                 .into_iter()
@@ -602,12 +703,14 @@ impl Pipeline<'_> {
                     type_oid: c.type_oid,
                 })
                 .collect(),
-            key,
         })
     }
 
     /// Shutdown: no more WAL is read; settle in-flight publishes and say so.
     async fn drain(&mut self) -> Result<(), SourceError> {
+        // A held event belongs to a transaction whose commit never arrived: it is
+        // not sent (the slot resends the whole transaction on the next start).
+        self.held = None;
         self.settle().await?;
         info!(lsn = %self.flush.get(), count = self.published, skipped = self.skipped, "stopped; final flush LSN sent");
         Ok(())
@@ -647,4 +750,93 @@ fn event_key(event: &DomainEvent) -> String {
         .ok()
         .map(|v| v["data"]["key"].to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Binds a table's configured mapping (if any) to its live shape.
+pub fn bind_plan(
+    cfg: &SourceConfig,
+    schema: &str,
+    name: &str,
+    live: &LiveTable<'_>,
+) -> Result<TablePlan, BindError> {
+    let spec = cfg
+        .mappings
+        .iter()
+        .find(|m| m.schema == schema && m.table == name);
+    let outbox = cfg
+        .outboxes
+        .iter()
+        .find(|o| o.schema == schema && o.table == name);
+    rules::bind(live, spec, outbox)
+}
+
+/// One published table with its live columns and the plan its mapping binds to.
+pub struct PlannedTable {
+    pub info: crate::postgres::catalog::TableInfo,
+    pub columns: Vec<(String, u32)>,
+    pub plan: TablePlan,
+}
+
+/// Binds every configured mapping to the live tables, so a rule naming a column that
+/// does not exist stops the start with the table and column named. A mapping for a
+/// table the source does not stream is an error too.
+pub async fn plan_tables(
+    catalog: &Catalog,
+    cfg: &SourceConfig,
+    tables: &[crate::postgres::catalog::TableInfo],
+) -> Result<Vec<PlannedTable>, SourceError> {
+    let streamed =
+        |schema: &str, name: &str| tables.iter().any(|t| t.schema == schema && t.name == name);
+    for (schema, name, line) in cfg
+        .mappings
+        .iter()
+        .map(|m| (&m.schema, &m.table, m.line))
+        .chain(cfg.outboxes.iter().map(|o| (&o.schema, &o.table, o.line)))
+    {
+        if !streamed(schema, name) {
+            return Err(CatalogError::MappedTableNotStreamed {
+                table: format!("{schema}.{name}"),
+                line,
+                publication: cfg.publication.clone(),
+            }
+            .into());
+        }
+    }
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        let columns = catalog.columns(t.oid).await?;
+        let key: Vec<usize> = if t.primary_key.is_empty() {
+            catalog
+                .identity_columns(t.oid)
+                .await?
+                .iter()
+                .filter_map(|k| columns.iter().position(|(n, _)| n == k))
+                .collect()
+        } else {
+            t.primary_key
+                .iter()
+                .filter_map(|k| columns.iter().position(|(n, _)| n == k))
+                .collect()
+        };
+        let qualified = format!("{}.{}", t.schema, t.name);
+        let token = mapping::table_token(&t.schema, &t.name);
+        let plan = bind_plan(
+            cfg,
+            &t.schema,
+            &t.name,
+            &LiveTable {
+                qualified: &qualified,
+                token: &token,
+                columns: &columns,
+                replica_identity: ReplicaIdentity::from_char(t.replica_identity),
+                default_key: &key,
+            },
+        )?;
+        out.push(PlannedTable {
+            info: t.clone(),
+            columns,
+            plan,
+        });
+    }
+    Ok(out)
 }

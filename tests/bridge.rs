@@ -776,7 +776,7 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
     let status = tm.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{}", tm.log());
     let log = tm.log();
-    assert!(log.contains("for notes (key {\"id\":42}) is "), "{log}");
+    assert!(log.contains("for public.notes (key {\"id\":42}) is "), "{log}");
     assert!(log.contains("over max_event_bytes = 2048"), "{log}");
     // The small row before it is stored; nothing at or after the big one is, and the
     // slot was not confirmed past it, so a restart with a higher limit sends it again.

@@ -2,11 +2,13 @@
 //! Pure: fields in, bytes out.
 //!
 //! Extension attributes (lowercase alphanumerics, per the CloudEvents naming rule):
-//! `commitlsn` (the transaction's commit LSN, `X/Y`), `xid` (its transaction id) and
-//! `txindex` (the event's index within its transaction).
+//! `commitlsn` (the transaction's commit LSN, `X/Y`), `xid` (its transaction id),
+//! `txindex` (the event's index within its transaction), `txlast` (true on the last
+//! event of its transaction), `schemahash` (a short fingerprint of a table event's
+//! row shape) and whatever the mapping adds (static attributes, outbox fields).
 
-use bytes::Bytes;
 use serde::Serialize;
+use serde::ser::SerializeMap;
 
 /// The facts an envelope is built from.
 pub struct EnvelopeFields<'a, D: Serialize> {
@@ -20,23 +22,9 @@ pub struct EnvelopeFields<'a, D: Serialize> {
     pub commit_lsn: &'a str,
     pub xid: u32,
     pub index: u64,
+    pub schema: Option<&'a str>,
+    pub extensions: &'a [(&'a str, &'a str)],
     pub data: &'a D,
-}
-
-#[derive(Serialize)]
-struct Envelope<'a, D: Serialize> {
-    specversion: &'static str,
-    id: &'a str,
-    source: SourceUri<'a>,
-    #[serde(rename = "type")]
-    event_type: &'a str,
-    subject: &'a str,
-    time: &'a str,
-    datacontenttype: &'static str,
-    commitlsn: &'a str,
-    xid: u32,
-    txindex: u64,
-    data: &'a D,
 }
 
 /// `/tidemark/<source>`, written without an intermediate String.
@@ -48,24 +36,84 @@ impl Serialize for SourceUri<'_> {
     }
 }
 
-/// Encodes one CloudEvent as JSON.
-pub fn encode<D: Serialize>(f: &EnvelopeFields<'_, D>) -> Bytes {
-    let env = Envelope {
-        specversion: "1.0",
-        id: f.id,
-        source: SourceUri(f.source),
-        event_type: f.event_type,
-        subject: f.subject,
-        time: f.time,
-        datacontenttype: "application/json",
-        commitlsn: f.commit_lsn,
-        xid: f.xid,
-        txindex: f.index,
-        data: f.data,
-    };
+impl<D: Serialize> Serialize for EnvelopeFields<'_, D> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("specversion", "1.0")?;
+        m.serialize_entry("id", self.id)?;
+        m.serialize_entry("source", &SourceUri(self.source))?;
+        m.serialize_entry("type", self.event_type)?;
+        m.serialize_entry("subject", self.subject)?;
+        m.serialize_entry("time", self.time)?;
+        m.serialize_entry("datacontenttype", "application/json")?;
+        m.serialize_entry("commitlsn", self.commit_lsn)?;
+        m.serialize_entry("xid", &self.xid)?;
+        m.serialize_entry("txindex", &self.index)?;
+        if let Some(schema) = self.schema {
+            m.serialize_entry("schemahash", schema)?;
+        }
+        for (k, v) in self.extensions {
+            m.serialize_entry(k, v)?;
+        }
+        // Always written false; `DomainEvent::mark_last` flips it in place.
+        m.serialize_entry(TXLAST, &false)?;
+        m.serialize_entry("data", self.data)?;
+        m.end()
+    }
+}
+
+const TXLAST: &str = "txlast";
+
+/// Encodes one CloudEvent as JSON. Returns the bytes and the offset of the `txlast`
+/// value (`false`), which the pipeline flips to `true ` for the last event of a
+/// transaction.
+pub fn encode<D: Serialize>(f: &EnvelopeFields<'_, D>) -> (Vec<u8>, Option<usize>) {
     let mut out = Vec::with_capacity(512);
     // Writing into a Vec cannot fail with an I/O error, and the data types tidemark
     // passes serialize only string-keyed maps, which serde_json always accepts.
-    serde_json::to_writer(&mut out, &env).expect("envelope serializes");
-    Bytes::from(out)
+    if serde_json::to_writer(&mut out, f).is_err() {
+        out.clear();
+        out.extend_from_slice(b"{}");
+    }
+    // Every string value before `data` is escaped, so the first `"txlast":` in the
+    // output is the key itself.
+    let needle = b"\"txlast\":";
+    let at = out
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + needle.len());
+    (out, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txlast_offset_points_at_false_even_when_values_mention_it() {
+        let data = serde_json::json!({"txlast": false, "x": "\"txlast\":false"});
+        let ext = [("note", "\"txlast\":false")];
+        let (bytes, at) = encode(&EnvelopeFields {
+            id: "s:0/1:0",
+            source: "s",
+            event_type: "\"txlast\":false",
+            subject: "t",
+            time: "2000-01-01T00:00:00Z",
+            commit_lsn: "0/1",
+            xid: 1,
+            index: 0,
+            schema: Some("abcd1234"),
+            extensions: &ext,
+            data: &data,
+        });
+        let at = at.unwrap();
+        assert_eq!(&bytes[at..at + 5], b"false");
+        let mut patched = bytes.clone();
+        patched[at..at + 5].copy_from_slice(b"true ");
+        let v: serde_json::Value = serde_json::from_slice(&patched).unwrap();
+        assert_eq!(v["txlast"], true);
+        assert_eq!(v["data"]["txlast"], false);
+        assert_eq!(v["note"], "\"txlast\":false");
+        assert_eq!(v["schemahash"], "abcd1234");
+    }
 }

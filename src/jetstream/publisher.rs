@@ -26,6 +26,8 @@ use async_nats::jetstream::{self, Context};
 
 use crate::events::mapping::DomainEvent;
 use crate::position::EventId;
+use std::str::FromStr as _;
+use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -56,7 +58,7 @@ pub enum PublishError {
     )]
     Duplicate { event_id: EventId },
     #[error(
-        "event {event_id} for {table} (key {key}) is {size} bytes, over max_event_bytes = {limit}: raise max_event_bytes (and the NATS max_payload), or exclude the large column"
+        "event {event_id} for {table} (key {key}) is {size} bytes, over max_event_bytes = {limit}: raise max_event_bytes (and the NATS max_payload), or in the table's [[source.table]] mapping exclude the large column or set oversized = \"omit\" or \"truncate\" with oversized_columns"
     )]
     Oversized {
         event_id: EventId,
@@ -134,10 +136,26 @@ impl Publisher {
 
     /// Sends one event without waiting for its ack.
     pub async fn publish(&mut self, event: DomainEvent) -> Result<(), PublishError> {
-        let msg = PublishMessage::build()
-            .payload(event.payload)
+        let mut msg = PublishMessage::build()
+            .payload(event.payload.into())
             .message_id(&event.msg_id)
             .expected_last_sequence(self.last_sent_seq);
+        for (name, value) in &event.headers {
+            // `Nats-*` headers steer JetStream (a stray Nats-Msg-Id would break
+            // exactly-once); names and values NATS cannot carry would panic the client.
+            let parsed = (
+                async_nats::HeaderName::from_str(name),
+                async_nats::HeaderValue::from_str(value),
+            );
+            match parsed {
+                (Ok(n), Ok(v)) if !name.to_ascii_lowercase().starts_with("nats-") => {
+                    msg = msg.header(n, v);
+                }
+                _ => {
+                    warn!(event_id = %event.id, header = %name, "outbox header not published: names starting with Nats- are reserved, and names may not hold ':', spaces or control characters, values no line breaks")
+                }
+            }
+        }
         let ack = self
             .js
             .send_publish(event.subject.clone(), msg)

@@ -37,6 +37,14 @@ pub enum CatalogError {
     #[error("publication {publication:?} does not publish table {table}: run ALTER PUBLICATION {} ADD TABLE {table}, or set create_publication = true to let tidemark add it", quote_ident(.publication))]
     PublicationLacksTable { publication: String, table: String },
     #[error(
+        "config line {line}: a mapping names table {table}, which publication {publication:?} does not stream: add it to the source's tables, or remove the mapping"
+    )]
+    MappedTableNotStreamed {
+        table: String,
+        line: usize,
+        publication: String,
+    },
+    #[error(
         "table {table} does not exist in database {dbname:?}: fix the tables list in the config"
     )]
     TableMissing { table: String, dbname: String },
@@ -241,6 +249,34 @@ impl Catalog {
             .await
             .map_err(q("list tables"))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The table's live columns in order: (name, type OID). Dropped columns are left out.
+    pub async fn columns(&self, relid: u32) -> Result<Vec<(String, u32)>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text, atttypid FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+                &[&relid],
+            )
+            .await
+            .map_err(q("table columns"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The columns of the table's replica identity index (REPLICA IDENTITY USING INDEX).
+    pub async fn identity_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1 AND i.indisreplident ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&relid],
+            )
+            .await
+            .map_err(q("replica identity index"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn primary_key(&self, relid: u32) -> Result<Vec<String>, CatalogError> {

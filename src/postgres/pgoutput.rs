@@ -121,6 +121,13 @@ impl ReplicaIdentity {
             other => Self::Other(other),
         }
     }
+
+    /// From `pg_class.relreplident`.
+    pub fn from_char(c: char) -> Self {
+        u8::try_from(c)
+            .map(Self::from_byte)
+            .unwrap_or(Self::Other(0))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

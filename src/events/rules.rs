@@ -1,0 +1,700 @@
+//! Mapping rules: how a table's row changes become domain events. Pure.
+//!
+//! The config gives a `TableSpec` per mapped table (and `OutboxSpec`, `MessageSpec`
+//! for the transactional outbox). A spec names columns; it is bound to the live table
+//! (`bind`) whenever the replication stream describes that table, at start and after
+//! every DDL, so a rule that names a column the table does not have (or no longer has)
+//! is an error naming the table and the column, never a silent skip.
+//!
+//! Binding yields a `TablePlan`: output columns, key, the event choice per operation,
+//! ordered conditional rules, the subject template, static attributes and the
+//! schema fingerprint. Evaluating a plan on a row change is allocation-free apart from
+//! the subject string.
+
+use std::fmt::Write as _;
+
+use crate::events::mapping::Operation;
+use crate::postgres::pgoutput::{ColumnValue, ReplicaIdentity, Tuple};
+
+/// A literal in a rule condition, compared with a column's text value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Literal {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Literal {
+    /// Whether a column's Postgres text output equals this literal. Integers and
+    /// floats compare numerically (so `5` matches numeric `5.00`), booleans match `t`
+    /// and `f`, text compares exactly.
+    pub fn matches(&self, text: &[u8]) -> bool {
+        let as_f64 = || {
+            std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| t.trim().parse::<f64>().ok())
+        };
+        match self {
+            Literal::Text(s) => s.as_bytes() == text,
+            Literal::Int(i) => match std::str::from_utf8(text).ok().map(str::trim) {
+                Some(t) => t.parse::<i64>().ok() == Some(*i) || as_f64() == Some(*i as f64),
+                None => false,
+            },
+            Literal::Float(f) => as_f64() == Some(*f),
+            Literal::Bool(b) => {
+                matches!((b, text), (true, b"t" | b"true") | (false, b"f" | b"false"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Literal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Literal::Text(s) => write!(f, "{s:?}"),
+            Literal::Int(i) => write!(f, "{i}"),
+            Literal::Float(x) => write!(f, "{x}"),
+            Literal::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// What a change turns into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// An event of this type.
+    Event(String),
+    /// No event: the change is consumed (its index in the transaction stays taken, so
+    /// ids do not shift when rules change).
+    Drop,
+}
+
+/// One conditional rule as configured. All given conditions must hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleSpec {
+    /// Operations it applies to; empty = any.
+    pub ops: Vec<Operation>,
+    /// At least one of these columns changed (UPDATEs only; needs REPLICA IDENTITY FULL).
+    pub changed: Vec<String>,
+    /// The new row's column equals one of the literals.
+    pub new: Vec<(String, Vec<Literal>)>,
+    /// The old row's column equals one of the literals (needs REPLICA IDENTITY FULL).
+    pub old: Vec<(String, Vec<Literal>)>,
+    pub choice: Choice,
+}
+
+/// A subject template: literal text and `{placeholder}`s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    pub text: String,
+    pub parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Lit(String),
+    /// A named placeholder, resolved per event.
+    Var(String),
+}
+
+impl Template {
+    /// Parses `a.{b}.c`; `allowed` lists the placeholder names (a `key.` prefix is
+    /// allowed when `allowed` contains `key.*`).
+    pub fn parse(text: &str, allowed: &[&str]) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed '{{' in subject template {text:?}"))?;
+            let name = &after[..close];
+            let ok = allowed.contains(&name)
+                || (allowed.contains(&"key.*") && name.starts_with("key.") && name.len() > 4);
+            if !ok {
+                return Err(format!(
+                    "unknown placeholder {{{name}}} in subject template {text:?}: use {}",
+                    allowed
+                        .iter()
+                        .map(|a| format!("{{{a}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            parts.push(Part::Var(name.to_string()));
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        if text.split('.').any(|t| t.is_empty()) || text.contains(['*', '>', ' ']) {
+            return Err(format!(
+                "subject template {text:?} must be dot-separated tokens without spaces or wildcards"
+            ));
+        }
+        Ok(Template {
+            text: text.to_string(),
+            parts,
+        })
+    }
+
+    /// Whether the rendered subject starts with `<source>.`, so the source's stream
+    /// captures it.
+    pub fn starts_with_source(&self, source: &str) -> bool {
+        match self.parts.first() {
+            Some(Part::Var(v)) => v == "source",
+            Some(Part::Lit(l)) => l.starts_with(&format!("{source}.")),
+            None => false,
+        }
+    }
+
+    /// Renders with `lookup` giving each placeholder's value, made subject-safe.
+    pub fn render(&self, mut lookup: impl FnMut(&str, &mut String)) -> String {
+        let mut out = String::with_capacity(64);
+        for p in &self.parts {
+            match p {
+                Part::Lit(l) => out.push_str(l),
+                Part::Var(v) => {
+                    let start = out.len();
+                    lookup(v, &mut out);
+                    if out.len() == start {
+                        out.push('_');
+                    }
+                    sanitize_from(&mut out, start);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Makes `out[start..]` one subject token: characters NATS does not allow in a token
+/// become `_`.
+fn sanitize_from(out: &mut String, start: usize) {
+    if out[start..]
+        .chars()
+        .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>') || c.is_control())
+    {
+        let fixed: String = out[start..]
+            .chars()
+            .map(|c| {
+                if c.is_whitespace() || matches!(c, '.' | '*' | '>') || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        out.truncate(start);
+        out.push_str(&fixed);
+    }
+}
+
+/// What to do with a row whose event is over `max_event_bytes`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Oversized {
+    /// Stop the source, naming table, key and size.
+    #[default]
+    Fail,
+    /// Leave these columns' values out (marked in `data.omitted`) and try again.
+    Omit(Vec<String>),
+    /// Cut these text columns' values to fit (marked in `data.truncated`).
+    Truncate(Vec<String>),
+}
+
+/// A `[[source.table]]` entry.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct TableSpec {
+    pub schema: String,
+    pub table: String,
+    /// The config line of the entry, for messages.
+    pub line: usize,
+    pub key: Option<Vec<String>>,
+    pub include: Option<Vec<String>>,
+    pub exclude: Vec<String>,
+    pub rename: Vec<(String, String)>,
+    /// Event per operation, indexed by `op_slot`.
+    pub events: [Option<Choice>; 4],
+    pub rules: Vec<RuleSpec>,
+    pub subject: Option<Template>,
+    pub attributes: Vec<(String, String)>,
+    pub oversized: Oversized,
+}
+
+/// A `[[source.outbox]]` entry: rows inserted into this table become events verbatim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxSpec {
+    pub schema: String,
+    pub table: String,
+    pub line: usize,
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub headers: Option<String>,
+    pub subject: Template,
+}
+
+/// A `[[source.message]]` entry: `pg_logical_emit_message(true, prefix, content)`
+/// becomes an event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageSpec {
+    pub prefix: String,
+    /// A fixed event type; default: the prefix.
+    pub event_type: Option<String>,
+    /// Take the event type from this top-level field of the JSON content instead.
+    pub type_field: Option<String>,
+    pub subject: Template,
+}
+
+pub const TABLE_PLACEHOLDERS: &[&str] = &["source", "schema", "table", "event", "op", "key.*"];
+pub const OUTBOX_PLACEHOLDERS: &[&str] =
+    &["source", "table", "aggregate_type", "aggregate_id", "event"];
+pub const MESSAGE_PLACEHOLDERS: &[&str] = &["source", "prefix", "event"];
+
+/// The position of an operation in per-operation arrays.
+pub fn op_slot(op: Operation) -> usize {
+    match op {
+        Operation::Insert => 0,
+        Operation::Update => 1,
+        Operation::Delete => 2,
+        Operation::Truncate => 3,
+    }
+}
+
+/// A spec that does not fit the live table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "mapping of table {table} (config line {line}): {what} names column {column:?}, which the table does not have (its columns: {columns}); fix the mapping, or restart once the column exists"
+    )]
+    UnknownColumn {
+        table: String,
+        line: usize,
+        what: String,
+        column: String,
+        columns: String,
+    },
+    #[error(
+        "mapping of table {table} (config line {line}): {what} compares old values, which PostgreSQL sends only with REPLICA IDENTITY FULL; run ALTER TABLE {table} REPLICA IDENTITY FULL, or drop the old/changed condition"
+    )]
+    NeedsFullIdentity {
+        table: String,
+        line: usize,
+        what: String,
+    },
+    #[error(
+        "mapping of table {table} (config line {line}): two output columns are named {name:?}; rename one"
+    )]
+    DuplicateOutput {
+        table: String,
+        line: usize,
+        name: String,
+    },
+}
+
+/// One column of the event's rows: where it is in the tuple and its name in JSON.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutColumn {
+    pub index: usize,
+    pub name: String,
+}
+
+/// A bound rule: column names resolved to tuple indices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    pub ops: Vec<Operation>,
+    pub changed: Vec<usize>,
+    pub new: Vec<(usize, Vec<Literal>)>,
+    pub old: Vec<(usize, Vec<Literal>)>,
+    pub bound: Bound,
+}
+
+/// A bound event choice: its type and its name in subjects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    Event { ty: String, name: String },
+    Drop,
+}
+
+/// Outbox columns resolved to tuple indices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxPlan {
+    pub id: usize,
+    pub aggregate_type: usize,
+    pub aggregate_id: usize,
+    pub event_type: usize,
+    pub payload: usize,
+    pub headers: Option<usize>,
+    pub subject: Template,
+}
+
+/// How one live table's changes become events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TablePlan {
+    pub columns: Vec<OutColumn>,
+    pub key: Vec<OutColumn>,
+    pub events: [Bound; 4],
+    pub rules: Vec<Rule>,
+    pub subject: Option<Template>,
+    pub attributes: Vec<(String, String)>,
+    /// Short hash of the event's row shape (output names, types, key).
+    pub fingerprint: String,
+    pub outbox: Option<OutboxPlan>,
+    pub oversized: OversizedPlan,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum OversizedPlan {
+    #[default]
+    Fail,
+    Omit(Vec<usize>),
+    Truncate(Vec<usize>),
+}
+
+/// The live table as the binder needs it.
+pub struct LiveTable<'a> {
+    pub qualified: &'a str,
+    pub token: &'a str,
+    pub columns: &'a [(String, u32)],
+    pub replica_identity: ReplicaIdentity,
+    /// Key column indices from the catalog (primary key, else replica identity).
+    pub default_key: &'a [usize],
+}
+
+fn column_index(
+    live: &LiveTable<'_>,
+    line: usize,
+    what: &str,
+    name: &str,
+) -> Result<usize, BindError> {
+    live.columns
+        .iter()
+        .position(|(n, _)| n == name)
+        .ok_or_else(|| BindError::UnknownColumn {
+            table: live.qualified.to_string(),
+            line,
+            what: what.to_string(),
+            column: name.to_string(),
+            columns: live
+                .columns
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+fn default_event(token: &str, op: Operation) -> Bound {
+    Bound::Event {
+        ty: format!("{token}.{}", op.event_name()),
+        name: op.event_name().to_string(),
+    }
+}
+
+fn bind_choice(c: &Choice) -> Bound {
+    match c {
+        Choice::Event(t) => Bound::Event {
+            ty: t.clone(),
+            name: t.clone(),
+        },
+        Choice::Drop => Bound::Drop,
+    }
+}
+
+/// The default plan: every column under its own name, default event types.
+pub fn default_plan(live: &LiveTable<'_>) -> TablePlan {
+    // An empty spec always binds: it names no column.
+    bind(live, None, None).unwrap_or_else(|_| unreachable!("an empty spec names no column"))
+}
+
+/// Binds the table's spec (or none: the default mapping) and outbox spec to the live
+/// table.
+pub fn bind(
+    live: &LiveTable<'_>,
+    spec: Option<&TableSpec>,
+    outbox: Option<&OutboxSpec>,
+) -> Result<TablePlan, BindError> {
+    let empty = TableSpec::default();
+    let spec = spec.unwrap_or(&empty);
+    let line = spec.line;
+    let idx = |what: &str, name: &str| column_index(live, line, what, name);
+
+    let key: Vec<usize> = match &spec.key {
+        Some(names) => names
+            .iter()
+            .map(|n| idx("key", n))
+            .collect::<Result<_, _>>()?,
+        None => live.default_key.to_vec(),
+    };
+    let mut included: Vec<usize> = match &spec.include {
+        Some(names) => names
+            .iter()
+            .map(|n| idx("include", n))
+            .collect::<Result<_, _>>()?,
+        None => (0..live.columns.len()).collect(),
+    };
+    for n in &spec.exclude {
+        let i = idx("exclude", n)?;
+        included.retain(|&c| c != i);
+    }
+    let mut renames = Vec::with_capacity(spec.rename.len());
+    for (from, to) in &spec.rename {
+        renames.push((idx("rename", from)?, to.as_str()));
+    }
+    let out_name = |i: usize| -> String {
+        renames
+            .iter()
+            .find(|(c, _)| *c == i)
+            .map(|(_, to)| to.to_string())
+            .unwrap_or_else(|| live.columns[i].0.clone())
+    };
+    let columns: Vec<OutColumn> = included
+        .iter()
+        .map(|&i| OutColumn {
+            index: i,
+            name: out_name(i),
+        })
+        .collect();
+    for (n, c) in columns.iter().enumerate() {
+        if columns[..n].iter().any(|o| o.name == c.name) {
+            return Err(BindError::DuplicateOutput {
+                table: live.qualified.to_string(),
+                line,
+                name: c.name.clone(),
+            });
+        }
+    }
+    let key: Vec<OutColumn> = key
+        .into_iter()
+        .map(|i| OutColumn {
+            index: i,
+            name: out_name(i),
+        })
+        .collect();
+
+    let ops = [
+        Operation::Insert,
+        Operation::Update,
+        Operation::Delete,
+        Operation::Truncate,
+    ];
+    let events = ops.map(|op| match &spec.events[op_slot(op)] {
+        Some(c) => bind_choice(c),
+        None => default_event(live.token, op),
+    });
+
+    let mut rules = Vec::with_capacity(spec.rules.len());
+    for (n, r) in spec.rules.iter().enumerate() {
+        let what = format!("rule {}", n + 1);
+        if (!r.changed.is_empty() || !r.old.is_empty())
+            && live.replica_identity != ReplicaIdentity::Full
+        {
+            return Err(BindError::NeedsFullIdentity {
+                table: live.qualified.to_string(),
+                line,
+                what,
+            });
+        }
+        let cond = |list: &[(String, Vec<Literal>)], part: &str| {
+            list.iter()
+                .map(|(c, v)| Ok((idx(&format!("{what} ({part})"), c)?, v.clone())))
+                .collect::<Result<Vec<_>, BindError>>()
+        };
+        rules.push(Rule {
+            ops: r.ops.clone(),
+            changed: r
+                .changed
+                .iter()
+                .map(|c| idx(&format!("{what} (changed)"), c))
+                .collect::<Result<_, _>>()?,
+            new: cond(&r.new, "new")?,
+            old: cond(&r.old, "old")?,
+            bound: bind_choice(&r.choice),
+        });
+    }
+
+    let (subject, mut missing_key) = match &spec.subject {
+        Some(t) => {
+            let mut missing = None;
+            for p in &t.parts {
+                if let Part::Var(v) = p
+                    && let Some(col) = v.strip_prefix("key.")
+                    && !key
+                        .iter()
+                        .any(|k| k.name == col || live.columns[k.index].0 == col)
+                {
+                    missing = Some(col.to_string());
+                }
+            }
+            (Some(t.clone()), missing)
+        }
+        None => (None, None),
+    };
+    if let Some(col) = missing_key.take() {
+        return Err(BindError::UnknownColumn {
+            table: live.qualified.to_string(),
+            line,
+            what: "subject template {key.…}".into(),
+            column: col,
+            columns: key
+                .iter()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+
+    let outbox = match outbox {
+        Some(o) => {
+            let oidx = |what: &str, name: &str| column_index(live, o.line, what, name);
+            Some(OutboxPlan {
+                id: oidx("outbox id", &o.id)?,
+                aggregate_type: oidx("outbox aggregate_type", &o.aggregate_type)?,
+                aggregate_id: oidx("outbox aggregate_id", &o.aggregate_id)?,
+                event_type: oidx("outbox event_type", &o.event_type)?,
+                payload: oidx("outbox payload", &o.payload)?,
+                headers: match &o.headers {
+                    Some(h) => Some(oidx("outbox headers", h)?),
+                    None => None,
+                },
+                subject: o.subject.clone(),
+            })
+        }
+        None => None,
+    };
+
+    let oversized = match &spec.oversized {
+        Oversized::Fail => OversizedPlan::Fail,
+        Oversized::Omit(cols) => OversizedPlan::Omit(
+            cols.iter()
+                .map(|c| idx("oversized omit", c))
+                .collect::<Result<_, _>>()?,
+        ),
+        Oversized::Truncate(cols) => OversizedPlan::Truncate(
+            cols.iter()
+                .map(|c| idx("oversized truncate", c))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+
+    let fingerprint = fingerprint(live, &columns, &key);
+    Ok(TablePlan {
+        columns,
+        key,
+        events,
+        rules,
+        subject,
+        attributes: spec.attributes.clone(),
+        fingerprint,
+        outbox,
+        oversized,
+    })
+}
+
+/// FNV-1a over the output shape, as 8 hex digits: changes when a column is added,
+/// dropped, renamed or changes type, or the key changes.
+fn fingerprint(live: &LiveTable<'_>, columns: &[OutColumn], key: &[OutColumn]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for c in columns {
+        eat(c.name.as_bytes());
+        eat(b":");
+        eat(&live.columns[c.index].1.to_le_bytes());
+        eat(b",");
+    }
+    eat(b"|");
+    for k in key {
+        eat(k.name.as_bytes());
+        eat(b",");
+    }
+    let mut out = String::with_capacity(8);
+    let _ = write!(out, "{:08x}", (h >> 32) as u32 ^ h as u32);
+    out
+}
+
+fn text_of(v: &ColumnValue) -> Option<&[u8]> {
+    match v {
+        ColumnValue::Text(b) | ColumnValue::Binary(b) => Some(b),
+        _ => None,
+    }
+}
+
+impl TablePlan {
+    /// Picks the event for a change: the first rule whose conditions hold, else the
+    /// operation's event.
+    pub fn choose(&self, op: Operation, old: Option<&Tuple>, new: Option<&Tuple>) -> &Bound {
+        for rule in &self.rules {
+            if rule.holds(op, old, new) {
+                return &rule.bound;
+            }
+        }
+        &self.events[op_slot(op)]
+    }
+}
+
+impl Rule {
+    fn holds(&self, op: Operation, old: Option<&Tuple>, new: Option<&Tuple>) -> bool {
+        if !self.ops.is_empty() && !self.ops.contains(&op) {
+            return false;
+        }
+        // The new value of a column; an unchanged TOAST value is the old one.
+        let new_value = |i: usize| -> Option<&ColumnValue> {
+            let v = new?.0.get(i)?;
+            if matches!(v, ColumnValue::UnchangedToast) {
+                old?.0.get(i)
+            } else {
+                Some(v)
+            }
+        };
+        if !self.changed.is_empty() {
+            if op != Operation::Update {
+                return false;
+            }
+            let any_changed = self.changed.iter().any(|&i| {
+                let n = new.and_then(|t| t.0.get(i));
+                if matches!(n, Some(ColumnValue::UnchangedToast)) {
+                    return false;
+                }
+                n != old.and_then(|t| t.0.get(i))
+            });
+            if !any_changed {
+                return false;
+            }
+        }
+        let check = |value: Option<&ColumnValue>, set: &[Literal]| match value.and_then(text_of) {
+            Some(t) => set.iter().any(|l| l.matches(t)),
+            None => false,
+        };
+        self.new.iter().all(|(i, set)| check(new_value(*i), set))
+            && self
+                .old
+                .iter()
+                .all(|(i, set)| check(old.and_then(|t| t.0.get(*i)), set))
+    }
+}
+
+#[cfg(test)]
+impl TablePlan {
+    /// The default plan of a `public` table with these columns, keyed on the first.
+    pub fn default_for(columns: &[(&str, u32)], token: &str) -> TablePlan {
+        let cols: Vec<(String, u32)> = columns.iter().map(|(n, t)| (n.to_string(), *t)).collect();
+        default_plan(&LiveTable {
+            qualified: &format!("public.{token}"),
+            token,
+            columns: &cols,
+            replica_identity: ReplicaIdentity::Default,
+            default_key: &[0],
+        })
+    }
+}
