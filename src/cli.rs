@@ -395,10 +395,7 @@ async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
         ok &= line(n, false, &format!("slot {:?}", s.slot), &err.to_string());
     }
     if ok {
-        println!(
-            "ok   [{n}] would stream to subjects {n}.<table>.<created|updated|deleted|truncated> in stream {:?}",
-            s.stream.name
-        );
+        println!("ok   [{n}] would stream to stream {:?}", s.stream.name);
     }
     ok
 }
@@ -441,7 +438,7 @@ async fn check_postgres(
     match catalog.tables(&wanted).await {
         Err(e) => out.push((false, "tables".into(), e.to_string())),
         Ok(tables) => {
-            for t in tables {
+            for t in tables.iter().cloned() {
                 let in_pub = published
                     .as_ref()
                     .is_some_and(|p| p.contains(&(t.schema.clone(), t.name.clone())));
@@ -464,6 +461,7 @@ async fn check_postgres(
                     None => out.push((true, what, format!("replica identity {identity}, {key}{}", if in_pub { "" } else { "; will be added to the publication" }))),
                 }
             }
+            out.extend(plan_lines(&catalog, s, &tables).await?);
         }
     }
     let slot_name = format!("slot {:?}", s.slot);
@@ -496,6 +494,56 @@ async fn check_postgres(
             }
             .to_string(),
         )),
+    }
+    Ok(out)
+}
+
+/// The mapping plan per table, and the warnings that go with it.
+async fn plan_lines(
+    catalog: &Catalog,
+    s: &SourceConfig,
+    tables: &[crate::postgres::catalog::TableInfo],
+) -> Result<CheckLines, CatalogError> {
+    let mut out: CheckLines = Vec::new();
+    let planned = match pipeline::plan_tables(catalog, s, tables).await {
+        Ok(p) => p,
+        Err(pipeline::SourceError::Catalog(e)) => return Err(e),
+        Err(e) => {
+            out.push((false, "mapping".into(), ErrorChain(&e).to_string()));
+            return Ok(out);
+        }
+    };
+    for p in planned {
+        let table = format!("{}.{}", p.info.schema, p.info.name);
+        let what = format!("plan {table}");
+        let token = crate::events::mapping::table_token(&p.info.schema, &p.info.name);
+        for text in p.plan.describe(&p.columns, &s.name, &token) {
+            out.push((true, what.clone(), text));
+        }
+        if p.plan.outbox.is_none() && p.info.replica_identity != 'f' {
+            let toastable = catalog.toastable_columns(p.info.oid).await?;
+            let shown: Vec<&String> = toastable
+                .iter()
+                .filter(|c| !p.info.primary_key.contains(c))
+                .filter(|c| {
+                    p.plan
+                        .columns
+                        .iter()
+                        .any(|o| p.columns.get(o.index).is_some_and(|(n, _)| n == *c))
+                })
+                .collect();
+            if !shown.is_empty() {
+                out.push((
+                    true,
+                    what.clone(),
+                    format!(
+                        "warning: {} can be TOASTed; without REPLICA IDENTITY FULL an UPDATE that leaves such a value unchanged does not carry it, so the event lists it in data.unchanged_toast instead of a value (run ALTER TABLE {} REPLICA IDENTITY FULL to have it filled)",
+                        shown.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+                        p.info.qualified()
+                    ),
+                ));
+            }
+        }
     }
     Ok(out)
 }

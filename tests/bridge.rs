@@ -728,7 +728,13 @@ async fn check_reports_a_ready_source_and_changes_nothing() {
         "ok   [store] table \"public\".\"orders\": replica identity default, key (id); will be added to the publication",
         "ok   [store] slot \"tidemark_store\": will be created",
         "ok   [store] stream \"STORE\": will be created",
-        "ok   [store] would stream to subjects store.<table>.<created|updated|deleted|truncated>",
+        "ok   [store] plan public.orders: key: id; schema hash ",
+        "ok   [store] plan public.orders: columns: id, status",
+        "ok   [store] plan public.orders: insert -> orders.created, subject store.orders.created",
+        "ok   [store] plan public.orders: update -> orders.updated, subject store.orders.updated",
+        "ok   [store] plan public.orders: delete -> orders.deleted, subject store.orders.deleted",
+        "ok   [store] plan public.orders: warning: status can be TOASTed",
+        "ok   [store] would stream to stream \"STORE\"",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
@@ -776,7 +782,10 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
     let status = tm.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "{}", tm.log());
     let log = tm.log();
-    assert!(log.contains("for public.notes (key {\"id\":42}) is "), "{log}");
+    assert!(
+        log.contains("for public.notes (key {\"id\":42}) is "),
+        "{log}"
+    );
     assert!(log.contains("over max_event_bytes = 2048"), "{log}");
     // The small row before it is stored; nothing at or after the big one is, and the
     // slot was not confirmed past it, so a restart with a higher limit sends it again.

@@ -698,3 +698,126 @@ impl TablePlan {
         })
     }
 }
+
+fn op_list(ops: &[Operation]) -> String {
+    if ops.is_empty() {
+        "any operation".into()
+    } else {
+        ops.iter().map(|o| o.as_str()).collect::<Vec<_>>().join("/")
+    }
+}
+
+fn bound_text(b: &Bound) -> &str {
+    match b {
+        Bound::Event { ty, .. } => ty,
+        Bound::Drop => "nothing (dropped)",
+    }
+}
+
+impl TablePlan {
+    /// The plan in words, one line each, for `tidemark check`.
+    pub fn describe(&self, columns: &[(String, u32)], source: &str, token: &str) -> Vec<String> {
+        let name = |i: usize| columns.get(i).map(|c| c.0.as_str()).unwrap_or("?");
+        let mut out = Vec::new();
+        if let Some(o) = &self.outbox {
+            out.push(format!(
+                "outbox: each inserted row is an event of type <{}> with data <{}>, subject {}; updates and deletes publish nothing",
+                name(o.event_type),
+                name(o.payload),
+                o.subject.text
+            ));
+            return out;
+        }
+        let key = if self.key.is_empty() {
+            "none (events carry no key)".to_string()
+        } else {
+            self.key
+                .iter()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push(format!("key: {key}; schema hash {}", self.fingerprint));
+        let shaped: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| {
+                if c.name == name(c.index) {
+                    c.name.clone()
+                } else {
+                    format!("{} as {}", name(c.index), c.name)
+                }
+            })
+            .collect();
+        out.push(format!("columns: {}", shaped.join(", ")));
+        for (n, r) in self.rules.iter().enumerate() {
+            let mut cond = vec![format!("on {}", op_list(&r.ops))];
+            if !r.changed.is_empty() {
+                cond.push(format!(
+                    "{} changed",
+                    r.changed
+                        .iter()
+                        .map(|&i| name(i))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ));
+            }
+            for (label, list) in [("old", &r.old), ("new", &r.new)] {
+                for (i, set) in list {
+                    let vals: Vec<String> = set.iter().map(|l| l.to_string()).collect();
+                    cond.push(format!("{label} {} in [{}]", name(*i), vals.join(", ")));
+                }
+            }
+            out.push(format!(
+                "rule {}: {} -> {}",
+                n + 1,
+                cond.join(", "),
+                bound_text(&r.bound)
+            ));
+        }
+        for op in [
+            Operation::Insert,
+            Operation::Update,
+            Operation::Delete,
+            Operation::Truncate,
+        ] {
+            let b = &self.events[op_slot(op)];
+            let prefix = if self.rules.is_empty() {
+                ""
+            } else {
+                "otherwise "
+            };
+            let subject = match (b, &self.subject) {
+                (Bound::Drop, _) => String::new(),
+                (Bound::Event { .. }, Some(t)) => format!(", subject {}", t.text),
+                (Bound::Event { name, .. }, None) => format!(", subject {source}.{token}.{name}"),
+            };
+            out.push(format!(
+                "{prefix}{} -> {}{subject}",
+                op.as_str(),
+                bound_text(b)
+            ));
+        }
+        if !self.attributes.is_empty() {
+            let a: Vec<String> = self
+                .attributes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            out.push(format!("attributes: {}", a.join(", ")));
+        }
+        match &self.oversized {
+            OversizedPlan::Fail => {}
+            OversizedPlan::Omit(c) | OversizedPlan::Truncate(c) => out.push(format!(
+                "oversized rows: {} {}",
+                if matches!(self.oversized, OversizedPlan::Omit(_)) {
+                    "omit"
+                } else {
+                    "truncate"
+                },
+                c.iter().map(|&i| name(i)).collect::<Vec<_>>().join(", ")
+            )),
+        }
+        out
+    }
+}

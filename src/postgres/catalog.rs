@@ -265,6 +265,21 @@ impl Catalog {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Columns whose values can be stored out of line (TOAST): storage extended or
+    /// external.
+    pub async fn toastable_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attstorage IN ('x', 'e') ORDER BY attnum",
+                &[&relid],
+            )
+            .await
+            .map_err(q("toastable columns"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// The columns of the table's replica identity index (REPLICA IDENTITY USING INDEX).
     pub async fn identity_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
         let rows = self

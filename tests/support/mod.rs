@@ -598,6 +598,8 @@ pub struct SourceSpec<'a> {
     pub tables: &'a str,
     pub extra: &'a str,
     pub postgres_extra: &'a str,
+    /// TOML appended after the source's tables: `[[source.table]]` mappings and such.
+    pub sections: &'a str,
 }
 
 impl<'a> SourceSpec<'a> {
@@ -608,6 +610,7 @@ impl<'a> SourceSpec<'a> {
             tables: "all_tables = true",
             extra: "",
             postgres_extra: "",
+            sections: "",
         }
     }
 }
@@ -638,6 +641,8 @@ user = "postgres"
 
 [source.stream]
 name = "{stream}"
+
+{sections}
 "#,
         nats = nats.url(),
         name = s.name,
@@ -647,6 +652,7 @@ name = "{stream}"
         db = s.dbname,
         pg_extra = s.postgres_extra,
         stream = s.name.to_uppercase(),
+        sections = s.sections,
     );
     let path = dir.join(format!("{}.toml", s.name));
     fs::write(&path, text).expect("write config");
@@ -696,6 +702,8 @@ pub struct StoredEvent {
     pub subject: String,
     pub msg_id: String,
     pub body: serde_json::Value,
+    /// Headers other than `Nats-*`.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Reads the whole stream back, in sequence order.
@@ -731,6 +739,13 @@ pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<Store
             subject: m.subject.to_string(),
             msg_id,
             body: serde_json::from_slice(&m.payload).expect("event is JSON"),
+            headers: m
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .filter(|(k, _)| !k.to_string().starts_with("Nats-"))
+                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                .collect(),
         });
         if seq >= last {
             break;
