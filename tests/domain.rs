@@ -2,6 +2,8 @@
 //! emitted messages, transaction boundaries, schema changes) against a real
 //! PostgreSQL and a real nats-server, each started by the test.
 
+#![recursion_limit = "256"]
+
 mod support;
 
 use std::time::Duration;
@@ -516,4 +518,210 @@ event = "ParcelDelivered"
         events[5].body["data"]["after"],
         json!({"id": 5, "grams": "3"})
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_builtin_type_family_arrives_as_the_expected_json() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        r#"CREATE TYPE address AS (street text, zip int, tags text[]);
+         CREATE TYPE floatrange AS RANGE (subtype = float8);
+         CREATE DOMAIN email AS text CHECK (VALUE LIKE '%@%');
+         CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE TABLE kinds (
+           id int PRIMARY KEY, iv interval, mo money, ip inet, cd cidr, mac macaddr, mac8 macaddr8,
+           bt bit(4), vb varbit, x xml, tsv tsvector, tsq tsquery,
+           pt point, ln line, ls lseg, bx box, pth path, pthc path, pg polygon, ci circle,
+           r4 int4range, r8 int8range, rn numrange, rts tsrange, rtz tstzrange, rd daterange,
+           rempty int4range, runb int4range, mr int4multirange, mre nummultirange, rf floatrange,
+           dm email, comp address, en mood,
+           n_nan numeric, n_inf numeric, n_ninf numeric, ts_inf timestamp, ts_ninf timestamptz, ttz timetz,
+           a_iv interval[], a_ip inet[], a_pt point[], a_bx box[], a_r int4range[], a_comp address[],
+           a_en mood[], a_mo money[], a_dm email[]
+         );"#,
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute(
+        r#"INSERT INTO kinds VALUES (
+           1, '1 year 2 months 3 days 04:05:06.5', '-1234.56', '192.168.0.1/24', '10.0.0.0/8',
+           '08:00:2b:01:02:03', '08:00:2b:01:02:03:04:05', B'1010', B'101', '<a>1</a>',
+           'a fat cat', 'fat & rat',
+           '(1.5,2)', '{1,-1,0}', '[(0,0),(1,1)]', '(1,1),(0,0)', '[(0,0),(1,1),(2,0)]', '((0,0),(1,1),(2,0))',
+           '((0,0),(1,1),(1,0))', '<(1,2),3>',
+           '[1,10)', '(1,5]', '[1.5,2.5]', '["2024-01-01 00:00","2024-01-02 00:00")', '[2024-01-01 00:00+00,)',
+           '[2024-01-01,2024-02-01)', 'empty', '(,5)', '{[1,3),[5,7)}', '{}', '[1.5,2.5)',
+           'a@b', ROW('Main St, 1', 12345, ARRAY['x', 'y "q"']), 'sad',
+           'NaN', 'Infinity', '-Infinity', 'infinity', '-infinity', '23:59:59.999-05:30',
+           ARRAY['1 day'::interval, '2 hours'], '{10.0.0.1,::1}', ARRAY[point(1,2), point(3,4)],
+           ARRAY[box '(1,1),(0,0)', box '(3,3),(2,2)'], ARRAY['[1,2)'::int4range, 'empty'],
+           ARRAY[ROW('a', 1, NULL)::address], '{happy,sad}', ARRAY['1.50'::money], ARRAY['x@y'::email]
+        )"#,
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let after = &events[0].body["data"]["after"];
+    let p = |x: f64, y: f64| json!({"x": x, "y": y});
+    let range = |l: Value, u: Value, li: bool, ui: bool| json!({"lower": l, "upper": u, "lower_inc": li, "upper_inc": ui});
+    let expected = json!({
+        "id": 1, "iv": "P1Y2M3DT4H5M6.5S", "mo": "-1234.56", "ip": "192.168.0.1/24", "cd": "10.0.0.0/8",
+        "mac": "08:00:2b:01:02:03", "mac8": "08:00:2b:01:02:03:04:05", "bt": "1010", "vb": "101",
+        "x": "<a>1</a>", "tsv": "'a' 'cat' 'fat'", "tsq": "'fat' & 'rat'",
+        "pt": p(1.5, 2.0), "ln": {"a": 1.0, "b": -1.0, "c": 0.0},
+        "ls": [p(0.0, 0.0), p(1.0, 1.0)], "bx": [p(1.0, 1.0), p(0.0, 0.0)],
+        "pth": {"closed": false, "points": [p(0.0, 0.0), p(1.0, 1.0), p(2.0, 0.0)]},
+        "pthc": {"closed": true, "points": [p(0.0, 0.0), p(1.0, 1.0), p(2.0, 0.0)]},
+        "pg": [p(0.0, 0.0), p(1.0, 1.0), p(1.0, 0.0)], "ci": {"x": 1.0, "y": 2.0, "radius": 3.0},
+        "r4": range(json!(1), json!(10), true, false),
+        "r8": range(json!(2), json!(6), true, false),
+        "rn": range(json!("1.5"), json!("2.5"), true, true),
+        "rts": range(json!("2024-01-01T00:00:00"), json!("2024-01-02T00:00:00"), true, false),
+        "rtz": range(json!("2024-01-01T00:00:00Z"), Value::Null, true, false),
+        "rd": range(json!("2024-01-01"), json!("2024-02-01"), true, false),
+        "rempty": {"empty": true},
+        "runb": range(Value::Null, json!(5), false, false),
+        "mr": [range(json!(1), json!(3), true, false), range(json!(5), json!(7), true, false)],
+        "mre": [],
+        "rf": range(json!(1.5), json!(2.5), true, false),
+        "dm": "a@b", "comp": {"street": "Main St, 1", "zip": 12345, "tags": ["x", "y \"q\""]}, "en": "sad",
+        "n_nan": "NaN", "n_inf": "Infinity", "n_ninf": "-Infinity",
+        "ts_inf": "infinity", "ts_ninf": "-infinity", "ttz": "23:59:59.999-05:30",
+        "a_iv": ["P1D", "PT2H"], "a_ip": ["10.0.0.1", "::1"], "a_pt": [p(1.0, 2.0), p(3.0, 4.0)],
+        "a_bx": [[p(1.0, 1.0), p(0.0, 0.0)], [p(3.0, 3.0), p(2.0, 2.0)]],
+        "a_r": [range(json!(1), json!(2), true, false), {"empty": true}],
+        "a_comp": [{"street": "a", "zip": 1, "tags": null}], "a_en": ["happy", "sad"], "a_mo": ["1.50"],
+        "a_dm": ["x@y"]
+    });
+    for (k, v) in expected.as_object().unwrap() {
+        assert_eq!(&after[k], v, "column {k}");
+    }
+    assert_eq!(
+        after.as_object().unwrap().len(),
+        expected.as_object().unwrap().len(),
+        "{after:#}"
+    );
+}
+
+/// Property tests of the array, range and composite parsers against the text real
+/// Postgres writes for generated values.
+#[test]
+fn text_parsers_read_what_postgres_writes() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use tidemark::postgres::values::{RangeText, parse_array, parse_composite, parse_range};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = PgServer::start();
+    let db = rt.block_on(pg.create_db("props"));
+    rt.block_on(db.batch_execute(
+        r#"CREATE TYPE trio AS (a text, b text, c int);
+           CREATE TYPE textrange AS RANGE (subtype = text, collation = "C");"#,
+    ))
+    .unwrap();
+    // Characters that need quoting or escaping in some literal, plus ordinary ones.
+    let text = || {
+        proptest::string::string_regex(r#"[a-zA-Z0-9 "\\{}(),;\[\]é✓\t]{0,8}|NULL|null"#).unwrap()
+    };
+    // A runner counts the cases it has passed, so each property gets its own.
+    let runner = || {
+        TestRunner::new(Config {
+            cases: 200,
+            failure_persistence: None,
+            ..Config::default()
+        })
+    };
+    let arrays = proptest::collection::vec(proptest::option::of(text()), 0..6);
+    runner()
+        .run(&arrays, |items| {
+            let row = rt
+                .block_on(db.query_one("SELECT $1::text[]::text", &[&items]))
+                .unwrap();
+            let out: String = row.get(0);
+            let parsed =
+                parse_array(&out, b',').map_err(|e| TestCaseError::fail(format!("{out}: {e}")))?;
+            let want = tidemark::postgres::values::ArrayNode::List(
+                items
+                    .iter()
+                    .map(|i| tidemark::postgres::values::ArrayNode::Element(i.clone()))
+                    .collect(),
+            );
+            prop_assert_eq!(parsed, want, "postgres wrote {}", out);
+            Ok(())
+        })
+        .unwrap();
+    let trios = (
+        proptest::option::of(text()),
+        proptest::option::of(text()),
+        proptest::option::of(any::<i32>()),
+    );
+    runner()
+        .run(&trios, |(a, b, c)| {
+            let row = rt
+                .block_on(db.query_one(
+                    "SELECT ROW($1::text, $2::text, $3::int)::trio::text",
+                    &[&a, &b, &c],
+                ))
+                .unwrap();
+            let out: String = row.get(0);
+            let parsed =
+                parse_composite(&out).map_err(|e| TestCaseError::fail(format!("{out}: {e}")))?;
+            prop_assert_eq!(
+                parsed,
+                vec![a.clone(), b.clone(), c.map(|c| c.to_string())],
+                "postgres wrote {}",
+                out
+            );
+            Ok(())
+        })
+        .unwrap();
+    let ranges = (
+        proptest::option::of(text()),
+        proptest::option::of(text()),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    runner()
+        .run(&ranges, |(lo, hi, li, ui)| {
+            let (lo, hi) = match (lo, hi) {
+                (Some(a), Some(b)) if a.as_bytes() > b.as_bytes() => (Some(b), Some(a)),
+                other => other,
+            };
+            let flags = format!(
+                "{}{}",
+                if li { '[' } else { '(' },
+                if ui { ']' } else { ')' }
+            );
+            let row = rt
+                .block_on(db.query_one(
+                    "SELECT textrange($1, $2, $3)::text, isempty(textrange($1, $2, $3))",
+                    &[&lo, &hi, &flags],
+                ))
+                .unwrap();
+            let out: String = row.get(0);
+            let empty: bool = row.get(1);
+            let parsed = parse_range(out.as_bytes(), &mut 0)
+                .map_err(|e| TestCaseError::fail(format!("{out}: {e}")))?;
+            let want = if empty {
+                RangeText::Empty
+            } else {
+                RangeText::Bounds {
+                    lower_inc: li && lo.is_some(),
+                    upper_inc: ui && hi.is_some(),
+                    lower: lo.clone(),
+                    upper: hi.clone(),
+                }
+            };
+            prop_assert_eq!(parsed, want, "postgres wrote {}", out);
+            Ok(())
+        })
+        .unwrap();
 }

@@ -485,7 +485,8 @@ impl Catalog {
         let rows = self
             .client
             .query(
-                "SELECT typtype::text, typelem, typdelim::text, typbasetype, typcategory::text FROM pg_type WHERE oid = $1",
+                "SELECT typtype::text, typelem, typdelim::text, typbasetype, typcategory::text, typrelid \
+                 FROM pg_type WHERE oid = $1",
                 &[&oid],
             )
             .await
@@ -498,10 +499,47 @@ impl Catalog {
         let delim: String = r.get(2);
         let base: u32 = r.get(3);
         let category: String = r.get(4);
-        let kind = match (typtype.as_str(), category.as_str()) {
+        let relid: u32 = r.get(5);
+        // Multiranges (PostgreSQL 14+) name their range in pg_range.rngmultitypid.
+        let range_sub: Option<u32> = match typtype.as_str() {
+            "r" | "m" => {
+                let column = if typtype == "r" {
+                    "rngtypid"
+                } else {
+                    "rngmultitypid"
+                };
+                self.client
+                    .query(
+                        &format!("SELECT rngsubtype FROM pg_range WHERE {column} = $1"),
+                        &[&oid],
+                    )
+                    .await
+                    .map_err(q("look up range type"))?
+                    .first()
+                    .map(|r| r.get(0))
+            }
+            _ => None,
+        };
+        let kind = match (typtype.as_str(), range_sub) {
             ("e", _) => TypeKind::Text,
+            ("r" | "m", Some(sub)) => {
+                let sub = Box::new(Box::pin(self.resolve_inner(sub, seen, depth + 1)).await?);
+                if typtype == "r" {
+                    TypeKind::Range(sub)
+                } else {
+                    TypeKind::Multirange(sub)
+                }
+            }
+            ("c", _) if relid != 0 => {
+                let mut fields = Vec::new();
+                for (name, field_oid) in self.columns(relid).await? {
+                    let k = Box::pin(self.resolve_inner(field_oid, seen, depth + 1)).await?;
+                    fields.push((name, k));
+                }
+                TypeKind::Composite(fields)
+            }
             ("d", _) => Box::pin(self.resolve_inner(base, seen, depth + 1)).await?,
-            (_, "A") if elem != 0 => TypeKind::Array {
+            _ if category == "A" && elem != 0 => TypeKind::Array {
                 element: Box::new(Box::pin(self.resolve_inner(elem, seen, depth + 1)).await?),
                 delimiter: delim.bytes().next().unwrap_or(b','),
             },

@@ -186,6 +186,7 @@ const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("bytea_output", "hex"),
     ("extra_float_digits", "1"),
     ("IntervalStyle", "iso_8601"),
+    ("lc_monetary", "C"),
 ];
 
 impl ReplicationConnection {

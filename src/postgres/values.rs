@@ -33,8 +33,30 @@ pub enum TypeKind {
         element: Box<TypeKind>,
         delimiter: u8,
     },
+    /// `money`: the amount as a numeric string (`-1234.56`), formatting removed.
+    Money,
+    Geometric(Geo),
+    /// A range of the element kind: `{lower, upper, lower_inc, upper_inc}` or
+    /// `{empty: true}`.
+    Range(Box<TypeKind>),
+    /// A list of ranges.
+    Multirange(Box<TypeKind>),
+    /// A composite (row) type: an object of its fields.
+    Composite(Vec<(String, TypeKind)>),
     /// Not known: the text passes through as a JSON string.
     Unknown,
+}
+
+/// The geometric types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Geo {
+    Point,
+    Line,
+    Lseg,
+    Box,
+    Path,
+    Polygon,
+    Circle,
 }
 
 impl TypeKind {
@@ -63,6 +85,29 @@ pub fn builtin_kind(oid: u32) -> Option<TypeKind> {
         1266 => TimeTz,
         1700 => Numeric,
         2950 => Uuid,
+        // Texts that are their own best JSON: interval (ISO 8601, pinned by the
+        // session's IntervalStyle), network addresses, bit strings, xml, text search,
+        // pg_lsn.
+        1186 | 869 | 650 | 829 | 774 | 1560 | 1562 | 142 | 3614 | 3615 | 3220 => Text,
+        790 => Money,
+        600 => Geometric(Geo::Point),
+        628 => Geometric(Geo::Line),
+        601 => Geometric(Geo::Lseg),
+        603 => Geometric(Geo::Box),
+        602 => Geometric(Geo::Path),
+        604 => Geometric(Geo::Polygon),
+        718 => Geometric(Geo::Circle),
+        3904 => Range(Box::new(Int)),
+        3926 => Range(Box::new(Int)),
+        3906 => Range(Box::new(Numeric)),
+        3908 => Range(Box::new(Timestamp)),
+        3910 => Range(Box::new(Timestamptz)),
+        3912 => Range(Box::new(Date)),
+        4451 | 4536 => Multirange(Box::new(Int)),
+        4532 => Multirange(Box::new(Numeric)),
+        4533 => Multirange(Box::new(Timestamp)),
+        4534 => Multirange(Box::new(Timestamptz)),
+        4535 => Multirange(Box::new(Date)),
         1000 => TypeKind::array_of(Bool),
         1001 => TypeKind::array_of(Bytea),
         1002 | 1003 | 1009 | 1014 | 1015 => TypeKind::array_of(Text),
@@ -192,6 +237,246 @@ fn convert(kind: &TypeKind, s: &str) -> Value {
             Ok(node) => array_to_json(&node, element),
             Err(_) => passthrough(),
         },
+        TypeKind::Money => {
+            let amount: String = s
+                .chars()
+                .filter(|c| c.is_ascii_digit() || matches!(c, '.' | '-'))
+                .collect();
+            // A negative in parentheses, as some locales write it.
+            if s.starts_with('(') && !amount.starts_with('-') {
+                Value::String(format!("-{amount}"))
+            } else {
+                Value::String(amount)
+            }
+        }
+        TypeKind::Geometric(g) => geometric(*g, s).unwrap_or_else(passthrough),
+        TypeKind::Range(element) => match parse_range(s.as_bytes(), &mut 0) {
+            Ok(r) => range_to_json(&r, element),
+            Err(_) => passthrough(),
+        },
+        TypeKind::Multirange(element) => match parse_multirange(s) {
+            Ok(list) => Value::Array(list.iter().map(|r| range_to_json(r, element)).collect()),
+            Err(_) => passthrough(),
+        },
+        TypeKind::Composite(fields) => match parse_composite(s) {
+            Ok(values) if values.len() == fields.len() => Value::Object(
+                fields
+                    .iter()
+                    .zip(values)
+                    .map(|((name, kind), v)| {
+                        let v = match v {
+                            Some(text) => convert(kind, &text),
+                            None => Value::Null,
+                        };
+                        (name.clone(), v)
+                    })
+                    .collect(),
+            ),
+            _ => passthrough(),
+        },
+    }
+}
+
+/// The numbers of a geometric value's text, in order.
+fn numbers(s: &str) -> Vec<Value> {
+    s.split(|c: char| {
+        matches!(c, '(' | ')' | '[' | ']' | '{' | '}' | '<' | '>' | ',') || c.is_whitespace()
+    })
+    .filter(|t| !t.is_empty())
+    .map(|t| {
+        t.parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(t.to_string()))
+    })
+    .collect()
+}
+
+fn points(n: &[Value]) -> Value {
+    Value::Array(
+        n.chunks(2)
+            .map(|p| serde_json::json!({"x": p[0], "y": p.get(1).cloned().unwrap_or(Value::Null)}))
+            .collect(),
+    )
+}
+
+/// point `{x, y}`, line `{a, b, c}` (ax + by + c = 0), lseg and box `[{x, y}, {x, y}]`,
+/// path `{closed, points}`, polygon `[{x, y}, ...]`, circle `{x, y, radius}`.
+fn geometric(g: Geo, s: &str) -> Option<Value> {
+    let n = numbers(s);
+    let even = n.len().is_multiple_of(2) && !n.is_empty();
+    Some(match g {
+        Geo::Point if n.len() == 2 => serde_json::json!({"x": n[0], "y": n[1]}),
+        Geo::Line if n.len() == 3 => serde_json::json!({"a": n[0], "b": n[1], "c": n[2]}),
+        Geo::Lseg | Geo::Box if n.len() == 4 => points(&n),
+        Geo::Polygon if even => points(&n),
+        Geo::Path if even => {
+            serde_json::json!({"closed": s.trim_start().starts_with('('), "points": points(&n)})
+        }
+        Geo::Circle if n.len() == 3 => serde_json::json!({"x": n[0], "y": n[1], "radius": n[2]}),
+        _ => return None,
+    })
+}
+
+/// A parsed range literal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RangeText {
+    Empty,
+    Bounds {
+        lower: Option<String>,
+        upper: Option<String>,
+        lower_inc: bool,
+        upper_inc: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed range or composite literal at byte {at}")]
+pub struct LiteralParseError {
+    pub at: usize,
+}
+
+/// One bound or field of a range or composite literal, up to (not including) one of
+/// `ends`. Quoted parts keep everything; `""` inside quotes and `\x` anywhere stand for
+/// the character. Returns None for an empty, unquoted item.
+fn parse_item(b: &[u8], i: &mut usize, ends: &[u8]) -> Result<Option<String>, LiteralParseError> {
+    let mut out = Vec::new();
+    let mut quoted = false;
+    loop {
+        match b.get(*i) {
+            None => return Err(LiteralParseError { at: *i }),
+            Some(c) if ends.contains(c) => break,
+            Some(b'"') => {
+                quoted = true;
+                *i += 1;
+                loop {
+                    match b.get(*i) {
+                        None => return Err(LiteralParseError { at: *i }),
+                        Some(b'"') if b.get(*i + 1) == Some(&b'"') => {
+                            out.push(b'"');
+                            *i += 2;
+                        }
+                        Some(b'"') => {
+                            *i += 1;
+                            break;
+                        }
+                        Some(b'\\') => {
+                            out.push(*b.get(*i + 1).ok_or(LiteralParseError { at: *i })?);
+                            *i += 2;
+                        }
+                        Some(c) => {
+                            out.push(*c);
+                            *i += 1;
+                        }
+                    }
+                }
+            }
+            Some(b'\\') => {
+                out.push(*b.get(*i + 1).ok_or(LiteralParseError { at: *i })?);
+                *i += 2;
+            }
+            Some(c) => {
+                out.push(*c);
+                *i += 1;
+            }
+        }
+    }
+    if out.is_empty() && !quoted {
+        return Ok(None);
+    }
+    Ok(Some(String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// Parses a range's text output from `*i`: `empty`, `[1,10)`, `(,5]`, `["a b",)`.
+pub fn parse_range(b: &[u8], i: &mut usize) -> Result<RangeText, LiteralParseError> {
+    if b[*i..].starts_with(b"empty") {
+        *i += 5;
+        return Ok(RangeText::Empty);
+    }
+    let lower_inc = match b.get(*i) {
+        Some(b'[') => true,
+        Some(b'(') => false,
+        _ => return Err(LiteralParseError { at: *i }),
+    };
+    *i += 1;
+    let lower = parse_item(b, i, b",")?;
+    *i += 1;
+    let upper = parse_item(b, i, b")]")?;
+    let upper_inc = b.get(*i) == Some(&b']');
+    *i += 1;
+    Ok(RangeText::Bounds {
+        lower_inc: lower_inc && lower.is_some(),
+        upper_inc: upper_inc && upper.is_some(),
+        lower,
+        upper,
+    })
+}
+
+/// Parses a multirange's text output: `{}`, `{[1,3),[5,7)}`.
+pub fn parse_multirange(s: &str) -> Result<Vec<RangeText>, LiteralParseError> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    if b.first() != Some(&b'{') {
+        return Err(LiteralParseError { at: 0 });
+    }
+    i += 1;
+    let mut out = Vec::new();
+    if b.get(i) == Some(&b'}') {
+        return if i + 1 == b.len() {
+            Ok(out)
+        } else {
+            Err(LiteralParseError { at: i + 1 })
+        };
+    }
+    loop {
+        out.push(parse_range(b, &mut i)?);
+        match b.get(i) {
+            Some(b',') => i += 1,
+            Some(b'}') if i + 1 == b.len() => return Ok(out),
+            _ => return Err(LiteralParseError { at: i }),
+        }
+    }
+}
+
+/// Parses a composite's text output: `(1,"a b",)` gives `[Some("1"), Some("a b"), None]`.
+pub fn parse_composite(s: &str) -> Result<Vec<Option<String>>, LiteralParseError> {
+    let b = s.as_bytes();
+    if b.first() != Some(&b'(') {
+        return Err(LiteralParseError { at: 0 });
+    }
+    let mut i = 1;
+    let mut out = Vec::new();
+    loop {
+        out.push(parse_item(b, &mut i, b",)")?);
+        match b.get(i) {
+            Some(b',') => i += 1,
+            Some(b')') if i + 1 == b.len() => return Ok(out),
+            _ => return Err(LiteralParseError { at: i }),
+        }
+    }
+}
+
+fn range_to_json(r: &RangeText, element: &TypeKind) -> Value {
+    match r {
+        RangeText::Empty => serde_json::json!({"empty": true}),
+        RangeText::Bounds {
+            lower,
+            upper,
+            lower_inc,
+            upper_inc,
+        } => {
+            let bound = |b: &Option<String>| match b {
+                Some(t) => convert(element, t),
+                None => Value::Null,
+            };
+            serde_json::json!({
+                "lower": bound(lower),
+                "upper": bound(upper),
+                "lower_inc": lower_inc,
+                "upper_inc": upper_inc,
+            })
+        }
     }
 }
 
