@@ -134,6 +134,8 @@ struct RawSource {
     status_interval_secs: Option<Spanned<u64>>,
     restart_backoff_initial_ms: Option<Spanned<u64>>,
     restart_backoff_max_secs: Option<Spanned<u64>>,
+    atomic_transactions: Option<bool>,
+    atomic_batch_max: Option<Spanned<u64>>,
     #[serde(default)]
     table: Vec<Spanned<RawTable>>,
     #[serde(default)]
@@ -271,6 +273,10 @@ pub struct SourceConfig {
     pub outboxes: Vec<OutboxSpec>,
     /// Logical message prefixes that become events (`[[source.message]]`).
     pub messages: Vec<MessageSpec>,
+    /// Publish each transaction as JetStream atomic batches (nats-server 2.12+).
+    pub atomic_transactions: bool,
+    /// Most events in one atomic batch; larger transactions are split.
+    pub atomic_batch_max: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -306,9 +312,13 @@ pub struct StreamConfig {
     pub max_age: Option<Duration>,
     pub max_bytes: Option<i64>,
     pub duplicate_window: Duration,
+    /// Allow atomic batch publishing (set from the source's `atomic_transactions`).
+    pub atomic: bool,
 }
 
 pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+/// nats-server's limit on messages in one atomic batch.
+pub const DEFAULT_ATOMIC_BATCH_MAX: u64 = 1000;
 /// Below nats-server's default `max_payload` (1 MiB), leaving room for headers.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
 
@@ -695,7 +705,8 @@ impl Validator<'_> {
             }
         };
         let pg = self.postgres(prefix, s.postgres.into_inner());
-        let stream = self.stream(prefix, &name, s.stream.into_inner());
+        let mut stream = self.stream(prefix, &name, s.stream.into_inner());
+        stream.atomic = s.atomic_transactions.unwrap_or(false);
         let mut mappings = Vec::new();
         for (i, t) in s.table.iter().enumerate() {
             if let Some(spec) = self.table_mapping(&format!("{prefix}.table[{i}]"), &name, t) {
@@ -777,6 +788,21 @@ impl Validator<'_> {
             DEFAULT_MAX_EVENT_BYTES as u64,
             1024..=64 * 1024 * 1024,
         ) as usize;
+        let atomic_batch_max = self.number(
+            &s.atomic_batch_max,
+            &format!("{prefix}.atomic_batch_max"),
+            DEFAULT_ATOMIC_BATCH_MAX.min(publish_window as u64),
+            2..=1000,
+        ) as usize;
+        if let Some(b) = &s.atomic_batch_max
+            && *b.get_ref() as usize > publish_window
+        {
+            self.issue(
+                b,
+                format!("{prefix}.atomic_batch_max"),
+                format!("a batch must fit in the publish window ({publish_window}): lower it or raise publish_window"),
+            );
+        }
         let ack_timeout = Duration::from_secs(self.number(
             &s.ack_timeout_secs,
             &format!("{prefix}.ack_timeout_secs"),
@@ -819,6 +845,8 @@ impl Validator<'_> {
             mappings,
             outboxes,
             messages,
+            atomic_transactions: s.atomic_transactions.unwrap_or(false),
+            atomic_batch_max,
         }
     }
 
@@ -1306,6 +1334,7 @@ impl Validator<'_> {
             max_age,
             max_bytes,
             duplicate_window,
+            atomic: false,
         }
     }
 }

@@ -231,6 +231,10 @@ async fn run_attempt(
         }
         .into());
     }
+    let version = client.server_info().version;
+    if cfg.atomic_transactions && !provision::supports_atomic_batches(&version) {
+        return Err(ProvisionError::AtomicUnsupported { version }.into());
+    }
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
@@ -358,10 +362,10 @@ impl Pipeline<'_> {
                 // 1. Shutdown: stop reading WAL and drain.
                 _ = cancel.cancelled() => return self.drain().await,
                 // 2. Acks: free window room and move the flush LSN.
-                ack = self.publisher.next_ack(), if self.publisher.in_flight() > 0 => {
+                ack = self.publisher.next_ack(), if self.publisher.awaiting_acks() > 0 => {
                     let ack = ack?;
-                    trace!(event_id = %ack.event_id, seq = ack.seq, "acked");
-                    self.acked += 1;
+                    trace!(event_id = %ack.event_id, seq = ack.seq, count = ack.count, "acked");
+                    self.acked += ack.count;
                     self.confirm_acked_commits();
                 }
                 // 3. Periodic standby status, so Postgres can recycle WAL.
@@ -462,7 +466,7 @@ impl Pipeline<'_> {
                 debug!(commit_lsn = %c.commit_lsn, xid = tx.xid, count = tx.next_index, "commit");
                 if let Some(mut last) = self.held.take() {
                     last.mark_last();
-                    self.send(last).await?;
+                    self.send(last, true).await?;
                 }
                 self.pending_commits.push_back((self.published, c.end_lsn));
                 self.confirm_acked_commits();
@@ -634,14 +638,23 @@ impl Pipeline<'_> {
             .into());
         }
         if let Some(prev) = self.held.replace(event) {
-            self.send(prev).await?;
+            self.send(prev, false).await?;
         }
         Ok(())
     }
 
-    async fn send(&mut self, event: DomainEvent) -> Result<(), SourceError> {
+    /// Publishes an event; `last` when it ends its transaction. In atomic mode a
+    /// transaction's events go out as one batch (split at `atomic_batch_max`), a
+    /// one-event transaction as a plain publish.
+    async fn send(&mut self, event: DomainEvent, last: bool) -> Result<(), SourceError> {
         trace!(event_id = %event.id, subject = %event.subject, "publish");
-        self.publisher.publish(event).await?;
+        let open = self.publisher.open_batch_len();
+        if self.cfg.atomic_transactions && (open > 0 || !last) {
+            let commit = last || open + 1 >= self.cfg.atomic_batch_max as u64;
+            self.publisher.publish_batched(event, commit).await?;
+        } else {
+            self.publisher.publish(event).await?;
+        }
         self.published += 1;
         Ok(())
     }
@@ -711,6 +724,7 @@ impl Pipeline<'_> {
         // A held event belongs to a transaction whose commit never arrived: it is
         // not sent (the slot resends the whole transaction on the next start).
         self.held = None;
+        self.publisher.abandon_batch();
         self.settle().await?;
         info!(lsn = %self.flush.get(), count = self.published, skipped = self.skipped, "stopped; final flush LSN sent");
         Ok(())
@@ -720,10 +734,10 @@ impl Pipeline<'_> {
     /// transaction they complete, and sends a status update.
     async fn settle(&mut self) -> Result<(), SourceError> {
         let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
-        while self.publisher.in_flight() > 0 {
+        while self.publisher.awaiting_acks() > 0 {
             match tokio::time::timeout_at(deadline, self.publisher.next_ack()).await {
-                Ok(Ok(_)) => {
-                    self.acked += 1;
+                Ok(Ok(ack)) => {
+                    self.acked += ack.count;
                     self.confirm_acked_commits();
                 }
                 Ok(Err(e)) => {

@@ -725,3 +725,107 @@ fn text_parsers_read_what_postgres_writes() {
         })
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_batches_store_a_transaction_whole_across_a_kill_9() {
+    const BEFORE: u64 = 3000;
+    const BIG: u64 = 5000;
+    const AFTER: u64 = 1000;
+    const BATCH: u64 = 50;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE ticks (id int PRIMARY KEY);
+         CREATE TABLE lines (id int PRIMARY KEY, qty int);",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["ticks", "lines"]"#,
+            // One batch in flight at a time keeps the big transaction in flight long
+            // enough to be killed in the middle of it.
+            extra: "atomic_transactions = true\natomic_batch_max = 50\npublish_window = 50",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let log = dir.path().join("tidemark.log");
+    let mut tm = Tidemark::run(&cfg, &log);
+    tm.wait_streaming();
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+    // Each statement on its own, so the procedures' COMMITs end real transactions.
+    for sql in [
+        format!(
+            "DO $$ BEGIN FOR i IN 1..{BEFORE} LOOP INSERT INTO ticks VALUES (i); COMMIT; END LOOP; END $$"
+        ),
+        format!("INSERT INTO lines SELECT g, g % 7 FROM generate_series(1, {BIG}) g"),
+        format!(
+            "DO $$ BEGIN FOR i IN {BEFORE} + 1..{BEFORE} + {AFTER} LOOP INSERT INTO ticks VALUES (i); COMMIT; END LOOP; END $$"
+        ),
+    ] {
+        db.batch_execute(&sql).await.unwrap();
+    }
+
+    // Kill tidemark three times while the big transaction is being published. What
+    // the stream holds at rest is whole batches of it: the batch that was open at the
+    // kill is dropped by the server, never stored in part.
+    let nc = nats.client().await;
+    let mut kills = Vec::new();
+    let mut threshold = BEFORE;
+    for _ in 0..3 {
+        let mut tm = Tidemark::run(&cfg, &log);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let c = stream_count(&nc, "STORE").await;
+            if c > threshold {
+                tm.kill9();
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}", tm.log());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at_rest = stream_count(&nc, "STORE").await;
+        kills.push(at_rest);
+        if at_rest >= BEFORE + BIG {
+            break;
+        }
+        assert_eq!(
+            (at_rest - BEFORE) % BATCH,
+            0,
+            "part of a batch is stored after a kill: {at_rest} events"
+        );
+        threshold = at_rest + 5 * BATCH;
+    }
+    assert!(
+        kills[0] < BEFORE + BIG,
+        "the big transaction was stored before the first kill ({kills:?}): slow the publisher down"
+    );
+    let tm = Tidemark::run(&cfg, &log);
+    wait_stream_count(
+        &nc,
+        "STORE",
+        BEFORE + BIG + AFTER,
+        Duration::from_secs(120),
+        || tm.log(),
+    )
+    .await;
+
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events.len() as u64, BEFORE + BIG + AFTER);
+    assert_exactly_once(&events);
+    let big: Vec<&StoredEvent> = events
+        .iter()
+        .filter(|e| e.subject.starts_with("store.lines."))
+        .collect();
+    assert_eq!(big.len() as u64, BIG);
+    let lsn = &big[0].body["commitlsn"];
+    for (i, e) in big.iter().enumerate() {
+        assert_eq!(&e.body["commitlsn"], lsn);
+        assert_eq!(e.body["txindex"], i as u64);
+        assert_eq!(e.body["txlast"], i as u64 == BIG - 1, "txlast of event {i}");
+        assert_eq!(e.body["data"]["after"]["id"], i as u64 + 1);
+    }
+    assert!(tm.log().contains("last_event=Some"), "{}", tm.log());
+}

@@ -40,6 +40,10 @@ pub enum ProvisionError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error(
+        "atomic_transactions needs nats-server 2.12 or newer for atomic batch publishing, but the server is {version}: upgrade it, or set atomic_transactions = false"
+    )]
+    AtomicUnsupported { version: String },
+    #[error(
         "stream {stream:?} exists but {problem}: change the config to match, or update or recreate the stream"
     )]
     StreamConflict { stream: String, problem: String },
@@ -125,6 +129,14 @@ pub async fn ensure_stream(
                     ),
                 });
             }
+            if cfg.atomic && !existing.allow_atomic_publish {
+                let mut updated = existing.clone();
+                updated.allow_atomic_publish = true;
+                js.update_stream(updated)
+                    .await
+                    .map_err(js_err("enable atomic batch publishing on the stream"))?;
+                tracing::info!(stream = %cfg.name, "atomic batch publishing enabled on the stream");
+            }
             if existing.num_replicas != cfg.replicas {
                 tracing::warn!(stream = %cfg.name, existing = existing.num_replicas, configured = cfg.replicas, "stream replicas differ from the config; leaving the stream as it is");
             }
@@ -145,6 +157,7 @@ pub async fn ensure_stream(
                 max_age: cfg.max_age.unwrap_or_default(),
                 max_bytes: cfg.max_bytes.unwrap_or(-1),
                 duplicate_window: cfg.duplicate_window,
+                allow_atomic_publish: cfg.atomic,
                 ..Default::default()
             };
             let s = js
@@ -241,5 +254,32 @@ mod tests {
         assert!(!subject_covers("store.*.*", "store.>"));
         assert!(!subject_covers("other.>", "store.>"));
         assert!(!subject_covers("store", "store.>"));
+    }
+}
+
+/// Whether a nats-server version (`2.12.1`, `v2.12.0-beta`) supports atomic batches.
+pub fn supports_atomic_batches(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (2, 12)
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn atomic_batches_start_at_2_12() {
+        for (v, ok) in [
+            ("2.12.0", true),
+            ("v2.15.1", true),
+            ("2.11.9", false),
+            ("3.0.0", true),
+            ("2.2.0", false),
+            ("junk", false),
+        ] {
+            assert_eq!(super::supports_atomic_batches(v), ok, "{v}");
+        }
     }
 }

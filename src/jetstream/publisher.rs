@@ -57,6 +57,12 @@ pub enum PublishError {
         "JetStream reported event {event_id} as a duplicate: it was already stored, so the pipeline rebuilds from the stream's tail"
     )]
     Duplicate { event_id: EventId },
+    #[error("sending event {event_id} of an atomic batch to {subject} failed: {reason}")]
+    Batch {
+        event_id: EventId,
+        subject: String,
+        reason: String,
+    },
     #[error(
         "event {event_id} for {table} (key {key}) is {size} bytes, over max_event_bytes = {limit}: raise max_event_bytes (and the NATS max_payload), or in the table's [[source.table]] mapping exclude the large column or set oversized = \"omit\" or \"truncate\" with oversized_columns"
     )]
@@ -82,10 +88,15 @@ impl PublishError {
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, NatsPublishError>> + Send>>;
 
+/// One publish awaiting its ack: a single event, or a committed atomic batch.
 struct InFlight {
     ack: AckFuture,
+    /// The event the ack is for (a batch's commit message).
     event_id: EventId,
+    /// The stream sequence the ack must report.
     expected_seq: u64,
+    /// Events it stores.
+    count: u64,
 }
 
 /// An acknowledged publish.
@@ -93,13 +104,27 @@ struct InFlight {
 pub struct Acked {
     pub event_id: EventId,
     pub seq: u64,
+    /// Events stored by it: 1, or a batch's size.
+    pub count: u64,
+}
+
+/// The atomic batch being sent (ADR-50): its messages sit on the server until the
+/// commit message stores them all or none.
+struct OpenBatch {
+    id: String,
+    /// Messages sent so far.
+    count: u64,
 }
 
 pub struct Publisher {
     js: Context,
+    client: async_nats::Client,
     stream: String,
     window: usize,
     in_flight: VecDeque<InFlight>,
+    /// Events sent and not yet acked, open batch included.
+    unacked: usize,
+    batch: Option<OpenBatch>,
     /// The stream's last sequence once every publish sent so far is stored.
     last_sent_seq: u64,
 }
@@ -116,30 +141,49 @@ impl Publisher {
         let js = jetstream::ContextBuilder::new()
             .timeout(ack_timeout)
             .max_ack_inflight(window + 1)
-            .build(client);
+            .build(client.clone());
         Publisher {
             js,
+            client,
             stream,
             window: window.max(1),
             in_flight: VecDeque::with_capacity(window),
+            unacked: 0,
+            batch: None,
             last_sent_seq: tail_seq,
         }
     }
 
     pub fn has_capacity(&self) -> bool {
-        self.in_flight.len() < self.window
+        self.unacked < self.window
     }
 
+    /// Events sent and not yet stored (an open batch's included).
     pub fn in_flight(&self) -> usize {
+        self.unacked
+    }
+
+    /// Publishes whose ack is still to come (an open batch has none yet).
+    pub fn awaiting_acks(&self) -> usize {
         self.in_flight.len()
     }
 
-    /// Sends one event without waiting for its ack.
-    pub async fn publish(&mut self, event: DomainEvent) -> Result<(), PublishError> {
-        let mut msg = PublishMessage::build()
-            .payload(event.payload.into())
-            .message_id(&event.msg_id)
-            .expected_last_sequence(self.last_sent_seq);
+    /// Messages in the open atomic batch.
+    pub fn open_batch_len(&self) -> u64 {
+        self.batch.as_ref().map_or(0, |b| b.count)
+    }
+
+    /// Forgets an open batch that will never be committed (the server drops it after
+    /// its idle timeout; nothing of it is stored).
+    pub fn abandon_batch(&mut self) {
+        if let Some(b) = self.batch.take() {
+            self.unacked -= b.count as usize;
+        }
+    }
+
+    /// The headers of an event other than tidemark's own.
+    fn user_headers(event: &DomainEvent) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
         for (name, value) in &event.headers {
             // `Nats-*` headers steer JetStream (a stray Nats-Msg-Id would break
             // exactly-once); names and values NATS cannot carry would panic the client.
@@ -149,28 +193,122 @@ impl Publisher {
             );
             match parsed {
                 (Ok(n), Ok(v)) if !name.to_ascii_lowercase().starts_with("nats-") => {
-                    msg = msg.header(n, v);
+                    headers.insert(n, v);
                 }
                 _ => {
                     warn!(event_id = %event.id, header = %name, "outbox header not published: names starting with Nats- are reserved, and names may not hold ':', spaces or control characters, values no line breaks")
                 }
             }
         }
+        headers
+    }
+
+    /// Sends one event without waiting for its ack.
+    pub async fn publish(&mut self, event: DomainEvent) -> Result<(), PublishError> {
+        let msg = PublishMessage::build()
+            .headers(Self::user_headers(&event))
+            .payload(event.payload.into())
+            .message_id(&event.msg_id)
+            .expected_last_sequence(self.last_sent_seq);
+        self.send(event.id, event.subject, msg, 1).await
+    }
+
+    async fn send(
+        &mut self,
+        event_id: EventId,
+        subject: String,
+        msg: PublishMessage,
+        count: u64,
+    ) -> Result<(), PublishError> {
         let ack = self
             .js
-            .send_publish(event.subject.clone(), msg)
+            .send_publish(subject.clone(), msg)
             .await
             .map_err(|source| PublishError::Send {
-                event_id: event.id.clone(),
-                subject: event.subject,
+                event_id: event_id.clone(),
+                subject,
                 source,
             })?;
         self.in_flight.push_back(InFlight {
             ack: ack.into_future(),
-            event_id: event.id,
-            expected_seq: self.last_sent_seq + 1,
+            event_id,
+            expected_seq: self.last_sent_seq + count,
+            count,
         });
-        self.last_sent_seq += 1;
+        self.last_sent_seq += count;
+        // Every message sent counts once; the ack of a batch's commit releases all.
+        self.unacked += 1;
+        Ok(())
+    }
+
+    /// Sends one event as a message of the open atomic batch, starting one if none is
+    /// open; `commit` makes it the batch's last message, which stores the whole batch
+    /// at once. The first message carries the sequence check for the whole batch.
+    pub async fn publish_batched(
+        &mut self,
+        event: DomainEvent,
+        commit: bool,
+    ) -> Result<(), PublishError> {
+        let (id, seq) = match &mut self.batch {
+            Some(b) => {
+                b.count += 1;
+                (b.id.clone(), b.count)
+            }
+            None => {
+                let inbox = self.client.new_inbox();
+                let id = inbox.rsplit('.').next().unwrap_or(&inbox).to_string();
+                self.batch = Some(OpenBatch {
+                    id: id.clone(),
+                    count: 1,
+                });
+                (id, 1)
+            }
+        };
+        let mut headers = Self::user_headers(&event);
+        headers.insert(async_nats::header::NATS_BATCH_ID, id.as_str());
+        headers.insert(
+            async_nats::header::NATS_BATCH_SEQUENCE,
+            seq.to_string().as_str(),
+        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.msg_id.as_str());
+        if seq == 1 {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+                self.last_sent_seq.to_string().as_str(),
+            );
+        }
+        if commit {
+            self.batch = None;
+            headers.insert(async_nats::header::NATS_BATCH_COMMIT, "1");
+            let msg = PublishMessage::build()
+                .headers(headers)
+                .payload(event.payload.into());
+            return self.send(event.id, event.subject, msg, seq).await;
+        }
+        let sent = if seq == 1 {
+            // The server answers a batch's first message (an empty reply when the
+            // batch started, an error otherwise); errors also fail the commit, which
+            // is where they are reported.
+            let reply = self.client.new_inbox();
+            self.client
+                .publish_with_reply_and_headers(
+                    event.subject.clone(),
+                    reply,
+                    headers,
+                    event.payload.into(),
+                )
+                .await
+        } else {
+            self.client
+                .publish_with_headers(event.subject.clone(), headers, event.payload.into())
+                .await
+        };
+        sent.map_err(|e| PublishError::Batch {
+            event_id: event.id.clone(),
+            subject: event.subject,
+            reason: e.to_string(),
+        })?;
+        self.unacked += 1;
         Ok(())
     }
 
@@ -187,6 +325,7 @@ impl Publisher {
             .in_flight
             .pop_front()
             .expect("front entry exists: it was just polled to completion");
+        self.unacked -= done.count as usize;
         let ack = result.map_err(|source| PublishError::Ack {
             event_id: done.event_id.clone(),
             source,
@@ -207,6 +346,7 @@ impl Publisher {
         Ok(Acked {
             event_id: done.event_id,
             seq: ack.sequence,
+            count: done.count,
         })
     }
 }
