@@ -135,6 +135,7 @@ struct RawSource {
     restart_backoff_initial_ms: Option<Spanned<u64>>,
     restart_backoff_max_secs: Option<Spanned<u64>>,
     atomic_transactions: Option<bool>,
+    transaction_events: Option<bool>,
     atomic_batch_max: Option<Spanned<u64>>,
     #[serde(default)]
     table: Vec<Spanned<RawTable>>,
@@ -277,6 +278,8 @@ pub struct SourceConfig {
     pub atomic_transactions: bool,
     /// Most events in one atomic batch; larger transactions are split.
     pub atomic_batch_max: usize,
+    /// Publish a summary event after each transaction.
+    pub transaction_events: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -847,6 +850,7 @@ impl Validator<'_> {
             messages,
             atomic_transactions: s.atomic_transactions.unwrap_or(false),
             atomic_batch_max,
+            transaction_events: s.transaction_events.unwrap_or(false),
         }
     }
 

@@ -324,6 +324,8 @@ struct OpenTx {
     final_lsn: Lsn,
     xid: u32,
     next_index: u64,
+    /// Events mapped so far (stored before a restart or not).
+    events: u64,
     /// Texts shared by every event of the transaction.
     lsn_text: String,
     time_text: String,
@@ -454,6 +456,7 @@ impl Pipeline<'_> {
                     final_lsn: b.final_lsn,
                     xid: b.xid,
                     next_index: 0,
+                    events: 0,
                     lsn_text: b.final_lsn.to_string(),
                     time_text: b.commit_time.to_rfc3339(),
                 });
@@ -464,9 +467,26 @@ impl Pipeline<'_> {
                     .take()
                     .ok_or_else(|| SourceError::Protocol("COMMIT without BEGIN".into()))?;
                 debug!(commit_lsn = %c.commit_lsn, xid = tx.xid, count = tx.next_index, "commit");
+                let summary = (self.cfg.transaction_events && tx.events > 0).then(|| {
+                    mapping::transaction_summary(
+                        &TxContext {
+                            source: &self.cfg.name,
+                            commit_lsn: tx.final_lsn,
+                            xid: tx.xid,
+                            commit_lsn_text: &tx.lsn_text,
+                            time: &tx.time_text,
+                        },
+                        tx.next_index,
+                        tx.events,
+                    )
+                });
+                let summary = summary.filter(|e| !self.tail.is_stored(e.id.commit_lsn, e.id.index));
                 if let Some(mut last) = self.held.take() {
                     last.mark_last();
-                    self.send(last, true).await?;
+                    self.send(last, summary.is_none()).await?;
+                }
+                if let Some(summary) = summary {
+                    self.send(summary, true).await?;
                 }
                 self.pending_commits.push_back((self.published, c.end_lsn));
                 self.confirm_acked_commits();
@@ -491,11 +511,7 @@ impl Pipeline<'_> {
             }
             LogicalMessage::Truncate(t) => {
                 for rel in t.relation_ids {
-                    let (commit_lsn, index) = self.next_index()?;
-                    if self.tail.is_stored(commit_lsn, index) {
-                        self.skipped += 1;
-                        continue;
-                    }
+                    let (_, index) = self.next_index()?;
                     if let Some(event) =
                         mapping::map_truncate(&self.context()?, index, self.table(rel)?)
                     {
@@ -550,11 +566,7 @@ impl Pipeline<'_> {
         old: Option<(pgoutput::OldKind, &pgoutput::Tuple)>,
         new: Option<&pgoutput::Tuple>,
     ) -> Result<(), SourceError> {
-        let (commit_lsn, index) = self.next_index()?;
-        if self.tail.is_stored(commit_lsn, index) {
-            self.skipped += 1;
-            return Ok(());
-        }
+        let (_, index) = self.next_index()?;
         let tx = self.context()?;
         let table = self.table(relation_id)?;
         let change = RowChange { op, old, new };
@@ -611,15 +623,11 @@ impl Pipeline<'_> {
             }
             return Ok(());
         }
-        let (commit_lsn, index) = self.next_index()?;
+        let (_, index) = self.next_index()?;
         let Some(spec) = spec else {
             debug!(prefix = %m.prefix, lsn = %m.lsn, "logical message with an unconfigured prefix ignored");
             return Ok(());
         };
-        if self.tail.is_stored(commit_lsn, index) {
-            self.skipped += 1;
-            return Ok(());
-        }
         let event = mapping::map_message(&self.context()?, index, spec, &m.content);
         self.emit(event).await
     }
@@ -627,6 +635,14 @@ impl Pipeline<'_> {
     /// Queues an event of the open transaction: the one held before it is sent, and
     /// this one is held until the next event or the commit says whether it is last.
     async fn emit(&mut self, event: DomainEvent) -> Result<(), SourceError> {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.events += 1;
+        }
+        // Stored before a restart: the exactly-once rule skips it.
+        if self.tail.is_stored(event.id.commit_lsn, event.id.index) {
+            self.skipped += 1;
+            return Ok(());
+        }
         if event.payload.len() > self.cfg.max_event_bytes {
             return Err(PublishError::Oversized {
                 table: event.origin.clone(),

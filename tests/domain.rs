@@ -90,11 +90,15 @@ fn assert_transaction_marks(events: &[StoredEvent]) -> Vec<Vec<String>> {
     }
     let mut out = Vec::new();
     for (lsn, list) in &txs {
-        let n = list.len();
+        // A transaction summary follows the last data event; both carry the mark.
+        let summary = list
+            .last()
+            .is_some_and(|e| e.body["type"] == "tidemark.transaction");
+        let n = list.len() - usize::from(summary);
         for (i, e) in list.iter().enumerate() {
             assert_eq!(
                 e.body["txlast"].as_bool(),
-                Some(i + 1 == n),
+                Some(i + 1 >= n),
                 "txlast of event {i} of {n} in transaction {lsn}: {}",
                 e.body
             );
@@ -306,7 +310,7 @@ async fn outbox_rows_and_emitted_messages_arrive_once_each_across_a_kill_9() {
         &nats,
         &SourceSpec {
             tables: r#"tables = ["outbox", "stock"]"#,
-            extra: "publish_window = 64",
+            extra: "publish_window = 64\ntransaction_events = true",
             sections: OUTBOX_SECTIONS,
             ..SourceSpec::new("store", "store")
         },
@@ -319,6 +323,8 @@ async fn outbox_rows_and_emitted_messages_arrive_once_each_across_a_kill_9() {
     // A backlog: each transaction writes an outbox row and deletes it at once, changes
     // the stock, and emits a message under the configured prefix and one under another.
     const N: usize = 3000;
+    // Per transaction: the outbox event, the stock update, the message, the summary.
+    const PER_TX: usize = 4;
     let mut sql = String::new();
     for i in 0..N {
         sql.push_str(&format!(
@@ -338,24 +344,33 @@ async fn outbox_rows_and_emitted_messages_arrive_once_each_across_a_kill_9() {
     let mut tm = Tidemark::run(&cfg, &log);
     let at = wait_stream_count(&nc, "STORE", 1500, Duration::from_secs(60), || tm.log()).await;
     assert!(
-        at < 3 * N as u64,
+        at < (PER_TX * N) as u64,
         "the backlog drained before the kill ({at} events): make it larger"
     );
     tm.kill9();
     let mut tm = Tidemark::run(&cfg, &log);
-    wait_stream_count(&nc, "STORE", 3 * N as u64, Duration::from_secs(120), || {
-        tm.log()
-    })
+    wait_stream_count(
+        &nc,
+        "STORE",
+        (PER_TX * N) as u64,
+        Duration::from_secs(120),
+        || tm.log(),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = read_stream(&nc, "STORE").await;
-    assert_eq!(events.len(), 3 * N, "{}", tm.log());
+    assert_eq!(events.len(), PER_TX * N, "{}", tm.log());
     assert_exactly_once(&events);
     let txs = assert_transaction_marks(&events);
     for (i, tx) in txs.iter().enumerate() {
         assert_eq!(
             tx,
-            &["OrderPlaced", "stock.updated", "StockReserved"],
+            &[
+                "OrderPlaced",
+                "stock.updated",
+                "StockReserved",
+                "tidemark.transaction"
+            ],
             "tx {i}"
         );
     }
@@ -369,8 +384,12 @@ async fn outbox_rows_and_emitted_messages_arrive_once_each_across_a_kill_9() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (i, chunk) in events.chunks(3).enumerate() {
-        let (outbox, stock, message) = (&chunk[0], &chunk[1], &chunk[2]);
+    for (i, chunk) in events.chunks(PER_TX).enumerate() {
+        let (outbox, stock, message, summary) = (&chunk[0], &chunk[1], &chunk[2], &chunk[3]);
+        assert_eq!(summary.subject, "store._tidemark.tx");
+        assert_eq!(summary.body["data"]["events"], 3);
+        // One past the last change: insert 0, delete 1, stock 2, message 3, other 4.
+        assert_eq!(summary.body["txindex"], 5);
         assert_eq!(outbox.subject, "store.order.OrderPlaced");
         assert_eq!(outbox.body["data"], json!({"n": i}));
         assert_eq!(outbox.body["subject"], i.to_string());

@@ -469,6 +469,31 @@ pub fn map_message(
     )
 }
 
+/// The per-transaction summary (`transaction_events = true`): published after the
+/// transaction's last event on `<source>._tidemark.tx`, with the number of events the
+/// transaction published. Its index is one past the transaction's last change.
+pub fn transaction_summary(tx: &TxContext<'_>, index: u64, events: u64) -> DomainEvent {
+    let data = serde_json::json!({
+        "op": "commit",
+        "xid": tx.xid,
+        "commit_lsn": tx.commit_lsn_text,
+        "events": events,
+    });
+    let mut ev = build(
+        tx,
+        index,
+        "tidemark.transaction".into(),
+        format!("{}._tidemark.tx", tx.source),
+        "transaction",
+        "transaction".into(),
+        None,
+        &[],
+        &data,
+    );
+    ev.mark_last();
+    ev
+}
+
 /// The event that marks where a source started over with a new slot while keeping
 /// its stream (`tidemark reset --keep-stream`). Changes committed between the last
 /// stored event and the new slot's start are not in the stream; consumers that need
