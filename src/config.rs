@@ -130,6 +130,7 @@ struct RawSource {
     stream: Spanned<RawStream>,
     publish_window: Option<Spanned<u64>>,
     max_event_bytes: Option<Spanned<u64>>,
+    max_row_bytes: Option<Spanned<u64>>,
     ack_timeout_secs: Option<Spanned<u64>>,
     status_interval_secs: Option<Spanned<u64>>,
     restart_backoff_initial_ms: Option<Spanned<u64>>,
@@ -264,6 +265,8 @@ pub struct SourceConfig {
     pub stream: StreamConfig,
     pub publish_window: usize,
     pub max_event_bytes: usize,
+    /// The largest replication message (one row change) read into memory.
+    pub max_row_bytes: usize,
     pub ack_timeout: Duration,
     pub status_interval: Duration,
     pub backoff_initial: Duration,
@@ -830,6 +833,21 @@ impl Validator<'_> {
             30,
             1..=3600,
         ));
+        // A row that could still become an event: JSON adds column names and quoting,
+        // hex bytea shrinks to base64, so twice the event limit plus protocol room; a
+        // table that shrinks oversized rows takes rows up to 64 MiB by default.
+        let shrinks = mappings.iter().any(|m| m.oversized != Oversized::Fail);
+        let default_row = if shrinks {
+            (64 * 1024 * 1024).max(max_event_bytes * 2 + 64 * 1024)
+        } else {
+            max_event_bytes * 2 + 64 * 1024
+        };
+        let max_row_bytes = self.number(
+            &s.max_row_bytes,
+            &format!("{prefix}.max_row_bytes"),
+            default_row as u64,
+            1024..=1024 * 1024 * 1024,
+        ) as usize;
         SourceConfig {
             name,
             postgres: pg,
@@ -848,6 +866,7 @@ impl Validator<'_> {
             mappings,
             outboxes,
             messages,
+            max_row_bytes,
             atomic_transactions: s.atomic_transactions.unwrap_or(false),
             atomic_batch_max,
             transaction_events: s.transaction_events.unwrap_or(false),

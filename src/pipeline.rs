@@ -184,13 +184,6 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Size of a replication message that could still become an event under the limit:
-/// JSON adds column names and quoting, but hex bytea shrinks to base64, so allow twice
-/// the event limit plus room for the protocol headers.
-fn max_message_bytes(max_event_bytes: usize) -> usize {
-    max_event_bytes.saturating_mul(2).saturating_add(64 * 1024)
-}
-
 async fn run_attempt(
     cfg: &SourceConfig,
     nats: &NatsConfig,
@@ -252,9 +245,7 @@ async fn run_attempt(
     }
 
     // Replication.
-    let mut conn =
-        ReplicationConnection::connect(&cfg.postgres, max_message_bytes(cfg.max_event_bytes))
-            .await?;
+    let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
     if slot.is_none() {
         let at = conn.create_slot(&cfg.slot).await?;

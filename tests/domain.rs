@@ -848,3 +848,121 @@ async fn atomic_batches_store_a_transaction_whole_across_a_kill_9() {
     }
     assert!(tm.log().contains("last_event=Some"), "{}", tm.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_are_filled_or_listed_never_null() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE docs_full (id int PRIMARY KEY, title text, body text);
+         ALTER TABLE docs_full REPLICA IDENTITY FULL;
+         CREATE TABLE docs_default (id int PRIMARY KEY, title text, body text);
+         -- Keep the long bodies out of line and uncompressed, so they are TOASTed.
+         ALTER TABLE docs_full ALTER COLUMN body SET STORAGE EXTERNAL;
+         ALTER TABLE docs_default ALTER COLUMN body SET STORAGE EXTERNAL;",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let body: String = (0..20_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for t in ["docs_full", "docs_default"] {
+        db.execute(&format!("INSERT INTO {t} VALUES (1, 'v1', $1)"), &[&body])
+            .await
+            .unwrap();
+        db.batch_execute(&format!("UPDATE {t} SET title = 'v2' WHERE id = 1"))
+            .await
+            .unwrap();
+    }
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 4, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let full_update = &events[1].body["data"];
+    assert_eq!(full_update["after"]["title"], "v2");
+    assert_eq!(full_update["after"]["body"].as_str(), Some(body.as_str()));
+    assert!(full_update.get("unchanged_toast").is_none());
+    let default_update = &events[3].body["data"];
+    assert_eq!(default_update["after"]["title"], "v2");
+    assert!(
+        default_update["after"].get("body").is_none(),
+        "an unchanged TOAST value must not appear (least of all as null): {default_update}"
+    );
+    assert_eq!(default_update["unchanged_toast"], json!(["body"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_rows_shrink_the_configured_column_and_are_marked() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE notes (id int PRIMARY KEY, title text, body text);
+         CREATE TABLE attachments (id int PRIMARY KEY, name text, blob bytea);",
+    )
+    .await
+    .unwrap();
+    let sections = r#"
+[[source.table]]
+name = "notes"
+oversized = "truncate"
+oversized_columns = ["body"]
+
+[[source.table]]
+name = "attachments"
+oversized = "omit"
+oversized_columns = ["blob"]
+"#;
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["notes", "attachments"]"#,
+            extra: "max_event_bytes = 4096",
+            sections,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let long = "ü".repeat(10_000);
+    db.execute("INSERT INTO notes VALUES (1, 'short', 'fits')", &[])
+        .await
+        .unwrap();
+    db.execute("INSERT INTO notes VALUES (2, 'long', $1)", &[&long])
+        .await
+        .unwrap();
+    db.execute(
+        "INSERT INTO attachments VALUES (3, 'big.bin', $1)",
+        &[&vec![7u8; 50_000]],
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events[0].body["data"]["after"]["body"], "fits");
+    assert!(events[0].body["data"].get("truncated").is_none());
+    let cut = &events[1].body["data"];
+    let kept = cut["after"]["body"].as_str().unwrap();
+    assert!(
+        !kept.is_empty() && kept.len() < long.len(),
+        "{} bytes kept",
+        kept.len()
+    );
+    assert!(
+        long.starts_with(kept),
+        "a cut keeps the start, on a character boundary"
+    );
+    assert_eq!(cut["truncated"], json!(["body"]));
+    assert_eq!(cut["after"]["title"], "long");
+    let omitted = &events[2].body["data"];
+    assert!(omitted["after"].get("blob").is_none());
+    assert_eq!(omitted["omitted"], json!(["blob"]));
+    assert_eq!(omitted["after"]["name"], "big.bin");
+    for e in &events {
+        let size = serde_json::to_vec(&e.body).unwrap().len();
+        assert!(size <= 4096, "{size} bytes");
+    }
+    assert!(tm.is_running(), "{}", tm.log());
+}

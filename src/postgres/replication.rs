@@ -104,7 +104,7 @@ pub enum ReplicationError {
     #[error("unexpected message from postgres: {0}")]
     Protocol(String),
     #[error(
-        "postgres sent a {len}-byte replication message{}, over the {limit}-byte limit: a row this large cannot become an event under max_event_bytes; raise max_event_bytes (and the NATS max_payload) or shrink the row",
+        "postgres sent a {len}-byte replication message{}, over the {limit}-byte limit (max_row_bytes): raise max_row_bytes (it bounds the memory one row may take) and, unless the table's mapping shrinks oversized rows, max_event_bytes and the NATS max_payload too",
         .lsn.map(|l| format!(" at LSN {l}")).unwrap_or_default()
     )]
     MessageTooLarge {
