@@ -1377,6 +1377,7 @@ fn split_table(name: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::rules::{Choice, Literal};
 
     const GOOD: &str = r#"
 [nats]
@@ -1494,6 +1495,176 @@ name = "STORE"
             "{msg}"
         );
         assert!(msg.contains("tidemark.toml:15: source[0].postgres.password_env: environment variable MISSING_VAR is not set"), "{msg}");
+    }
+
+    const MAPPING: &str = r#"
+[[source.table]]
+name = "orders"
+key = ["id"]
+exclude = ["secret"]
+rename = { customer_id = "customer" }
+subject = "{source}.order.{event}.{key.id}"
+attributes = { aggregate = "order" }
+insert = "OrderPlaced"
+update = false
+
+[[source.table.rule]]
+on = ["update"]
+changed = ["status"]
+old = { status = ["paid", "packed"] }
+new = { status = "shipped", express = true, qty = 3 }
+event = "OrderShipped"
+
+[[source.table.rule]]
+on = "delete"
+drop = true
+
+[[source.outbox]]
+table = "sales.customers"
+payload_column = "body"
+
+[[source.message]]
+prefix = "domain"
+type_field = "type"
+"#;
+
+    #[test]
+    fn mappings_outboxes_and_messages_parse() {
+        let c = parse_str(&format!("{GOOD}{MAPPING}")).unwrap();
+        let s = &c.sources[0];
+        let m = &s.mappings[0];
+        assert_eq!((m.schema.as_str(), m.table.as_str()), ("public", "orders"));
+        assert_eq!(m.key, Some(vec!["id".to_string()]));
+        assert_eq!(m.exclude, vec!["secret"]);
+        assert_eq!(
+            m.rename,
+            vec![("customer_id".to_string(), "customer".to_string())]
+        );
+        assert_eq!(m.events[0], Some(Choice::Event("OrderPlaced".into())));
+        assert_eq!(m.events[1], Some(Choice::Drop));
+        assert_eq!(m.events[2], None);
+        assert_eq!(
+            m.attributes,
+            vec![("aggregate".to_string(), "order".to_string())]
+        );
+        assert_eq!(
+            m.subject.as_ref().map(|t| t.text.as_str()),
+            Some("{source}.order.{event}.{key.id}")
+        );
+        assert_eq!(m.line, 20, "the [[source.table]] header line");
+        let r = &m.rules[0];
+        assert_eq!(r.ops, vec![Operation::Update]);
+        assert_eq!(r.changed, vec!["status"]);
+        assert_eq!(
+            r.old,
+            vec![(
+                "status".to_string(),
+                vec![Literal::Text("paid".into()), Literal::Text("packed".into())]
+            )]
+        );
+        assert!(
+            r.new
+                .contains(&("express".to_string(), vec![Literal::Bool(true)]))
+        );
+        assert!(r.new.contains(&("qty".to_string(), vec![Literal::Int(3)])));
+        assert_eq!(r.choice, Choice::Event("OrderShipped".into()));
+        assert_eq!(m.rules[1].choice, Choice::Drop);
+        let o = &s.outboxes[0];
+        assert_eq!(
+            (
+                o.schema.as_str(),
+                o.table.as_str(),
+                o.payload.as_str(),
+                o.id.as_str()
+            ),
+            ("sales", "customers", "body", "id")
+        );
+        assert_eq!(o.subject.text, "{source}.{aggregate_type}.{event}");
+        assert_eq!(s.messages[0].prefix, "domain");
+        assert_eq!(s.messages[0].type_field.as_deref(), Some("type"));
+        assert!(!s.atomic_transactions && !s.transaction_events);
+    }
+
+    #[test]
+    fn mapping_mistakes_are_named_with_line_and_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "subject = \"{source}.order.{event}.{key.id}\"",
+                "subject = \"{source}.{nope}\"",
+                "source[0].table[0].subject: unknown placeholder {nope}",
+            ),
+            (
+                "subject = \"{source}.order.{event}.{key.id}\"",
+                "subject = \"orders.{event}\"",
+                "source[0].table[0].subject: the subject must start with {source}",
+            ),
+            (
+                "event = \"OrderShipped\"",
+                "",
+                "source[0].table[0].rule[0]: a rule needs event",
+            ),
+            (
+                "on = [\"update\"]",
+                "on = [\"upsert\"]",
+                "source[0].table[0].rule[0].on: use \"insert\"",
+            ),
+            (
+                "attributes = { aggregate = \"order\" }",
+                "attributes = { Aggregate = \"order\" }",
+                "source[0].table[0].attributes.Aggregate: an attribute name",
+            ),
+            (
+                "attributes = { aggregate = \"order\" }",
+                "attributes = { txlast = \"x\" }",
+                "source[0].table[0].attributes.txlast",
+            ),
+            (
+                "name = \"orders\"\nkey",
+                "name = \"invoices\"\nkey",
+                "source[0].table[0].name: public.invoices is not in this source's tables",
+            ),
+            (
+                "update = false",
+                "update = 3",
+                "source[0].table[0].update: use an event type",
+            ),
+            (
+                "insert = \"OrderPlaced\"",
+                "insert = \"Order Placed\"",
+                "source[0].table[0].insert: an event type is a non-empty name without spaces",
+            ),
+            (
+                "table = \"sales.customers\"",
+                "table = \"orders\"",
+                "source[0].outbox[0].table: this table also has a [[source.table]] mapping",
+            ),
+            (
+                "new = { status = \"shipped\", express = true, qty = 3 }",
+                "new = { status = [] }",
+                "source[0].table[0].rule[0].new.status: compare with a string",
+            ),
+            (
+                "update = false",
+                "update = false\noversized = \"omit\"",
+                "source[0].table[0].oversized_columns: say which columns",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = format!("{GOOD}{MAPPING}").replacen(from, to, 1);
+            assert_ne!(text, format!("{GOOD}{MAPPING}"), "{from} not found");
+            let err = errors(&text);
+            assert!(err.contains(want), "want {want:?} in:\n{err}");
+            assert!(err.contains("tidemark.toml:"), "{err}");
+        }
+        let atomic = GOOD.replace(
+            "tables = [",
+            "atomic_transactions = true\natomic_batch_max = 900\npublish_window = 100\ntables = [",
+        );
+        assert!(
+            errors(&atomic).contains(
+                "source[0].atomic_batch_max: a batch must fit in the publish window (100)"
+            )
+        );
     }
 
     #[test]
