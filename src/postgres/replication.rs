@@ -651,6 +651,6 @@ mod tests {
             msg.contains("5000000-byte replication message at LSN 0/10"),
             "{msg}"
         );
-        assert!(msg.contains("raise max_event_bytes"), "{msg}");
+        assert!(msg.contains("raise max_row_bytes"), "{msg}");
     }
 }
