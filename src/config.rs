@@ -1722,5 +1722,7 @@ mod example_config {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.sources[0].name, "store");
         assert_eq!(cfg.sources[0].stream.name, "STORE");
+        assert_eq!(cfg.sources[0].mappings.len(), 2);
+        assert_eq!(cfg.sources[0].messages.len(), 1);
     }
 }
