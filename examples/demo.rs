@@ -1,8 +1,9 @@
 //! The README's first command: tidemark streaming a store database's changes.
 //!
 //! Starts its own PostgreSQL and nats-server (temporary directories, free ports), creates
-//! an online-store schema, runs `tidemark run` next to it, writes a stream of business
-//! activity, and prints every event as JetStream stores it. Half way, tidemark is killed
+//! an online-store schema, runs `tidemark run` next to it with mapping rules that turn
+//! row changes into domain events (`OrderPlaced`, `OrderShipped`, `StockAdjusted`...),
+//! writes a stream of business activity, and prints every event as JetStream stores it. Half way, tidemark is killed
 //! with SIGKILL and restarted; at the end the demo reads the stream back and checks that
 //! every change arrived exactly once, in commit order.
 //!
@@ -25,7 +26,38 @@ CREATE TABLE order_items (order_id int REFERENCES orders, line int, sku text REF
                           PRIMARY KEY (order_id, line));
 INSERT INTO inventory VALUES ('TEA-01', 'Sencha 100g', 40, 7.50), ('MUG-02', 'Stoneware mug', 12, 14.00),
                              ('POT-03', 'Cast iron teapot', 5, 49.90);
+ALTER TABLE orders REPLICA IDENTITY FULL;
 ";
+
+/// The store's tables as domain events.
+const MAPPING: &str = r#"
+[[source.table]]
+name = "customers"
+insert = "CustomerRegistered"
+update = "CustomerUpdated"
+
+[[source.table]]
+name = "orders"
+insert = "OrderPlaced"
+update = false
+subject = "{source}.order.{event}.{key.id}"
+rename = { customer_id = "customer" }
+
+[[source.table.rule]]
+on = "update"
+changed = ["status"]
+new = { status = "shipped" }
+event = "OrderShipped"
+
+[[source.table]]
+name = "order_items"
+insert = "OrderLineAdded"
+delete = "OrderLineRemoved"
+
+[[source.table]]
+name = "inventory"
+update = "StockAdjusted"
+"#;
 
 #[tokio::main]
 async fn main() {
@@ -50,6 +82,7 @@ async fn main() {
         &nats,
         &SourceSpec {
             tables: "tables = [\"customers\", \"inventory\", \"orders\", \"order_items\"]",
+            sections: MAPPING,
             ..SourceSpec::new("store", "store")
         },
     );
@@ -91,10 +124,15 @@ async fn main() {
             } else {
                 &data["after"]
             };
+            let end = if ev["txlast"] == true {
+                " |end of tx"
+            } else {
+                ""
+            };
             println!(
-                "#{seq:<4} {:<28} id={:<22} key={} {}",
+                "#{seq:<4} {:<20} {:<30} key={} {}{end}",
+                ev["type"].as_str().unwrap_or(""),
                 m.subject.as_str(),
-                ev["id"].as_str().unwrap_or(""),
                 data["key"],
                 row
             );
