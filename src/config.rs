@@ -136,6 +136,9 @@ struct RawSource {
     restart_backoff_initial_ms: Option<Spanned<u64>>,
     restart_backoff_max_secs: Option<Spanned<u64>>,
     atomic_transactions: Option<bool>,
+    snapshot: Option<Spanned<String>>,
+    snapshot_chunk_size: Option<Spanned<u64>>,
+    snapshot_tables: Option<Spanned<Vec<String>>>,
     transaction_events: Option<bool>,
     atomic_batch_max: Option<Spanned<u64>>,
     #[serde(default)]
@@ -161,6 +164,7 @@ struct RawTable {
     update: Option<Spanned<toml::Value>>,
     delete: Option<Spanned<toml::Value>>,
     truncate: Option<Spanned<toml::Value>>,
+    read: Option<Spanned<toml::Value>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
     oversized: Option<Spanned<String>>,
@@ -283,6 +287,20 @@ pub struct SourceConfig {
     pub atomic_batch_max: usize,
     /// Publish a summary event after each transaction.
     pub transaction_events: bool,
+    /// Whether a new slot starts with the existing rows.
+    pub snapshot: SnapshotMode,
+    /// Rows per backfill chunk.
+    pub snapshot_chunk_size: u64,
+    /// The tables an initial snapshot reads; None = every streamed table.
+    pub snapshot_tables: Option<Vec<(String, String)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// A new slot starts with a backfill of every streamed table.
+    Initial,
+    /// Only changes from the slot's creation on.
+    Never,
 }
 
 #[derive(Debug, Clone)]
@@ -769,6 +787,49 @@ impl Validator<'_> {
                 outboxes.push(spec);
             }
         }
+        let snapshot = match s.snapshot.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "initial")) => SnapshotMode::Initial,
+            Some((_, "never")) => SnapshotMode::Never,
+            Some((m, other)) => {
+                self.issue(
+                    m,
+                    format!("{prefix}.snapshot"),
+                    format!("{other:?} is not a snapshot mode: use \"initial\" or \"never\""),
+                );
+                SnapshotMode::Never
+            }
+        };
+        let snapshot_chunk_size = self.number(
+            &s.snapshot_chunk_size,
+            &format!("{prefix}.snapshot_chunk_size"),
+            1000,
+            1..=100_000,
+        );
+        let snapshot_tables = s.snapshot_tables.as_ref().map(|list| {
+            let mut out = Vec::new();
+            for name in list.get_ref() {
+                match split_table(name) {
+                    Some(pair) => {
+                        if let TableSelection::Listed(streamed) = &tables
+                            && !streamed.contains(&pair)
+                        {
+                            self.issue(
+                                list,
+                                format!("{prefix}.snapshot_tables"),
+                                format!("{name:?} is not in this source's tables"),
+                            );
+                        }
+                        out.push(pair);
+                    }
+                    None => self.issue(
+                        list,
+                        format!("{prefix}.snapshot_tables"),
+                        format!("{name:?} is not a table name: use \"table\" or \"schema.table\""),
+                    ),
+                }
+            }
+            out
+        });
         let mut messages: Vec<MessageSpec> = Vec::new();
         for (i, m) in s.message.iter().enumerate() {
             if let Some(spec) = self.message(&format!("{prefix}.message[{i}]"), &name, m) {
@@ -870,6 +931,9 @@ impl Validator<'_> {
             atomic_transactions: s.atomic_transactions.unwrap_or(false),
             atomic_batch_max,
             transaction_events: s.transaction_events.unwrap_or(false),
+            snapshot,
+            snapshot_chunk_size,
+            snapshot_tables,
         }
     }
 
@@ -1023,6 +1087,7 @@ impl Validator<'_> {
                 "datacontenttype",
                 "dataschema",
                 "data",
+                "snapshot",
                 "commitlsn",
                 "xid",
                 "txindex",
@@ -1058,6 +1123,7 @@ impl Validator<'_> {
             (Operation::Update, &t.update),
             (Operation::Delete, &t.delete),
             (Operation::Truncate, &t.truncate),
+            (Operation::Read, &t.read),
         ] {
             if let Some(v) = v {
                 spec.events[crate::events::rules::op_slot(op)] =
@@ -1082,7 +1148,7 @@ impl Validator<'_> {
                             None => self.issue(
                                 v,
                                 format!("{key}.on"),
-                                "use \"insert\", \"update\", \"delete\" or \"truncate\", or a list of them",
+                                "use \"insert\", \"update\", \"delete\", \"truncate\" or \"read\", or a list of them",
                             ),
                         }
                     }

@@ -7,6 +7,7 @@
 //! event ids and the exactly-once rule) and `pipeline` (one source, wired, crash-only).
 //! `cli` holds the commands the binary runs.
 
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod events;

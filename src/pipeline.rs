@@ -8,13 +8,14 @@
 //! Any error tears the attempt down; retryable ones back off and rebuild, fatal ones
 //! (those an operator must fix) stop the source with the fix in the message.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, trace, warn};
 
-use crate::config::{NatsConfig, SourceConfig};
+use crate::backfill::{self, BackfillError, ChunkOutcome, ChunkReceiver, Watermark};
+use crate::config::{NatsConfig, SnapshotMode, SourceConfig};
 use crate::events::mapping::{
     self, DomainEvent, MapError, Operation, RowChange, Shrink, Table, TableColumn, TxContext,
 };
@@ -62,6 +63,8 @@ pub enum SourceError {
         last_seq: u64,
         last_lsn: Option<Lsn>,
     },
+    #[error(transparent)]
+    Backfill(#[from] BackfillError),
     #[error("replication slot {slot:?} is in use by another process{}; standing by to take over", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     SlotBusy { slot: String, pid: Option<i32> },
 }
@@ -106,6 +109,11 @@ impl SourceError {
                 }
                 _ => Recovery::Fatal,
             },
+            SourceError::Backfill(BackfillError::NoKey { .. }) => Recovery::Fatal,
+            SourceError::Backfill(BackfillError::Catalog(e)) if fatal_code(e.code()) => {
+                Recovery::Fatal
+            }
+            SourceError::Backfill(_) => Recovery::Retry,
             SourceError::Publish(PublishError::Oversized { .. })
             | SourceError::SlotLost { .. }
             | SourceError::Mapping(_) => Recovery::Fatal,
@@ -244,6 +252,14 @@ async fn run_attempt(
         });
     }
 
+    // Backfills: progress in NATS KV. A new slot with snapshot = "initial" starts
+    // with a backfill of every streamed table; the jobs are written before the slot
+    // exists, so a crash in between cannot lose them.
+    let progress = backfill::Progress::open(&js, &cfg.name).await?;
+    if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
+        queue_initial_snapshot(cfg, &progress, &tables).await?;
+    }
+
     // Replication.
     let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
@@ -283,6 +299,16 @@ async fn run_attempt(
         "streaming"
     );
 
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(1);
+    let worker_cancel = cancel.child_token();
+    let worker = tokio::spawn(
+        backfill::run_worker(cfg.clone(), progress, chunk_tx, worker_cancel.clone())
+            .instrument(info_span!("backfill")),
+    );
+    let _worker = WorkerGuard {
+        cancel: worker_cancel,
+        task: worker,
+    };
     let publisher = Publisher::new(
         client,
         cfg.stream.name.clone(),
@@ -300,6 +326,10 @@ async fn run_attempt(
         types: TypeRegistry::default(),
         tx: None,
         held: None,
+        chunks: chunk_rx,
+        window: None,
+        chunk_in_tx: None,
+        chunk_acks: VecDeque::new(),
         pending_commits: VecDeque::new(),
         published: 0,
         acked: 0,
@@ -308,6 +338,69 @@ async fn run_attempt(
         sent_flush: confirmed,
     };
     p.run(cancel).await
+}
+
+/// Ends the backfill worker with the attempt.
+struct WorkerGuard {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), BackfillError>>,
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.task.abort();
+    }
+}
+
+/// A backfill chunk's window: the keys of its table that live changes touched between
+/// the chunk's low and high watermarks.
+struct Window {
+    job_id: String,
+    chunk: u64,
+    relid: u32,
+    key: Vec<String>,
+    changed: HashSet<Vec<Option<bytes::Bytes>>>,
+    truncated: bool,
+}
+
+/// Writes a backfill job for every table an initial snapshot reads (outbox tables
+/// excepted), unless one exists. A table without a usable key stops the start.
+async fn queue_initial_snapshot(
+    cfg: &SourceConfig,
+    progress: &backfill::Progress,
+    tables: &[crate::postgres::catalog::TableInfo],
+) -> Result<(), SourceError> {
+    let mut jobs = Vec::new();
+    for t in tables {
+        let wanted = match &cfg.snapshot_tables {
+            Some(list) => list.contains(&(t.schema.clone(), t.name.clone())),
+            None => true,
+        };
+        let outbox = cfg
+            .outboxes
+            .iter()
+            .any(|o| o.schema == t.schema && o.table == t.name);
+        if !wanted || outbox {
+            continue;
+        }
+        let key = backfill::key_columns(cfg, &t.schema, &t.name, &t.primary_key)?;
+        jobs.push(backfill::Job::new(
+            &t.schema,
+            &t.name,
+            key,
+            "initial snapshot",
+            None,
+            cfg.snapshot_chunk_size,
+        ));
+    }
+    for job in jobs {
+        if progress.get(&job.schema, &job.table).await?.is_none() {
+            progress.put(&job).await?;
+            info!(table = %job.qualified(), "initial snapshot queued");
+        }
+    }
+    Ok(())
 }
 
 /// The transaction being received.
@@ -334,6 +427,18 @@ struct Pipeline<'a> {
     /// The open transaction's latest event, held back until the next one (or the
     /// commit) shows whether it is the transaction's last.
     held: Option<DomainEvent>,
+    /// Chunks the backfill worker read, waiting for their high watermark.
+    chunks: ChunkReceiver,
+    /// The open watermark window, between a chunk's low and high watermark.
+    window: Option<Window>,
+    /// The chunk published in the open transaction (at its high watermark).
+    chunk_in_tx: Option<(tokio::sync::oneshot::Sender<ChunkOutcome>, ChunkOutcome)>,
+    /// Chunks waiting for their events' acks: (events published, reply, outcome).
+    chunk_acks: VecDeque<(
+        u64,
+        tokio::sync::oneshot::Sender<ChunkOutcome>,
+        ChunkOutcome,
+    )>,
     /// Committed transactions not yet confirmed: (events published when the commit
     /// arrived, the commit's end LSN). Confirmable once `acked` reaches the count.
     pending_commits: VecDeque<(u64, Lsn)>,
@@ -360,6 +465,7 @@ impl Pipeline<'_> {
                     trace!(event_id = %ack.event_id, seq = ack.seq, count = ack.count, "acked");
                     self.acked += ack.count;
                     self.confirm_acked_commits();
+                    self.report_stored_chunks();
                 }
                 // 3. Periodic standby status, so Postgres can recycle WAL.
                 _ = status_tick.tick() => self.send_status(false).await?,
@@ -380,6 +486,29 @@ impl Pipeline<'_> {
                 }
             }
         }
+    }
+
+    /// Tells the backfill worker about chunks whose events are all stored.
+    fn report_stored_chunks(&mut self) {
+        while let Some((count, _, _)) = self.chunk_acks.front() {
+            if *count > self.acked {
+                break;
+            }
+            if let Some((_, reply, outcome)) = self.chunk_acks.pop_front() {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Awaits acks until the publish window has room.
+    async fn make_room(&mut self) -> Result<(), SourceError> {
+        while !self.publisher.has_capacity() && self.publisher.awaiting_acks() > 0 {
+            let ack = self.publisher.next_ack().await?;
+            self.acked += ack.count;
+            self.confirm_acked_commits();
+            self.report_stored_chunks();
+        }
+        Ok(())
     }
 
     /// Moves the flush LSN over every commit whose events are all acked.
@@ -479,6 +608,10 @@ impl Pipeline<'_> {
                 if let Some(summary) = summary {
                     self.send(summary, true).await?;
                 }
+                if let Some((reply, outcome)) = self.chunk_in_tx.take() {
+                    self.chunk_acks.push_back((self.published, reply, outcome));
+                    self.report_stored_chunks();
+                }
                 self.pending_commits.push_back((self.published, c.end_lsn));
                 self.confirm_acked_commits();
             }
@@ -502,6 +635,11 @@ impl Pipeline<'_> {
             }
             LogicalMessage::Truncate(t) => {
                 for rel in t.relation_ids {
+                    if let Some(w) = self.window.as_mut()
+                        && w.relid == rel
+                    {
+                        w.truncated = true;
+                    }
                     let (_, index) = self.next_index()?;
                     if let Some(event) =
                         mapping::map_truncate(&self.context()?, index, self.table(rel)?)
@@ -558,11 +696,61 @@ impl Pipeline<'_> {
         new: Option<&pgoutput::Tuple>,
     ) -> Result<(), SourceError> {
         let (_, index) = self.next_index()?;
+        if self.window.as_ref().is_some_and(|w| w.relid == relation_id) {
+            self.note_window_change(relation_id, old.map(|(_, t)| t), new)?;
+        }
+        match self.map_row(index, relation_id, op, old, new)? {
+            Some(event) => self.emit(event).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records the keys a live change touched in the open window's table.
+    fn note_window_change(
+        &mut self,
+        relation_id: u32,
+        old: Option<&pgoutput::Tuple>,
+        new: Option<&pgoutput::Tuple>,
+    ) -> Result<(), SourceError> {
+        let table = self.table(relation_id)?;
+        let Some(w) = self.window.as_ref() else {
+            return Ok(());
+        };
+        let idx: Vec<Option<usize>> = w
+            .key
+            .iter()
+            .map(|k| table.columns.iter().position(|c| &c.name == k))
+            .collect();
+        let key_of = |t: &pgoutput::Tuple| -> Vec<Option<bytes::Bytes>> {
+            idx.iter()
+                .map(|i| match i.and_then(|i| t.0.get(i)) {
+                    Some(pgoutput::ColumnValue::Text(b)) => Some(b.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let keys: Vec<_> = old.into_iter().chain(new).map(key_of).collect();
+        if let Some(w) = self.window.as_mut() {
+            w.changed.extend(keys);
+        }
+        Ok(())
+    }
+
+    /// Maps one row (a change, or a backfill's read) to its event, shrinking it when
+    /// it is over the limit and the table's plan allows.
+    fn map_row(
+        &self,
+        index: u64,
+        relation_id: u32,
+        op: Operation,
+        old: Option<(pgoutput::OldKind, &pgoutput::Tuple)>,
+        new: Option<&pgoutput::Tuple>,
+    ) -> Result<Option<DomainEvent>, SourceError> {
         let tx = self.context()?;
         let table = self.table(relation_id)?;
         let change = RowChange { op, old, new };
         let Some(mut event) = mapping::map_change(&tx, index, table, &change, None)? else {
-            return Ok(());
+            return Ok(None);
         };
         // Too large: shrink the columns the table's plan allows, cutting harder
         // until it fits or there is nothing left to cut.
@@ -595,13 +783,23 @@ impl Pipeline<'_> {
                 cap /= 2;
             }
         }
-        self.emit(event).await
+        Ok(Some(event))
     }
 
     /// An emitted logical message: an event when its prefix is configured. Every
     /// transactional message takes an index in its transaction, configured or not, so
     /// event ids do not move when the configuration changes.
     async fn message(&mut self, m: pgoutput::EmittedMessage) -> Result<(), SourceError> {
+        if m.prefix == backfill::WATERMARK_PREFIX && m.transactional {
+            self.next_index()?;
+            return match serde_json::from_slice::<Watermark>(&m.content) {
+                Ok(wm) => self.watermark(wm).await,
+                Err(e) => {
+                    warn!(lsn = %m.lsn, error = %e, "unreadable backfill watermark ignored");
+                    Ok(())
+                }
+            };
+        }
         let spec = self.cfg.messages.iter().find(|s| s.prefix == m.prefix);
         if !m.transactional {
             match spec {
@@ -621,6 +819,109 @@ impl Pipeline<'_> {
         };
         let event = mapping::map_message(&self.context()?, index, spec, &m.content);
         self.emit(event).await
+    }
+
+    /// A backfill watermark: the low one opens the chunk's window, the high one
+    /// publishes the chunk's rows that no live change touched inside it.
+    async fn watermark(&mut self, wm: Watermark) -> Result<(), SourceError> {
+        if wm.mark == "low" {
+            self.window = Some(Window {
+                job_id: wm.backfill,
+                chunk: wm.chunk,
+                relid: wm.relid,
+                key: wm.key,
+                changed: HashSet::new(),
+                truncated: false,
+            });
+            return Ok(());
+        }
+        // Find the chunk; chunks of other windows are stale: have them read again.
+        let mut found = None;
+        while let Ok((chunk, reply)) = self.chunks.try_recv() {
+            if chunk.job_id == wm.backfill && chunk.chunk == wm.chunk {
+                found = Some((chunk, reply));
+            } else {
+                let _ = reply.send(ChunkOutcome::Retry(
+                    "its high watermark was not seen".into(),
+                ));
+            }
+        }
+        let window = self
+            .window
+            .take()
+            .filter(|w| w.job_id == wm.backfill && w.chunk == wm.chunk);
+        // A high watermark without its chunk was written by an earlier process (the
+        // slot sends it again after a restart); that chunk is read again.
+        let Some((chunk, reply)) = found else {
+            debug!(
+                chunk = wm.chunk,
+                "high watermark of an earlier process's chunk ignored"
+            );
+            return Ok(());
+        };
+        let Some(window) = window else {
+            let _ = reply.send(ChunkOutcome::Retry("its low watermark was not seen".into()));
+            return Ok(());
+        };
+        if !self.relations.contains_key(&chunk.relid) {
+            let relation = catalog_relation(&self.catalog, chunk.relid).await?;
+            let table = self.describe(relation).await?;
+            self.relations.insert(table.relation_id, table);
+        }
+        let table = self.table(chunk.relid)?;
+        let order: Option<Vec<usize>> = table
+            .columns
+            .iter()
+            .map(|c| chunk.columns.iter().position(|n| n == &c.name))
+            .collect();
+        let (Some(order), true) = (order, table.columns.len() == chunk.columns.len()) else {
+            let _ = reply.send(ChunkOutcome::Retry("the table's columns changed".into()));
+            return Ok(());
+        };
+        let key_idx: Vec<Option<usize>> = window
+            .key
+            .iter()
+            .map(|k| chunk.columns.iter().position(|n| n == k))
+            .collect();
+        let (mut published, mut skipped) = (0, 0);
+        for row in chunk.rows {
+            let key: Vec<Option<bytes::Bytes>> = key_idx
+                .iter()
+                .map(|i| {
+                    i.and_then(|i| row.get(i).cloned().flatten())
+                        .map(bytes::Bytes::from)
+                })
+                .collect();
+            if window.truncated || window.changed.contains(&key) {
+                skipped += 1;
+                continue;
+            }
+            let tuple = pgoutput::Tuple(
+                order
+                    .iter()
+                    .map(|&i| match row.get(i).cloned().flatten() {
+                        Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
+                        None => pgoutput::ColumnValue::Null,
+                    })
+                    .collect(),
+            );
+            let (_, index) = self.next_index()?;
+            if let Some(event) =
+                self.map_row(index, chunk.relid, Operation::Read, None, Some(&tuple))?
+            {
+                self.make_room().await?;
+                self.emit(event).await?;
+                published += 1;
+            } else {
+                skipped += 1;
+            }
+        }
+        debug!(
+            chunk = wm.chunk,
+            published, skipped, "backfill chunk placed"
+        );
+        self.chunk_in_tx = Some((reply, ChunkOutcome::Stored { published, skipped }));
+        Ok(())
     }
 
     /// Queues an event of the open transaction: the one held before it is sent, and
@@ -746,6 +1047,7 @@ impl Pipeline<'_> {
                 Ok(Ok(ack)) => {
                     self.acked += ack.count;
                     self.confirm_acked_commits();
+                    self.report_stored_chunks();
                 }
                 Ok(Err(e)) => {
                     warn!(error = %ErrorChain(&e), "publish failed while settling; the rest will be resent on the next start");
@@ -860,4 +1162,42 @@ pub async fn plan_tables(
         });
     }
     Ok(out)
+}
+
+/// A table's description from the catalog, shaped as the replication stream's
+/// RELATION message (for a table no change has described yet).
+async fn catalog_relation(
+    catalog: &Catalog,
+    relid: u32,
+) -> Result<pgoutput::Relation, SourceError> {
+    let client = catalog.client();
+    let row = client
+        .query_one(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&relid],
+        )
+        .await
+        .map_err(|source| CatalogError::Query {
+            what: "describe a backfilled table",
+            source,
+        })?;
+    let ident: String = row.get(2);
+    let columns = catalog.columns(relid).await?;
+    let key = catalog.primary_key(relid).await?;
+    Ok(pgoutput::Relation {
+        id: relid,
+        namespace: row.get(0),
+        name: row.get(1),
+        replica_identity: ReplicaIdentity::from_char(ident.chars().next().unwrap_or('d')),
+        columns: columns
+            .into_iter()
+            .map(|(name, type_oid)| pgoutput::Column {
+                is_key: key.contains(&name),
+                name,
+                type_oid,
+                type_modifier: -1,
+            })
+            .collect(),
+    })
 }

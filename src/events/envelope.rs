@@ -23,6 +23,8 @@ pub struct EnvelopeFields<'a, D: Serialize> {
     pub xid: u32,
     pub index: u64,
     pub schema: Option<&'a str>,
+    /// A row read by a backfill rather than a change.
+    pub snapshot: bool,
     pub extensions: &'a [(&'a str, &'a str)],
     pub data: &'a D,
 }
@@ -51,6 +53,9 @@ impl<D: Serialize> Serialize for EnvelopeFields<'_, D> {
         m.serialize_entry("txindex", &self.index)?;
         if let Some(schema) = self.schema {
             m.serialize_entry("schemahash", schema)?;
+        }
+        if self.snapshot {
+            m.serialize_entry("snapshot", &true)?;
         }
         for (k, v) in self.extensions {
             m.serialize_entry(k, v)?;
@@ -103,6 +108,7 @@ mod tests {
             xid: 1,
             index: 0,
             schema: Some("abcd1234"),
+            snapshot: false,
             extensions: &ext,
             data: &data,
         });

@@ -75,6 +75,8 @@ pub enum Operation {
     Update,
     Delete,
     Truncate,
+    /// A row read by a backfill (snapshot), not a change.
+    Read,
 }
 
 impl Operation {
@@ -84,6 +86,7 @@ impl Operation {
             Operation::Update => "update",
             Operation::Delete => "delete",
             Operation::Truncate => "truncate",
+            Operation::Read => "read",
         }
     }
 
@@ -93,6 +96,7 @@ impl Operation {
             "update" => Operation::Update,
             "delete" => Operation::Delete,
             "truncate" => Operation::Truncate,
+            "read" => Operation::Read,
             _ => return None,
         })
     }
@@ -104,6 +108,7 @@ impl Operation {
             Operation::Update => "updated",
             Operation::Delete => "deleted",
             Operation::Truncate => "truncated",
+            Operation::Read => "read",
         }
     }
 }
@@ -272,6 +277,7 @@ pub fn map_change(
         &table.token,
         qualified.clone(),
         Some(&plan.fingerprint),
+        change.op == Operation::Read,
         &attrs(&plan.attributes),
         &data,
     )))
@@ -344,6 +350,7 @@ pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> Option<Dom
         &table.token,
         qualified.clone(),
         Some(&table.plan.fingerprint),
+        false,
         &attrs(&table.plan.attributes),
         &data,
     ))
@@ -409,6 +416,7 @@ fn map_outbox(
         &aggregate_id,
         table.qualified_name(),
         None,
+        false,
         &ext,
         &payload,
     );
@@ -464,6 +472,7 @@ pub fn map_message(
         &spec.prefix,
         spec.prefix.clone(),
         None,
+        false,
         &ext,
         &Payload::Raw(content),
     )
@@ -487,6 +496,7 @@ pub fn transaction_summary(tx: &TxContext<'_>, index: u64, events: u64) -> Domai
         "transaction",
         "transaction".into(),
         None,
+        false,
         &[],
         &data,
     );
@@ -532,6 +542,7 @@ pub fn reset_marker(
         "tidemark",
         "tidemark".into(),
         None,
+        false,
         &[],
         &data,
     );
@@ -564,6 +575,7 @@ fn build<D: Serialize>(
     ce_subject: &str,
     origin: String,
     schema: Option<&str>,
+    snapshot: bool,
     extensions: &[(&str, &str)],
     data: &D,
 ) -> DomainEvent {
@@ -583,6 +595,7 @@ fn build<D: Serialize>(
         xid: tx.xid,
         index,
         schema,
+        snapshot,
         extensions,
         data,
     });

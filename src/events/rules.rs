@@ -218,7 +218,7 @@ pub struct TableSpec {
     pub exclude: Vec<String>,
     pub rename: Vec<(String, String)>,
     /// Event per operation, indexed by `op_slot`.
-    pub events: [Option<Choice>; 4],
+    pub events: [Option<Choice>; 5],
     pub rules: Vec<RuleSpec>,
     pub subject: Option<Template>,
     pub attributes: Vec<(String, String)>,
@@ -264,6 +264,7 @@ pub fn op_slot(op: Operation) -> usize {
         Operation::Update => 1,
         Operation::Delete => 2,
         Operation::Truncate => 3,
+        Operation::Read => 4,
     }
 }
 
@@ -339,7 +340,7 @@ pub struct OutboxPlan {
 pub struct TablePlan {
     pub columns: Vec<OutColumn>,
     pub key: Vec<OutColumn>,
-    pub events: [Bound; 4],
+    pub events: [Bound; 5],
     pub rules: Vec<Rule>,
     pub subject: Option<Template>,
     pub attributes: Vec<(String, String)>,
@@ -483,6 +484,7 @@ pub fn bind(
         Operation::Update,
         Operation::Delete,
         Operation::Truncate,
+        Operation::Read,
     ];
     let events = ops.map(|op| match &spec.events[op_slot(op)] {
         Some(c) => bind_choice(c),
@@ -780,6 +782,7 @@ impl TablePlan {
             Operation::Update,
             Operation::Delete,
             Operation::Truncate,
+            Operation::Read,
         ] {
             let b = &self.events[op_slot(op)];
             let prefix = if self.rules.is_empty() {

@@ -600,6 +600,9 @@ pub struct SourceSpec<'a> {
     pub postgres_extra: &'a str,
     /// TOML appended after the source's tables: `[[source.table]]` mappings and such.
     pub sections: &'a str,
+    /// The snapshot mode; tests default to "never" so existing rows stay out unless
+    /// a test is about them.
+    pub snapshot: &'a str,
 }
 
 impl<'a> SourceSpec<'a> {
@@ -611,6 +614,7 @@ impl<'a> SourceSpec<'a> {
             extra: "",
             postgres_extra: "",
             sections: "",
+            snapshot: "never",
         }
     }
 }
@@ -630,6 +634,7 @@ status_interval_secs = 1
 ack_timeout_secs = 5
 restart_backoff_initial_ms = 100
 restart_backoff_max_secs = 2
+snapshot = "{snapshot}"
 {extra}
 
 [source.postgres]
@@ -653,6 +658,7 @@ name = "{stream}"
         pg_extra = s.postgres_extra,
         stream = s.name.to_uppercase(),
         sections = s.sections,
+        snapshot = s.snapshot,
     );
     let path = dir.join(format!("{}.toml", s.name));
     fs::write(&path, text).expect("write config");

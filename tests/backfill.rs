@@ -1,0 +1,205 @@
+//! Integration tests of snapshots and backfills (existing rows through the stream,
+//! placed by watermarks) against a real PostgreSQL and a real nats-server.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// Folds a stream into table contents: per table, key -> row.
+fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let mut tables: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for e in events {
+        let data = &e.body["data"];
+        let Some(table) = data["table"].as_str() else {
+            continue;
+        };
+        let rows = tables.entry(table.to_string()).or_default();
+        match data["op"].as_str() {
+            Some("insert" | "update" | "read") => {
+                if let Some(before) = data["before"].as_object()
+                    && data["op"] == "update"
+                {
+                    // A key change moves the row.
+                    let old_key = json!({"id": before.get("id")}).to_string();
+                    rows.remove(&old_key);
+                }
+                rows.insert(data["key"].to_string(), data["after"].clone());
+            }
+            Some("delete") => {
+                rows.remove(&data["key"].to_string());
+            }
+            Some("truncate") => rows.clear(),
+            _ => {}
+        }
+    }
+    tables
+}
+
+/// A table's rows as the events carry them: key `{"id": n}` -> `{"id", "qty", "note"}`.
+async fn table_rows(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String, Value> {
+    db.query(
+        &format!("SELECT id, qty, note FROM {table} ORDER BY id"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        let id: i32 = r.get(0);
+        let qty: Option<i32> = r.get(1);
+        let note: Option<String> = r.get(2);
+        (
+            json!({"id": id}).to_string(),
+            json!({"id": id, "qty": qty, "note": note}),
+        )
+    })
+    .collect()
+}
+
+/// The backfill job of a table, as stored in the source's KV bucket.
+async fn job(nc: &async_nats::Client, source: &str, table: &str) -> Option<Value> {
+    let js = async_nats::jetstream::new(nc.clone());
+    let kv = js.get_key_value(format!("tidemark_{source}")).await.ok()?;
+    let v = kv.get(format!("backfill.public.{table}")).await.ok()??;
+    serde_json::from_slice(&v).ok()
+}
+
+async fn wait_job_done(
+    nc: &async_nats::Client,
+    table: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(j) = job(nc, "store", table).await
+            && j["state"] == "done"
+        {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill of {table} not done in {timeout:?}: {:?}\n{}",
+            job(nc, "store", table).await,
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Small transactions of inserts, updates and deletes on `big` until told to stop.
+fn churn(
+    db: tokio_postgres::Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    start_id: i32,
+    max_id: i32,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = start_id;
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = (x % max_id as u64) as i32 + 1;
+            let sql = match x % 3 {
+                0 => {
+                    next += 1;
+                    format!("INSERT INTO big VALUES ({next}, 1, 'new {next}')")
+                }
+                1 => format!("UPDATE big SET qty = qty + 1, note = 'changed' WHERE id = {id}"),
+                _ => format!("DELETE FROM big WHERE id = {id}"),
+            };
+            db.batch_execute(&sql).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_snapshot_under_concurrent_writes_folds_to_the_table() {
+    const ROWS: i32 = 200_000;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(&format!(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big SELECT g, g % 100, 'row ' || g FROM generate_series(1, {ROWS}) g;
+         ANALYZE big;"
+    ))
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["big"]"#,
+            snapshot: "initial",
+            extra: "snapshot_chunk_size = 2000",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let writer = churn(pg.client("store").await, stop.clone(), ROWS, ROWS);
+    let nc = nats.client().await;
+    let done = wait_job_done(&nc, "big", Duration::from_secs(300), || tm.log()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let changes = writer.await.unwrap();
+    assert!(
+        changes > 100,
+        "the workload ran during the snapshot ({changes} changes)"
+    );
+    assert_eq!(done["reason"], "initial snapshot");
+    assert!(done["rows_done"].as_u64().unwrap() >= ROWS as u64 / 2);
+    assert!(done["rows_estimate"].as_u64().unwrap() > 0);
+
+    let end = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    let end: tidemark::position::Lsn = end.parse().unwrap();
+    wait_for(
+        "tidemark to confirm the end",
+        Duration::from_secs(120),
+        || {
+            let out = std::process::Command::new(pg_bindir().join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "store", "-Atc"])
+            .arg("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'tidemark_store'")
+            .output()
+            .ok()?;
+            let lsn: tidemark::position::Lsn =
+                String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            (lsn >= end).then_some(())
+        },
+    );
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let reads = events
+        .iter()
+        .filter(|e| e.body["data"]["op"] == "read")
+        .count();
+    assert!(reads > 0);
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.body["data"]["op"] == "read")
+            .all(|e| e.body["snapshot"] == true && e.body["type"] == "big.read"),
+        "snapshot rows are big.read events marked snapshot"
+    );
+    let folded = fold(&events);
+    let want = table_rows(&db, "big").await;
+    let got = folded.get("public.big").cloned().unwrap_or_default();
+    assert_eq!(got.len(), want.len(), "row count");
+    for (k, v) in &want {
+        assert_eq!(got.get(k), Some(v), "row {k}");
+    }
+}
