@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::task::JoinSet;
@@ -96,6 +97,37 @@ pub enum Command {
         /// End the connection of a tidemark still streaming from the slot.
         #[arg(long)]
         force: bool,
+    },
+    /// Send a table's current rows into the stream while tidemark keeps streaming.
+    ///
+    /// The running `tidemark run` reads the table in key order, in chunks, and places
+    /// each chunk in the stream with watermarks, so no old value overwrites a newer
+    /// change. Progress is kept in NATS, so a restart resumes. The table must be
+    /// published and have a primary key (or a key in its mapping). On a terminal, waits
+    /// with a progress bar until the backfill is done.
+    /// Exit codes: 0 queued (or done, when waiting), 1 refused or failed, 2 bad config.
+    Backfill {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// The source (may be left out when the config has one).
+        #[arg(long)]
+        source: Option<String>,
+        /// The table: "orders" (public.orders) or "schema.table".
+        #[arg(long)]
+        table: String,
+        /// Only rows matching this SQL condition, like "created_at > '2025-01-01'".
+        #[arg(long = "where", value_name = "CONDITION")]
+        filter: Option<String>,
+        /// Rows per chunk (default: the source's snapshot_chunk_size).
+        #[arg(long)]
+        chunk_size: Option<u64>,
+        /// Wait until it is done, even without a terminal.
+        #[arg(long, conflicts_with = "no_wait")]
+        wait: bool,
+        /// Return once it is queued, even on a terminal.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Manage a source's replication slot.
     #[command(subcommand)]
@@ -257,6 +289,25 @@ pub async fn run(cli: Cli) -> ExitCode {
                         (false, false) => None,
                     };
                     reset(src, &cfg.nats, mode, yes, force).await
+                }
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Backfill {
+            config,
+            source,
+            table,
+            filter,
+            chunk_size,
+            wait,
+            no_wait,
+        } => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => {
+                    use std::io::IsTerminal;
+                    let wait = wait || (!no_wait && std::io::stderr().is_terminal());
+                    backfill_cmd(src, &cfg.nats, &table, filter, chunk_size, wait).await
                 }
                 Err(code) => code,
             },
@@ -628,6 +679,184 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// Queues a backfill of one table, then (when `wait`) follows it to the end.
+async fn backfill_cmd(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    table: &str,
+    filter: Option<String>,
+    chunk_size: Option<u64>,
+    wait: bool,
+) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(1)
+    };
+    let Some((schema, name)) = config::split_table(table) else {
+        return fail(format!(
+            "{table:?} is not a table name: use \"table\" or \"schema.table\""
+        ));
+    };
+    let qualified = format!("{schema}.{name}");
+    let catalog = match Catalog::connect(&src.postgres).await {
+        Ok(c) => c,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let info = match catalog.tables(&[(schema.clone(), name.clone())]).await {
+        Ok(mut t) if !t.is_empty() => t.remove(0),
+        Ok(_) => return fail(format!("table {qualified} does not exist")),
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    match catalog.publication(&src.publication).await {
+        Ok(Some(list)) if list.contains(&(schema.clone(), name.clone())) => {}
+        Ok(_) => {
+            return fail(format!(
+                "publication {:?} does not publish {qualified}, so its changes would not follow its rows: run ALTER PUBLICATION {} ADD TABLE {} (or add it to the source's tables and restart tidemark), then backfill",
+                src.publication,
+                crate::postgres::replication::quote_ident(&src.publication),
+                info.qualified()
+            ));
+        }
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    }
+    let key = match crate::backfill::key_columns(src, &schema, &name, &info.primary_key) {
+        Ok(k) => k,
+        Err(e) => return fail(e.to_string()),
+    };
+    if let Some(f) = &filter
+        && let Err(e) = catalog
+            .client()
+            .simple_query(&format!(
+                "EXPLAIN SELECT 1 FROM {} WHERE ({f})",
+                info.qualified()
+            ))
+            .await
+    {
+        return fail(format!(
+            "--where {f:?} is not a valid condition on {qualified}: {}",
+            ErrorChain(&e)
+        ));
+    }
+    let client = match provision::connect(nats, "tidemark-backfill").await {
+        Ok(c) => c,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let js = async_nats::jetstream::new(client);
+    let progress = match crate::backfill::Progress::open(&js, &src.name).await {
+        Ok(p) => p,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    match progress.get(&schema, &name).await {
+        Ok(Some(j))
+            if matches!(
+                j.state,
+                crate::backfill::JobState::Pending | crate::backfill::JobState::Running
+            ) =>
+        {
+            return fail(format!(
+                "a backfill of {qualified} is already {} ({} rows done): wait for it, or watch it with `tidemark status`",
+                if j.state == crate::backfill::JobState::Pending {
+                    "queued"
+                } else {
+                    "running"
+                },
+                j.rows_done
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    }
+    let job = crate::backfill::Job::new(
+        &schema,
+        &name,
+        key,
+        "backfill",
+        filter,
+        chunk_size.unwrap_or(src.snapshot_chunk_size).max(1),
+    );
+    if let Err(e) = progress.put(&job).await {
+        return fail(ErrorChain(&e).to_string());
+    }
+    eprintln!("backfill of {qualified} queued for source {:?}", src.name);
+    if !wait {
+        return ExitCode::SUCCESS;
+    }
+    follow_backfill(&progress, &schema, &name, &job.id).await
+}
+
+/// Follows a backfill job until it ends, with a progress bar on a terminal.
+async fn follow_backfill(
+    progress: &crate::backfill::Progress,
+    schema: &str,
+    name: &str,
+    id: &str,
+) -> ExitCode {
+    use crate::backfill::JobState;
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("{schema}.{name}"));
+        bar
+    });
+    let started = std::time::Instant::now();
+    let mut hinted = false;
+    loop {
+        let job = match progress.get(schema, name).await {
+            Ok(Some(j)) if j.id == id => j,
+            Ok(_) => {
+                eprintln!("error: the backfill record of {schema}.{name} was replaced");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("error: {}", ErrorChain(&e));
+                return ExitCode::from(1);
+            }
+        };
+        if let Some(bar) = &bar {
+            bar.set_length(job.rows_estimate.max(job.rows_done));
+            bar.set_position(job.rows_done);
+        }
+        match job.state {
+            JobState::Done => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                let (rate, _) = job.rate_and_eta();
+                eprintln!(
+                    "backfill of {schema}.{name} done: {} rows in {} chunks, {rate:.0} rows/s",
+                    job.rows_done, job.chunks_done
+                );
+                return ExitCode::SUCCESS;
+            }
+            JobState::Failed => {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                eprintln!(
+                    "error: backfill of {schema}.{name} failed: {}",
+                    job.error.as_deref().unwrap_or("unknown error")
+                );
+                return ExitCode::from(1);
+            }
+            JobState::Pending if !hinted && started.elapsed() > Duration::from_secs(15) => {
+                hinted = true;
+                eprintln!(
+                    "still queued: no tidemark has picked it up; is `tidemark run` streaming this source?"
+                );
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

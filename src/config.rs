@@ -1429,7 +1429,7 @@ impl Validator<'_> {
 }
 
 /// `"orders"` is `public.orders`; `"sales.orders"` is schema `sales`.
-fn split_table(name: &str) -> Option<(String, String)> {
+pub fn split_table(name: &str) -> Option<(String, String)> {
     let valid = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
     match name.split_once('.') {
         None if valid(name) => Some(("public".into(), name.into())),

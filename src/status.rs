@@ -21,6 +21,22 @@ pub struct SourceStatus {
     pub postgres: Result<PgStatus, String>,
     #[serde(serialize_with = "value_or_error")]
     pub stream: Result<StreamStatus, String>,
+    /// Backfills on record (snapshots included), oldest first.
+    pub backfills: Vec<BackfillStatus>,
+}
+
+/// One table's backfill, with its rate and the time left at that rate.
+#[derive(Debug, Serialize)]
+pub struct BackfillStatus {
+    pub table: String,
+    pub reason: String,
+    pub state: String,
+    pub rows_done: u64,
+    pub rows_estimate: u64,
+    pub chunks_done: u64,
+    pub rows_per_sec: f64,
+    pub eta_secs: Option<f64>,
+    pub error: Option<String>,
 }
 
 /// `Ok(v)` as `v`, `Err(e)` as `{"error": e}`.
@@ -96,6 +112,13 @@ impl SourceStatus {
         if let Err(e) = &self.stream {
             out.push(format!("stream: {e}"));
         }
+        for b in self.backfills.iter().filter(|b| b.state == "failed") {
+            out.push(format!(
+                "backfill of {} failed: {}",
+                b.table,
+                b.error.as_deref().unwrap_or("unknown error")
+            ));
+        }
         out
     }
 }
@@ -108,7 +131,41 @@ pub async fn source_status(s: &SourceConfig, nats: &NatsConfig) -> SourceStatus 
         stream_name: s.stream.name.clone(),
         postgres: pg_status(s).await,
         stream: stream_status(s, nats).await,
+        backfills: backfill_status(s, nats).await,
     }
+}
+
+async fn backfill_status(s: &SourceConfig, nats: &NatsConfig) -> Vec<BackfillStatus> {
+    let Ok(client) = provision::connect(nats, "tidemark-status").await else {
+        return Vec::new();
+    };
+    let js = async_nats::jetstream::new(client);
+    let Some(progress) = crate::backfill::Progress::existing(&js, &s.name).await else {
+        return Vec::new();
+    };
+    progress
+        .jobs()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|j| {
+            let (rate, eta) = j.rate_and_eta();
+            BackfillStatus {
+                table: j.qualified(),
+                reason: j.reason.clone(),
+                state: serde_json::to_value(j.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                rows_done: j.rows_done,
+                rows_estimate: j.rows_estimate,
+                chunks_done: j.chunks_done,
+                rows_per_sec: rate,
+                eta_secs: eta,
+                error: j.error,
+            }
+        })
+        .collect()
 }
 
 async fn pg_status(s: &SourceConfig) -> Result<PgStatus, String> {
@@ -276,6 +333,31 @@ pub fn render(st: &SourceStatus) -> String {
             }
         }
     }
+    for b in &st.backfills {
+        let pct = if b.rows_estimate > 0 {
+            format!(" ({}%)", (b.rows_done * 100 / b.rows_estimate).min(100))
+        } else {
+            String::new()
+        };
+        let eta = b
+            .eta_secs
+            .map(|s| format!("  ETA {}s", s.ceil() as u64))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  backfill  {} ({}): {}, {} of ~{} rows{pct}, {} chunks, {:.0} rows/s{eta}{}\n",
+            b.table,
+            b.reason,
+            b.state,
+            b.rows_done,
+            b.rows_estimate,
+            b.chunks_done,
+            b.rows_per_sec,
+            b.error
+                .as_deref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        ));
+    }
     for p in st.problems() {
         out.push_str(&format!("  PROBLEM   {p}\n"));
     }
@@ -295,6 +377,7 @@ mod tests {
                 current_wal_lsn: "0/100".into(),
                 slot,
             }),
+            backfills: Vec::new(),
             stream: Ok(StreamStatus {
                 messages: 2,
                 first_seq: 1,

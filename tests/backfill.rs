@@ -203,3 +203,267 @@ async fn an_initial_snapshot_under_concurrent_writes_folds_to_the_table() {
         assert_eq!(got.get(k), Some(v), "row {k}");
     }
 }
+
+/// The chunk numbers a log says were read, in order.
+fn chunks_read(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("backfill chunk read"))
+        .filter_map(|l| {
+            l.split("chunk=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+async fn wait_confirmed_end(pg: &PgServer, db: &tokio_postgres::Client) {
+    let end = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    let end: tidemark::position::Lsn = end.parse().unwrap();
+    wait_for(
+        "tidemark to confirm the end",
+        Duration::from_secs(120),
+        || {
+            let out = std::process::Command::new(pg_bindir().join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "store", "-Atc"])
+            .arg("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'tidemark_store'")
+            .output()
+            .ok()?;
+            let lsn: tidemark::position::Lsn =
+                String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            (lsn >= end).then_some(())
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_killed_mid_way_resumes_at_the_next_chunk() {
+    const ROWS: i32 = 60_000;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(&format!(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big SELECT g, g % 100, 'row ' || g FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["big"]"#,
+            snapshot: "initial",
+            extra: "snapshot_chunk_size = 500",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = churn(pg.client("store").await, stop.clone(), ROWS, ROWS);
+    let nc = nats.client().await;
+    let log1 = dir.path().join("tidemark1.log");
+    let mut tm = Tidemark::run_logging(&cfg, &log1, "tidemark=debug");
+    // Kill it once a few chunks are stored.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done_at_kill = loop {
+        let done = job(&nc, "store", "big")
+            .await
+            .and_then(|j| j["chunks_done"].as_u64())
+            .unwrap_or(0);
+        if done >= 5 {
+            tm.kill9();
+            break job(&nc, "store", "big").await.unwrap()["chunks_done"]
+                .as_u64()
+                .unwrap();
+        }
+        assert!(Instant::now() < deadline, "{}", tm.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        done_at_kill < (ROWS / 500) as u64,
+        "the backfill ended before the kill"
+    );
+    let first_run = chunks_read(&std::fs::read_to_string(&log1).unwrap());
+    let log2 = dir.path().join("tidemark2.log");
+    let tm = Tidemark::run_logging(&cfg, &log2, "tidemark=debug");
+    let done = wait_job_done(&nc, "big", Duration::from_secs(300), || tm.log()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let second_run = chunks_read(&tm.log());
+    assert!(tm.log().contains("backfill resumed"), "{}", tm.log());
+    // The restart picks up at the first chunk not stored: it reads no chunk the
+    // first run had stored, and reads each later chunk once.
+    assert_eq!(
+        second_run.first(),
+        Some(&done_at_kill),
+        "first run {first_run:?}, second {second_run:?}"
+    );
+    let expected: Vec<u64> = (done_at_kill..done["chunks_done"].as_u64().unwrap()).collect();
+    assert_eq!(second_run, expected);
+
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let folded = fold(&events);
+    let want = table_rows(&db, "big").await;
+    assert_eq!(folded.get("public.big"), Some(&want));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_the_publication_is_backfilled_by_the_cli_while_streaming() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE live (id int PRIMARY KEY, qty int, note text);
+         CREATE TABLE late (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO late SELECT g, g, 'old ' || g FROM generate_series(1, 5000) g;
+         CREATE TABLE nokey (qty int, note text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;
+         INSERT INTO nokey VALUES (1, 'x');",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["live"]"#,
+            extra: "snapshot_chunk_size = 700",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let cfg_arg = cfg.to_str().unwrap();
+    // Not published yet: refused, with the fix.
+    let (code, _, err) =
+        tidemark_cmd(&["backfill", "--config", cfg_arg, "--table", "late", "--wait"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("does not publish public.late") && err.contains("ALTER PUBLICATION"),
+        "{err}"
+    );
+    // A table without a key: refused, naming the table and the fix.
+    db.batch_execute("ALTER PUBLICATION tidemark_store ADD TABLE nokey")
+        .await
+        .unwrap();
+    let (code, _, err) = tidemark_cmd(&["backfill", "--config", cfg_arg, "--table", "nokey"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("table public.nokey has no primary key") && err.contains("key = ["),
+        "{err}"
+    );
+    // A bad condition: refused before anything is queued.
+    db.batch_execute("ALTER PUBLICATION tidemark_store ADD TABLE late")
+        .await
+        .unwrap();
+    let (code, _, err) = tidemark_cmd(&[
+        "backfill", "--config", cfg_arg, "--table", "late", "--where", "nope > 1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--where \"nope > 1\" is not a valid condition"),
+        "{err}"
+    );
+
+    // Live changes to the table while it is backfilled.
+    let writer_db = pg.client("store").await;
+    let writer = tokio::spawn(async move {
+        for i in 1..=300 {
+            writer_db
+                .batch_execute(&format!(
+                    "UPDATE late SET qty = qty + 1000, note = 'new' WHERE id = {};
+                     DELETE FROM late WHERE id = {};
+                     INSERT INTO late VALUES ({}, 0, 'inserted');",
+                    i * 13 % 5000 + 1,
+                    i * 7 % 5000 + 1,
+                    10_000 + i
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let (code, out, err) =
+        tidemark_cmd(&["backfill", "--config", cfg_arg, "--table", "late", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", tm.log());
+    assert!(err.contains("backfill of public.late done"), "{err}");
+    writer.await.unwrap();
+    // A second backfill of the same table while one runs would be refused; this one
+    // is done, so status shows it.
+    let (code, out, _) = tidemark_cmd(&["status", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("backfill  public.late (backfill): done"),
+        "{out}"
+    );
+
+    wait_confirmed_end(&pg, &db).await;
+    let nc = nats.client().await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let folded = fold(&events);
+    let want = table_rows(&db, "late").await;
+    assert_eq!(folded.get("public.late"), Some(&want));
+    assert!(tm.is_running(), "{}", tm.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_snapshot_of_a_table_without_a_key_is_refused_naming_it() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE events_log (at timestamptz, message text);
+         ALTER TABLE events_log REPLICA IDENTITY FULL;
+         INSERT INTO events_log VALUES (now(), 'hello');",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["events_log"]"#,
+            snapshot: "initial",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    let status = tm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", tm.log());
+    assert!(
+        tm.log()
+            .contains("table public.events_log has no primary key"),
+        "{}",
+        tm.log()
+    );
+    // Nothing was set up: no slot, so a fixed config starts cleanly.
+    let slots = db
+        .query("SELECT 1 FROM pg_replication_slots", &[])
+        .await
+        .unwrap();
+    assert!(slots.is_empty());
+    // With a unique key named in the mapping, the snapshot runs.
+    db.batch_execute("ALTER TABLE events_log ADD COLUMN id serial UNIQUE NOT NULL")
+        .await
+        .unwrap();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap()
+            + "\n[[source.table]]\nname = \"events_log\"\nkey = [\"id\"]\n",
+    )
+    .unwrap();
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    let nc = nats.client().await;
+    wait_job_done(&nc, "events_log", Duration::from_secs(60), || tm.log()).await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events[0].body["type"], "events_log.read");
+    assert_eq!(events[0].body["data"]["key"], json!({"id": 1}));
+    assert_eq!(events[0].body["data"]["after"]["message"], "hello");
+}
