@@ -334,11 +334,10 @@ pub fn render(st: &SourceStatus) -> String {
         }
     }
     for b in &st.backfills {
-        let pct = if b.rows_estimate > 0 {
-            format!(" ({}%)", (b.rows_done * 100 / b.rows_estimate).min(100))
-        } else {
-            String::new()
-        };
+        let pct = (b.rows_done * 100)
+            .checked_div(b.rows_estimate)
+            .map(|p| format!(" ({}%)", p.min(100)))
+            .unwrap_or_default();
         let eta = b
             .eta_secs
             .map(|s| format!("  ETA {}s", s.ceil() as u64))
