@@ -129,6 +129,26 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Recover a source whose slot was dropped or invalidated, keeping its stream.
+    ///
+    /// Creates a new slot, appends a `tidemark.reset` event (reason "resync") that
+    /// marks the gap, and queues a backfill of every published table, so the next `run`
+    /// streams from the new slot and sends every table's current rows: read models
+    /// rebuild from the marker without a destructive reset. Refuses without --yes.
+    Resync {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// The source (may be left out when the config has one).
+        #[arg(long)]
+        source: Option<String>,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+        /// End the connection of a tidemark still streaming from an old slot.
+        #[arg(long)]
+        force: bool,
+    },
     /// Manage a source's replication slot.
     #[command(subcommand)]
     Slot(SlotCommand),
@@ -309,6 +329,18 @@ pub async fn run(cli: Cli) -> ExitCode {
                     let wait = wait || (!no_wait && std::io::stderr().is_terminal());
                     backfill_cmd(src, &cfg.nats, &table, filter, chunk_size, wait).await
                 }
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Resync {
+            config,
+            source,
+            yes,
+            force,
+        } => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => resync(src, &cfg.nats, yes, force).await,
                 Err(code) => code,
             },
             Err(code) => code,
@@ -515,6 +547,9 @@ async fn check_postgres(
             out.extend(plan_lines(&catalog, s, &tables).await?);
         }
     }
+    if let Some(line) = wal_keep_line(&catalog).await {
+        out.push(line);
+    }
     let slot_name = format!("slot {:?}", s.slot);
     let slot = catalog.slot(&s.slot).await?;
     *slot_exists = Some(slot.is_some());
@@ -547,6 +582,52 @@ async fn check_postgres(
         )),
     }
     Ok(out)
+}
+
+/// How much WAL a slot may hold back (`max_slot_wal_keep_size`), against the current
+/// write rate (sampled over one second): unlimited risks the disk, small risks the slot.
+async fn wal_keep_line(catalog: &Catalog) -> Option<(bool, String, String)> {
+    let c = catalog.client();
+    let setting: String = c
+        .query_opt(
+            "SELECT setting FROM pg_settings WHERE name = 'max_slot_wal_keep_size'",
+            &[],
+        )
+        .await
+        .ok()??
+        .get(0);
+    let mb: i64 = setting.parse().ok()?;
+    let what = "max_slot_wal_keep_size".to_string();
+    if mb < 0 {
+        return Some((
+            true,
+            what,
+            "warning: unlimited: while tidemark is stopped or behind, its slot keeps WAL until the disk fills; set a limit that covers your longest outage (if the slot is then invalidated, `tidemark resync` recovers)".into(),
+        ));
+    }
+    let lsn = || async {
+        c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, String>(0).parse::<Lsn>().ok())
+    };
+    let a = lsn().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = lsn().await?;
+    let rate = b.0.saturating_sub(a.0) as f64;
+    let keep = mb as f64 * 1024.0 * 1024.0;
+    if rate > 0.0 && keep / rate < 3600.0 {
+        return Some((
+            true,
+            what,
+            format!(
+                "warning: {mb} MB holds only {:.0} minutes of WAL at the current write rate ({:.0} KB/s): a longer outage invalidates the slot (then `tidemark resync` recovers); raise it",
+                keep / rate / 60.0,
+                rate / 1024.0
+            ),
+        ));
+    }
+    Some((true, what, format!("{mb} MB")))
 }
 
 /// The mapping plan per table, and the warnings that go with it.
@@ -680,6 +761,85 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// New slot, gap marker, and a backfill of every published table.
+async fn resync(src: &SourceConfig, nats: &NatsConfig, yes: bool, force: bool) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(1)
+    };
+    if !yes {
+        eprintln!(
+            "error: resync creates a new replication slot {:?}, keeps stream {:?} with a tidemark.reset event at the gap, and backfills every published table; pass --yes",
+            src.slot, src.stream.name
+        );
+        return ExitCode::from(2);
+    }
+    // Everything that could refuse is checked before anything changes.
+    let catalog = match Catalog::connect(&src.postgres).await {
+        Ok(c) => c,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let published = match catalog.publication(&src.publication).await {
+        Ok(Some(list)) => list,
+        Ok(None) => {
+            return fail(format!(
+                "publication {:?} does not exist: run `tidemark run` once to create it, or create it by hand",
+                src.publication
+            ));
+        }
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let names: Vec<(String, String)> = published
+        .into_iter()
+        .filter(|(schema, name)| {
+            !src.outboxes
+                .iter()
+                .any(|o| &o.schema == schema && &o.table == name)
+        })
+        .collect();
+    let infos = match catalog.tables(&names).await {
+        Ok(t) => t,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let mut jobs = Vec::new();
+    for t in &infos {
+        match crate::backfill::key_columns(src, &t.schema, &t.name, &t.primary_key) {
+            Ok(key) => jobs.push(crate::backfill::Job::new(
+                &t.schema,
+                &t.name,
+                key,
+                "resync",
+                None,
+                src.snapshot_chunk_size,
+            )),
+            Err(e) => return fail(e.to_string()),
+        }
+    }
+    let client = match provision::connect(nats, "tidemark-resync").await {
+        Ok(c) => c,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let js = async_nats::jetstream::new(client);
+    let progress = match crate::backfill::Progress::open(&js, &src.name).await {
+        Ok(p) => p,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
+    let code = reset_with_reason(src, nats, Some(ResetMode::Keep), true, force, "resync").await;
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    for job in &jobs {
+        if let Err(e) = progress.put(job).await {
+            return fail(ErrorChain(&e).to_string());
+        }
+    }
+    println!(
+        "queued a backfill of {} table(s): the next `tidemark run` streams from the new slot and sends every table's rows after the marker",
+        jobs.len()
+    );
+    ExitCode::SUCCESS
 }
 
 /// Queues a backfill of one table, then (when `wait`) follows it to the end.
@@ -1042,6 +1202,17 @@ async fn reset(
     yes: bool,
     force: bool,
 ) -> ExitCode {
+    reset_with_reason(src, nats, mode, yes, force, "reset").await
+}
+
+async fn reset_with_reason(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    mode: Option<ResetMode>,
+    yes: bool,
+    force: bool,
+    reason: &str,
+) -> ExitCode {
     let fail = |msg: String| {
         eprintln!("error: {msg}");
         ExitCode::from(1)
@@ -1124,6 +1295,7 @@ async fn reset(
                 start,
                 old_slot.and_then(|s| s.confirmed_flush),
                 tail.last_event.map(|(l, _)| l),
+                reason,
             );
             let published = js
                 .send_publish(

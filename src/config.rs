@@ -1287,6 +1287,14 @@ impl Validator<'_> {
             );
             return None;
         }
+        if m.prefix.get_ref() == crate::backfill::WATERMARK_PREFIX {
+            self.issue(
+                &m.prefix,
+                format!("{prefix}.prefix"),
+                "this prefix is tidemark's own (backfill watermarks): choose another",
+            );
+            return None;
+        }
         let event_type = match &m.event_type {
             Some(e) => Some(self.event_type(e, &format!("{prefix}.event_type"))?),
             None => None,

@@ -54,7 +54,7 @@ pub enum SourceError {
     #[error("replication stream out of order: {0}")]
     Protocol(String),
     #[error(
-        "replication slot {slot:?} does not exist, but stream {stream:?} already holds events of this source (up to sequence {last_seq}{}): the slot was dropped or lost, so changes made since then may be missing; to start over, delete the stream or point the source at a new one",
+        "replication slot {slot:?} does not exist, but stream {stream:?} already holds events of this source (up to sequence {last_seq}{}): the slot was dropped or lost, so changes committed after the last stored event are missing, and a new slot would only see changes from its creation on; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)",
         .last_lsn.map(|l| format!(", commit LSN {l}")).unwrap_or_default()
     )]
     SlotLost {

@@ -14,6 +14,11 @@ fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, Value>> {
     let mut tables: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     for e in events {
         let data = &e.body["data"];
+        // A reset marker says: what came before may have a gap; rebuild from here.
+        if e.body["type"] == "tidemark.reset" {
+            tables.clear();
+            continue;
+        }
         let Some(table) = data["table"].as_str() else {
             continue;
         };
@@ -466,4 +471,84 @@ async fn an_initial_snapshot_of_a_table_without_a_key_is_refused_naming_it() {
     assert_eq!(events[0].body["type"], "events_log.read");
     assert_eq!(events[0].body["data"]["key"], json!({"id": 1}));
     assert_eq!(events[0].body["data"]["after"]["message"], "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_tables() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big SELECT g, g, 'row ' || g FROM generate_series(1, 3000) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["big"]"#,
+            snapshot: "initial",
+            extra: "snapshot_chunk_size = 400",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let nc = nats.client().await;
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
+    wait_job_done(&nc, "big", Duration::from_secs(60), || tm.log()).await;
+    db.batch_execute("UPDATE big SET qty = -1 WHERE id <= 10")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+
+    // While tidemark is stopped: changes, then the slot is dropped. The changes are
+    // lost to the slot: a new one would start after them.
+    db.batch_execute(
+        "DELETE FROM big WHERE id BETWEEN 100 AND 199;
+         UPDATE big SET note = 'changed in the gap' WHERE id BETWEEN 200 AND 299;
+         INSERT INTO big VALUES (5000, 0, 'inserted in the gap');
+         SELECT pg_drop_replication_slot('tidemark_store');",
+    )
+    .await
+    .unwrap();
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    let status = tm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", tm.log());
+    assert!(
+        tm.log()
+            .contains("does not exist, but stream \"STORE\" already holds events")
+            && tm.log().contains("tidemark resync --yes"),
+        "{}",
+        tm.log()
+    );
+
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, _, err) = tidemark_cmd(&["resync", "--config", cfg_arg]);
+    assert_eq!(code, 2, "{err}");
+    let (code, out, err) = tidemark_cmd(&["resync", "--config", cfg_arg, "--yes"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("queued a backfill of 1 table(s)"), "{out}");
+
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark3.log"));
+    // Live changes during the resync's backfill.
+    db.batch_execute(
+        "UPDATE big SET qty = qty + 1 WHERE id % 97 = 0; DELETE FROM big WHERE id = 3000;",
+    )
+    .await
+    .unwrap();
+    let done = wait_job_done(&nc, "big", Duration::from_secs(60), || tm.log()).await;
+    assert_eq!(done["reason"], "resync");
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let markers: Vec<&StoredEvent> = events
+        .iter()
+        .filter(|e| e.body["type"] == "tidemark.reset")
+        .collect();
+    assert_eq!(markers.len(), 1);
+    assert_eq!(markers[0].body["data"]["reason"], "resync");
+    let folded = fold(&events);
+    let want = table_rows(&db, "big").await;
+    assert_eq!(folded.get("public.big"), Some(&want));
 }

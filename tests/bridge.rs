@@ -735,6 +735,7 @@ async fn check_reports_a_ready_source_and_changes_nothing() {
         "ok   [store] plan public.orders: delete -> orders.deleted, subject store.orders.deleted",
         "ok   [store] plan public.orders: warning: status can be TOASTed",
         "ok   [store] would stream to stream \"STORE\"",
+        "ok   [store] max_slot_wal_keep_size: warning: unlimited",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }

@@ -515,10 +515,12 @@ pub fn reset_marker(
     new_slot_start: Lsn,
     old_confirmed: Option<Lsn>,
     last_stored: Option<Lsn>,
+    reason: &str,
 ) -> DomainEvent {
     let commit_lsn = Lsn(new_slot_start.0.saturating_sub(1));
     let data = serde_json::json!({
         "op": "reset",
+        "reason": reason,
         "new_slot_lsn": new_slot_start.to_string(),
         "old_slot_confirmed_flush_lsn": old_confirmed.map(|l| l.to_string()),
         "last_stored_commit_lsn": last_stored.map(|l| l.to_string()),

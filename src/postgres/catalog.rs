@@ -72,7 +72,7 @@ pub enum CatalogError {
         expected: String,
     },
     #[error(
-        "replication slot {slot:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, so changes were lost; drop the slot and start the source over"
+        "replication slot {slot:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so changes made while tidemark was behind are not in the stream; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)"
     )]
     SlotInvalidated { slot: String },
 }
