@@ -24,6 +24,8 @@ use support::*;
 struct Args {
     changes: u64,
     big_tx: u64,
+    snapshot: u64,
+    chunk: u64,
     live_secs: u64,
     live_tps: u64,
     window: usize,
@@ -33,6 +35,8 @@ fn parse_args() -> Args {
     let mut a = Args {
         changes: 200_000,
         big_tx: 1_000_000,
+        snapshot: 1_000_000,
+        chunk: 5000,
         live_secs: 10,
         live_tps: 200,
         window: 1024,
@@ -48,6 +52,8 @@ fn parse_args() -> Args {
         match argv[i].as_str() {
             "--changes" => a.changes = val().max(100) / 100 * 100,
             "--big-tx" => a.big_tx = val(),
+            "--snapshot" => a.snapshot = val(),
+            "--chunk" => a.chunk = val().max(1),
             "--live-secs" => a.live_secs = val(),
             "--live-tps" => a.live_tps = val().max(1),
             "--window" => a.window = val().max(1) as usize,
@@ -64,7 +70,7 @@ fn usage(msg: &str) -> ! {
         eprintln!("error: {msg}");
     }
     eprintln!(
-        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)]"
+        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--snapshot ROWS (1000000, 0 skips)] [--chunk ROWS (5000)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)]"
     );
     std::process::exit(2)
 }
@@ -74,6 +80,7 @@ CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int NOT NULL, status tex
                      total numeric(12,2) NOT NULL, note text, updated_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE big (id bigint PRIMARY KEY, payload text);
 CREATE TABLE live (id bigserial PRIMARY KEY, v int);
+CREATE TABLE snap (id bigint PRIMARY KEY, qty int, payload text);
 ";
 
 /// Transactions of 100 changes: 70 inserts, 20 updates of earlier rows, 10 deletes.
@@ -269,6 +276,24 @@ async fn main() {
         None
     };
 
+    // An initial snapshot of a table through a fresh source.
+    let snap = if args.snapshot > 0 {
+        Some(
+            snapshot(
+                &pg,
+                &nats,
+                &db,
+                dir.path(),
+                args.snapshot,
+                args.chunk,
+                args.window,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+
     let ceiling = pg_rate.min(nats_rate);
     println!();
     println!(
@@ -312,6 +337,46 @@ async fn main() {
             mib(rss)
         );
     }
+    if let Some((rows, secs, rss)) = snap {
+        println!(
+            "initial snapshot of a {rows}-row table (chunks of {}): {:.0} rows/s ({secs:.2}s), peak RSS {:.1} MiB",
+            args.chunk,
+            rows as f64 / secs,
+            mib(rss)
+        );
+    }
+}
+
+/// An initial snapshot: a table of `rows` rows, read by a new source in chunks.
+async fn snapshot(
+    pg: &PgServer,
+    nats: &NatsServer,
+    db: &tokio_postgres::Client,
+    dir: &std::path::Path,
+    rows: u64,
+    chunk: u64,
+    window: usize,
+) -> (u64, f64, u64) {
+    db.batch_execute(&format!(
+        "INSERT INTO snap SELECT g, g % 1000, repeat('x', 100) FROM generate_series(1, {rows}) g; ANALYZE snap;"
+    ))
+    .await
+    .expect("snapshot table");
+    let cfg = write_config(
+        dir,
+        pg,
+        nats,
+        &SourceSpec {
+            tables: "tables = [\"snap\"]",
+            snapshot: "initial",
+            extra: &format!("publish_window = {window}\nsnapshot_chunk_size = {chunk}"),
+            ..SourceSpec::new("snap", "bench")
+        },
+    );
+    let nc = nats.client().await;
+    let (elapsed, peak, mut tm) = run_until(&cfg, &dir.join("snap.log"), &nc, "SNAP", rows).await;
+    let _ = tm.terminate(Duration::from_secs(60));
+    (rows, elapsed.as_secs_f64(), peak)
 }
 
 /// Reads (table subject suffix, id, payload) of every event back.

@@ -3,7 +3,9 @@
 //! Starts its own PostgreSQL and nats-server (temporary directories, free ports), creates
 //! an online-store schema, runs `tidemark run` next to it with mapping rules that turn
 //! row changes into domain events (`OrderPlaced`, `OrderShipped`, `StockAdjusted`...),
-//! writes a stream of business activity, and prints every event as JetStream stores it. Half way, tidemark is killed
+//! writes a stream of business activity, and prints every event as JetStream stores it.
+//! The rows the store held before tidemark started arrive first, from its initial
+//! snapshot. Half way, tidemark is killed
 //! with SIGKILL and restarted; at the end the demo reads the stream back and checks that
 //! every change arrived exactly once, in commit order.
 //!
@@ -83,6 +85,8 @@ async fn main() {
         &SourceSpec {
             tables: "tables = [\"customers\", \"inventory\", \"orders\", \"order_items\"]",
             sections: MAPPING,
+            // The rows the store already holds come first, as inventory.read events.
+            snapshot: "initial",
             ..SourceSpec::new("store", "store")
         },
     );

@@ -492,6 +492,7 @@ async fn max_key(
 /// columns left out, as the replication stream leaves them out).
 async fn table_columns(
     catalog: &Catalog,
+    dbname: &str,
     schema: &str,
     table: &str,
 ) -> Result<(u32, Vec<(String, String)>, u64), CatalogError> {
@@ -513,7 +514,7 @@ async fn table_columns(
     let Some(first) = rows.first() else {
         return Err(CatalogError::TableMissing {
             table: format!("{schema}.{table}"),
-            dbname: String::new(),
+            dbname: dbname.to_string(),
         });
     };
     let oid: u32 = first.get(0);
@@ -533,8 +534,59 @@ pub async fn run_worker(
     chunks: ChunkSender,
     cancel: CancellationToken,
 ) -> Result<(), BackfillError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut current: Option<Job> = None;
+        let err = match run_jobs(&cfg, &progress, &chunks, &cancel, &mut current).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // A problem with the job itself (its table is gone, its key or condition no
+        // longer works) fails the job, said loudly; anything else pauses and retries.
+        let permanent = matches!(
+            &err,
+            BackfillError::Read { .. }
+                | BackfillError::NoKey { .. }
+                | BackfillError::Catalog(CatalogError::TableMissing { .. })
+        );
+        match current {
+            Some(job) if permanent => {
+                let mut job = progress
+                    .get(&job.schema, &job.table)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(job);
+                tracing::error!(table = %job.qualified(), error = %crate::pipeline::ErrorChain(&err), "backfill failed: fix the cause and run `tidemark backfill` again");
+                job.state = JobState::Failed;
+                job.error = Some(crate::pipeline::ErrorChain(&err).to_string());
+                job.updated_at = Some(now());
+                if let Err(e) = progress.put(&job).await {
+                    warn!(error = %e, "could not record the failed backfill");
+                }
+            }
+            _ => {
+                warn!(error = %crate::pipeline::ErrorChain(&err), wait_ms = backoff.as_millis() as u64, "backfill paused; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn run_jobs(
+    cfg: &SourceConfig,
+    progress: &Progress,
+    chunks: &ChunkSender,
+    cancel: &CancellationToken,
+    current: &mut Option<Job>,
+) -> Result<(), BackfillError> {
     let mut catalog: Option<Catalog> = None;
     loop {
+        *current = None;
         let jobs = progress.jobs().await?;
         let Some(mut job) = jobs
             .into_iter()
@@ -545,11 +597,13 @@ pub async fn run_worker(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
             }
         };
+        *current = Some(job.clone());
         if catalog.is_none() {
             catalog = Some(reader(&cfg.postgres).await?);
         }
         let Some(db) = catalog.as_ref() else { continue };
-        let (relid, columns, estimate) = table_columns(db, &job.schema, &job.table).await?;
+        let (relid, columns, estimate) =
+            table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table).await?;
         if job.state == JobState::Pending {
             job.state = JobState::Running;
             job.started_at = Some(now());
