@@ -240,6 +240,25 @@ impl Progress {
         }
     }
 
+    /// The stream sequence `tidemark reset --purge-stream` last purged at.
+    pub async fn purged_at(&self) -> Result<Option<u64>, BackfillError> {
+        let value = self
+            .kv
+            .get("reset.purged_seq")
+            .await
+            .map_err(|e| self.error("read the purge record", e))?;
+        Ok(value.and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
+    }
+
+    /// Records that the stream was purged at `seq`.
+    pub async fn set_purged_at(&self, seq: u64) -> Result<(), BackfillError> {
+        self.kv
+            .put("reset.purged_seq", seq.to_string().into())
+            .await
+            .map_err(|e| self.error("write the purge record", e))?;
+        Ok(())
+    }
+
     pub async fn get(&self, schema: &str, table: &str) -> Result<Option<Job>, BackfillError> {
         let value = self
             .kv

@@ -713,8 +713,15 @@ async fn check_nats(
     match js.get_stream(&s.stream.name).await {
         Ok(mut stream) => match provision::read_tail(&mut stream, &s.name).await {
             Ok(tail) => {
-                // Only a stream that still holds an event makes a missing slot a loss.
-                *last_seq = tail.last_event.map(|_| tail.last_seq);
+                // A stream that ever stored events makes a missing slot a loss, unless
+                // `reset --purge-stream` emptied it (the same rule as `run`).
+                let purged = match crate::backfill::Progress::existing(&js, &s.name).await {
+                    Some(p) => p.purged_at().await.ok().flatten(),
+                    None => None,
+                };
+                let fresh = tail.last_seq == 0
+                    || (tail.last_event.is_none() && purged == Some(tail.last_seq));
+                *last_seq = (!fresh).then_some(tail.last_seq);
                 out.push((
                     true,
                     what,
@@ -1246,11 +1253,26 @@ async fn reset_with_reason(
     let js = async_nats::jetstream::new(client);
     match mode {
         ResetMode::Purge => match js.get_stream(&src.stream.name).await {
-            Ok(stream) => match stream.purge().await {
-                Ok(p) => println!(
-                    "purged {} events from stream {:?}",
-                    p.purged, src.stream.name
-                ),
+            Ok(mut stream) => match stream.purge().await {
+                Ok(p) => {
+                    println!(
+                        "purged {} events from stream {:?}",
+                        p.purged, src.stream.name
+                    );
+                    // Record where the purge left the stream, so `run` knows the empty
+                    // stream is a deliberate fresh start rather than aged-out events.
+                    let last = match stream.info().await {
+                        Ok(i) => i.state.last_sequence,
+                        Err(e) => return fail(format!("stream info after the purge: {e}")),
+                    };
+                    let recorded = match crate::backfill::Progress::open(&js, &src.name).await {
+                        Ok(p) => p.set_purged_at(last).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = recorded {
+                        return fail(ErrorChain(&e).to_string());
+                    }
+                }
                 Err(e) => return fail(format!("cannot purge stream {:?}: {e}", src.stream.name)),
             },
             Err(_) => println!(

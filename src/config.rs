@@ -1417,12 +1417,27 @@ impl Validator<'_> {
                 1024..=i64::MAX as u64,
             ) as i64
         });
+        // JetStream refuses a duplicate window longer than the retention: the default
+        // shrinks to fit, an explicit one that does not fit is an error.
+        let default_window = max_age.map_or(120, |a| a.as_secs().clamp(1, 120));
         let duplicate_window = Duration::from_secs(self.number(
             &s.duplicate_window_secs,
             &format!("{prefix}.stream.duplicate_window_secs"),
-            120,
+            default_window,
             1..=86_400,
         ));
+        if let (Some(w), Some(age)) = (&s.duplicate_window_secs, max_age)
+            && Duration::from_secs(*w.get_ref()) > age
+        {
+            self.issue(
+                w,
+                format!("{prefix}.stream.duplicate_window_secs"),
+                format!(
+                    "must not be longer than max_age_secs ({}): JetStream refuses such a stream",
+                    age.as_secs()
+                ),
+            );
+        }
         StreamConfig {
             name,
             subjects,
@@ -1738,6 +1753,26 @@ type_field = "type"
             errors(&atomic).contains(
                 "source[0].atomic_batch_max: a batch must fit in the publish window (100)"
             )
+        );
+    }
+
+    #[test]
+    fn the_duplicate_window_fits_the_retention() {
+        let short = GOOD.replace("name = \"STORE\"", "name = \"STORE\"\nmax_age_secs = 60");
+        let c = parse_str(&short).unwrap();
+        assert_eq!(
+            c.sources[0].stream.duplicate_window,
+            Duration::from_secs(60)
+        );
+        let err = errors(&short.replace(
+            "max_age_secs = 60",
+            "max_age_secs = 60\nduplicate_window_secs = 300",
+        ));
+        assert!(
+            err.contains(
+                "source[0].stream.duplicate_window_secs: must not be longer than max_age_secs (60)"
+            ),
+            "{err}"
         );
     }
 

@@ -54,7 +54,7 @@ pub enum SourceError {
     #[error("replication stream out of order: {0}")]
     Protocol(String),
     #[error(
-        "replication slot {slot:?} does not exist, but stream {stream:?} already holds events of this source (up to sequence {last_seq}{}): the slot was dropped or lost, so changes committed after the last stored event are missing, and a new slot would only see changes from its creation on; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)",
+        "replication slot {slot:?} does not exist, but stream {stream:?} has stored events of this source (up to sequence {last_seq}{}): the slot was dropped or lost, so changes committed after the last stored event are missing, and a new slot would only see changes from its creation on; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)",
         .last_lsn.map(|l| format!(", commit LSN {l}")).unwrap_or_default()
     )]
     SlotLost {
@@ -239,23 +239,28 @@ async fn run_attempt(
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
-    // A new slot starts at the current WAL position: if the stream still holds this
+    let progress = backfill::Progress::open(&js, &cfg.name).await?;
+    // A new slot starts at the current WAL position: if the stream ever stored this
     // source's events, whatever happened between them and now would be missing in
-    // silence. Refuse, and say so. (An emptied stream, as `tidemark reset` leaves it,
-    // is a deliberate fresh start.)
-    if slot.is_none() && tail.last_event.is_some() {
-        return Err(SourceError::SlotLost {
-            slot: cfg.slot.clone(),
-            stream: cfg.stream.name.clone(),
-            last_seq: tail.last_seq,
-            last_lsn: tail.last_event.map(|(l, _)| l),
-        });
+    // silence. Refuse, and say so. The one exception is a stream that `tidemark reset
+    // --purge-stream` emptied (it records the sequence it purged at): a deliberate fresh
+    // start. A stream whose events all aged out is not one.
+    if slot.is_none() && tail.last_seq > 0 {
+        let purged_here =
+            tail.last_event.is_none() && progress.purged_at().await? == Some(tail.last_seq);
+        if !purged_here {
+            return Err(SourceError::SlotLost {
+                slot: cfg.slot.clone(),
+                stream: cfg.stream.name.clone(),
+                last_seq: tail.last_seq,
+                last_lsn: tail.last_event.map(|(l, _)| l),
+            });
+        }
     }
 
-    // Backfills: progress in NATS KV. A new slot with snapshot = "initial" starts
-    // with a backfill of every streamed table; the jobs are written before the slot
-    // exists, so a crash in between cannot lose them.
-    let progress = backfill::Progress::open(&js, &cfg.name).await?;
+    // Backfills: a new slot with snapshot = "initial" starts with a backfill of every
+    // streamed table; the jobs are written before the slot exists, so a crash in
+    // between cannot lose them.
     if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
         queue_initial_snapshot(cfg, &progress, &tables).await?;
     }

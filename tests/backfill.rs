@@ -552,3 +552,82 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     let want = table_rows(&db, "big").await;
     assert_eq!(folded.get("public.big"), Some(&want));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_slot_over_an_aged_out_stream_is_refused_but_a_purged_one_starts_fresh() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, qty int, note text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["t"]"#,
+            // In [source.stream]: events age out after a second.
+            sections: "max_age_secs = 1",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let nc = nats.client().await;
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1, 1, 'a')")
+        .await
+        .unwrap();
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+    wait_for("the event to age out", Duration::from_secs(30), || {
+        let nc = nc.clone();
+        let count = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(stream_count(&nc, "STORE"))
+        })
+        .join()
+        .unwrap();
+        (count == 0).then_some(())
+    });
+    db.batch_execute("SELECT pg_drop_replication_slot('tidemark_store')")
+        .await
+        .unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("has stored events of this source (up to sequence 1)"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    let status = tm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", tm.log());
+    assert!(
+        tm.log()
+            .contains("has stored events of this source (up to sequence 1)"),
+        "{}",
+        tm.log()
+    );
+    // A deliberate fresh start: purge, then run.
+    let (code, out, err) = tidemark_cmd(&["reset", "--config", cfg_arg, "--purge-stream", "--yes"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark3.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (2, 2, 'b')")
+        .await
+        .unwrap();
+    wait_for("the new event", Duration::from_secs(30), || {
+        let nc = nc.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let js = async_nats::jetstream::new(nc);
+                let mut s = js.get_stream("STORE").await.ok()?;
+                (s.info().await.ok()?.state.last_sequence == 2).then_some(())
+            })
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(tm.is_running(), "{}", tm.log());
+}

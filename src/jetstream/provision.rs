@@ -44,6 +44,10 @@ pub enum ProvisionError {
     )]
     AtomicUnsupported { version: String },
     #[error(
+        "NATS refused to create stream {stream:?}: {reason}; fix the source's [source.stream] settings"
+    )]
+    StreamRejected { stream: String, reason: String },
+    #[error(
         "stream {stream:?} exists but {problem}: change the config to match, or update or recreate the stream"
     )]
     StreamConflict { stream: String, problem: String },
@@ -160,10 +164,18 @@ pub async fn ensure_stream(
                 allow_atomic_publish: cfg.atomic,
                 ..Default::default()
             };
-            let s = js
-                .create_stream(config)
-                .await
-                .map_err(js_err("create stream"))?;
+            let s = js.create_stream(config).await.map_err(|e| {
+                // The server answered and said no: a setting it will never accept.
+                match e.kind() {
+                    jetstream::context::CreateStreamErrorKind::JetStream(j) => {
+                        ProvisionError::StreamRejected {
+                            stream: cfg.name.clone(),
+                            reason: j.to_string(),
+                        }
+                    }
+                    _ => js_err("create stream")(e),
+                }
+            })?;
             tracing::info!(stream = %cfg.name, "stream created");
             Ok(s)
         }

@@ -497,10 +497,16 @@ impl Tidemark {
     /// Waits until the pipeline streams (slot and stream set up), failing early if the
     /// process exits.
     pub fn wait_streaming(&mut self) {
-        wait_for("tidemark to stream", Duration::from_secs(30), || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains("streaming") {
             assert!(self.is_running(), "tidemark exited:\n{}", self.log());
-            self.log().contains("streaming").then_some(())
-        });
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30s waiting for tidemark to stream:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
