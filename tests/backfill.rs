@@ -517,7 +517,7 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     assert_eq!(status.code(), Some(1), "{}", tm.log());
     assert!(
         tm.log()
-            .contains("does not exist, but stream \"STORE\" already holds events")
+            .contains("does not exist, but stream \"STORE\" has stored events")
             && tm.log().contains("tidemark resync --yes"),
         "{}",
         tm.log()

@@ -1028,7 +1028,7 @@ async fn a_dropped_slot_is_not_silently_recreated_over_a_stream_with_events() {
         tm.log()
     );
     assert!(
-        tm.log().contains("replication slot \"tidemark_store\" does not exist, but stream \"STORE\" already holds events of this source (up to sequence 1, commit LSN "),
+        tm.log().contains("replication slot \"tidemark_store\" does not exist, but stream \"STORE\" has stored events of this source (up to sequence 1, commit LSN "),
         "{}",
         tm.log()
     );
@@ -1479,7 +1479,7 @@ async fn slot_drop_refuses_an_active_slot_unless_forced() {
     );
     assert!(
         tm.log()
-            .contains("does not exist, but stream \"STORE\" already holds events"),
+            .contains("does not exist, but stream \"STORE\" has stored events"),
         "{}",
         tm.log()
     );
