@@ -149,6 +149,39 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Build the configured read models (projections) from their sources' streams.
+    ///
+    /// Each projection applies its events to its database exactly once: a source
+    /// transaction's events and the checkpoint commit together. Runs until SIGTERM or
+    /// SIGINT. Exit codes: 0 after a clean shutdown, 1 when a projection stopped on an
+    /// event it cannot apply (named in the log), 2 for a bad config.
+    Project {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// Only this projection (repeatable; default: all).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Wait until a projection includes everything committed before an LSN.
+    ///
+    /// Take the LSN with `SELECT pg_current_wal_lsn()` after your write commits. Writes
+    /// a `tidemark.sync` message into the source database so the position always comes.
+    /// Exit codes: 0 when the projection has it, 1 on timeout, 2 for bad usage.
+    Wait {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// The projection.
+        #[arg(long)]
+        projection: String,
+        /// The LSN, like 0/16B3748.
+        #[arg(long)]
+        lsn: Lsn,
+        /// How long to wait: 5s, 500ms, 2m.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Manage a source's replication slot.
     #[command(subcommand)]
     Slot(SlotCommand),
@@ -237,7 +270,7 @@ pub struct ReplayArgs {
 /// RUST_LOG says otherwise.
 pub fn init_tracing(format: LogFormat, command: &Command) {
     let default = match command {
-        Command::Run { .. } => "info",
+        Command::Run { .. } | Command::Project { .. } => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -343,6 +376,19 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Ok(src) => resync(src, &cfg.nats, yes, force).await,
                 Err(code) => code,
             },
+            Err(code) => code,
+        },
+        Command::Project { config, names } => match load(&config) {
+            Ok(cfg) => project(cfg, names).await,
+            Err(code) => code,
+        },
+        Command::Wait {
+            config,
+            projection,
+            lsn,
+            timeout,
+        } => match load(&config) {
+            Ok(cfg) => wait(cfg, &projection, lsn, timeout).await,
             Err(code) => code,
         },
         Command::Status { config, json } => match load(&config) {
@@ -1024,6 +1070,145 @@ async fn follow_backfill(
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use 5s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration: use 5s, 500ms or 2m")),
+    }
+}
+
+async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
+    let chosen: Vec<_> = cfg
+        .projections
+        .iter()
+        .filter(|p| names.is_empty() || names.contains(&p.name))
+        .cloned()
+        .collect();
+    for n in &names {
+        if !cfg.projections.iter().any(|p| &p.name == n) {
+            eprintln!("error: no [[projection]] is named {n:?}");
+            return ExitCode::from(2);
+        }
+    }
+    if chosen.is_empty() {
+        eprintln!("error: the config has no [[projection]]");
+        return ExitCode::from(2);
+    }
+    let root = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    for p in chosen {
+        let name = p.name.clone();
+        let token = root.child_token();
+        let nats = cfg.nats.clone();
+        tasks.spawn(async move {
+            (
+                name,
+                crate::projection::run_projection(p, nats, token).await,
+            )
+        });
+    }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("error: cannot listen for SIGTERM: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = term.recv(), if !root.is_cancelled() => {
+                info!("SIGTERM received; stopping");
+                root.cancel();
+            }
+            _ = tokio::signal::ctrl_c(), if !root.is_cancelled() => {
+                info!("SIGINT received; stopping");
+                root.cancel();
+            }
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((name, Err(err)))) => {
+                    error!(projection = %name, error = %ErrorChain(&err), "projection stopped");
+                    failed = true;
+                }
+                Some(Err(join_err)) => {
+                    error!(error = %join_err, "a projection task panicked");
+                    failed = true;
+                }
+            },
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Duration) -> ExitCode {
+    let Some(p) = cfg.projections.iter().find(|p| p.name == projection) else {
+        eprintln!("error: no [[projection]] is named {projection:?}");
+        return ExitCode::from(2);
+    };
+    let Some(src) = cfg.sources.iter().find(|s| s.name == p.source) else {
+        eprintln!("error: projection {projection:?} names no configured source");
+        return ExitCode::from(2);
+    };
+    // Something committed after `lsn` must reach the stream: a sync message.
+    match Catalog::connect(&src.postgres).await {
+        Ok(c) => {
+            if let Err(e) = c
+                .client()
+                .simple_query("SELECT pg_logical_emit_message(true, 'tidemark.sync', '')")
+                .await
+            {
+                eprintln!("error: cannot write the sync message: {}", ErrorChain(&e));
+                return ExitCode::from(1);
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {}", ErrorChain(&e));
+            return ExitCode::from(1);
+        }
+    }
+    let client = match provision::connect(&cfg.nats, "tidemark-wait").await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", ErrorChain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    match crate::projection::wait_applied(&js, projection, lsn, timeout).await {
+        Ok(a) => {
+            eprintln!(
+                "projection {projection} has applied through {} (stream sequence {})",
+                a.lsn.as_deref().unwrap_or("-"),
+                a.seq
+            );
+            ExitCode::SUCCESS
+        }
+        Err(last) => {
+            eprintln!(
+                "error: projection {projection} did not reach {lsn} within {timeout:?} (it has applied through {})",
+                last.and_then(|a| a.lsn)
+                    .unwrap_or_else(|| "nothing yet".into())
+            );
+            ExitCode::from(1)
+        }
     }
 }
 

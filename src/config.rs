@@ -101,6 +101,35 @@ struct RawConfig {
     nats: Spanned<RawNats>,
     #[serde(default)]
     source: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    projection: Vec<Spanned<RawProjection>>,
+}
+
+/// `[[projection]]`: a read model built from a source's stream.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProjection {
+    name: Spanned<String>,
+    source: Spanned<String>,
+    subjects: Option<Spanned<Vec<String>>>,
+    dead_letter: Option<Spanned<String>>,
+    postgres: Spanned<RawPostgres>,
+    #[serde(default)]
+    on: Vec<Spanned<RawHandler>>,
+}
+
+/// `[[projection.on]]`: what events of some types do to the read model.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandler {
+    #[serde(rename = "type")]
+    types: Spanned<toml::Value>,
+    sql: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<String>>>,
+    upsert: Option<Spanned<String>>,
+    delete: Option<Spanned<String>>,
+    key: Option<Spanned<toml::Value>>,
+    columns: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -207,7 +236,7 @@ struct RawMessage {
     subject: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawPostgres {
     host: Spanned<String>,
@@ -240,6 +269,50 @@ pub struct Config {
     pub path: PathBuf,
     pub nats: NatsConfig,
     pub sources: Vec<SourceConfig>,
+    pub projections: Vec<ProjectionConfig>,
+}
+
+/// A read model: events of a source's stream applied to tables of a database.
+#[derive(Debug, Clone)]
+pub struct ProjectionConfig {
+    pub name: String,
+    pub source: String,
+    /// The source's stream.
+    pub stream: String,
+    /// Subjects it reads (default: the whole stream).
+    pub subjects: Vec<String>,
+    /// Where events it cannot apply go, with the reason; None stops the projection.
+    pub dead_letter: Option<String>,
+    pub postgres: PostgresConfig,
+    pub handlers: Vec<Handler>,
+}
+
+/// What events of some types do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handler {
+    pub types: Vec<String>,
+    pub action: Action,
+}
+
+/// A path into an event, like `data.after.total` (`type`, `id`, `subject`, `time`
+/// and `commitlsn` reach the envelope).
+pub type EventPath = Vec<String>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// A parameterised statement; `$1`.. are the params' values as text.
+    Sql { sql: String, params: Vec<EventPath> },
+    /// Insert or update a row by key: (column, path) pairs.
+    Upsert {
+        table: String,
+        key: Vec<String>,
+        columns: Vec<(String, EventPath)>,
+    },
+    /// Delete the row with this key.
+    Delete {
+        table: String,
+        key: Vec<(String, EventPath)>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -585,11 +658,214 @@ impl Validator<'_> {
             }
             sources.push(self.source(&prefix, src));
         }
+        let mut projections = Vec::new();
+        let mut proj_names = HashSet::new();
+        for (i, p) in raw.projection.iter().enumerate() {
+            let prefix = format!("projection[{i}]");
+            if !proj_names.insert(p.get_ref().name.get_ref().clone()) {
+                self.issue(
+                    &p.get_ref().name,
+                    format!("{prefix}.name"),
+                    "duplicate projection name",
+                );
+            }
+            if let Some(pc) = self.projection(&prefix, p, &sources) {
+                projections.push(pc);
+            }
+        }
         Config {
             path: path.to_path_buf(),
             nats,
+            projections,
             sources,
         }
+    }
+
+    fn path(&mut self, at: &Spanned<impl Sized>, key: &str, text: &str) -> EventPath {
+        let parts: Vec<String> = text.split('.').map(str::to_string).collect();
+        if text.is_empty() || parts.iter().any(|p| p.is_empty()) {
+            self.issue(
+                at,
+                key,
+                format!(
+                    "{text:?} is not a path into an event: use dots, like \"data.after.total\""
+                ),
+            );
+        }
+        parts
+    }
+
+    fn projection(
+        &mut self,
+        prefix: &str,
+        p: &Spanned<RawProjection>,
+        sources: &[SourceConfig],
+    ) -> Option<ProjectionConfig> {
+        let p = p.get_ref();
+        let name = p.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            self.issue(
+                &p.name,
+                format!("{prefix}.name"),
+                "use lowercase letters, digits and '_': the name keys its checkpoint and consumer",
+            );
+        }
+        let source = sources.iter().find(|s| &s.name == p.source.get_ref());
+        let Some(source) = source else {
+            self.issue(
+                &p.source,
+                format!("{prefix}.source"),
+                format!("no [[source]] is named {:?}", p.source.get_ref()),
+            );
+            return None;
+        };
+        let postgres = self.postgres(prefix, p.postgres.get_ref().clone());
+        let mut handlers = Vec::new();
+        for (i, h) in p.on.iter().enumerate() {
+            let key = format!("{prefix}.on[{i}]");
+            let h = h.get_ref();
+            let types: Vec<String> = match h.types.get_ref() {
+                toml::Value::String(t) => vec![t.clone()],
+                toml::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if types.is_empty() {
+                self.issue(
+                    &h.types,
+                    format!("{key}.type"),
+                    "name the event type(s): type = \"OrderPlaced\" or a list",
+                );
+            }
+            let action = match (&h.sql, &h.upsert, &h.delete) {
+                (Some(sql), None, None) => {
+                    let params = h
+                        .params
+                        .as_ref()
+                        .map(|ps| {
+                            ps.get_ref()
+                                .iter()
+                                .map(|t| self.path(ps, &format!("{key}.params"), t))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Some(Action::Sql {
+                        sql: sql.get_ref().clone(),
+                        params,
+                    })
+                }
+                (None, Some(table), None) => {
+                    let keys: Vec<String> = match h.key.as_ref().map(|k| k.get_ref()) {
+                        Some(toml::Value::Array(a)) => a
+                            .iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    let mut columns = Vec::new();
+                    if let Some(c) = &h.columns {
+                        for (col, v) in c.get_ref() {
+                            match v.as_str() {
+                                Some(path) => {
+                                    let path = self.path(c, &format!("{key}.columns.{col}"), path);
+                                    columns.push((col.clone(), path));
+                                }
+                                None => self.issue(
+                                    c,
+                                    format!("{key}.columns.{col}"),
+                                    "a column's value is a path, like \"data.after.id\"",
+                                ),
+                            }
+                        }
+                    }
+                    if keys.is_empty() || columns.is_empty() {
+                        self.issue(table, format!("{key}.upsert"), "an upsert needs key = [\"column\", ...] and columns = { column = \"data.after.x\", ... }");
+                    }
+                    for k in &keys {
+                        if !columns.iter().any(|(c, _)| c == k) {
+                            self.issue(
+                                table,
+                                format!("{key}.key"),
+                                format!("key column {k:?} is not in columns"),
+                            );
+                        }
+                    }
+                    Some(Action::Upsert {
+                        table: table.get_ref().clone(),
+                        key: keys,
+                        columns,
+                    })
+                }
+                (None, None, Some(table)) => {
+                    let mut keys = Vec::new();
+                    match h.key.as_ref() {
+                        Some(k) => {
+                            match k.get_ref() {
+                                toml::Value::Table(t) => {
+                                    for (col, v) in t {
+                                        match v.as_str() {
+                                        Some(path) => {
+                                            let path = self.path(k, &format!("{key}.key.{col}"), path);
+                                            keys.push((col.clone(), path));
+                                        }
+                                        None => self.issue(k, format!("{key}.key.{col}"), "a key column's value is a path, like \"data.key.id\""),
+                                    }
+                                    }
+                                }
+                                _ => self.issue(
+                                    k,
+                                    format!("{key}.key"),
+                                    "a delete's key is a table: key = { id = \"data.key.id\" }",
+                                ),
+                            }
+                        }
+                        None => self.issue(
+                            table,
+                            format!("{key}.key"),
+                            "a delete needs key = { column = \"data.key.x\" }",
+                        ),
+                    }
+                    Some(Action::Delete {
+                        table: table.get_ref().clone(),
+                        key: keys,
+                    })
+                }
+                _ => {
+                    self.issue(&h.types, key.clone(), "a handler does one thing: sql = \"...\" (with params), upsert = \"table\", or delete = \"table\"");
+                    None
+                }
+            };
+            if let Some(action) = action {
+                handlers.push(Handler { types, action });
+            }
+        }
+        if handlers.is_empty() && p.on.is_empty() {
+            self.issue(
+                &p.name,
+                format!("{prefix}.on"),
+                "add at least one [[projection.on]] handler",
+            );
+        }
+        let subjects = p
+            .subjects
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| vec![format!("{}.>", source.name)]);
+        Some(ProjectionConfig {
+            name,
+            source: source.name.clone(),
+            stream: source.stream.name.clone(),
+            subjects,
+            dead_letter: p.dead_letter.as_ref().map(|d| d.get_ref().clone()),
+            postgres,
+            handlers,
+        })
     }
 
     fn nats(&mut self, raw: Spanned<RawNats>) -> NatsConfig {
@@ -1287,11 +1563,13 @@ impl Validator<'_> {
             );
             return None;
         }
-        if m.prefix.get_ref() == crate::backfill::WATERMARK_PREFIX {
+        if m.prefix.get_ref() == crate::backfill::WATERMARK_PREFIX
+            || m.prefix.get_ref() == crate::projection::SYNC_PREFIX
+        {
             self.issue(
                 &m.prefix,
                 format!("{prefix}.prefix"),
-                "this prefix is tidemark's own (backfill watermarks): choose another",
+                "this prefix is tidemark's own (backfill watermarks, sync): choose another",
             );
             return None;
         }

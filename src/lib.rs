@@ -15,5 +15,6 @@ pub mod jetstream;
 pub mod pipeline;
 pub mod position;
 pub mod postgres;
+pub mod projection;
 pub mod replay;
 pub mod status;

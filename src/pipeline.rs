@@ -795,6 +795,11 @@ impl Pipeline<'_> {
     /// transactional message takes an index in its transaction, configured or not, so
     /// event ids do not move when the configuration changes.
     async fn message(&mut self, m: pgoutput::EmittedMessage) -> Result<(), SourceError> {
+        if m.prefix == crate::projection::SYNC_PREFIX && m.transactional {
+            let (_, index) = self.next_index()?;
+            let event = mapping::sync_event(&self.context()?, index);
+            return self.emit(event).await;
+        }
         if m.prefix == backfill::WATERMARK_PREFIX && m.transactional {
             self.next_index()?;
             return match serde_json::from_slice::<Watermark>(&m.content) {

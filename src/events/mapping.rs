@@ -478,6 +478,24 @@ pub fn map_message(
     )
 }
 
+/// A `tidemark.sync` event (`tidemark wait` writes the message): every projection
+/// reads it, so its applied commit LSN passes the waiter's position.
+pub fn sync_event(tx: &TxContext<'_>, index: u64) -> DomainEvent {
+    let data = serde_json::json!({"op": "sync"});
+    build(
+        tx,
+        index,
+        "tidemark.sync".into(),
+        format!("{}._tidemark.sync", tx.source),
+        "sync",
+        "sync".into(),
+        None,
+        false,
+        &[],
+        &data,
+    )
+}
+
 /// The per-transaction summary (`transaction_events = true`): published after the
 /// transaction's last event on `<source>._tidemark.tx`, with the number of events the
 /// transaction published. Its index is one past the transaction's last change.

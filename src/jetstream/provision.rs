@@ -184,7 +184,7 @@ pub async fn ensure_stream(
 }
 
 /// Whether stream subject `have` captures every subject `want` can match.
-fn subject_covers(have: &str, want: &str) -> bool {
+pub fn subject_covers(have: &str, want: &str) -> bool {
     let h: Vec<&str> = have.split('.').collect();
     let w: Vec<&str> = want.split('.').collect();
     for (i, ht) in h.iter().enumerate() {

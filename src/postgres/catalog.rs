@@ -145,32 +145,48 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
 }
 
+async fn connect_with_task(
+    cfg: &PostgresConfig,
+    application: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), CatalogError> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&cfg.host)
+        .port(cfg.port)
+        .dbname(&cfg.dbname)
+        .user(&cfg.user)
+        .application_name(application)
+        .connect_timeout(cfg.connect_timeout);
+    if let Some(p) = &cfg.password {
+        pg.password(p.expose());
+    }
+    let target = format!("{}:{}", cfg.host, cfg.port);
+    let (client, connection) = pg
+        .connect(NoTls)
+        .await
+        .map_err(|source| CatalogError::Connect {
+            target,
+            user: cfg.user.clone(),
+            source,
+        })?;
+    let task = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error, "postgres connection ended");
+        }
+    });
+    Ok((client, task))
+}
+
+/// A plain client (its connection runs on a task of its own until the client drops).
+pub async fn connect_client(
+    cfg: &PostgresConfig,
+    application: &str,
+) -> Result<tokio_postgres::Client, CatalogError> {
+    connect_with_task(cfg, application).await.map(|(c, _)| c)
+}
+
 impl Catalog {
     pub async fn connect(cfg: &PostgresConfig) -> Result<Catalog, CatalogError> {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&cfg.host)
-            .port(cfg.port)
-            .dbname(&cfg.dbname)
-            .user(&cfg.user)
-            .application_name("tidemark-catalog")
-            .connect_timeout(cfg.connect_timeout);
-        if let Some(p) = &cfg.password {
-            pg.password(p.expose());
-        }
-        let target = format!("{}:{}", cfg.host, cfg.port);
-        let (client, connection) =
-            pg.connect(NoTls)
-                .await
-                .map_err(|source| CatalogError::Connect {
-                    target,
-                    user: cfg.user.clone(),
-                    source,
-                })?;
-        let task = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "catalog connection ended");
-            }
-        });
+        let (client, task) = connect_with_task(cfg, "tidemark-catalog").await?;
         Ok(Catalog {
             client,
             task,

@@ -468,7 +468,16 @@ impl Tidemark {
     }
 
     /// Like `run`, with the given `RUST_LOG`.
+    /// Runs `tidemark project --config <config>` (the read-model builders).
+    pub fn project(config: &Path, log_path: &Path) -> Tidemark {
+        Self::spawn(&["project"], config, log_path, "info,tidemark=debug")
+    }
+
     pub fn run_logging(config: &Path, log_path: &Path, rust_log: &str) -> Tidemark {
+        Self::spawn(&["run"], config, log_path, rust_log)
+    }
+
+    fn spawn(command: &[&str], config: &Path, log_path: &Path, rust_log: &str) -> Tidemark {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -476,7 +485,9 @@ impl Tidemark {
             .expect("open tidemark log");
         let log2 = log.try_clone().expect("clone log handle");
         let child = Command::new(Self::bin())
-            .args(["--log-format", "plain", "run", "--config"])
+            .args(["--log-format", "plain"])
+            .args(command)
+            .arg("--config")
             .arg(config)
             .env("RUST_LOG", rust_log)
             .stdout(log)

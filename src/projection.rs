@@ -1,0 +1,640 @@
+//! Read-model builders (projections): a source's events applied to tables of another
+//! database, exactly once.
+//!
+//! Each projection reads its source's stream through a JetStream durable consumer and
+//! applies each event with the statements its handlers declare. Events of one source
+//! transaction are applied in one database transaction, and the same transaction
+//! writes the checkpoint (the last applied stream sequence and commit LSN) to
+//! `tidemark_checkpoints`. After any crash or redelivery the projection starts again
+//! after the checkpoint, so nothing applies twice and nothing is skipped.
+//!
+//! Read-your-writes: the applied commit LSN is also published to the NATS KV bucket
+//! `tidemark_projections`. `tidemark wait` writes a `tidemark.sync` logical message into
+//! the source database (which the source publishes as an event every projection reads)
+//! and waits until the projection's applied LSN passes the position it was given.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::{Action, EventPath, NatsConfig, PostgresConfig, ProjectionConfig};
+use crate::jetstream::provision::{self, ProvisionError};
+use crate::pipeline::ErrorChain;
+use crate::position::Lsn;
+use crate::postgres::catalog::{self, CatalogError};
+use crate::postgres::replication::quote_ident;
+
+/// The logical message prefix `tidemark wait` writes; the source publishes it as a
+/// `tidemark.sync` event on `<source>._tidemark.sync`.
+pub const SYNC_PREFIX: &str = "tidemark.sync";
+/// The KV bucket holding each projection's applied position.
+pub const POSITIONS_BUCKET: &str = "tidemark_projections";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error("projection {projection}: {what}")]
+    Database {
+        projection: String,
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("projection {projection}: {what}")]
+    Nats {
+        projection: String,
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "projection {projection} cannot apply event {event_id} (stream sequence {seq}, subject {subject}): {reason}; fix the handler or the read model, or set dead_letter to set such events aside"
+    )]
+    Poison {
+        projection: String,
+        event_id: String,
+        subject: String,
+        seq: u64,
+        reason: String,
+    },
+    #[error(
+        "projection {projection}: dead-letter publish of event {event_id} to {subject} failed: {reason}; does a stream capture {subject}?"
+    )]
+    DeadLetter {
+        projection: String,
+        event_id: String,
+        subject: String,
+        reason: String,
+    },
+    /// An event went to the dead-letter subject: the open transaction is rolled back
+    /// and applied again without it.
+    #[error("event at sequence {0} set aside; applying its transaction again without it")]
+    SetAside(u64),
+    /// An event failed in a database transaction that also held earlier, complete
+    /// source transactions: apply again, committing each source transaction, so the
+    /// failure is met with everything before it committed.
+    #[error("event at sequence {0} failed; applying again one transaction at a time")]
+    Isolate(u64),
+}
+
+impl ProjectionError {
+    fn fatal(&self) -> bool {
+        match self {
+            ProjectionError::Poison { .. } | ProjectionError::DeadLetter { .. } => true,
+            ProjectionError::Catalog(e) => {
+                matches!(e.code(), Some(c) if c.starts_with("28") || c == "3D000")
+            }
+            ProjectionError::Provision(e) => !matches!(
+                e,
+                ProvisionError::Connect { .. } | ProvisionError::JetStream { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// A statement parameter sent as text, so Postgres parses it with the column type's
+/// input function (numbers, numeric, timestamps, json, arrays alike).
+#[derive(Debug)]
+struct TextParam(Option<String>);
+
+impl ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Some(s) => {
+                out.extend_from_slice(s.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
+}
+
+/// The value at `path` in an event, as a statement parameter: strings as they are,
+/// numbers and booleans as their text, objects and arrays as JSON, null and missing
+/// as NULL.
+fn param(event: &serde_json::Value, path: &EventPath) -> TextParam {
+    let mut v = event;
+    for p in path {
+        v = match v {
+            serde_json::Value::Object(m) => match m.get(p) {
+                Some(x) => x,
+                None => return TextParam(None),
+            },
+            serde_json::Value::Array(a) => match p.parse::<usize>().ok().and_then(|i| a.get(i)) {
+                Some(x) => x,
+                None => return TextParam(None),
+            },
+            _ => return TextParam(None),
+        };
+    }
+    TextParam(match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        other => Some(other.to_string()),
+    })
+}
+
+fn qualified_table(name: &str) -> String {
+    name.split('.')
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The SQL a handler runs, and the event paths of its parameters.
+pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
+    match action {
+        Action::Sql { sql, params } => (sql.clone(), params.clone()),
+        Action::Upsert {
+            table,
+            key,
+            columns,
+        } => {
+            let cols: Vec<String> = columns.iter().map(|(c, _)| quote_ident(c)).collect();
+            let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+            let keys: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+            let updates: Vec<String> = columns
+                .iter()
+                .filter(|(c, _)| !key.contains(c))
+                .map(|(c, _)| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+                .collect();
+            let on_conflict = if updates.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            };
+            (
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
+                    qualified_table(table),
+                    cols.join(", "),
+                    placeholders.join(", "),
+                    keys.join(", ")
+                ),
+                columns.iter().map(|(_, p)| p.clone()).collect(),
+            )
+        }
+        Action::Delete { table, key } => {
+            let conds: Vec<String> = key
+                .iter()
+                .enumerate()
+                .map(|(i, (c, _))| format!("{} = ${}", quote_ident(c), i + 1))
+                .collect();
+            (
+                format!(
+                    "DELETE FROM {} WHERE {}",
+                    qualified_table(table),
+                    conds.join(" AND ")
+                ),
+                key.iter().map(|(_, p)| p.clone()).collect(),
+            )
+        }
+    }
+}
+
+/// A projection's applied position, as published in the positions bucket.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    pub seq: u64,
+    pub lsn: Option<String>,
+}
+
+async fn positions(js: &jetstream::Context) -> Result<jetstream::kv::Store, String> {
+    match js.get_key_value(POSITIONS_BUCKET).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: POSITIONS_BUCKET.into(),
+                history: 1,
+                description: "tidemark projections' applied positions".into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Reads a projection's applied position from the positions bucket.
+pub async fn applied(js: &jetstream::Context, projection: &str) -> Option<Applied> {
+    let kv = js.get_key_value(POSITIONS_BUCKET).await.ok()?;
+    let v = kv.get(projection).await.ok()??;
+    serde_json::from_slice(&v).ok()
+}
+
+/// Waits until `projection` has applied everything committed before `lsn`: its
+/// applied commit LSN reaches `lsn`. Something committed after `lsn` must reach the
+/// stream for this to happen; `tidemark wait` writes a sync message to make sure.
+pub async fn wait_applied(
+    js: &jetstream::Context,
+    projection: &str,
+    lsn: Lsn,
+    timeout: Duration,
+) -> Result<Applied, Option<Applied>> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(a) = applied(js, projection).await {
+            if a.lsn
+                .as_deref()
+                .and_then(|l| l.parse::<Lsn>().ok())
+                .is_some_and(|l| l >= lsn)
+            {
+                return Ok(a);
+            }
+            last = Some(a);
+        }
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs one projection until `cancel` fires (Ok) or an error an operator must fix.
+pub async fn run_projection(
+    cfg: ProjectionConfig,
+    nats: NatsConfig,
+    cancel: CancellationToken,
+) -> Result<(), ProjectionError> {
+    let span = info_span!("projection", projection = %cfg.name, stream = %cfg.stream);
+    async move {
+        let mut set_aside: HashSet<u64> = HashSet::new();
+        let mut careful_until: u64 = 0;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            let err = match attempt(&cfg, &nats, &cancel, &mut set_aside, careful_until).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            match err {
+                ProjectionError::SetAside(seq) => {
+                    debug!(seq, "applying again without the set-aside event");
+                    continue;
+                }
+                ProjectionError::Isolate(seq) => {
+                    careful_until = seq;
+                    continue;
+                }
+                _ => {}
+            }
+            if err.fatal() {
+                error!(error = %ErrorChain(&err), "projection stopped: this needs an operator");
+                return Err(err);
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_millis(200);
+            }
+            warn!(error = %ErrorChain(&err), wait_ms = backoff.as_millis() as u64, "projection failed; starting again from its checkpoint");
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS tidemark_checkpoints (
+    projection text PRIMARY KEY,
+    stream text NOT NULL,
+    stream_seq bigint NOT NULL,
+    commit_lsn text,
+    updated_at timestamptz NOT NULL DEFAULT now())";
+
+/// Events applied between commits, at most (a source transaction is never split).
+const COMMIT_EVERY: usize = 500;
+
+async fn attempt(
+    cfg: &ProjectionConfig,
+    nats: &NatsConfig,
+    cancel: &CancellationToken,
+    set_aside: &mut HashSet<u64>,
+    careful_until: u64,
+) -> Result<(), ProjectionError> {
+    let db_err = |what: &str| {
+        let projection = cfg.name.clone();
+        let what = what.to_string();
+        move |source| ProjectionError::Database {
+            projection,
+            what,
+            source,
+        }
+    };
+    let nats_err = |what: &str| {
+        let projection = cfg.name.clone();
+        let what = what.to_string();
+        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
+            projection,
+            what,
+            source: e,
+        }
+    };
+    let client = catalog::connect_client(&cfg.postgres, "tidemark-projection").await?;
+    client
+        .batch_execute(CHECKPOINTS)
+        .await
+        .map_err(db_err("create tidemark_checkpoints"))?;
+    let row = client
+        .query_opt(
+            "SELECT stream_seq, commit_lsn FROM tidemark_checkpoints WHERE projection = $1",
+            &[&cfg.name],
+        )
+        .await
+        .map_err(db_err("read the checkpoint"))?;
+    let mut checkpoint: u64 = row.as_ref().map_or(0, |r| r.get::<_, i64>(0) as u64);
+    let mut checkpoint_lsn: Option<String> = row.and_then(|r| r.get(1));
+    // Prepare every handler's statement: a handler that does not fit the read model
+    // fails here, before anything is applied.
+    let mut handlers = Vec::new();
+    for h in &cfg.handlers {
+        let (sql, params) = handler_sql(&h.action);
+        let stmt = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| ProjectionError::Poison {
+                projection: cfg.name.clone(),
+                event_id: "-".into(),
+                subject: "-".into(),
+                seq: 0,
+                reason: format!(
+                    "handler for {:?} does not fit the read model: {}: {sql}",
+                    h.types,
+                    ErrorChain(&e)
+                ),
+            })?;
+        handlers.push((h.types.clone(), stmt, params));
+    }
+
+    let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
+    let js = jetstream::new(nc);
+    let kv = positions(&js)
+        .await
+        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+    let stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
+    // The consumer starts after the checkpoint every time: the database, not the
+    // consumer, says what is applied.
+    let durable = format!("tidemark_{}", cfg.name);
+    let _ = stream.delete_consumer(&durable).await;
+    let sync = format!("{}._tidemark.sync", cfg.source);
+    let mut filters = cfg.subjects.clone();
+    if !filters.iter().any(|f| provision::subject_covers(f, &sync)) {
+        filters.push(sync);
+    }
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.clone()),
+            deliver_policy: if checkpoint == 0 {
+                jetstream::consumer::DeliverPolicy::All
+            } else {
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: checkpoint + 1,
+                }
+            },
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            filter_subjects: filters,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the consumer")(Box::new(e)))?;
+    info!(seq = checkpoint, lsn = ?checkpoint_lsn, consumer = %durable, "projecting");
+
+    // The open database transaction (BEGIN sent), and the events applied in it. A
+    // dropped connection rolls an open transaction back.
+    let mut open = false;
+    let mut in_tx = 0usize;
+    // Complete source transactions in the open database transaction.
+    let mut whole_txs = 0usize;
+    let mut last_published = Instant::now() - Duration::from_secs(1);
+    loop {
+        if cancel.is_cancelled() {
+            // An open transaction is rolled back: it is applied again on the next start.
+            return Ok(());
+        }
+        let batch = consumer
+            .fetch()
+            .max_messages(COMMIT_EVERY)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .map_err(|e| nats_err("fetch events")(Box::new(e)))?;
+        let messages: Vec<jetstream::Message> =
+            batch.filter_map(|m| async move { m.ok() }).collect().await;
+        let n = messages.len();
+        for (i, msg) in messages.into_iter().enumerate() {
+            let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+            let seq = info.stream_sequence;
+            if seq <= checkpoint {
+                continue;
+            }
+            let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            let event_type = event["type"].as_str().unwrap_or_default().to_string();
+            let event_id = event["id"].as_str().unwrap_or_default().to_string();
+            if !open {
+                client
+                    .batch_execute("BEGIN")
+                    .await
+                    .map_err(db_err("begin"))?;
+                open = true;
+                in_tx = 0;
+                whole_txs = 0;
+            }
+            if !set_aside.contains(&seq) {
+                for (types, stmt, paths) in &handlers {
+                    if !types.iter().any(|t| t == &event_type) {
+                        continue;
+                    }
+                    let params: Vec<TextParam> = paths.iter().map(|p| param(&event, p)).collect();
+                    let refs: Vec<&(dyn ToSql + Sync)> =
+                        params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                    if let Err(e) = client.execute(stmt, &refs).await {
+                        let reason = ErrorChain(&e).to_string();
+                        client
+                            .batch_execute("ROLLBACK")
+                            .await
+                            .map_err(db_err("roll back"))?;
+                        if whole_txs > 0 {
+                            return Err(ProjectionError::Isolate(seq));
+                        }
+                        let Some(subject) = &cfg.dead_letter else {
+                            return Err(ProjectionError::Poison {
+                                projection: cfg.name.clone(),
+                                event_id,
+                                subject: msg.subject.to_string(),
+                                seq,
+                                reason,
+                            });
+                        };
+                        dead_letter(&js, cfg, subject, &msg, &event_id, seq, &reason).await?;
+                        warn!(event_id = %event_id, seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
+                        set_aside.insert(seq);
+                        return Err(ProjectionError::SetAside(seq));
+                    }
+                }
+            }
+            in_tx += 1;
+            let lsn = event["commitlsn"].as_str().map(str::to_string);
+            // Commit only at the end of a source transaction (events without the
+            // mark count as whole transactions).
+            let tx_end = event["txlast"].as_bool().unwrap_or(true);
+            if tx_end {
+                whole_txs += 1;
+            }
+            if tx_end && (i + 1 == n || in_tx >= COMMIT_EVERY || seq <= careful_until) {
+                client.execute(
+                    "INSERT INTO tidemark_checkpoints (projection, stream, stream_seq, commit_lsn, updated_at) \
+                     VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection) DO UPDATE \
+                     SET stream = EXCLUDED.stream, stream_seq = EXCLUDED.stream_seq, commit_lsn = EXCLUDED.commit_lsn, updated_at = now()",
+                    &[&cfg.name, &cfg.stream, &(seq as i64), &lsn],
+                )
+                .await
+                .map_err(db_err("write the checkpoint"))?;
+                client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(db_err("commit"))?;
+                open = false;
+                checkpoint = seq;
+                checkpoint_lsn = lsn;
+                set_aside.retain(|s| *s > seq);
+                if let Err(e) = msg.ack().await {
+                    debug!(error = %e, "ack failed; the checkpoint decides what is applied");
+                }
+                let synced = event_type == "tidemark.sync";
+                if synced || last_published.elapsed() > Duration::from_millis(100) {
+                    publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
+                    last_published = Instant::now();
+                }
+            }
+        }
+        if n == 0 && last_published.elapsed() > Duration::from_millis(100) && !open {
+            publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
+            last_published = Instant::now() + Duration::from_secs(5);
+        }
+    }
+}
+
+async fn publish_position(kv: &jetstream::kv::Store, name: &str, seq: u64, lsn: Option<String>) {
+    let value = serde_json::to_vec(&Applied { seq, lsn }).unwrap_or_default();
+    if let Err(e) = kv.put(name, value.into()).await {
+        debug!(error = %e, "could not publish the applied position");
+    }
+}
+
+async fn dead_letter(
+    js: &jetstream::Context,
+    cfg: &ProjectionConfig,
+    subject: &str,
+    msg: &jetstream::Message,
+    event_id: &str,
+    seq: u64,
+    reason: &str,
+) -> Result<(), ProjectionError> {
+    let fail = |r: String| ProjectionError::DeadLetter {
+        projection: cfg.name.clone(),
+        event_id: event_id.to_string(),
+        subject: subject.to_string(),
+        reason: r,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Tidemark-Projection", cfg.name.as_str());
+    headers.insert(
+        "Tidemark-Reason",
+        reason.replace(['\r', '\n'], " ").as_str(),
+    );
+    headers.insert("Tidemark-Subject", msg.subject.as_str());
+    headers.insert("Tidemark-Stream-Sequence", seq.to_string().as_str());
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{event_id}:dead:{}", cfg.name).as_str(),
+    );
+    let ack = js
+        .publish_with_headers(subject.to_string(), headers, msg.payload.clone())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    ack.await.map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+/// The connection a projection applies through (for tests and the Rust API).
+pub async fn connect(cfg: &PostgresConfig) -> Result<tokio_postgres::Client, CatalogError> {
+    catalog::connect_client(cfg, "tidemark-projection").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn upsert_and_delete_sql() {
+        let (sql, params) = handler_sql(&Action::Upsert {
+            table: "rm.orders".into(),
+            key: vec!["id".into()],
+            columns: vec![
+                (
+                    "id".into(),
+                    vec!["data".into(), "after".into(), "id".into()],
+                ),
+                (
+                    "status".into(),
+                    vec!["data".into(), "after".into(), "status".into()],
+                ),
+            ],
+        });
+        assert_eq!(
+            sql,
+            "INSERT INTO \"rm\".\"orders\" (\"id\", \"status\") VALUES ($1, $2) ON CONFLICT (\"id\") DO UPDATE SET \"status\" = EXCLUDED.\"status\""
+        );
+        assert_eq!(params.len(), 2);
+        let (sql, _) = handler_sql(&Action::Delete {
+            table: "orders".into(),
+            key: vec![("id".into(), vec!["data".into(), "key".into(), "id".into()])],
+        });
+        assert_eq!(sql, "DELETE FROM \"orders\" WHERE \"id\" = $1");
+    }
+
+    #[test]
+    fn params_take_values_as_text() {
+        let e = json!({"data": {"after": {"n": 5, "s": "x", "b": true, "o": {"k": 1}, "z": null}}});
+        let p = |path: &str| param(&e, &path.split('.').map(str::to_string).collect()).0;
+        assert_eq!(p("data.after.n").as_deref(), Some("5"));
+        assert_eq!(p("data.after.s").as_deref(), Some("x"));
+        assert_eq!(p("data.after.b").as_deref(), Some("true"));
+        assert_eq!(p("data.after.o").as_deref(), Some("{\"k\":1}"));
+        assert_eq!(p("data.after.z"), None);
+        assert_eq!(p("data.after.missing"), None);
+    }
+}

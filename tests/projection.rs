@@ -1,0 +1,357 @@
+//! Integration tests of read-model builders (projections) against a real PostgreSQL
+//! and a real nats-server: exactness under kill -9, read-your-writes, poison events.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const STORE: &str = "
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL, total numeric(10,2) NOT NULL);
+ALTER TABLE orders REPLICA IDENTITY FULL;
+";
+
+const READ_MODEL: &str = "
+CREATE TABLE customer_stats (customer_id int PRIMARY KEY, orders int NOT NULL DEFAULT 0, spent numeric NOT NULL DEFAULT 0);
+CREATE TABLE order_view (id int PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL, total numeric NOT NULL CHECK (total >= 0));
+";
+
+fn projection_toml(pg: &PgServer, extra: &str) -> String {
+    format!(
+        r#"
+[[projection]]
+name = "customer_stats"
+source = "store"
+{extra}
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "readmodel"
+user = "postgres"
+
+[[projection.on]]
+type = "orders.created"
+sql = """INSERT INTO customer_stats (customer_id, orders, spent) VALUES ($1, 1, $2)
+         ON CONFLICT (customer_id) DO UPDATE SET orders = customer_stats.orders + 1, spent = customer_stats.spent + EXCLUDED.spent"""
+params = ["data.after.customer_id", "data.after.total"]
+
+[[projection.on]]
+type = "orders.updated"
+sql = "UPDATE customer_stats SET spent = spent - $2 + $3 WHERE customer_id = $1"
+params = ["data.after.customer_id", "data.before.total", "data.after.total"]
+
+[[projection.on]]
+type = "orders.deleted"
+sql = "UPDATE customer_stats SET orders = orders - 1, spent = spent - $2 WHERE customer_id = $1"
+params = ["data.before.customer_id", "data.before.total"]
+
+[[projection.on]]
+type = ["orders.created", "orders.updated"]
+upsert = "order_view"
+key = ["id"]
+columns = {{ id = "data.after.id", customer_id = "data.after.customer_id", status = "data.after.status", total = "data.after.total" }}
+
+[[projection.on]]
+type = "orders.deleted"
+delete = "order_view"
+key = {{ id = "data.key.id" }}
+"#,
+        port = pg.port
+    )
+}
+
+/// The read model's customer rows, and the same computed from the store.
+async fn compare(store: &tokio_postgres::Client, rm: &tokio_postgres::Client) {
+    let want: BTreeMap<i32, (i64, String)> = store
+        .query(
+            "SELECT customer_id, count(*), sum(total)::text FROM orders GROUP BY customer_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let got: BTreeMap<i32, (i64, String)> = rm
+        .query(
+            "SELECT customer_id, orders::bigint, spent::numeric(12,2)::text FROM customer_stats WHERE orders > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(got, want, "per-customer order count and total spent");
+    let want_orders: Vec<(i32, String, String)> = store
+        .query(
+            "SELECT id, status, total::text FROM orders ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let got_orders: Vec<(i32, String, String)> = rm
+        .query(
+            "SELECT id, status, total::numeric(10,2)::text FROM order_view ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got_orders.len(), want_orders.len());
+    assert_eq!(got_orders, want_orders);
+}
+
+async fn current_lsn(db: &tokio_postgres::Client) -> String {
+    db.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Transactions of ten order changes: inserts, total updates and deletes.
+fn workload(db: tokio_postgres::Client, txs: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = 0;
+        for _ in 0..txs {
+            let mut sql = String::from("BEGIN;");
+            for _ in 0..10 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let customer = x % 50;
+                match x % 10 {
+                    0..=5 => {
+                        next += 1;
+                        sql.push_str(&format!(
+                            "INSERT INTO orders VALUES ({next}, {customer}, 'placed', {}.{:02});",
+                            x % 200,
+                            x % 100
+                        ));
+                    }
+                    6..=8 => sql.push_str(&format!(
+                        "UPDATE orders SET total = total + 1.25, status = 'paid' WHERE id = {};",
+                        x % (next + 1)
+                    )),
+                    _ => sql.push_str(&format!(
+                        "DELETE FROM orders WHERE id = {};",
+                        x % (next + 1)
+                    )),
+                }
+            }
+            sql.push_str("COMMIT;");
+            db.batch_execute(&sql).await.unwrap();
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(READ_MODEL).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["orders"]"#,
+            sections: &projection_toml(&pg, ""),
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let plog = dir.path().join("projection.log");
+    let mut projector = Tidemark::project(&cfg, &plog);
+
+    // 5,000 transactions of 10 changes, and the projector killed along the way.
+    let writer = workload(pg.client("store").await, 5_000);
+    let mut kills = 0;
+    let started = Instant::now();
+    while !writer.is_finished() || kills < 5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if kills < 8 {
+            projector.kill9();
+            kills += 1;
+            projector = Tidemark::project(&cfg, &plog);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the workload did not finish"
+        );
+    }
+    writer.await.unwrap();
+    assert!(kills >= 5);
+
+    // Read-your-writes: after this write, wait returns only once the model has it.
+    db.batch_execute("INSERT INTO orders VALUES (1000000, 7, 'placed', 99.99)")
+        .await
+        .unwrap();
+    let lsn = current_lsn(&db).await;
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, err) = tidemark_cmd(&[
+        "wait",
+        "--config",
+        cfg_arg,
+        "--projection",
+        "customer_stats",
+        "--lsn",
+        &lsn,
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+    let seen = rm
+        .query_opt("SELECT total::text FROM order_view WHERE id = 1000000", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.map(|r| r.get::<_, String>(0)).as_deref(),
+        Some("99.99")
+    );
+    compare(&db, &rm).await;
+    let log = projector.log();
+    assert!(
+        log.matches("projecting").count() >= 6,
+        "restarted after each kill:\n{log}"
+    );
+
+    // A stopped projector: wait times out with a non-zero exit.
+    projector.kill9();
+    db.batch_execute("INSERT INTO orders VALUES (1000001, 7, 'placed', 1.00)")
+        .await
+        .unwrap();
+    let lsn = current_lsn(&db).await;
+    let (code, _, err) = tidemark_cmd(&[
+        "wait",
+        "--config",
+        cfg_arg,
+        "--projection",
+        "customer_stats",
+        "--lsn",
+        &lsn,
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("did not reach"), "{err}");
+    assert!(source.is_running(), "{}", source.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_stops_the_projection_or_goes_to_the_dead_letter_subject() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(READ_MODEL).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["orders"]"#,
+            sections: &projection_toml(&pg, ""),
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    // Three transactions; the middle one breaks the read model's CHECK.
+    for sql in [
+        "INSERT INTO orders VALUES (1, 1, 'placed', 10.00)",
+        "INSERT INTO orders VALUES (2, 1, 'placed', -5.00)",
+        "INSERT INTO orders VALUES (3, 2, 'placed', 7.00)",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || source.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let poison_id = events[1].body["id"].as_str().unwrap().to_string();
+
+    // Without a dead-letter subject: the projection stops, naming the event.
+    let mut projector = Tidemark::project(&cfg, &dir.path().join("p1.log"));
+    let status = projector.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", projector.log());
+    let log = projector.log();
+    assert!(
+        log.contains(&format!("cannot apply event {poison_id}"))
+            && log.contains("subject store.orders.created")
+            && log.contains("order_view_total_check"),
+        "{log}"
+    );
+    // Nothing of the poison event's transaction is applied; the one before it is.
+    let n: i64 = rm
+        .query_one("SELECT count(*) FROM order_view", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // With a dead-letter subject: set aside with the reason, and the rest applies.
+    let dead = async_nats::jetstream::new(nc.clone());
+    dead.create_stream(async_nats::jetstream::stream::Config {
+        name: "DEAD".into(),
+        subjects: vec!["deadletter.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cfg2 = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            name: "store",
+            tables: r#"tables = ["orders"]"#,
+            sections: &projection_toml(&pg, "dead_letter = \"deadletter.customer_stats\""),
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let projector = Tidemark::project(&cfg2, &dir.path().join("p2.log"));
+    wait_stream_count(&nc, "DEAD", 1, Duration::from_secs(60), || projector.log()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = rm
+            .query_one("SELECT count(*) FROM order_view", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", projector.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dl = read_stream(&nc, "DEAD").await;
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].body["id"], poison_id.as_str());
+    let reason = dl[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "Tidemark-Reason")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(reason.contains("order_view_total_check"), "{reason}");
+    let stats: (i64, String) = rm
+        .query_one(
+            "SELECT sum(orders)::bigint, sum(spent)::numeric(10,2)::text FROM customer_stats",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    // The poison event's transaction held only it: orders 1 and 3 are counted.
+    assert_eq!(stats, (2, "17.00".to_string()));
+}
