@@ -791,7 +791,7 @@ async fn check_nats(
 async fn status(cfg: Config, json: bool) -> ExitCode {
     let mut all = Vec::new();
     for source in &cfg.sources {
-        all.push(crate::status::source_status(source, &cfg.nats).await);
+        all.push(crate::status::source_status(source, &cfg.nats, &cfg.projections).await);
     }
     let healthy = all.iter().all(|s| s.problems().is_empty());
     if json {

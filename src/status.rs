@@ -23,6 +23,18 @@ pub struct SourceStatus {
     pub stream: Result<StreamStatus, String>,
     /// Backfills on record (snapshots included), oldest first.
     pub backfills: Vec<BackfillStatus>,
+    /// The read models built from this source's stream.
+    pub projections: Vec<ProjectionStatus>,
+}
+
+/// A projection's applied position, and how far it is behind the stream.
+#[derive(Debug, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub applied_seq: Option<u64>,
+    pub applied_lsn: Option<String>,
+    /// Stream messages after the applied sequence (not all may be for it).
+    pub lag_messages: Option<u64>,
 }
 
 /// One table's backfill, with its rate and the time left at that rate.
@@ -124,15 +136,55 @@ impl SourceStatus {
 }
 
 /// Gathers the status of one source.
-pub async fn source_status(s: &SourceConfig, nats: &NatsConfig) -> SourceStatus {
+pub async fn source_status(
+    s: &SourceConfig,
+    nats: &NatsConfig,
+    projections: &[crate::config::ProjectionConfig],
+) -> SourceStatus {
+    let stream = stream_status(s, nats).await;
+    let last_seq = stream.as_ref().ok().map(|st| st.last_seq);
     SourceStatus {
         source: s.name.clone(),
         slot_name: s.slot.clone(),
         stream_name: s.stream.name.clone(),
         postgres: pg_status(s).await,
-        stream: stream_status(s, nats).await,
+        stream,
         backfills: backfill_status(s, nats).await,
+        projections: projection_status(s, nats, projections, last_seq).await,
     }
+}
+
+async fn projection_status(
+    s: &SourceConfig,
+    nats: &NatsConfig,
+    projections: &[crate::config::ProjectionConfig],
+    last_seq: Option<u64>,
+) -> Vec<ProjectionStatus> {
+    let mine: Vec<_> = projections.iter().filter(|p| p.source == s.name).collect();
+    if mine.is_empty() {
+        return Vec::new();
+    }
+    let js = match provision::connect(nats, "tidemark-status").await {
+        Ok(c) => Some(async_nats::jetstream::new(c)),
+        Err(_) => None,
+    };
+    let mut out = Vec::new();
+    for p in mine {
+        let applied = match &js {
+            Some(js) => crate::projection::applied(js, &p.name).await,
+            None => None,
+        };
+        out.push(ProjectionStatus {
+            name: p.name.clone(),
+            applied_seq: applied.as_ref().map(|a| a.seq),
+            applied_lsn: applied.as_ref().and_then(|a| a.lsn.clone()),
+            lag_messages: match (last_seq, &applied) {
+                (Some(last), Some(a)) => Some(last.saturating_sub(a.seq)),
+                _ => None,
+            },
+        });
+    }
+    out
 }
 
 async fn backfill_status(s: &SourceConfig, nats: &NatsConfig) -> Vec<BackfillStatus> {
@@ -357,6 +409,17 @@ pub fn render(st: &SourceStatus) -> String {
                 .unwrap_or_default()
         ));
     }
+    for p in &st.projections {
+        match p.applied_seq {
+            Some(seq) => out.push_str(&format!(
+                "  projection {}  applied seq {seq} (LSN {})  behind {} messages\n",
+                p.name,
+                p.applied_lsn.as_deref().unwrap_or("-"),
+                p.lag_messages.map_or("-".to_string(), |l| l.to_string())
+            )),
+            None => out.push_str(&format!("  projection {}  not started\n", p.name)),
+        }
+    }
     for p in st.problems() {
         out.push_str(&format!("  PROBLEM   {p}\n"));
     }
@@ -377,6 +440,7 @@ mod tests {
                 slot,
             }),
             backfills: Vec::new(),
+            projections: Vec::new(),
             stream: Ok(StreamStatus {
                 messages: 2,
                 first_seq: 1,

@@ -221,6 +221,12 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
         Some("99.99")
     );
     compare(&db, &rm).await;
+    let (code, out, _) = tidemark_cmd(&["status", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("projection customer_stats  applied seq "),
+        "{out}"
+    );
     let log = projector.log();
     assert!(
         log.matches("projecting").count() >= 6,
