@@ -157,11 +157,19 @@ pub enum Command {
     /// event it cannot apply (named in the log), 2 for a bad config.
     Project {
         /// The config file.
-        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        #[arg(
+            long,
+            short,
+            global = true,
+            env = "TIDEMARK_CONFIG",
+            default_value = "tidemark.toml"
+        )]
         config: PathBuf,
         /// Only this projection (repeatable; default: all).
         #[arg(long = "name")]
         names: Vec<String>,
+        #[command(subcommand)]
+        action: Option<ProjectCommand>,
     },
     /// Wait until a projection includes everything committed before an LSN.
     ///
@@ -199,6 +207,21 @@ pub enum Command {
         /// Print JSON (one array of sources) instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Rebuild a read model from the start of the stream, then swap it in atomically.
+    ///
+    /// Builds into shadow tables (schema tidemark_rebuild_<name>) while the live
+    /// projection keeps serving, catches up, then, holding the projection's lock,
+    /// applies the last events and swaps the tables and the checkpoint in one
+    /// transaction: readers see the old model or the new one, never a partial one.
+    /// Exit codes: 0 swapped, 1 failed (the live model is untouched), 2 bad usage.
+    Rebuild {
+        /// The projection to rebuild.
+        name: String,
     },
 }
 
@@ -378,8 +401,15 @@ pub async fn run(cli: Cli) -> ExitCode {
             },
             Err(code) => code,
         },
-        Command::Project { config, names } => match load(&config) {
-            Ok(cfg) => project(cfg, names).await,
+        Command::Project {
+            config,
+            names,
+            action,
+        } => match load(&config) {
+            Ok(cfg) => match action {
+                None => project(cfg, names).await,
+                Some(ProjectCommand::Rebuild { name }) => rebuild(cfg, &name).await,
+            },
             Err(code) => code,
         },
         Command::Wait {
@@ -1155,6 +1185,53 @@ async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+async fn rebuild(cfg: Config, name: &str) -> ExitCode {
+    use std::io::IsTerminal;
+    let Some(p) = cfg.projections.iter().find(|p| p.name == name) else {
+        eprintln!("error: no [[projection]] is named {name:?}");
+        return ExitCode::from(2);
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "rebuilding {msg} [{bar:30}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(name.to_string());
+        bar
+    });
+    let started = std::time::Instant::now();
+    let result = crate::projection::rebuild(p, &cfg.nats, |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(stats) => {
+            eprintln!(
+                "rebuilt {name}: {} events applied up to stream sequence {}, swapped in {} ms ({} ms in all)",
+                stats.events,
+                stats.seq,
+                stats.swap_ms,
+                started.elapsed().as_millis()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", ErrorChain(&e));
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -113,6 +113,7 @@ struct RawProjection {
     source: Spanned<String>,
     subjects: Option<Spanned<Vec<String>>>,
     dead_letter: Option<Spanned<String>>,
+    tables: Option<Spanned<Vec<String>>>,
     postgres: Spanned<RawPostgres>,
     #[serde(default)]
     on: Vec<Spanned<RawHandler>>,
@@ -285,6 +286,9 @@ pub struct ProjectionConfig {
     pub dead_letter: Option<String>,
     pub postgres: PostgresConfig,
     pub handlers: Vec<Handler>,
+    /// The read model's tables (what a rebuild rebuilds): `tables`, or the tables the
+    /// upsert and delete handlers name.
+    pub tables: Vec<String>,
 }
 
 /// What events of some types do.
@@ -857,6 +861,20 @@ impl Validator<'_> {
             .as_ref()
             .map(|s| s.get_ref().clone())
             .unwrap_or_else(|| vec![format!("{}.>", source.name)]);
+        let tables = match &p.tables {
+            Some(t) => t.get_ref().clone(),
+            None => {
+                let mut t: Vec<String> = Vec::new();
+                for h in &handlers {
+                    if let Action::Upsert { table, .. } | Action::Delete { table, .. } = &h.action
+                        && !t.contains(table)
+                    {
+                        t.push(table.clone());
+                    }
+                }
+                t
+            }
+        };
         Some(ProjectionConfig {
             name,
             source: source.name.clone(),
@@ -865,6 +883,7 @@ impl Validator<'_> {
             dead_letter: p.dead_letter.as_ref().map(|d| d.get_ref().clone()),
             postgres,
             handlers,
+            tables,
         })
     }
 
