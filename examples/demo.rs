@@ -5,7 +5,9 @@
 //! row changes into domain events (`OrderPlaced`, `OrderShipped`, `StockAdjusted`...),
 //! writes a stream of business activity, and prints every event as JetStream stores it.
 //! The rows the store held before tidemark started arrive first, from its initial
-//! snapshot. Half way, tidemark is killed
+//! snapshot. A read model (per-customer order count, total spent and last order status)
+//! is kept in another database by the `tidemark::projection::Consumer` API, exactly
+//! once, and printed after each round. Half way, tidemark is killed
 //! with SIGKILL and restarted; at the end the demo reads the stream back and checks that
 //! every change arrived exactly once, in commit order.
 //!
@@ -60,6 +62,48 @@ delete = "OrderLineRemoved"
 name = "inventory"
 update = "StockAdjusted"
 "#;
+
+/// The read model: one row per customer, kept by the Rust consumer API.
+struct CustomerOrders;
+
+impl tidemark::projection::Apply for CustomerOrders {
+    type Error = tokio_postgres::Error;
+
+    async fn apply(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[tidemark::projection::Event],
+    ) -> Result<(), Self::Error> {
+        for e in events {
+            let order = &e.data["after"];
+            let id = order["id"].as_i64().unwrap_or_default() as i32;
+            match e.event_type.as_str() {
+                "OrderPlaced" => {
+                    let customer = order["customer"].as_i64().unwrap_or_default() as i32;
+                    let total = order["total"].as_str().unwrap_or("0");
+                    let status = order["status"].as_str().unwrap_or("");
+                    tx.execute(
+                        "INSERT INTO customer_orders VALUES ($1, 1, $2::text::numeric, $3, $4)
+                         ON CONFLICT (customer_id) DO UPDATE SET orders = customer_orders.orders + 1,
+                           spent = customer_orders.spent + EXCLUDED.spent,
+                           last_status = EXCLUDED.last_status, last_order = EXCLUDED.last_order",
+                        &[&customer, &total, &status, &id],
+                    )
+                    .await?;
+                }
+                "OrderShipped" => {
+                    tx.execute(
+                        "UPDATE customer_orders SET last_status = 'shipped' WHERE last_order = $1",
+                        &[&id],
+                    )
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
 
 #[tokio::main]
 async fn main() {
@@ -143,6 +187,30 @@ async fn main() {
         }
     });
 
+    // The read model, in its own database, kept by the consumer API.
+    let mut rm = pg.create_db("readmodel").await;
+    rm.batch_execute(
+        "CREATE TABLE customer_orders (customer_id int PRIMARY KEY, orders int NOT NULL,
+                                       spent numeric NOT NULL, last_status text, last_order int)",
+    )
+    .await
+    .expect("read model table");
+    let reader = pg.client("readmodel").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let model = {
+        let consumer = tidemark::projection::Consumer::new(
+            nc.clone(),
+            "STORE",
+            "customer_orders",
+            vec!["store.order.>".into()],
+        );
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut app = CustomerOrders;
+            consumer.run(&mut rm, &mut app, stop).await
+        })
+    };
+
     for round in 0..rounds {
         let name = format!("Customer {round}");
         db.batch_execute(&format!(
@@ -162,6 +230,7 @@ async fn main() {
         )
         .await
         .expect("ship");
+        print_model(&reader).await;
         if round == rounds / 2 {
             println!("\n!! kill -9 tidemark, then start it again: nothing lost, nothing twice\n");
             tm.kill9();
@@ -196,6 +265,34 @@ async fn main() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     printer.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    if let Ok(Err(e)) = model.await {
+        panic!("the read model's consumer failed: {e}");
+    }
+    print_model(&reader).await;
+    // The read model agrees with the store, computed the slow way.
+    let want: Vec<(i32, i64, String)> = db
+        .query(
+            "SELECT customer_id, count(*), sum(total)::text FROM orders GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("aggregate")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let got: Vec<(i32, i64, String)> = reader
+        .query("SELECT customer_id, orders::bigint, spent::numeric(10,2)::text FROM customer_orders ORDER BY 1", &[])
+        .await
+        .expect("read model")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got, want, "the read model must equal the store's aggregate");
+    println!(
+        "read model customer_orders equals the store's aggregate (count and sum per customer)"
+    );
     let events = read_stream(&nc, "STORE").await;
     assert_exactly_once(&events);
     let status = tm.terminate(Duration::from_secs(30));
@@ -204,4 +301,24 @@ async fn main() {
         events.len(),
         status
     );
+}
+
+async fn print_model(reader: &tokio_postgres::Client) {
+    let rows = reader
+        .query(
+            "SELECT customer_id, orders, spent::text, coalesce(last_status, '') FROM customer_orders ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    println!("   read model customer_orders (customer: orders, spent, last status):");
+    for r in rows {
+        println!(
+            "     {:>3}: {} order(s), {:>6} spent, last {}",
+            r.get::<_, i32>(0),
+            r.get::<_, i32>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3)
+        );
+    }
 }

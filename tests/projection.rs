@@ -11,6 +11,7 @@ use support::*;
 const STORE: &str = "
 CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL, total numeric(10,2) NOT NULL);
 ALTER TABLE orders REPLICA IDENTITY FULL;
+CREATE TABLE audit (id bigserial PRIMARY KEY, note text);
 ";
 
 const READ_MODEL: &str = "
@@ -148,7 +149,9 @@ fn workload(db: tokio_postgres::Client, txs: usize, first_id: u64) -> tokio::tas
                     )),
                 }
             }
-            sql.push_str("COMMIT;");
+            // Each transaction ends with a change outside the orders subjects, so a
+            // consumer filtering on them never sees the transaction's last event.
+            sql.push_str("INSERT INTO audit (note) VALUES ('tx'); COMMIT;");
             db.batch_execute(&sql).await.unwrap();
         }
     })
@@ -165,7 +168,7 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
         &pg,
         &nats,
         &SourceSpec {
-            tables: r#"tables = ["orders"]"#,
+            tables: r#"tables = ["orders", "audit"]"#,
             sections: &projection_toml(&pg, ""),
             ..SourceSpec::new("store", "store")
         },
@@ -266,7 +269,7 @@ async fn a_poison_event_stops_the_projection_or_goes_to_the_dead_letter_subject(
         &pg,
         &nats,
         &SourceSpec {
-            tables: r#"tables = ["orders"]"#,
+            tables: r#"tables = ["orders", "audit"]"#,
             sections: &projection_toml(&pg, ""),
             ..SourceSpec::new("store", "store")
         },
@@ -320,7 +323,7 @@ async fn a_poison_event_stops_the_projection_or_goes_to_the_dead_letter_subject(
         &nats,
         &SourceSpec {
             name: "store",
-            tables: r#"tables = ["orders"]"#,
+            tables: r#"tables = ["orders", "audit"]"#,
             sections: &projection_toml(&pg, "dead_letter = \"deadletter.customer_stats\""),
             ..SourceSpec::new("store", "store")
         },
@@ -373,7 +376,7 @@ async fn a_rebuild_swaps_in_an_identical_model_that_readers_never_see_partial() 
         &pg,
         &nats,
         &SourceSpec {
-            tables: r#"tables = ["orders"]"#,
+            tables: r#"tables = ["orders", "audit"]"#,
             sections: &projection_toml(&pg, "tables = [\"customer_stats\", \"order_view\"]"),
             ..SourceSpec::new("store", "store")
         },
@@ -464,4 +467,161 @@ async fn a_rebuild_swaps_in_an_identical_model_that_readers_never_see_partial() 
     compare(&db, &rm).await;
     let mut projector = projector;
     assert!(projector.is_running(), "{}", projector.log());
+}
+
+/// The Rust API's view of the read model: order count and spent per customer.
+struct Stats;
+
+impl tidemark::projection::Apply for Stats {
+    type Error = tokio_postgres::Error;
+
+    async fn apply(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        events: &[tidemark::projection::Event],
+    ) -> Result<(), Self::Error> {
+        for e in events {
+            let (after, before) = (&e.data["after"], &e.data["before"]);
+            let num = |v: &serde_json::Value| v.as_str().unwrap_or("0").to_string();
+            let customer =
+                |v: &serde_json::Value| v["customer_id"].as_i64().unwrap_or_default() as i32;
+            match e.event_type.as_str() {
+                "orders.created" => {
+                    tx.execute(
+                        "INSERT INTO customer_stats VALUES ($1, 1, $2::text::numeric) ON CONFLICT (customer_id) \
+                         DO UPDATE SET orders = customer_stats.orders + 1, spent = customer_stats.spent + EXCLUDED.spent",
+                        &[&customer(after), &num(&after["total"])],
+                    )
+                    .await?;
+                }
+                "orders.updated" => {
+                    tx.execute(
+                        "UPDATE customer_stats SET spent = spent - $2::text::numeric + $3::text::numeric WHERE customer_id = $1",
+                        &[&customer(after), &num(&before["total"]), &num(&after["total"])],
+                    )
+                    .await?;
+                }
+                "orders.deleted" => {
+                    tx.execute(
+                        "UPDATE customer_stats SET orders = orders - 1, spent = spent - $2::text::numeric WHERE customer_id = $1",
+                        &[&customer(before), &num(&before["total"])],
+                    )
+                    .await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_consumer_api_applies_exactly_once_across_restarts() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(READ_MODEL).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["orders", "audit"]"#,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let nc = nats.client().await;
+    let start = || {
+        let nc = nc.clone();
+        let pg_port = pg.port;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let (mut client, conn) = tokio_postgres::connect(
+                    &format!("host=127.0.0.1 port={pg_port} user=postgres dbname=readmodel"),
+                    tokio_postgres::NoTls,
+                )
+                .await
+                .unwrap();
+                tokio::spawn(conn);
+                let consumer = tidemark::projection::Consumer::new(
+                    nc,
+                    "STORE",
+                    "api_stats",
+                    vec!["store.orders.>".into()],
+                );
+                consumer.run(&mut client, &mut Stats, cancel).await
+            })
+        };
+        (cancel, task)
+    };
+    let writer = workload(pg.client("store").await, 1_000, 0);
+    // Abort the consumer task (dropping its connection mid-transaction) three times.
+    for _ in 0..3 {
+        let (_, task) = start();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        task.abort();
+        let _ = task.await;
+    }
+    writer.await.unwrap();
+    let (cancel, task) = start();
+    // Caught up when the checkpoint reaches the stream's end, and the end stays put.
+    let js = async_nats::jetstream::new(nc.clone());
+    let mut stable = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let seq: Option<i64> = rm
+            .query_opt(
+                "SELECT stream_seq FROM tidemark_checkpoints WHERE projection = 'api_stats'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        let last = js
+            .get_stream("STORE")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence;
+        if seq.is_some_and(|s| s as u64 >= last) {
+            stable += 1;
+            if stable >= 5 {
+                break;
+            }
+        } else {
+            stable = 0;
+        }
+        assert!(Instant::now() < deadline, "checkpoint {seq:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let want: BTreeMap<i32, (i64, String)> = db
+        .query(
+            "SELECT customer_id, count(*), sum(total)::text FROM orders GROUP BY customer_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let got: BTreeMap<i32, (i64, String)> = rm
+        .query(
+            "SELECT customer_id, orders::bigint, spent::numeric(12,2)::text FROM customer_stats WHERE orders > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(got, want);
 }
