@@ -114,7 +114,8 @@ struct RawProjection {
     subjects: Option<Spanned<Vec<String>>>,
     dead_letter: Option<Spanned<String>>,
     tables: Option<Spanned<Vec<String>>>,
-    postgres: Spanned<RawPostgres>,
+    postgres: Option<Spanned<RawPostgres>>,
+    kv_bucket: Option<Spanned<String>>,
     #[serde(default)]
     on: Vec<Spanned<RawHandler>>,
 }
@@ -131,6 +132,8 @@ struct RawHandler {
     delete: Option<Spanned<String>>,
     key: Option<Spanned<toml::Value>>,
     columns: Option<Spanned<toml::Table>>,
+    kv: Option<Spanned<String>>,
+    value: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -284,11 +287,44 @@ pub struct ProjectionConfig {
     pub subjects: Vec<String>,
     /// Where events it cannot apply go, with the reason; None stops the projection.
     pub dead_letter: Option<String>,
-    pub postgres: PostgresConfig,
+    /// The target: a Postgres database, or a NATS KV bucket.
+    pub target: Target,
     pub handlers: Vec<Handler>,
     /// The read model's tables (what a rebuild rebuilds): `tables`, or the tables the
     /// upsert and delete handlers name.
     pub tables: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Postgres(PostgresConfig),
+    Kv { bucket: String },
+}
+
+impl ProjectionConfig {
+    /// The Postgres target, if that is the target.
+    pub fn postgres(&self) -> Option<&PostgresConfig> {
+        match &self.target {
+            Target::Postgres(p) => Some(p),
+            Target::Kv { .. } => None,
+        }
+    }
+}
+
+/// A KV key template's parts: text, and paths into the event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyPart {
+    Lit(String),
+    Path(EventPath),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvOp {
+    /// Replace the value.
+    Put,
+    /// Set these fields, keep the others.
+    Merge,
+    Delete,
 }
 
 /// What events of some types do.
@@ -316,6 +352,12 @@ pub enum Action {
     Delete {
         table: String,
         key: Vec<(String, EventPath)>,
+    },
+    /// A KV operation on the key the template gives.
+    Kv {
+        op: KvOp,
+        key: Vec<KeyPart>,
+        value: Vec<(String, EventPath)>,
     },
 }
 
@@ -727,7 +769,33 @@ impl Validator<'_> {
             );
             return None;
         };
-        let postgres = self.postgres(prefix, p.postgres.get_ref().clone());
+        let target = match (&p.postgres, &p.kv_bucket) {
+            (Some(pg), None) => Target::Postgres(self.postgres(prefix, pg.get_ref().clone())),
+            (None, Some(b)) => {
+                let bucket = b.get_ref().clone();
+                if bucket.is_empty()
+                    || !bucket
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    self.issue(
+                        b,
+                        format!("{prefix}.kv_bucket"),
+                        "a KV bucket name has letters, digits, '_' and '-'",
+                    );
+                }
+                Target::Kv { bucket }
+            }
+            _ => {
+                self.issue(
+                    &p.name,
+                    format!("{prefix}.postgres"),
+                    "give the read model's target: a [projection.postgres] section, or kv_bucket = \"NAME\"",
+                );
+                return None;
+            }
+        };
+        let kv_target = matches!(target, Target::Kv { .. });
         let mut handlers = Vec::new();
         for (i, h) in p.on.iter().enumerate() {
             let key = format!("{prefix}.on[{i}]");
@@ -748,6 +816,7 @@ impl Validator<'_> {
                 );
             }
             let action = match (&h.sql, &h.upsert, &h.delete) {
+                _ if h.kv.is_some() || kv_target => self.kv_handler(&key, h, kv_target),
                 (Some(sql), None, None) => {
                     let params = h
                         .params
@@ -881,9 +950,113 @@ impl Validator<'_> {
             stream: source.stream.name.clone(),
             subjects,
             dead_letter: p.dead_letter.as_ref().map(|d| d.get_ref().clone()),
-            postgres,
+            target,
             handlers,
             tables,
+        })
+    }
+
+    fn kv_handler(&mut self, key: &str, h: &RawHandler, kv_target: bool) -> Option<Action> {
+        let Some(op_at) = &h.kv else {
+            self.issue(
+                &h.types,
+                key.to_string(),
+                "a KV projection's handler says kv = \"put\", \"merge\" or \"delete\"",
+            );
+            return None;
+        };
+        if !kv_target {
+            self.issue(
+                op_at,
+                format!("{key}.kv"),
+                "kv handlers need kv_bucket = \"NAME\" on the projection",
+            );
+            return None;
+        }
+        let op = match op_at.get_ref().as_str() {
+            "put" => KvOp::Put,
+            "merge" => KvOp::Merge,
+            "delete" => KvOp::Delete,
+            other => {
+                self.issue(
+                    op_at,
+                    format!("{key}.kv"),
+                    format!(
+                        "{other:?} is not a KV operation: use \"put\", \"merge\" or \"delete\""
+                    ),
+                );
+                return None;
+            }
+        };
+        let template = match &h.key {
+            Some(k) => match k.get_ref() {
+                toml::Value::String(t) => t.clone(),
+                _ => {
+                    self.issue(
+                        k,
+                        format!("{key}.key"),
+                        "a KV key is a template, like \"order.{data.after.id}\"",
+                    );
+                    return None;
+                }
+            },
+            None => {
+                self.issue(
+                    &h.types,
+                    format!("{key}.key"),
+                    "a KV handler needs key = \"order.{data.after.id}\"",
+                );
+                return None;
+            }
+        };
+        let mut parts = Vec::new();
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(KeyPart::Lit(rest[..open].to_string()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                self.issue(
+                    &h.types,
+                    format!("{key}.key"),
+                    format!("unclosed '{{' in {template:?}"),
+                );
+                return None;
+            };
+            let path = &rest[open + 1..open + close];
+            parts.push(KeyPart::Path(path.split('.').map(str::to_string).collect()));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(KeyPart::Lit(rest.to_string()));
+        }
+        let mut value = Vec::new();
+        if let Some(v) = &h.value {
+            for (field, path) in v.get_ref() {
+                match path.as_str() {
+                    Some(p) => {
+                        let p = self.path(v, &format!("{key}.value.{field}"), p);
+                        value.push((field.clone(), p));
+                    }
+                    None => self.issue(
+                        v,
+                        format!("{key}.value.{field}"),
+                        "a field's value is a path, like \"data.after.status\"",
+                    ),
+                }
+            }
+        }
+        if op != KvOp::Delete && value.is_empty() {
+            self.issue(
+                op_at,
+                format!("{key}.value"),
+                "put and merge need value = { field = \"data.after.x\", ... }",
+            );
+        }
+        Some(Action::Kv {
+            op,
+            key: parts,
+            value,
         })
     }
 

@@ -23,7 +23,9 @@ use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::config::{Action, EventPath, NatsConfig, PostgresConfig, ProjectionConfig};
+use crate::config::{
+    Action, EventPath, KeyPart, KvOp, NatsConfig, PostgresConfig, ProjectionConfig, Target,
+};
 use crate::jetstream::provision::{self, ProvisionError};
 use crate::pipeline::ErrorChain;
 use crate::position::Lsn;
@@ -203,6 +205,8 @@ pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
                 columns.iter().map(|(_, p)| p.clone()).collect(),
             )
         }
+        // KV handlers run no SQL.
+        Action::Kv { .. } => (String::new(), Vec::new()),
         Action::Delete { table, key } => {
             let conds: Vec<String> = key
                 .iter()
@@ -365,7 +369,11 @@ async fn attempt(
             source: e,
         }
     };
-    let client = catalog::connect_client(&cfg.postgres, "tidemark-projection").await?;
+    let target = match &cfg.target {
+        Target::Postgres(pg) => pg,
+        Target::Kv { bucket } => return attempt_kv(cfg, nats, cancel, bucket).await,
+    };
+    let client = catalog::connect_client(target, "tidemark-projection").await?;
     client
         .batch_execute(CHECKPOINTS)
         .await
@@ -715,7 +723,16 @@ pub async fn rebuild(
             reason: "no tables to rebuild: name them in the projection (tables = [\"...\"])".into(),
         });
     }
-    let client = catalog::connect_client(&cfg.postgres, "tidemark-rebuild").await?;
+    let Target::Postgres(target) = &cfg.target else {
+        return Err(ProjectionError::Poison {
+            projection: cfg.name.clone(),
+            event_id: "-".into(),
+            subject: "-".into(),
+            seq: 0,
+            reason: "rebuilding a KV projection is not supported yet: delete its bucket and its entry in tidemark_projections, then run it again".into(),
+        });
+    };
+    let client = catalog::connect_client(target, "tidemark-rebuild").await?;
     client
         .batch_execute(CHECKPOINTS)
         .await
@@ -1115,6 +1132,229 @@ impl Consumer {
                 next = messages.next().await;
             }
             tx.commit().await?;
+        }
+    }
+}
+
+/// The field a KV projection keeps in each value: the stream sequence of the event
+/// that wrote it, so a redelivered older event is never applied over it.
+pub const KV_SEQ_FIELD: &str = "_tidemark_seq";
+
+/// A KV key from its template, or why it cannot be made.
+fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result<String, String> {
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            KeyPart::Lit(l) => out.push_str(l),
+            KeyPart::Path(path) => match param(event, path).0 {
+                Some(v) => out.push_str(&v),
+                None => return Err(format!("{} is missing from the event", path.join("."))),
+            },
+        }
+    }
+    let valid = !out.is_empty()
+        && !out.starts_with('.')
+        && !out.ends_with('.')
+        && out
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '=' | '.'));
+    if valid {
+        Ok(out)
+    } else {
+        Err(format!("{out:?} is not a valid KV key"))
+    }
+}
+
+/// Applies one KV operation unless the key already holds this event or a later one.
+/// Conditional on the entry's revision: a concurrent writer makes it read again.
+async fn apply_kv(
+    kv: &jetstream::kv::Store,
+    op: KvOp,
+    key: &str,
+    fields: &[(String, EventPath)],
+    event: &serde_json::Value,
+    seq: u64,
+) -> Result<(), String> {
+    for _ in 0..10 {
+        let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+        let live = entry
+            .as_ref()
+            .filter(|e| e.operation == jetstream::kv::Operation::Put);
+        let stored: Option<serde_json::Map<String, serde_json::Value>> =
+            live.and_then(|e| serde_json::from_slice(&e.value).ok());
+        let stored_seq = stored
+            .as_ref()
+            .and_then(|m| m.get(KV_SEQ_FIELD))
+            .and_then(|v| v.as_u64());
+        if stored_seq.is_some_and(|s| s >= seq) {
+            return Ok(());
+        }
+        let result = match op {
+            KvOp::Delete => match live {
+                Some(e) => kv
+                    .delete_expect_revision(key, Some(e.revision))
+                    .await
+                    .map(|_| 0)
+                    .map_err(|e| e.to_string()),
+                None => return Ok(()),
+            },
+            KvOp::Put | KvOp::Merge => {
+                let mut value = match (op, stored) {
+                    (KvOp::Merge, Some(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                for (field, path) in fields {
+                    let mut v = event;
+                    for p in path {
+                        v = v.get(p).unwrap_or(&serde_json::Value::Null);
+                    }
+                    value.insert(field.clone(), v.clone());
+                }
+                value.insert(KV_SEQ_FIELD.into(), serde_json::json!(seq));
+                let bytes: bytes::Bytes = serde_json::to_vec(&value).unwrap_or_default().into();
+                match live {
+                    Some(e) => kv
+                        .update(key, bytes, e.revision)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => kv.create(key, bytes).await.map_err(|e| e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(_) => return Ok(()),
+            // Someone wrote the key meanwhile: read it again.
+            Err(e) if e.contains("wrong last sequence") || e.contains("already exists") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(format!("key {key} kept changing under the projection"))
+}
+
+/// A KV projection: events applied to keys of a bucket, each conditional on the key's
+/// revision and skipped where the key already holds this event or a later one. The
+/// applied position (in the positions bucket) is the checkpoint.
+async fn attempt_kv(
+    cfg: &ProjectionConfig,
+    nats: &NatsConfig,
+    cancel: &CancellationToken,
+    bucket: &str,
+) -> Result<(), ProjectionError> {
+    let nats_err = |what: &str| {
+        let projection = cfg.name.clone();
+        let what = what.to_string();
+        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
+            projection,
+            what,
+            source: e,
+        }
+    };
+    let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
+    let js = jetstream::new(nc);
+    let kv = match js.get_key_value(bucket).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create the bucket")(Box::new(e)))?,
+    };
+    let positions_kv = positions(&js)
+        .await
+        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+    let start = applied(&js, &cfg.name).await.unwrap_or_default();
+    let mut checkpoint = start.seq;
+    let stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
+    let durable = format!("tidemark_{}", cfg.name);
+    let _ = stream.delete_consumer(&durable).await;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.clone()),
+            deliver_policy: if checkpoint == 0 {
+                jetstream::consumer::DeliverPolicy::All
+            } else {
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: checkpoint + 1,
+                }
+            },
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the consumer")(Box::new(e)))?;
+    info!(seq = checkpoint, bucket, consumer = %durable, "projecting into KV");
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let batch = consumer
+            .fetch()
+            .max_messages(COMMIT_EVERY)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .map_err(|e| nats_err("fetch events")(Box::new(e)))?;
+        let messages: Vec<jetstream::Message> =
+            batch.filter_map(|m| async move { m.ok() }).collect().await;
+        let mut moved = None;
+        for msg in &messages {
+            let seq = msg
+                .info()
+                .map_err(|e| nats_err("read message info")(e))?
+                .stream_sequence;
+            if seq <= checkpoint {
+                continue;
+            }
+            let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            let event_type = event["type"].as_str().unwrap_or_default();
+            let wanted = cfg
+                .subjects
+                .iter()
+                .any(|f| provision::subject_covers(f, &msg.subject));
+            for h in cfg
+                .handlers
+                .iter()
+                .filter(|h| wanted && h.types.iter().any(|t| t == event_type))
+            {
+                let Action::Kv { op, key, value } = &h.action else {
+                    continue;
+                };
+                let applied = match render_key(key, &event) {
+                    Ok(k) => apply_kv(&kv, *op, &k, value, &event, seq).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(reason) = applied {
+                    let event_id = event["id"].as_str().unwrap_or_default().to_string();
+                    let Some(subject) = &cfg.dead_letter else {
+                        return Err(ProjectionError::Poison {
+                            projection: cfg.name.clone(),
+                            event_id,
+                            subject: msg.subject.to_string(),
+                            seq,
+                            reason,
+                        });
+                    };
+                    dead_letter(&js, cfg, subject, msg, &event_id, seq, &reason).await?;
+                    warn!(event_id = %event_id, seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
+                }
+            }
+            if event["txlast"].as_bool().unwrap_or(true) {
+                moved = Some((seq, event["commitlsn"].as_str().map(str::to_string), msg));
+            }
+        }
+        if let Some((seq, lsn, msg)) = moved {
+            checkpoint = seq;
+            publish_position(&positions_kv, &cfg.name, checkpoint, lsn).await;
+            if let Err(e) = msg.ack().await {
+                debug!(error = %e, "ack failed; the applied position decides");
+            }
         }
     }
 }

@@ -625,3 +625,107 @@ async fn the_rust_consumer_api_applies_exactly_once_across_restarts() {
         .collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_read_model_stays_exact_through_kill_9s() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(STORE).await.unwrap();
+    let sections = r#"
+[[projection]]
+name = "order_kv"
+source = "store"
+kv_bucket = "ORDERS_VIEW"
+
+[[projection.on]]
+type = "orders.created"
+kv = "put"
+key = "order.{data.after.id}"
+value = { customer = "data.after.customer_id", status = "data.after.status", total = "data.after.total" }
+
+[[projection.on]]
+type = "orders.updated"
+kv = "merge"
+key = "order.{data.after.id}"
+value = { status = "data.after.status", total = "data.after.total" }
+
+[[projection.on]]
+type = "orders.deleted"
+kv = "delete"
+key = "order.{data.key.id}"
+"#;
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["orders", "audit"]"#,
+            sections,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let plog = dir.path().join("projection.log");
+    let mut projector = Tidemark::project(&cfg, &plog);
+    let writer = workload(pg.client("store").await, 1_500, 0);
+    let mut kills = 0;
+    while !writer.is_finished() || kills < 5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if kills < 6 {
+            projector.kill9();
+            kills += 1;
+            projector = Tidemark::project(&cfg, &plog);
+        }
+    }
+    writer.await.unwrap();
+    let lsn = current_lsn(&db).await;
+    let (code, out, err) = tidemark_cmd(&[
+        "wait",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--projection",
+        "order_kv",
+        "--lsn",
+        &lsn,
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+
+    let nc = nats.client().await;
+    let js = async_nats::jetstream::new(nc);
+    let kv = js.get_key_value("ORDERS_VIEW").await.unwrap();
+    let mut got: BTreeMap<i32, (i64, String, String)> = BTreeMap::new();
+    {
+        use futures_util::TryStreamExt;
+        let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+        for k in keys {
+            let Some(v) = kv.get(k.as_str()).await.unwrap() else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            let id: i32 = k.trim_start_matches("order.").parse().unwrap();
+            got.insert(
+                id,
+                (
+                    v["customer"].as_i64().unwrap(),
+                    v["status"].as_str().unwrap().to_string(),
+                    v["total"].as_str().unwrap().to_string(),
+                ),
+            );
+        }
+    }
+    let want: BTreeMap<i32, (i64, String, String)> = db
+        .query(
+            "SELECT id, customer_id, status, total::text FROM orders",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get::<_, i32>(1) as i64, r.get(2), r.get(3))))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    assert!(projector.log().matches("projecting into KV").count() >= 6);
+}
