@@ -437,12 +437,35 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 async fn run_sources(cfg: Config) -> ExitCode {
     let root = CancellationToken::new();
+    let tel = crate::telemetry::Telemetry::new(
+        cfg.metrics
+            .as_ref()
+            .map_or(Duration::from_secs(60), |m| m.ready_max_lag),
+    );
+    if let Some(m) = &cfg.metrics {
+        // Bind first, so a taken port is an error at start rather than in silence.
+        let listener = match std::net::TcpListener::bind(m.listen) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot serve metrics on {}: {e}", m.listen);
+                return ExitCode::from(1);
+            }
+        };
+        drop(listener);
+        let (tel, token, addr) = (tel.clone(), root.child_token(), m.listen);
+        tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve(addr, tel, token).await {
+                error!(error = %e, address = %addr, "metrics endpoint failed");
+            }
+        });
+    }
     let mut sources = JoinSet::new();
     for source in cfg.sources {
         let name = source.name.clone();
         let token = root.child_token();
         let nats = cfg.nats.clone();
-        sources.spawn(async move { (name, pipeline::run_source(source, nats, token).await) });
+        let tel = tel.clone();
+        sources.spawn(async move { (name, pipeline::run_source(source, nats, token, tel).await) });
     }
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,

@@ -103,6 +103,15 @@ struct RawConfig {
     source: Vec<Spanned<RawSource>>,
     #[serde(default)]
     projection: Vec<Spanned<RawProjection>>,
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+/// `[metrics]`: the Prometheus and health endpoints.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
+    ready_max_lag_secs: Option<Spanned<u64>>,
 }
 
 /// `[[projection]]`: a read model built from a source's stream.
@@ -274,6 +283,15 @@ pub struct Config {
     pub nats: NatsConfig,
     pub sources: Vec<SourceConfig>,
     pub projections: Vec<ProjectionConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
+    /// `/readyz` says not ready when a source lags more than this.
+    pub ready_max_lag: Duration,
 }
 
 /// A read model: events of a source's stream applied to tables of a database.
@@ -719,8 +737,32 @@ impl Validator<'_> {
                 projections.push(pc);
             }
         }
+        let metrics = raw.metrics.as_ref().and_then(|m| {
+            let m = m.get_ref();
+            let ready_max_lag = Duration::from_secs(self.number(
+                &m.ready_max_lag_secs,
+                "metrics.ready_max_lag_secs",
+                60,
+                1..=86_400,
+            ));
+            match m.listen.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(listen) => Some(MetricsConfig {
+                    listen,
+                    ready_max_lag,
+                }),
+                Err(_) => {
+                    self.issue(
+                        &m.listen,
+                        "metrics.listen",
+                        "use an address and port, like \"127.0.0.1:9187\" or \"0.0.0.0:9187\"",
+                    );
+                    None
+                }
+            }
+        });
         Config {
             path: path.to_path_buf(),
+            metrics,
             nats,
             projections,
             sources,

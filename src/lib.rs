@@ -18,3 +18,4 @@ pub mod postgres;
 pub mod projection;
 pub mod replay;
 pub mod status;
+pub mod telemetry;

@@ -29,6 +29,7 @@ use crate::postgres::replication::{
     ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
 };
 use crate::postgres::values::TypeRegistry;
+use crate::telemetry::Telemetry;
 
 /// Why an attempt ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,25 @@ pub enum SourceError {
     Backfill(#[from] BackfillError),
     #[error("replication slot {slot:?} is in use by another process{}; standing by to take over", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     SlotBusy { slot: String, pid: Option<i32> },
+}
+
+impl SourceError {
+    /// A short name of the error's kind, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceError::Catalog(_) => "catalog",
+            SourceError::Replication(_) => "replication",
+            SourceError::Provision(_) => "nats",
+            SourceError::Publish(_) => "publish",
+            SourceError::Decode { .. } => "decode",
+            SourceError::Map(_) => "map",
+            SourceError::Mapping(_) => "mapping",
+            SourceError::Protocol(_) => "protocol",
+            SourceError::SlotLost { .. } => "slot_lost",
+            SourceError::SlotBusy { .. } => "slot_busy",
+            SourceError::Backfill(_) => "backfill",
+        }
+    }
 }
 
 /// What to do after an attempt failed.
@@ -130,7 +150,9 @@ pub async fn run_source(
     cfg: SourceConfig,
     nats: NatsConfig,
     cancel: CancellationToken,
+    tel: std::sync::Arc<Telemetry>,
 ) -> Result<(), SourceError> {
+    tel.expect(&cfg.name);
     let span =
         info_span!("source", source = %cfg.name, slot = %cfg.slot, stream = %cfg.stream.name);
     async move {
@@ -139,13 +161,18 @@ pub async fn run_source(
         loop {
             attempt += 1;
             let started = Instant::now();
-            let result = run_attempt(&cfg, &nats, &cancel)
+            let result = run_attempt(&cfg, &nats, &cancel, &tel)
                 .instrument(info_span!("attempt", attempt))
                 .await;
+            tel.set_streaming(&cfg.name, false);
             let err = match result {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            tel.error(&cfg.name, err.kind());
+            if err.recovery() == Recovery::Retry {
+                tel.restarts.get_or_create(&Telemetry::label(&cfg.name)).inc();
+            }
             let wait = match err.recovery() {
                 Recovery::Fatal => {
                     error!(error = %ErrorChain(&err), "source stopped: this needs an operator");
@@ -196,6 +223,7 @@ async fn run_attempt(
     cfg: &SourceConfig,
     nats: &NatsConfig,
     cancel: &CancellationToken,
+    tel: &std::sync::Arc<Telemetry>,
 ) -> Result<(), SourceError> {
     // Postgres: catalog checks and setup.
     let catalog = Catalog::connect(&cfg.postgres).await?;
@@ -303,6 +331,7 @@ async fn run_attempt(
         last_event = ?tail.last_event,
         "streaming"
     );
+    tel.set_streaming(&cfg.name, true);
 
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(1);
     let worker_cancel = cancel.child_token();
@@ -322,6 +351,8 @@ async fn run_attempt(
         cfg.ack_timeout,
     );
     let mut p = Pipeline {
+        tel: tel.clone(),
+        label: Telemetry::label(&cfg.name),
         cfg,
         catalog,
         repl,
@@ -415,12 +446,16 @@ struct OpenTx {
     next_index: u64,
     /// Events mapped so far (stored before a restart or not).
     events: u64,
+    /// The commit time, Unix seconds.
+    commit_time: Option<f64>,
     /// Texts shared by every event of the transaction.
     lsn_text: String,
     time_text: String,
 }
 
 struct Pipeline<'a> {
+    tel: std::sync::Arc<Telemetry>,
+    label: crate::telemetry::SourceLabel,
     cfg: &'a SourceConfig,
     catalog: Catalog,
     repl: ReplicationStream,
@@ -446,7 +481,7 @@ struct Pipeline<'a> {
     )>,
     /// Committed transactions not yet confirmed: (events published when the commit
     /// arrived, the commit's end LSN). Confirmable once `acked` reaches the count.
-    pending_commits: VecDeque<(u64, Lsn)>,
+    pending_commits: VecDeque<(u64, Lsn, Option<f64>)>,
     published: u64,
     acked: u64,
     skipped: u64,
@@ -468,12 +503,16 @@ impl Pipeline<'_> {
                 ack = self.publisher.next_ack(), if self.publisher.awaiting_acks() > 0 => {
                     let ack = ack?;
                     trace!(event_id = %ack.event_id, seq = ack.seq, count = ack.count, "acked");
+                    self.observe(&ack);
                     self.acked += ack.count;
                     self.confirm_acked_commits();
                     self.report_stored_chunks();
                 }
                 // 3. Periodic standby status, so Postgres can recycle WAL.
-                _ = status_tick.tick() => self.send_status(false).await?,
+                _ = status_tick.tick() => {
+                    self.send_status(false).await?;
+                    self.observe_slot().await;
+                }
                 // 4. New WAL, only while the publish window has room (backpressure).
                 msg = self.repl.next(), if self.publisher.has_capacity() => {
                     let handled = match msg {
@@ -490,6 +529,58 @@ impl Pipeline<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// Records an ack in the metrics.
+    fn observe(&self, ack: &crate::jetstream::publisher::Acked) {
+        let t = &self.tel;
+        t.events.get_or_create(&self.label).inc_by(ack.count);
+        t.publish_latency
+            .get_or_create(&self.label)
+            .observe(ack.sent.elapsed().as_secs_f64());
+        if let Some(c) = ack.commit_time {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(c);
+            t.commit_to_ack
+                .get_or_create(&self.label)
+                .observe((now - c).max(0.0));
+        }
+        t.in_flight
+            .get_or_create(&self.label)
+            .set(self.publisher.in_flight() as i64);
+    }
+
+    /// The replication lag in seconds (the oldest committed transaction not yet
+    /// stored) and the WAL the slot retains.
+    async fn observe_slot(&mut self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let lag = self
+            .pending_commits
+            .front()
+            .and_then(|(_, _, t)| *t)
+            .map_or(0.0, |t| (now - t).max(0.0));
+        self.tel.set_lag_seconds(&self.cfg.name, lag);
+        let retained = self
+            .catalog
+            .client()
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot],
+            )
+            .await;
+        if let Ok(Some(row)) = retained
+            && let Some(bytes) = row.get::<_, Option<i64>>(0)
+        {
+            self.tel
+                .retained_wal_bytes
+                .get_or_create(&self.label)
+                .set(bytes);
         }
     }
 
@@ -518,7 +609,7 @@ impl Pipeline<'_> {
 
     /// Moves the flush LSN over every commit whose events are all acked.
     fn confirm_acked_commits(&mut self) {
-        while let Some(&(count, end_lsn)) = self.pending_commits.front() {
+        while let Some(&(count, end_lsn, _)) = self.pending_commits.front() {
             if count > self.acked {
                 break;
             }
@@ -533,6 +624,10 @@ impl Pipeline<'_> {
 
     async fn send_status(&mut self, reply: bool) -> Result<(), SourceError> {
         let flush = self.flush.get();
+        self.tel
+            .flushed_lsn
+            .get_or_create(&self.label)
+            .set(flush.0 as i64);
         // Write is reported as the flush LSN: walsender pings an idle client only
         // while the client's write position is behind what it sent, and those pings
         // are what lets a quiet publication confirm past other tables' churn.
@@ -550,6 +645,10 @@ impl Pipeline<'_> {
                 wal_end,
                 reply_requested,
             } => {
+                self.tel
+                    .lag_bytes
+                    .get_or_create(&self.label)
+                    .set(wal_end.0.saturating_sub(self.flush.get().0) as i64);
                 // Nothing in flight and no open transaction: everything the server
                 // decoded up to wal_end is stored, so it can be confirmed.
                 let moved = self.idle() && self.flush.advance(wal_end);
@@ -584,6 +683,7 @@ impl Pipeline<'_> {
                     events: 0,
                     lsn_text: b.final_lsn.to_string(),
                     time_text: b.commit_time.to_rfc3339(),
+                    commit_time: Some(b.commit_time.unix_nanos() as f64 / 1e9),
                 });
             }
             LogicalMessage::Commit(c) => {
@@ -617,7 +717,8 @@ impl Pipeline<'_> {
                     self.chunk_acks.push_back((self.published, reply, outcome));
                     self.report_stored_chunks();
                 }
-                self.pending_commits.push_back((self.published, c.end_lsn));
+                self.pending_commits
+                    .push_back((self.published, c.end_lsn, tx.commit_time));
                 self.confirm_acked_commits();
             }
             LogicalMessage::Relation(r) => {
@@ -936,9 +1037,10 @@ impl Pipeline<'_> {
 
     /// Queues an event of the open transaction: the one held before it is sent, and
     /// this one is held until the next event or the commit says whether it is last.
-    async fn emit(&mut self, event: DomainEvent) -> Result<(), SourceError> {
+    async fn emit(&mut self, mut event: DomainEvent) -> Result<(), SourceError> {
         if let Some(tx) = self.tx.as_mut() {
             tx.events += 1;
+            event.commit_time = tx.commit_time;
         }
         // Stored before a restart: the exactly-once rule skips it.
         if self.tail.is_stored(event.id.commit_lsn, event.id.index) {
@@ -966,6 +1068,10 @@ impl Pipeline<'_> {
     /// one-event transaction as a plain publish.
     async fn send(&mut self, event: DomainEvent, last: bool) -> Result<(), SourceError> {
         trace!(event_id = %event.id, subject = %event.subject, "publish");
+        self.tel
+            .bytes
+            .get_or_create(&self.label)
+            .inc_by(event.payload.len() as u64);
         let open = self.publisher.open_batch_len();
         if self.cfg.atomic_transactions && (open > 0 || !last) {
             let commit = last || open + 1 >= self.cfg.atomic_batch_max as u64;

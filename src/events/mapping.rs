@@ -149,6 +149,8 @@ pub struct DomainEvent {
     pub txlast_at: Option<usize>,
     /// Headers to publish with it (from an outbox row's headers column).
     pub headers: Vec<(String, String)>,
+    /// Its transaction's commit time, Unix seconds (for latency metrics).
+    pub commit_time: Option<f64>,
 }
 
 impl DomainEvent {
@@ -628,6 +630,7 @@ fn build<D: Serialize>(
         payload,
         txlast_at,
         headers: Vec::new(),
+        commit_time: None,
     }
 }
 

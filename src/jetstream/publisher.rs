@@ -97,15 +97,22 @@ struct InFlight {
     expected_seq: u64,
     /// Events it stores.
     count: u64,
+    sent: std::time::Instant,
+    /// The event's commit time, Unix seconds.
+    commit_time: Option<f64>,
 }
 
 /// An acknowledged publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Acked {
     pub event_id: EventId,
     pub seq: u64,
     /// Events stored by it: 1, or a batch's size.
     pub count: u64,
+    /// When it was sent.
+    pub sent: std::time::Instant,
+    /// Its (last) event's commit time, Unix seconds.
+    pub commit_time: Option<f64>,
 }
 
 /// The atomic batch being sent (ADR-50): its messages sit on the server until the
@@ -210,7 +217,8 @@ impl Publisher {
             .payload(event.payload.into())
             .message_id(&event.msg_id)
             .expected_last_sequence(self.last_sent_seq);
-        self.send(event.id, event.subject, msg, 1).await
+        self.send(event.id, event.subject, msg, 1, event.commit_time)
+            .await
     }
 
     async fn send(
@@ -219,6 +227,7 @@ impl Publisher {
         subject: String,
         msg: PublishMessage,
         count: u64,
+        commit_time: Option<f64>,
     ) -> Result<(), PublishError> {
         let ack = self
             .js
@@ -234,6 +243,8 @@ impl Publisher {
             event_id,
             expected_seq: self.last_sent_seq + count,
             count,
+            sent: std::time::Instant::now(),
+            commit_time,
         });
         self.last_sent_seq += count;
         // Every message sent counts once; the ack of a batch's commit releases all.
@@ -283,7 +294,9 @@ impl Publisher {
             let msg = PublishMessage::build()
                 .headers(headers)
                 .payload(event.payload.into());
-            return self.send(event.id, event.subject, msg, seq).await;
+            return self
+                .send(event.id, event.subject, msg, seq, event.commit_time)
+                .await;
         }
         let sent = if seq == 1 {
             // The server answers a batch's first message (an empty reply when the
@@ -347,6 +360,8 @@ impl Publisher {
             event_id: done.event_id,
             seq: ack.sequence,
             count: done.count,
+            sent: done.sent,
+            commit_time: done.commit_time,
         })
     }
 }

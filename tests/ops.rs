@@ -1,0 +1,157 @@
+//! Integration tests of running tidemark in production: the metrics and health
+//! endpoints, against a real PostgreSQL and a real nats-server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// GET `path` from the metrics endpoint: (status code, body).
+async fn get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The value of a metric line that starts with `prefix`.
+fn metric(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() {
+    let Rig {
+        pg,
+        mut nats,
+        dir,
+        db,
+    } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let port = free_port();
+    let sections = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nready_max_lag_secs = 5\n");
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["t"]"#,
+            sections: &sections,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    assert_eq!(get(port, "/healthz").await, (200, "ok\n".to_string()));
+    wait_until("ready", Duration::from_secs(10), || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+
+    // A known workload: 300 rows in 30 transactions.
+    for i in 0..30 {
+        let values: Vec<String> = (0..10).map(|j| format!("({}, 'x')", i * 10 + j)).collect();
+        db.batch_execute(&format!("INSERT INTO t VALUES {}", values.join(", ")))
+            .await
+            .unwrap();
+    }
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 300, Duration::from_secs(30), || tm.log()).await;
+    let label = "{source=\"store\"}";
+    wait_until(
+        "the counter to reach the stream",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = get(port, "/metrics").await;
+            metric(&body, &format!("tidemark_events_published_total{label}")) == Some(300.0)
+        },
+    )
+    .await;
+    let (_, body) = get(port, "/metrics").await;
+    assert_eq!(stream_count(&nc, "STORE").await, 300);
+    assert!(
+        metric(
+            &body,
+            &format!("tidemark_event_bytes_published_total{label}")
+        )
+        .unwrap()
+            > 300.0 * 100.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!("tidemark_publish_latency_seconds_count{label}")
+        ),
+        Some(300.0)
+    );
+    assert_eq!(
+        metric(&body, &format!("tidemark_streaming{label}")),
+        Some(1.0)
+    );
+    assert!(
+        body.contains("tidemark_commit_to_ack_seconds_bucket"),
+        "{body}"
+    );
+    // Drained: the lag gauges go to zero.
+    wait_until("lag to drain", Duration::from_secs(20), || async {
+        let (_, body) = get(port, "/metrics").await;
+        metric(&body, &format!("tidemark_replication_lag_seconds{label}")) == Some(0.0)
+            && metric(&body, &format!("tidemark_in_flight{label}")) == Some(0.0)
+            && metric(&body, &format!("tidemark_slot_retained_wal_bytes{label}")).is_some()
+    })
+    .await;
+
+    // NATS goes away: not ready (streaming stops or the lag grows), and ready again
+    // once it is back.
+    nats.stop();
+    db.batch_execute("INSERT INTO t VALUES (1000, 'during the outage')")
+        .await
+        .unwrap();
+    wait_until("not ready", Duration::from_secs(60), || async {
+        get(port, "/readyz").await.0 == 503
+    })
+    .await;
+    let (_, why) = get(port, "/readyz").await;
+    assert!(why.contains("source store"), "{why}");
+    nats.start_again();
+    wait_until("ready again", Duration::from_secs(60), || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 301, Duration::from_secs(30), || tm.log()).await;
+    assert!(tm.is_running(), "{}", tm.log());
+}
