@@ -599,6 +599,14 @@ async fn check_postgres(
         TableSelection::All => catalog.all_tables().await?,
         TableSelection::Listed(t) => t.clone(),
     };
+    match catalog.check_grants(&wanted).await {
+        Ok(()) => out.push((
+            true,
+            "grants".into(),
+            "REPLICATION, and SELECT on the tables".into(),
+        )),
+        Err(e) => out.push((false, "grants".into(), e.to_string())),
+    }
     let published = catalog.publication(&s.publication).await?;
     let pub_name = format!("publication {:?}", s.publication);
     match (&published, s.create_publication) {

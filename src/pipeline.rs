@@ -228,6 +228,11 @@ async fn run_attempt(
     // Postgres: catalog checks and setup.
     let catalog = Catalog::connect(&cfg.postgres).await?;
     catalog.check_wal_level().await?;
+    let wanted = match &cfg.tables {
+        crate::config::TableSelection::All => catalog.all_tables().await?,
+        crate::config::TableSelection::Listed(t) => t.clone(),
+    };
+    catalog.check_grants(&wanted).await?;
     let tables = catalog
         .ensure_publication(&cfg.publication, &cfg.tables, cfg.create_publication)
         .await?;

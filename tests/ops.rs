@@ -155,3 +155,65 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
     wait_stream_count(&nc, "STORE", 301, Duration::from_secs(30), || tm.log()).await;
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_replication_or_select_is_told_which_grant_is_missing() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         CREATE ROLE weak LOGIN;
+         CREATE PUBLICATION tidemark_store FOR TABLE t;",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["t"]"#,
+            extra: "create_publication = false",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    edit_file(&cfg, "user = \"postgres\"", "user = \"weak\"");
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [store] grants: role \"weak\" lacks the REPLICATION attribute: run ALTER ROLE \"weak\" REPLICATION"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    assert_eq!(
+        tm.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        tm.log()
+    );
+    assert!(
+        tm.log().contains("lacks the REPLICATION attribute"),
+        "{}",
+        tm.log()
+    );
+
+    db.batch_execute("ALTER ROLE weak REPLICATION")
+        .await
+        .unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("lacks SELECT on \"public\".\"t\": run GRANT SELECT ON \"public\".\"t\" TO \"weak\""),
+        "{out}"
+    );
+
+    db.batch_execute("GRANT SELECT ON t TO weak").await.unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok   [store] grants:"), "{out}");
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+}

@@ -75,6 +75,12 @@ pub enum CatalogError {
         "replication slot {slot:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so changes made while tidemark was behind are not in the stream; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)"
     )]
     SlotInvalidated { slot: String },
+    #[error("role {role:?} lacks {grant}: run {fix} (as a superuser), then start again")]
+    MissingGrant {
+        role: String,
+        grant: String,
+        fix: String,
+    },
 }
 
 impl CatalogError {
@@ -196,6 +202,48 @@ impl Catalog {
 
     pub fn client(&self) -> &tokio_postgres::Client {
         &self.client
+    }
+
+    /// The least privilege tidemark needs: REPLICATION (or superuser) for the slot, and
+    /// SELECT on the tables it streams (for backfills). The first missing grant is an
+    /// error that says what to run.
+    pub async fn check_grants(&self, tables: &[(String, String)]) -> Result<(), CatalogError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(q("role attributes"))?;
+        let role: String = row.get(0);
+        if !row.get::<_, bool>(1) {
+            return Err(CatalogError::MissingGrant {
+                fix: format!("ALTER ROLE {} REPLICATION", quote_ident(&role)),
+                role,
+                grant: "the REPLICATION attribute".into(),
+            });
+        }
+        for (schema, name) in tables {
+            let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+            let ok: Option<bool> = self
+                .client
+                .query_one(
+                    "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE has_table_privilege($1, 'SELECT') END",
+                    &[&table],
+                )
+                .await
+                .map_err(q("table privileges"))?
+                .get(0);
+            if ok == Some(false) {
+                return Err(CatalogError::MissingGrant {
+                    fix: format!("GRANT SELECT ON {table} TO {}", quote_ident(&role)),
+                    role,
+                    grant: format!("SELECT on {table}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     pub async fn check_wal_level(&self) -> Result<(), CatalogError> {
