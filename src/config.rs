@@ -183,6 +183,9 @@ struct RawSource {
     snapshot_tables: Option<Spanned<Vec<String>>>,
     transaction_events: Option<bool>,
     atomic_batch_max: Option<Spanned<u64>>,
+    heartbeat_interval_secs: Option<Spanned<u64>>,
+    stall_after_secs: Option<Spanned<u64>>,
+    warn_retained_wal_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     table: Vec<Spanned<RawTable>>,
     #[serde(default)]
@@ -430,6 +433,12 @@ pub struct SourceConfig {
     pub snapshot_chunk_size: u64,
     /// The tables an initial snapshot reads; None = every streamed table.
     pub snapshot_tables: Option<Vec<(String, String)>>,
+    /// Write a heartbeat message into the WAL this often, proving progress end to end.
+    pub heartbeat_interval: Option<Duration>,
+    /// No progress for this long, while some is expected, is a stall: said loudly.
+    pub stall_after: Duration,
+    /// Warn when the slot retains more WAL than this.
+    pub warn_retained_wal_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1444,6 +1453,28 @@ impl Validator<'_> {
             snapshot,
             snapshot_chunk_size,
             snapshot_tables,
+            heartbeat_interval: s.heartbeat_interval_secs.as_ref().map(|_| {
+                Duration::from_secs(self.number(
+                    &s.heartbeat_interval_secs,
+                    &format!("{prefix}.heartbeat_interval_secs"),
+                    10,
+                    1..=86_400,
+                ))
+            }),
+            stall_after: Duration::from_secs(self.number(
+                &s.stall_after_secs,
+                &format!("{prefix}.stall_after_secs"),
+                120,
+                1..=86_400,
+            )),
+            warn_retained_wal_bytes: s.warn_retained_wal_bytes.as_ref().map(|_| {
+                self.number(
+                    &s.warn_retained_wal_bytes,
+                    &format!("{prefix}.warn_retained_wal_bytes"),
+                    0,
+                    1..=u64::MAX,
+                )
+            }),
         }
     }
 
@@ -1799,6 +1830,7 @@ impl Validator<'_> {
         }
         if m.prefix.get_ref() == crate::backfill::WATERMARK_PREFIX
             || m.prefix.get_ref() == crate::projection::SYNC_PREFIX
+            || m.prefix.get_ref() == crate::pipeline::HEARTBEAT_PREFIX
         {
             self.issue(
                 &m.prefix,

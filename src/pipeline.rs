@@ -145,6 +145,9 @@ impl SourceError {
     }
 }
 
+/// The logical message prefix of heartbeats (`heartbeat_interval_secs`).
+pub const HEARTBEAT_PREFIX: &str = "tidemark.heartbeat";
+
 /// Runs one source until `cancel` fires (Ok) or a fatal error (Err).
 pub async fn run_source(
     cfg: SourceConfig,
@@ -358,6 +361,11 @@ async fn run_attempt(
     let mut p = Pipeline {
         tel: tel.clone(),
         label: Telemetry::label(&cfg.name),
+        last_progress: Instant::now(),
+        heartbeat_pending: None,
+        heartbeat_ids: VecDeque::new(),
+        stalled: false,
+        wal_warned: false,
         cfg,
         catalog,
         repl,
@@ -461,6 +469,14 @@ struct OpenTx {
 struct Pipeline<'a> {
     tel: std::sync::Arc<Telemetry>,
     label: crate::telemetry::SourceLabel,
+    /// When something was last stored.
+    last_progress: Instant,
+    /// When the oldest unanswered heartbeat was written.
+    heartbeat_pending: Option<Instant>,
+    /// Heartbeat events published and not yet acked.
+    heartbeat_ids: VecDeque<crate::position::EventId>,
+    stalled: bool,
+    wal_warned: bool,
     cfg: &'a SourceConfig,
     catalog: Catalog,
     repl: ReplicationStream,
@@ -497,8 +513,16 @@ struct Pipeline<'a> {
 
 impl Pipeline<'_> {
     async fn run(&mut self, cancel: &CancellationToken) -> Result<(), SourceError> {
-        let mut status_tick = tokio::time::interval(self.cfg.status_interval);
+        let mut status_tick =
+            tokio::time::interval(self.cfg.status_interval.min(Duration::from_secs(1)));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = Instant::now();
+        let mut heartbeat = tokio::time::interval(
+            self.cfg
+                .heartbeat_interval
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -509,14 +533,26 @@ impl Pipeline<'_> {
                     let ack = ack?;
                     trace!(event_id = %ack.event_id, seq = ack.seq, count = ack.count, "acked");
                     self.observe(&ack);
+                    self.last_progress = Instant::now();
+                    if self.heartbeat_acked(&ack) {
+                        self.heartbeat_pending = None;
+                    }
                     self.acked += ack.count;
                     self.confirm_acked_commits();
                     self.report_stored_chunks();
                 }
                 // 3. Periodic standby status, so Postgres can recycle WAL.
                 _ = status_tick.tick() => {
-                    self.send_status(false).await?;
-                    self.observe_slot().await;
+                    if last_status.elapsed() >= self.cfg.status_interval {
+                        self.send_status(false).await?;
+                        self.observe_slot().await;
+                        last_status = Instant::now();
+                    }
+                    self.check_stall();
+                }
+                // 3b. A heartbeat through the WAL, so progress is proven end to end.
+                _ = heartbeat.tick(), if self.cfg.heartbeat_interval.is_some() => {
+                    self.send_heartbeat().await;
                 }
                 // 4. New WAL, only while the publish window has room (backpressure).
                 msg = self.repl.next(), if self.publisher.has_capacity() => {
@@ -534,6 +570,67 @@ impl Pipeline<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether an ack stores a heartbeat event (or one after it).
+    fn heartbeat_acked(&mut self, ack: &crate::jetstream::publisher::Acked) -> bool {
+        let mut answered = false;
+        while let Some(id) = self.heartbeat_ids.front() {
+            if (id.commit_lsn, id.index) <= (ack.event_id.commit_lsn, ack.event_id.index) {
+                self.heartbeat_ids.pop_front();
+                answered = true;
+            } else {
+                break;
+            }
+        }
+        answered
+    }
+
+    /// Writes a heartbeat message into the WAL (its event proves progress when stored).
+    async fn send_heartbeat(&mut self) {
+        let sent = self
+            .catalog
+            .client()
+            .simple_query(&format!(
+                "SELECT pg_logical_emit_message(true, '{HEARTBEAT_PREFIX}', '')"
+            ))
+            .await;
+        match sent {
+            Ok(_) => {
+                if self.heartbeat_pending.is_none() {
+                    self.heartbeat_pending = Some(Instant::now());
+                }
+            }
+            Err(e) => warn!(error = %ErrorChain(&e), "heartbeat not written"),
+        }
+    }
+
+    /// Says so loudly when progress that should come does not: events in flight or a
+    /// heartbeat unanswered for longer than `stall_after`.
+    fn check_stall(&mut self) {
+        let waiting_since = [
+            (self.publisher.in_flight() > 0 || !self.pending_commits.is_empty())
+                .then_some(self.last_progress),
+            self.heartbeat_pending,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let stalled = waiting_since.is_some_and(|t| t.elapsed() > self.cfg.stall_after);
+        if stalled && !self.stalled {
+            error!(
+                secs = self.cfg.stall_after.as_secs(),
+                in_flight = self.publisher.in_flight(),
+                heartbeat_unanswered = self.heartbeat_pending.is_some(),
+                "no progress: nothing was stored for longer than stall_after_secs; check NATS and the replication connection"
+            );
+        } else if !stalled && self.stalled {
+            info!("progress again after a stall");
+        }
+        if stalled != self.stalled {
+            self.stalled = stalled;
+            self.tel.set_stalled(&self.cfg.name, stalled);
         }
     }
 
@@ -586,6 +683,17 @@ impl Pipeline<'_> {
                 .retained_wal_bytes
                 .get_or_create(&self.label)
                 .set(bytes);
+            if let Some(limit) = self.cfg.warn_retained_wal_bytes {
+                let over = bytes.max(0) as u64 > limit;
+                if over && !self.wal_warned {
+                    warn!(
+                        bytes,
+                        limit,
+                        "the replication slot retains more WAL than warn_retained_wal_bytes: tidemark is behind or stopped publishing, and the disk may fill"
+                    );
+                }
+                self.wal_warned = over;
+            }
         }
     }
 
@@ -901,6 +1009,12 @@ impl Pipeline<'_> {
     /// transactional message takes an index in its transaction, configured or not, so
     /// event ids do not move when the configuration changes.
     async fn message(&mut self, m: pgoutput::EmittedMessage) -> Result<(), SourceError> {
+        if m.prefix == HEARTBEAT_PREFIX && m.transactional {
+            let (_, index) = self.next_index()?;
+            let event = mapping::heartbeat_event(&self.context()?, index);
+            self.heartbeat_ids.push_back(event.id.clone());
+            return self.emit(event).await;
+        }
         if m.prefix == crate::projection::SYNC_PREFIX && m.transactional {
             let (_, index) = self.next_index()?;
             let event = mapping::sync_event(&self.context()?, index);

@@ -43,6 +43,7 @@ type HistogramFamily = Family<SourceLabel, Histogram, fn() -> Histogram>;
 #[derive(Clone, Debug, Default)]
 struct SourceState {
     streaming: bool,
+    stalled: bool,
     lag_seconds: f64,
     last_progress: Option<Instant>,
 }
@@ -62,6 +63,7 @@ pub struct Telemetry {
     pub restarts: Family<SourceLabel, Counter>,
     pub errors: Family<ErrorLabel, Counter>,
     pub streaming: Family<SourceLabel, Gauge>,
+    pub stalled: Family<SourceLabel, Gauge>,
     state: Mutex<HashMap<String, SourceState>>,
     /// Readiness: the most replication lag a ready source may have.
     pub ready_max_lag: Duration,
@@ -83,6 +85,7 @@ impl Telemetry {
             restarts: Family::default(),
             errors: Family::default(),
             streaming: Family::default(),
+            stalled: Family::default(),
             state: Mutex::new(HashMap::new()),
             ready_max_lag,
             registry: Registry::default(),
@@ -143,6 +146,11 @@ impl Telemetry {
             "1 while the source streams",
             t.streaming.clone(),
         );
+        registry.register(
+            "stalled",
+            "1 while the source makes no progress it should",
+            t.stalled.clone(),
+        );
         Arc::new(Telemetry { registry, ..t })
     }
 
@@ -171,6 +179,15 @@ impl Telemetry {
             if on {
                 st.last_progress = Some(Instant::now());
             }
+        }
+    }
+
+    pub fn set_stalled(&self, source: &str, on: bool) {
+        self.stalled
+            .get_or_create(&Self::label(source))
+            .set(i64::from(on));
+        if let Ok(mut s) = self.state.lock() {
+            s.entry(source.to_string()).or_default().stalled = on;
         }
     }
 
@@ -210,6 +227,8 @@ impl Telemetry {
         for (name, st) in s.iter() {
             if !st.streaming {
                 problems.push(format!("source {name} is not streaming"));
+            } else if st.stalled {
+                problems.push(format!("source {name} is stalled: no progress"));
             } else if st.lag_seconds > self.ready_max_lag.as_secs_f64() {
                 problems.push(format!(
                     "source {name} lags {:.1}s, over {}s",

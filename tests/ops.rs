@@ -203,7 +203,9 @@ async fn a_role_without_replication_or_select_is_told_which_grant_is_missing() {
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("lacks SELECT on \"public\".\"t\": run GRANT SELECT ON \"public\".\"t\" TO \"weak\""),
+        out.contains(
+            "lacks SELECT on \"public\".\"t\": run GRANT SELECT ON \"public\".\"t\" TO \"weak\""
+        ),
         "{out}"
     );
 
@@ -216,4 +218,74 @@ async fn a_role_without_replication_or_select_is_told_which_grant_is_missing() {
     db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
     let nc = nats.client().await;
     wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE quiet (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let port = free_port();
+    let sections = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["quiet"]"#,
+            extra: "heartbeat_interval_secs = 1\nstall_after_secs = 2",
+            sections: &sections,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    // The table is quiet, but heartbeats reach the stream.
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 2, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.subject == "store._tidemark.heartbeat"),
+        "{:?}",
+        events[0].subject
+    );
+    wait_until("ready", Duration::from_secs(10), || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+
+    // Freeze nats-server: connections stay open, nothing is stored.
+    let pid = nats.pid().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stalled = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, body) = get(port, "/readyz").await;
+            if code == 503 && body.contains("stalled") {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    .await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(stalled, "readyz never said stalled:\n{}", tm.log());
+    assert!(tm.log().contains("no progress"), "{}", tm.log());
+    wait_until("ready again", Duration::from_secs(60), || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, body) = get(port, "/metrics").await;
+    assert_eq!(
+        metric(&body, "tidemark_stalled{source=\"store\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(tm.is_running(), "{}", tm.log());
 }

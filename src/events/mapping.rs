@@ -480,6 +480,24 @@ pub fn map_message(
     )
 }
 
+/// A `tidemark.heartbeat` event (`heartbeat_interval_secs`): proof that changes flow
+/// from the WAL to the stream even while the published tables are quiet.
+pub fn heartbeat_event(tx: &TxContext<'_>, index: u64) -> DomainEvent {
+    let data = serde_json::json!({"op": "heartbeat"});
+    build(
+        tx,
+        index,
+        "tidemark.heartbeat".into(),
+        format!("{}._tidemark.heartbeat", tx.source),
+        "heartbeat",
+        "heartbeat".into(),
+        None,
+        false,
+        &[],
+        &data,
+    )
+}
+
 /// A `tidemark.sync` event (`tidemark wait` writes the message): every projection
 /// reads it, so its applied commit LSN passes the waiter's position.
 pub fn sync_event(tx: &TxContext<'_>, index: u64) -> DomainEvent {

@@ -352,6 +352,11 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn start() -> NatsServer {
         Self::start_with(&[])
     }
