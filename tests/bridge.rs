@@ -271,6 +271,14 @@ enum Disruption {
     KillTidemark,
     RestartNats,
     RestartPostgres,
+    /// Through a proxy: every connection to Postgres (replication included) is cut.
+    CutPostgres,
+    /// Through a proxy: bytes to and from Postgres stop for three seconds.
+    StallPostgres,
+    /// Through a proxy: the NATS connection is cut.
+    CutNats,
+    /// Through a proxy: bytes to and from NATS stop for three seconds.
+    StallNats,
 }
 
 async fn backlog_survives(disruption: Disruption) {
@@ -291,6 +299,20 @@ async fn backlog_survives(disruption: Disruption) {
             extra: "publish_window = 256",
             ..SourceSpec::new("store", "store")
         },
+    );
+    // Both servers are reached through proxies that can cut or stall connections.
+    let pg_proxy = Proxy::start(pg.port).await;
+    let nats_port: u16 = nats.url().rsplit(':').next().unwrap().parse().unwrap();
+    let nats_proxy = Proxy::start(nats_port).await;
+    edit_file(
+        &cfg,
+        &format!("port = {}", pg.port),
+        &format!("port = {}", pg_proxy.port),
+    );
+    edit_file(
+        &cfg,
+        &nats.url(),
+        &format!("nats://127.0.0.1:{}", nats_proxy.port),
     );
 
     // First run creates the slot and the stream; stop it to build a backlog.
@@ -323,6 +345,17 @@ async fn backlog_survives(disruption: Disruption) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             pg.start_again();
         }
+        Disruption::CutPostgres => pg_proxy.cut(),
+        Disruption::CutNats => nats_proxy.cut(),
+        Disruption::StallPostgres | Disruption::StallNats => {
+            let proxy = match disruption {
+                Disruption::StallPostgres => &pg_proxy,
+                _ => &nats_proxy,
+            };
+            proxy.stall();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            proxy.resume();
+        }
     }
     // Everything is stored once the slot confirms the end of the backlog.
     wait_confirmed(
@@ -350,12 +383,17 @@ async fn backlog_survives(disruption: Disruption) {
         // the reconnect, the sequence chain guarding against loss) or rebuilt.
         Disruption::RestartNats => assert!(text.contains("disconnected"), "{text}"),
         // The replication connection died with the server: the pipeline rebuilt.
-        Disruption::RestartPostgres => {
+        Disruption::RestartPostgres | Disruption::CutPostgres => {
             assert!(
                 text.contains("rebuilding from the slot and the stream"),
                 "{text}"
             )
         }
+        // A cut NATS connection is seen by the client, which reconnects (or the
+        // pipeline rebuilds).
+        Disruption::CutNats => assert!(text.contains("disconnected"), "{text}"),
+        // A stall only delays: the same connections carry on.
+        Disruption::StallPostgres | Disruption::StallNats => {}
     }
     assert!(tm.terminate(Duration::from_secs(30)).success());
 }
@@ -363,6 +401,26 @@ async fn backlog_survives(disruption: Disruption) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backlog_then_restart_stores_each_change_exactly_once() {
     backlog_survives(Disruption::KillTidemark).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_postgres_connection_mid_backlog_loses_and_repeats_nothing() {
+    backlog_survives(Disruption::CutPostgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_postgres_connection_mid_backlog_loses_and_repeats_nothing() {
+    backlog_survives(Disruption::StallPostgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_nats_connection_mid_backlog_loses_and_repeats_nothing() {
+    backlog_survives(Disruption::CutNats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_nats_connection_mid_backlog_loses_and_repeats_nothing() {
+    backlog_survives(Disruption::StallNats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
