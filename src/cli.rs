@@ -467,6 +467,21 @@ async fn run_sources(cfg: Config) -> ExitCode {
         let tel = tel.clone();
         sources.spawn(async move { (name, pipeline::run_source(source, nats, token, tel).await) });
     }
+    let code = supervise(&mut sources, &root, "source").await;
+    if code == ExitCode::SUCCESS {
+        info!("all sources stopped");
+    }
+    code
+}
+
+/// Waits for every task, cancelling `root` on SIGTERM or SIGINT (each task then
+/// drains). Exit code 1 when a task ended in an error (logged with its name) or
+/// panicked.
+async fn supervise<E: std::error::Error + 'static>(
+    tasks: &mut JoinSet<(String, Result<(), E>)>,
+    root: &CancellationToken,
+    what: &str,
+) -> ExitCode {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(err) => {
@@ -478,7 +493,6 @@ async fn run_sources(cfg: Config) -> ExitCode {
     loop {
         tokio::select! {
             biased;
-            // 1. A signal: every source drains and sends its last status update.
             _ = term.recv(), if !root.is_cancelled() => {
                 info!("SIGTERM received; draining");
                 root.cancel();
@@ -487,16 +501,15 @@ async fn run_sources(cfg: Config) -> ExitCode {
                 info!("SIGINT received; draining");
                 root.cancel();
             }
-            // 2. A source ended.
-            joined = sources.join_next() => match joined {
+            joined = tasks.join_next() => match joined {
                 None => break,
                 Some(Ok((_, Ok(())))) => {}
                 Some(Ok((name, Err(err)))) => {
-                    error!(source = %name, error = %ErrorChain(&err), "source stopped");
+                    error!(name = %name, error = %ErrorChain(&err), "{what} stopped");
                     failed = true;
                 }
                 Some(Err(join_err)) => {
-                    error!(error = %join_err, "a source task panicked");
+                    error!(error = %join_err, "a {what} task panicked");
                     failed = true;
                 }
             },
@@ -505,7 +518,6 @@ async fn run_sources(cfg: Config) -> ExitCode {
     if failed {
         ExitCode::from(1)
     } else {
-        info!("all sources stopped");
         ExitCode::SUCCESS
     }
 }
@@ -1179,44 +1191,7 @@ async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
             )
         });
     }
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("error: cannot listen for SIGTERM: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    let mut failed = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = term.recv(), if !root.is_cancelled() => {
-                info!("SIGTERM received; stopping");
-                root.cancel();
-            }
-            _ = tokio::signal::ctrl_c(), if !root.is_cancelled() => {
-                info!("SIGINT received; stopping");
-                root.cancel();
-            }
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok((_, Ok(())))) => {}
-                Some(Ok((name, Err(err)))) => {
-                    error!(projection = %name, error = %ErrorChain(&err), "projection stopped");
-                    failed = true;
-                }
-                Some(Err(join_err)) => {
-                    error!(error = %join_err, "a projection task panicked");
-                    failed = true;
-                }
-            },
-        }
-    }
-    if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
+    supervise(&mut tasks, &root, "projection").await
 }
 
 async fn rebuild(cfg: Config, name: &str) -> ExitCode {

@@ -225,6 +225,36 @@ pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
     }
 }
 
+/// The projection's durable consumer, made again to start right after `checkpoint`.
+/// It reads the whole stream: the subjects filter applies in the projection, because
+/// a source transaction's last event (its txlast mark) may be on any subject and the
+/// transaction must end where the source's did.
+async fn durable_after(
+    js: &jetstream::Context,
+    cfg: &ProjectionConfig,
+    checkpoint: u64,
+) -> Result<(jetstream::consumer::PullConsumer, String), Box<dyn std::error::Error + Send + Sync>> {
+    let stream = js.get_stream(&cfg.stream).await?;
+    let durable = format!("tidemark_{}", cfg.name);
+    let _ = stream.delete_consumer(&durable).await;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.clone()),
+            deliver_policy: if checkpoint == 0 {
+                jetstream::consumer::DeliverPolicy::All
+            } else {
+                jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: checkpoint + 1,
+                }
+            },
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    Ok((consumer, durable))
+}
+
 /// A projection's applied position, as published in the positions bucket.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
@@ -414,33 +444,11 @@ async fn attempt(
     let kv = positions(&js)
         .await
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
-    let stream = js
-        .get_stream(&cfg.stream)
-        .await
-        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
     // The consumer starts after the checkpoint every time: the database, not the
     // consumer, says what is applied.
-    let durable = format!("tidemark_{}", cfg.name);
-    let _ = stream.delete_consumer(&durable).await;
-    // The consumer reads the whole stream and the subjects filter applies here: a
-    // source transaction's last event (its txlast mark) may be on any subject, and
-    // the transaction must end where the source's did.
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(durable.clone()),
-            deliver_policy: if checkpoint == 0 {
-                jetstream::consumer::DeliverPolicy::All
-            } else {
-                jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: checkpoint + 1,
-                }
-            },
-            ack_policy: jetstream::consumer::AckPolicy::All,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
+    let (consumer, durable) = durable_after(&js, cfg, checkpoint)
         .await
-        .map_err(|e| nats_err("create the consumer")(Box::new(e)))?;
+        .map_err(nats_err("create the consumer"))?;
     info!(seq = checkpoint, lsn = ?checkpoint_lsn, consumer = %durable, "projecting");
 
     // The open database transaction (BEGIN sent), and the events applied in it. A
@@ -1267,28 +1275,9 @@ async fn attempt_kv(
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
     let start = applied(&js, &cfg.name).await.unwrap_or_default();
     let mut checkpoint = start.seq;
-    let stream = js
-        .get_stream(&cfg.stream)
+    let (consumer, durable) = durable_after(&js, cfg, checkpoint)
         .await
-        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
-    let durable = format!("tidemark_{}", cfg.name);
-    let _ = stream.delete_consumer(&durable).await;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(durable.clone()),
-            deliver_policy: if checkpoint == 0 {
-                jetstream::consumer::DeliverPolicy::All
-            } else {
-                jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: checkpoint + 1,
-                }
-            },
-            ack_policy: jetstream::consumer::AckPolicy::All,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_err("create the consumer")(Box::new(e)))?;
+        .map_err(nats_err("create the consumer"))?;
     info!(seq = checkpoint, bucket, consumer = %durable, "projecting into KV");
     loop {
         if cancel.is_cancelled() {

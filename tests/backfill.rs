@@ -166,26 +166,7 @@ async fn an_initial_snapshot_under_concurrent_writes_folds_to_the_table() {
     assert!(done["rows_done"].as_u64().unwrap() >= ROWS as u64 / 2);
     assert!(done["rows_estimate"].as_u64().unwrap() > 0);
 
-    let end = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
-    let end: tidemark::position::Lsn = end.parse().unwrap();
-    wait_for(
-        "tidemark to confirm the end",
-        Duration::from_secs(120),
-        || {
-            let out = std::process::Command::new(pg_bindir().join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "store", "-Atc"])
-            .arg("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'tidemark_store'")
-            .output()
-            .ok()?;
-            let lsn: tidemark::position::Lsn =
-                String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-            (lsn >= end).then_some(())
-        },
-    );
+    wait_confirmed_end(&pg, &db).await;
     let events = read_stream(&nc, "STORE").await;
     assert_exactly_once(&events);
     let reads = events
