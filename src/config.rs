@@ -156,6 +156,8 @@ struct RawNats {
     token_file: Option<Spanned<String>>,
     credentials_file: Option<Spanned<String>>,
     connect_timeout_secs: Option<Spanned<u64>>,
+    tls_ca_file: Option<Spanned<String>>,
+    tls_required: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +264,8 @@ struct RawPostgres {
     password_env: Option<Spanned<String>>,
     password_file: Option<Spanned<String>>,
     connect_timeout_secs: Option<Spanned<u64>>,
+    sslmode: Option<Spanned<String>>,
+    sslrootcert: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +391,10 @@ pub struct NatsConfig {
     pub servers: Vec<String>,
     pub auth: NatsAuth,
     pub connect_timeout: Duration,
+    /// CA certificates (PEM) that signed the server's certificate.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Refuse a server that does not speak TLS.
+    pub tls_required: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -458,6 +466,31 @@ pub struct PostgresConfig {
     pub user: String,
     pub password: Option<Secret>,
     pub connect_timeout: Duration,
+    /// TLS, as libpq's sslmode (ignored for a Unix socket).
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for verify-ca and verify-full.
+    pub sslrootcert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1167,6 +1200,8 @@ impl Validator<'_> {
                 5,
                 1..=600,
             )),
+            tls_ca_file: n.tls_ca_file.as_ref().map(|f| self.base.join(f.get_ref())),
+            tls_required: n.tls_required.unwrap_or(n.tls_ca_file.is_some()),
         }
     }
 
@@ -1886,7 +1921,35 @@ impl Validator<'_> {
                 "set a host name, an address, or a Unix socket directory",
             );
         }
+        let sslmode = match p.sslmode.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "prefer")) => SslMode::Prefer,
+            Some((_, "disable")) => SslMode::Disable,
+            Some((_, "require")) => SslMode::Require,
+            Some((_, "verify-ca")) => SslMode::VerifyCa,
+            Some((_, "verify-full")) => SslMode::VerifyFull,
+            Some((m, other)) => {
+                self.issue(
+                    m,
+                    format!("{prefix}.postgres.sslmode"),
+                    format!("{other:?} is not an sslmode: use disable, prefer, require, verify-ca or verify-full"),
+                );
+                SslMode::Prefer
+            }
+        };
+        let sslrootcert = p.sslrootcert.as_ref().map(|r| self.base.join(r.get_ref()));
+        if matches!(sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && sslrootcert.is_none()
+            && let Some(m) = &p.sslmode
+        {
+            self.issue(
+                m,
+                format!("{prefix}.postgres.sslrootcert"),
+                "verify-ca and verify-full need sslrootcert: the CA certificate(s) of the server",
+            );
+        }
         PostgresConfig {
+            sslmode,
+            sslrootcert,
             host: p.host.into_inner(),
             port,
             dbname: p.dbname.into_inner(),

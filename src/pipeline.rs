@@ -112,11 +112,16 @@ impl SourceError {
             SourceError::SlotBusy { .. } => Recovery::Standby,
             SourceError::Catalog(e) => match e {
                 C::Connect { .. } | C::Query { .. } if fatal_code(e.code()) => Recovery::Fatal,
+                // A certificate that does not verify will not start to.
+                C::Connect { .. } if ErrorChain(e).to_string().contains("TLS") => Recovery::Fatal,
                 C::Connect { .. } | C::Query { .. } => Recovery::Retry,
                 _ => Recovery::Fatal,
             },
             SourceError::Replication(e) => match e {
                 R::AuthFailed { .. }
+                | R::Tls { .. }
+                | R::TlsRefused { .. }
+                | R::TlsSetup(_)
                 | R::PasswordRequired { .. }
                 | R::UnsupportedAuth { .. }
                 | R::MessageTooLarge { .. } => Recovery::Fatal,

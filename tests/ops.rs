@@ -289,3 +289,162 @@ async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
     );
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+/// A CA, a server certificate it signs (for localhost and 127.0.0.1), and a second,
+/// unrelated CA, written as PEM files the servers (running as the test user or
+/// nobody) can read.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let cert = params.self_signed(&key).unwrap();
+            (params, key, cert)
+        };
+        let (ca_params, ca_key, ca_cert) = ca("tidemark test CA");
+        let (_, _, other_cert) = ca("some other CA");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&server_key, &issuer)
+                .unwrap();
+        let write = |name: &str, text: String, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            chown_for_server(&path);
+        };
+        write("ca.pem", ca_cert.pem(), 0o644);
+        write("other-ca.pem", other_cert.pem(), 0o644);
+        write("server.crt", server.pem(), 0o644);
+        write("server.key", server_key.serialize_pem(), 0o600);
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_and_nats_verifies_certificates_and_names_a_wrong_ca() {
+    let certs = Certs::new();
+    let pg = PgServer::start_with(&[
+        ("ssl", "on"),
+        ("ssl_cert_file", &certs.path("server.crt")),
+        ("ssl_key_file", &certs.path("server.key")),
+    ]);
+    // nats-server runs as the test user: give it a key it can read.
+    let nats_key = certs.path("nats.key");
+    std::fs::copy(certs.path("server.key"), &nats_key).unwrap();
+    let nats = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &certs.path("server.crt"),
+        "--tlskey",
+        &nats_key,
+    ]);
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pg_tls = format!(
+        "sslmode = \"verify-full\"\nsslrootcert = \"{}\"",
+        certs.path("ca.pem")
+    );
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["t"]"#,
+            postgres_extra: &pg_tls,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let servers = format!("servers = [\"{}\"]", nats.url());
+    edit_file(
+        &cfg,
+        &servers,
+        &format!("{servers}\ntls_ca_file = \"{}\"", certs.path("ca.pem")),
+    );
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let nc = async_nats::ConnectOptions::new()
+        .add_root_certificates(certs.dir.path().join("ca.pem"))
+        .require_tls(true)
+        .connect(nats.url())
+        .await
+        .unwrap();
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    // Both of tidemark's Postgres sessions (the catalog and the walsender) use TLS.
+    let encrypted: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name LIKE 'tidemark%' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 2, "{encrypted} TLS sessions");
+    assert!(tm.terminate(Duration::from_secs(30)).success());
+
+    // The wrong CA for Postgres: check and run say so, and run stops.
+    edit_file(
+        &cfg,
+        &format!("sslrootcert = \"{}\"", certs.path("ca.pem")),
+        &format!("sslrootcert = \"{}\"", certs.path("other-ca.pem")),
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [store] postgres:") && out.contains("UnknownIssuer"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    assert_eq!(
+        tm.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        tm.log()
+    );
+    assert!(tm.log().contains("UnknownIssuer"), "{}", tm.log());
+
+    // The wrong CA for NATS.
+    edit_file(
+        &cfg,
+        &format!("sslrootcert = \"{}\"", certs.path("other-ca.pem")),
+        &format!("sslrootcert = \"{}\"", certs.path("ca.pem")),
+    );
+    edit_file(
+        &cfg,
+        &format!("tls_ca_file = \"{}\"", certs.path("ca.pem")),
+        &format!("tls_ca_file = \"{}\"", certs.path("other-ca.pem")),
+    );
+    let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [store] nats: cannot connect to NATS"),
+        "{out}{err}"
+    );
+}

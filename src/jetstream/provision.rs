@@ -75,7 +75,11 @@ fn js_err<E: std::error::Error + Send + Sync + 'static>(
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, ProvisionError> {
     let mut opts = ConnectOptions::new()
         .name(name)
-        .connection_timeout(cfg.connect_timeout);
+        .connection_timeout(cfg.connect_timeout)
+        .require_tls(cfg.tls_required);
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
     opts = match &cfg.auth {
         NatsAuth::None => opts,
         NatsAuth::UserPassword { user, password } => {

@@ -75,6 +75,8 @@ pub enum CatalogError {
         "replication slot {slot:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so changes made while tidemark was behind are not in the stream; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)"
     )]
     SlotInvalidated { slot: String },
+    #[error(transparent)]
+    Tls(#[from] crate::postgres::tls::TlsError),
     #[error("role {role:?} lacks {grant}: run {fix} (as a superuser), then start again")]
     MissingGrant {
         role: String,
@@ -166,20 +168,48 @@ async fn connect_with_task(
         pg.password(p.expose());
     }
     let target = format!("{}:{}", cfg.host, cfg.port);
-    let (client, connection) = pg
-        .connect(NoTls)
-        .await
-        .map_err(|source| CatalogError::Connect {
-            target,
-            user: cfg.user.clone(),
-            source,
-        })?;
-    let task = tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(error = %error, "postgres connection ended");
+    let fail = |source| CatalogError::Connect {
+        target: target.clone(),
+        user: cfg.user.clone(),
+        source,
+    };
+    let tls = if cfg.host.starts_with('/') {
+        None
+    } else {
+        crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
+            .map_err(CatalogError::Tls)?
+    };
+    let ended =
+        |error: tokio_postgres::Error| tracing::debug!(error = %error, "postgres connection ended");
+    match tls {
+        None => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, connection) = pg.connect(NoTls).await.map_err(fail)?;
+            let task = tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    ended(error);
+                }
+            });
+            Ok((client, task))
         }
-    });
-    Ok((client, task))
+        Some(config) => {
+            pg.ssl_mode(if cfg.sslmode == crate::config::SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let (client, connection) = pg
+                .connect(crate::postgres::tls::MakeRustls(config))
+                .await
+                .map_err(fail)?;
+            let task = tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    ended(error);
+                }
+            });
+            Ok((client, task))
+        }
+    }
 }
 
 /// A plain client (its connection runs on a task of its own until the client drops).

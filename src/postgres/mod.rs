@@ -5,4 +5,5 @@
 pub mod catalog;
 pub mod pgoutput;
 pub mod replication;
+pub mod tls;
 pub mod values;

@@ -83,6 +83,19 @@ pub enum ReplicationError {
     },
     #[error("connecting to postgres at {target} timed out after {}s: check host, port and firewalls", .after.as_secs())]
     ConnectTimeout { target: String, after: Duration },
+    #[error("TLS with postgres at {target} failed (sslmode {mode}): {source}")]
+    Tls {
+        target: String,
+        mode: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "postgres at {target} does not offer TLS, and sslmode is {mode}: enable ssl on the server, or lower sslmode"
+    )]
+    TlsRefused { target: String, mode: &'static str },
+    #[error(transparent)]
+    TlsSetup(#[from] crate::postgres::tls::TlsError),
     #[error(
         "postgres rejected the login of user {user:?}: {error}; check the password and pg_hba.conf"
     )]
@@ -128,6 +141,7 @@ impl ReplicationError {
 /// A socket to Postgres: TCP, or a Unix socket when the host is a directory.
 enum Socket {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(UnixStream),
 }
 
@@ -135,14 +149,56 @@ impl Socket {
     async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => s.read_buf(buf).await,
+            Socket::Tls(s) => s.read_buf(buf).await,
             Socket::Unix(s) => s.read_buf(buf).await,
         }
     }
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             Socket::Tcp(s) => write_all_flush(s, buf).await,
+            Socket::Tls(s) => write_all_flush(s.as_mut(), buf).await,
             Socket::Unix(s) => write_all_flush(s, buf).await,
         }
+    }
+}
+
+/// Asks the server for TLS (SSLRequest) and wraps the socket when it agrees. A server
+/// that declines is fine for `prefer` and an error otherwise.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    cfg: &PostgresConfig,
+    target: &str,
+) -> Result<Socket, ReplicationError> {
+    let Some(config) =
+        crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())?
+    else {
+        return Ok(Socket::Tcp(tcp));
+    };
+    let mode = cfg.sslmode.as_str();
+    let io_err = |source| ReplicationError::Tls {
+        target: target.to_string(),
+        mode,
+        source,
+    };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io_err)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io_err)?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::postgres::tls::server_name(&cfg.host)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(io_err)?;
+            Ok(Socket::Tls(Box::new(tls)))
+        }
+        _ if cfg.sslmode == crate::config::SslMode::Prefer => Ok(Socket::Tcp(tcp)),
+        _ => Err(ReplicationError::TlsRefused {
+            target: target.to_string(),
+            mode,
+        }),
     }
 }
 
@@ -202,11 +258,25 @@ impl ReplicationConnection {
         };
         let connect = async {
             if cfg.host.starts_with('/') {
-                UnixStream::connect(&target).await.map(Socket::Unix)
+                UnixStream::connect(&target)
+                    .await
+                    .map(Socket::Unix)
+                    .map_err(|source| ReplicationError::Connect {
+                        target: target.clone(),
+                        source,
+                    })
             } else {
-                let s = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
-                s.set_nodelay(true)?;
-                Ok(Socket::Tcp(s))
+                let tcp = async {
+                    let s = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+                    s.set_nodelay(true)?;
+                    Ok::<_, io::Error>(s)
+                }
+                .await
+                .map_err(|source| ReplicationError::Connect {
+                    target: target.clone(),
+                    source,
+                })?;
+                negotiate_tls(tcp, cfg, &target).await
             }
         };
         let socket = match tokio::time::timeout(cfg.connect_timeout, connect).await {
@@ -216,8 +286,7 @@ impl ReplicationConnection {
                     after: cfg.connect_timeout,
                 });
             }
-            Ok(Err(source)) => return Err(ReplicationError::Connect { target, source }),
-            Ok(Ok(s)) => s,
+            Ok(result) => result?,
         };
         let mut conn = ReplicationConnection {
             socket,

@@ -38,7 +38,7 @@ fn as_server_user(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-fn chown_for_server(path: &Path) {
+pub fn chown_for_server(path: &Path) {
     if is_root() {
         std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).expect("chown test dir");
     }
