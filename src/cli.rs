@@ -437,28 +437,10 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 async fn run_sources(cfg: Config) -> ExitCode {
     let root = CancellationToken::new();
-    let tel = crate::telemetry::Telemetry::new(
-        cfg.metrics
-            .as_ref()
-            .map_or(Duration::from_secs(60), |m| m.ready_max_lag),
-    );
-    if let Some(m) = &cfg.metrics {
-        // Bind first, so a taken port is an error at start rather than in silence.
-        let listener = match std::net::TcpListener::bind(m.listen) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot serve metrics on {}: {e}", m.listen);
-                return ExitCode::from(1);
-            }
-        };
-        drop(listener);
-        let (tel, token, addr) = (tel.clone(), root.child_token(), m.listen);
-        tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::serve(addr, tel, token).await {
-                error!(error = %e, address = %addr, "metrics endpoint failed");
-            }
-        });
-    }
+    let tel = match start_metrics(&cfg, &root, cfg.metrics.as_ref().map(|m| m.listen)) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let mut sources = JoinSet::new();
     for source in cfg.sources {
         let name = source.name.clone();
@@ -472,6 +454,36 @@ async fn run_sources(cfg: Config) -> ExitCode {
         info!("all sources stopped");
     }
     code
+}
+
+/// The metrics of this process, served on `[metrics] listen` when configured.
+fn start_metrics(
+    cfg: &Config,
+    root: &CancellationToken,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<std::sync::Arc<crate::telemetry::Telemetry>, ExitCode> {
+    let tel = crate::telemetry::Telemetry::new(
+        cfg.metrics
+            .as_ref()
+            .map_or(Duration::from_secs(60), |m| m.ready_max_lag),
+    );
+    if let Some(addr) = listen {
+        // Bind first, so a taken port is an error at start rather than in silence.
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => drop(l),
+            Err(e) => {
+                eprintln!("error: cannot serve metrics on {addr}: {e}");
+                return Err(ExitCode::from(1));
+            }
+        }
+        let (tel, token) = (tel.clone(), root.child_token());
+        tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve(addr, tel, token).await {
+                error!(error = %e, address = %addr, "metrics endpoint failed");
+            }
+        });
+    }
+    Ok(tel)
 }
 
 /// Waits for every task, cancelling `root` on SIGTERM or SIGINT (each task then
@@ -1179,15 +1191,24 @@ async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
         return ExitCode::from(2);
     }
     let root = CancellationToken::new();
+    let tel = match start_metrics(
+        &cfg,
+        &root,
+        cfg.metrics.as_ref().and_then(|m| m.project_listen),
+    ) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let mut tasks = JoinSet::new();
     for p in chosen {
         let name = p.name.clone();
         let token = root.child_token();
+        let tel = tel.clone();
         let nats = cfg.nats.clone();
         tasks.spawn(async move {
             (
                 name,
-                crate::projection::run_projection(p, nats, token).await,
+                crate::projection::run_projection(p, nats, token, tel).await,
             )
         });
     }

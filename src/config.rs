@@ -111,6 +111,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Spanned<String>,
+    project_listen: Option<Spanned<String>>,
     ready_max_lag_secs: Option<Spanned<u64>>,
 }
 
@@ -155,6 +156,8 @@ struct RawNats {
     token_env: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
     credentials_file: Option<Spanned<String>>,
+    nkey_seed_env: Option<Spanned<String>>,
+    nkey_seed_file: Option<Spanned<String>>,
     connect_timeout_secs: Option<Spanned<u64>>,
     tls_ca_file: Option<Spanned<String>>,
     tls_required: Option<bool>,
@@ -297,6 +300,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub listen: std::net::SocketAddr,
+    /// Where `tidemark project` serves its metrics (it runs beside `run`).
+    pub project_listen: Option<std::net::SocketAddr>,
     /// `/readyz` says not ready when a source lags more than this.
     pub ready_max_lag: Duration,
 }
@@ -400,9 +405,14 @@ pub struct NatsConfig {
 #[derive(Debug, Clone)]
 pub enum NatsAuth {
     None,
-    UserPassword { user: String, password: Secret },
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
     Token(Secret),
     CredentialsFile(PathBuf),
+    /// An NKey seed (`SU...`): the server knows the public key.
+    NKey(Secret),
 }
 
 #[derive(Debug, Clone)]
@@ -787,9 +797,24 @@ impl Validator<'_> {
                 60,
                 1..=86_400,
             ));
+            let project_listen = match &m.project_listen {
+                Some(p) => match p.get_ref().parse::<std::net::SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.issue(
+                            p,
+                            "metrics.project_listen",
+                            "use an address and port, like \"127.0.0.1:9188\"",
+                        );
+                        None
+                    }
+                },
+                None => None,
+            };
             match m.listen.get_ref().parse::<std::net::SocketAddr>() {
                 Ok(listen) => Some(MetricsConfig {
                     listen,
+                    project_listen,
                     ready_max_lag,
                 }),
                 Err(_) => {
@@ -1165,7 +1190,16 @@ impl Validator<'_> {
             "nats.token_file",
             &n.token_file,
         );
+        let nkey = self.secret(
+            "nats.nkey_seed_env",
+            &n.nkey_seed_env,
+            "nats.nkey_seed_file",
+            &n.nkey_seed_file,
+        );
         let auth = match (&n.user, password, token, &n.credentials_file) {
+            (None, None, None, None) if nkey.is_some() => {
+                NatsAuth::NKey(nkey.unwrap_or_else(|| Secret::new(String::new())))
+            }
             (None, None, None, None) => NatsAuth::None,
             (Some(u), Some(p), None, None) => NatsAuth::UserPassword {
                 user: u.get_ref().clone(),
@@ -1185,8 +1219,10 @@ impl Validator<'_> {
                     || n.token_env.is_some()
                     || n.token_file.is_some()
                     || n.credentials_file.is_some()
+                    || n.nkey_seed_env.is_some()
+                    || n.nkey_seed_file.is_some()
                 {
-                    self.issue(&raw, "nats", "choose one way to authenticate: user with password, a token, or a credentials file");
+                    self.issue(&raw, "nats", "choose one way to authenticate: user with password, a token, a credentials file, or an NKey seed");
                 }
                 NatsAuth::None
             }

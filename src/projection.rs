@@ -318,6 +318,7 @@ pub async fn run_projection(
     cfg: ProjectionConfig,
     nats: NatsConfig,
     cancel: CancellationToken,
+    tel: std::sync::Arc<crate::telemetry::Telemetry>,
 ) -> Result<(), ProjectionError> {
     let span = info_span!("projection", projection = %cfg.name, stream = %cfg.stream);
     async move {
@@ -326,7 +327,7 @@ pub async fn run_projection(
         let mut backoff = Duration::from_millis(200);
         loop {
             let started = Instant::now();
-            let err = match attempt(&cfg, &nats, &cancel, &mut set_aside, careful_until).await {
+            let err = match attempt(&cfg, &nats, &cancel, &mut set_aside, careful_until, &tel).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -380,7 +381,11 @@ async fn attempt(
     cancel: &CancellationToken,
     set_aside: &mut HashSet<u64>,
     careful_until: u64,
+    tel: &crate::telemetry::Telemetry,
 ) -> Result<(), ProjectionError> {
+    let label = crate::telemetry::ProjectionLabel {
+        projection: cfg.name.clone(),
+    };
     let db_err = |what: &str| {
         let projection = cfg.name.clone();
         let what = what.to_string();
@@ -571,6 +576,15 @@ async fn attempt(
                 checkpoint = seq;
                 checkpoint_lsn = lsn;
                 set_aside.retain(|s| *s > seq);
+                tel.projection_applied_seq
+                    .get_or_create(&label)
+                    .set(seq as i64);
+                tel.projection_behind
+                    .get_or_create(&label)
+                    .set(info.pending as i64);
+                tel.projection_events
+                    .get_or_create(&label)
+                    .inc_by(in_tx as u64);
                 if let Err(e) = msg.ack().await {
                     debug!(error = %e, "ack failed; the checkpoint decides what is applied");
                 }

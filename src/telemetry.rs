@@ -27,6 +27,11 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabel {
+    pub projection: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub source: String,
     pub kind: String,
@@ -64,6 +69,9 @@ pub struct Telemetry {
     pub errors: Family<ErrorLabel, Counter>,
     pub streaming: Family<SourceLabel, Gauge>,
     pub stalled: Family<SourceLabel, Gauge>,
+    pub projection_applied_seq: Family<ProjectionLabel, Gauge>,
+    pub projection_behind: Family<ProjectionLabel, Gauge>,
+    pub projection_events: Family<ProjectionLabel, Counter>,
     state: Mutex<HashMap<String, SourceState>>,
     /// Readiness: the most replication lag a ready source may have.
     pub ready_max_lag: Duration,
@@ -86,6 +94,9 @@ impl Telemetry {
             errors: Family::default(),
             streaming: Family::default(),
             stalled: Family::default(),
+            projection_applied_seq: Family::default(),
+            projection_behind: Family::default(),
+            projection_events: Family::default(),
             state: Mutex::new(HashMap::new()),
             ready_max_lag,
             registry: Registry::default(),
@@ -145,6 +156,21 @@ impl Telemetry {
             "streaming",
             "1 while the source streams",
             t.streaming.clone(),
+        );
+        registry.register(
+            "projection_applied_seq",
+            "The stream sequence a projection has applied through",
+            t.projection_applied_seq.clone(),
+        );
+        registry.register(
+            "projection_behind_messages",
+            "Stream messages a projection has yet to read",
+            t.projection_behind.clone(),
+        );
+        registry.register(
+            "projection_events_applied",
+            "Events a projection applied",
+            t.projection_events.clone(),
         );
         registry.register(
             "stalled",

@@ -448,3 +448,51 @@ async fn tls_to_postgres_and_nats_verifies_certificates_and_names_a_wrong_ca() {
         "{out}{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nkey_authenticates_to_nats_and_its_seed_never_shows() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("auth.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let pg = PgServer::start();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["t"]"#,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let cfg_arg = cfg.to_str().unwrap();
+    // No credentials: refused.
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL [store] nats"), "{out}");
+    // The seed from a file: connected, and the seed appears nowhere in the output.
+    let seed = user.seed().unwrap();
+    std::fs::write(dir.path().join("nats.nk"), &seed).unwrap();
+    let servers = format!("servers = [\"{}\"]", nats.url());
+    edit_file(
+        &cfg,
+        &servers,
+        &format!("{servers}\nnkey_seed_file = \"nats.nk\""),
+    );
+    let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok   [store] nats: connected"), "{out}");
+    assert!(!out.contains(&seed) && !err.contains(&seed));
+}

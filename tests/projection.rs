@@ -163,13 +163,19 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
     db.batch_execute(STORE).await.unwrap();
     let rm = pg.create_db("readmodel").await;
     rm.batch_execute(READ_MODEL).await.unwrap();
+    let metrics_port = free_port();
+    let sections = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{}\"\nproject_listen = \"127.0.0.1:{metrics_port}\"\n",
+        projection_toml(&pg, ""),
+        free_port()
+    );
     let cfg = write_config(
         dir.path(),
         &pg,
         &nats,
         &SourceSpec {
             tables: r#"tables = ["orders", "audit"]"#,
-            sections: &projection_toml(&pg, ""),
+            sections: &sections,
             ..SourceSpec::new("store", "store")
         },
     );
@@ -224,6 +230,15 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
         Some("99.99")
     );
     compare(&db, &rm).await;
+    // The projector's own metrics (on project_listen: `run` has `listen`).
+    let (_, metrics) = http_get(metrics_port, "/metrics").await;
+    assert!(
+        metrics.contains("tidemark_projection_applied_seq{projection=\"customer_stats\"}")
+            && metrics.contains(
+                "tidemark_projection_events_applied_total{projection=\"customer_stats\"}"
+            ),
+        "{metrics}"
+    );
     let (code, out, _) = tidemark_cmd(&["status", "--config", cfg_arg]);
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -728,4 +743,28 @@ key = "order.{data.key.id}"
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
     assert!(projector.log().matches("projecting into KV").count() >= 6);
+}
+
+/// GET `path` on a local port: (status code, body).
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
 }

@@ -86,6 +86,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
             opts.user_and_password(user.clone(), password.expose().to_string())
         }
         NatsAuth::Token(t) => opts.token(t.expose().to_string()),
+        NatsAuth::NKey(seed) => opts.nkey(seed.expose().trim().to_string()),
         NatsAuth::CredentialsFile(path) => {
             opts.credentials_file(path)
                 .await
