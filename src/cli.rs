@@ -878,6 +878,12 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
     for source in &cfg.sources {
         all.push(crate::status::source_status(source, &cfg.nats, &cfg.projections).await);
     }
+    // The running process's own readiness, from its /readyz, so that status and the
+    // probes say the same.
+    let readyz = match &cfg.metrics {
+        Some(m) => Some(crate::telemetry::fetch_readyz(m.listen).await),
+        None => None,
+    };
     let healthy = all.iter().all(|s| s.problems().is_empty());
     if json {
         let values: Vec<serde_json::Value> = all
@@ -885,6 +891,9 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
             .map(|s| {
                 let mut v = serde_json::to_value(s).unwrap_or_default();
                 v["problems"] = serde_json::json!(s.problems());
+                if let Some(r) = &readyz {
+                    v["readyz"] = crate::telemetry::readiness_of(r, &s.source);
+                }
                 v
             })
             .collect();
@@ -892,6 +901,27 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
     } else {
         for s in &all {
             print!("{}", crate::status::render(s));
+            if let Some(r) = &readyz {
+                let v = crate::telemetry::readiness_of(r, &s.source);
+                println!(
+                    "  readyz    {}",
+                    match v["ready"].as_bool() {
+                        Some(true) => "ready".to_string(),
+                        Some(false) => format!(
+                            "NOT READY: {}",
+                            v["reasons"]
+                                .as_array()
+                                .map(|a| a
+                                    .iter()
+                                    .filter_map(|x| x.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join("; "))
+                                .unwrap_or_default()
+                        ),
+                        None => "unreachable (is `tidemark run` running?)".to_string(),
+                    }
+                );
+            }
         }
     }
     if healthy {

@@ -346,6 +346,58 @@ pub async fn serve(
     }
 }
 
+/// What `/readyz` answered: Some((ready, reasons)), or None when nothing answered.
+pub type Readyz = Option<(bool, Vec<String>)>;
+
+/// Asks a running tidemark's `/readyz` (on 127.0.0.1 when it listens on all addresses).
+pub async fn fetch_readyz(listen: std::net::SocketAddr) -> Readyz {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: tidemark\r\n\r\n")
+            .await
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(3), exchange)
+        .await
+        .ok()??;
+    let ready = out.split_whitespace().nth(1) == Some("200");
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let reasons = body
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    Some((ready, reasons))
+}
+
+/// One source's part of a `/readyz` answer, as JSON: `{ready, reasons}` (ready is null
+/// when the endpoint did not answer).
+pub fn readiness_of(r: &Readyz, source: &str) -> serde_json::Value {
+    match r {
+        None => {
+            serde_json::json!({"ready": null, "reasons": ["the metrics endpoint did not answer"]})
+        }
+        Some((_, reasons)) => {
+            let mine: Vec<&String> = reasons
+                .iter()
+                .filter(|x| x.starts_with(&format!("source {source} ")))
+                .collect();
+            serde_json::json!({"ready": mine.is_empty(), "reasons": mine})
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -146,11 +146,27 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
     .await;
     let (_, why) = get(port, "/readyz").await;
     assert!(why.contains("source store"), "{why}");
+    // status says the same as the probe.
+    let cfg_arg = cfg.to_str().unwrap();
+    let (_, out, _) = tidemark_cmd(&["status", "--config", cfg_arg, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status[0]["readyz"]["ready"], false, "{out}");
+    assert!(
+        status[0]["readyz"]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("source store"),
+        "{out}"
+    );
     nats.start_again();
     wait_until("ready again", Duration::from_secs(60), || async {
         get(port, "/readyz").await.0 == 200
     })
     .await;
+    let (code, out, _) = tidemark_cmd(&["status", "--config", cfg_arg, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status[0]["readyz"]["ready"], true, "{out}");
+    assert_eq!(code, 0, "{out}");
     let nc = nats.client().await;
     wait_stream_count(&nc, "STORE", 301, Duration::from_secs(30), || tm.log()).await;
     assert!(tm.is_running(), "{}", tm.log());
