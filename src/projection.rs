@@ -260,6 +260,9 @@ async fn durable_after(
 pub struct Applied {
     pub seq: u64,
     pub lsn: Option<String>,
+    /// A KV projection's current bucket, once a rebuild swapped a new one in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
 }
 
 async fn positions(js: &jetstream::Context) -> Result<jetstream::kv::Store, String> {
@@ -603,7 +606,12 @@ async fn attempt(
 }
 
 async fn publish_position(kv: &jetstream::kv::Store, name: &str, seq: u64, lsn: Option<String>) {
-    let value = serde_json::to_vec(&Applied { seq, lsn }).unwrap_or_default();
+    let value = serde_json::to_vec(&Applied {
+        seq,
+        lsn,
+        bucket: None,
+    })
+    .unwrap_or_default();
     if let Err(e) = kv.put(name, value.into()).await {
         debug!(error = %e, "could not publish the applied position");
     }
@@ -736,6 +744,10 @@ pub async fn rebuild(
             source: e,
         }
     };
+    let target = match &cfg.target {
+        Target::Kv { bucket } => return rebuild_kv(cfg, nats, bucket, progress).await,
+        Target::Postgres(pg) => pg,
+    };
     if cfg.tables.is_empty() {
         return Err(ProjectionError::Poison {
             projection: cfg.name.clone(),
@@ -745,15 +757,7 @@ pub async fn rebuild(
             reason: "no tables to rebuild: name them in the projection (tables = [\"...\"])".into(),
         });
     }
-    let Target::Postgres(target) = &cfg.target else {
-        return Err(ProjectionError::Poison {
-            projection: cfg.name.clone(),
-            event_id: "-".into(),
-            subject: "-".into(),
-            seq: 0,
-            reason: "rebuilding a KV projection is not supported yet: delete its bucket and its entry in tidemark_projections, then run it again".into(),
-        });
-    };
+
     let client = catalog::connect_client(target, "tidemark-rebuild").await?;
     client
         .batch_execute(CHECKPOINTS)
@@ -1273,6 +1277,20 @@ async fn attempt_kv(
     };
     let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
     let js = jetstream::new(nc);
+    let positions_kv = positions(&js)
+        .await
+        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+    // The position, and the bucket a rebuild may have swapped in; its revision makes
+    // every later write conditional, so a swap is never overwritten.
+    let (start, mut revision) = match positions_kv.entry(&cfg.name).await {
+        Ok(Some(e)) if e.operation == jetstream::kv::Operation::Put => (
+            serde_json::from_slice::<Applied>(&e.value).unwrap_or_default(),
+            e.revision,
+        ),
+        _ => (Applied::default(), 0),
+    };
+    let bucket = start.bucket.clone().unwrap_or_else(|| bucket.to_string());
+    let bucket = bucket.as_str();
     let kv = match js.get_key_value(bucket).await {
         Ok(kv) => kv,
         Err(_) => js
@@ -1284,10 +1302,6 @@ async fn attempt_kv(
             .await
             .map_err(|e| nats_err("create the bucket")(Box::new(e)))?,
     };
-    let positions_kv = positions(&js)
-        .await
-        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
-    let start = applied(&js, &cfg.name).await.unwrap_or_default();
     let mut checkpoint = start.seq;
     let (consumer, durable) = durable_after(&js, cfg, checkpoint)
         .await
@@ -1354,10 +1368,184 @@ async fn attempt_kv(
         }
         if let Some((seq, lsn, msg)) = moved {
             checkpoint = seq;
-            publish_position(&positions_kv, &cfg.name, checkpoint, lsn).await;
+            let value = serde_json::to_vec(&Applied {
+                seq,
+                lsn,
+                bucket: start.bucket.clone(),
+            })
+            .unwrap_or_default();
+            let written = if revision == 0 {
+                positions_kv
+                    .create(&cfg.name, value.into())
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                positions_kv
+                    .update(&cfg.name, value.into(), revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(r) => revision = r,
+                // A rebuild swapped a new bucket in: continue from its position.
+                Err(e) => {
+                    debug!(error = %e, "the position moved under the projection");
+                    return Err(ProjectionError::Moved(seq));
+                }
+            }
             if let Err(e) = msg.ack().await {
                 debug!(error = %e, "ack failed; the applied position decides");
             }
         }
+    }
+}
+
+/// The bucket a KV projection's readers should read: the one a rebuild swapped in,
+/// else the configured one.
+pub async fn kv_bucket(js: &jetstream::Context, projection: &str, configured: &str) -> String {
+    applied(js, projection)
+        .await
+        .and_then(|a| a.bucket)
+        .unwrap_or_else(|| configured.to_string())
+}
+
+/// Rebuilds a KV projection into a new bucket from the start of the stream, then
+/// swaps it in by writing its name and position to the projection's entry in
+/// `tidemark_projections`, conditional on the entry's revision: the live projector
+/// follows the swap; readers resolve the bucket with `kv_bucket` (or `status`). The
+/// old bucket is left for the operator to delete.
+async fn rebuild_kv(
+    cfg: &ProjectionConfig,
+    nats: &NatsConfig,
+    configured: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RebuildStats, ProjectionError> {
+    let nats_err = |what: &str| {
+        let projection = cfg.name.clone();
+        let what = what.to_string();
+        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
+            projection,
+            what,
+            source: e,
+        }
+    };
+    let nc = provision::connect(nats, &format!("tidemark-rebuild-{}", cfg.name)).await?;
+    let js = jetstream::new(nc);
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let bucket = format!("{configured}_{stamp}");
+    let kv = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: bucket.clone(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the new bucket")(Box::new(e)))?;
+    let positions_kv = positions(&js)
+        .await
+        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+    let stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the rebuild consumer")(Box::new(e)))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats_err("read the stream")(Box::new(e)))?;
+    let (mut seq_done, mut lsn_done, mut events) = (0u64, None, 0u64);
+    let mut at_tx_end = true;
+    let started = Instant::now();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+        let msg = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(nats_err("read the stream")(Box::new(e))),
+            Ok(None) => return Err(nats_err("read the stream")("the stream ended".into())),
+            Err(_) => {
+                if !at_tx_end {
+                    continue;
+                }
+                // Caught up: swap, unless the live projector wrote meanwhile.
+                let (current, revision) = match positions_kv.entry(&cfg.name).await {
+                    Ok(Some(e)) if e.operation == jetstream::kv::Operation::Put => (
+                        serde_json::from_slice::<Applied>(&e.value).unwrap_or_default(),
+                        e.revision,
+                    ),
+                    _ => (Applied::default(), 0),
+                };
+                let value = serde_json::to_vec(&Applied {
+                    seq: seq_done,
+                    lsn: lsn_done.clone(),
+                    bucket: Some(bucket.clone()),
+                })
+                .unwrap_or_default();
+                let swapped = if revision == 0 {
+                    positions_kv.create(&cfg.name, value.into()).await.is_ok()
+                } else {
+                    positions_kv
+                        .update(&cfg.name, value.into(), revision)
+                        .await
+                        .is_ok()
+                };
+                if swapped {
+                    let old = current.bucket.unwrap_or_else(|| configured.to_string());
+                    info!(projection = %cfg.name, bucket = %bucket, old = %old, events, "KV rebuild swapped in; delete the old bucket when its readers have moved");
+                    return Ok(RebuildStats {
+                        events,
+                        seq: seq_done,
+                        swap_ms: started.elapsed().as_millis(),
+                    });
+                }
+                continue;
+            }
+        };
+        let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+        let seq = info.stream_sequence;
+        let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+        let event_type = event["type"].as_str().unwrap_or_default();
+        let wanted = cfg
+            .subjects
+            .iter()
+            .any(|f| provision::subject_covers(f, &msg.subject));
+        for h in cfg
+            .handlers
+            .iter()
+            .filter(|h| wanted && h.types.iter().any(|t| t == event_type))
+        {
+            let Action::Kv { op, key, value } = &h.action else {
+                continue;
+            };
+            let applied = match render_key(key, &event) {
+                Ok(k) => apply_kv(&kv, *op, &k, value, &event, seq).await,
+                Err(e) => Err(e),
+            };
+            // Events the live projection set aside are set aside again, silently
+            // only when a dead-letter subject has them already.
+            if let Err(reason) = applied
+                && cfg.dead_letter.is_none()
+            {
+                return Err(ProjectionError::Poison {
+                    projection: cfg.name.clone(),
+                    event_id: event["id"].as_str().unwrap_or_default().to_string(),
+                    subject: msg.subject.to_string(),
+                    seq,
+                    reason,
+                });
+            }
+        }
+        events += 1;
+        at_tx_end = event["txlast"].as_bool().unwrap_or(true);
+        if at_tx_end {
+            seq_done = seq;
+            lsn_done = event["commitlsn"].as_str().map(str::to_string);
+        }
+        progress(seq, seq + info.pending);
     }
 }

@@ -35,6 +35,8 @@ pub struct ProjectionStatus {
     pub applied_lsn: Option<String>,
     /// Stream messages after the applied sequence (not all may be for it).
     pub lag_messages: Option<u64>,
+    /// A KV projection's bucket, once a rebuild swapped a new one in.
+    pub bucket: Option<String>,
 }
 
 /// One table's backfill, with its rate and the time left at that rate.
@@ -182,6 +184,7 @@ async fn projection_status(
                 (Some(last), Some(a)) => Some(last.saturating_sub(a.seq)),
                 _ => None,
             },
+            bucket: applied.as_ref().and_then(|a| a.bucket.clone()),
         });
     }
     out
@@ -412,10 +415,14 @@ pub fn render(st: &SourceStatus) -> String {
     for p in &st.projections {
         match p.applied_seq {
             Some(seq) => out.push_str(&format!(
-                "  projection {}  applied seq {seq} (LSN {})  behind {} messages\n",
+                "  projection {}  applied seq {seq} (LSN {})  behind {} messages{}\n",
                 p.name,
                 p.applied_lsn.as_deref().unwrap_or("-"),
-                p.lag_messages.map_or("-".to_string(), |l| l.to_string())
+                p.lag_messages.map_or("-".to_string(), |l| l.to_string()),
+                p.bucket
+                    .as_deref()
+                    .map(|b| format!("  bucket {b}"))
+                    .unwrap_or_default()
             )),
             None => out.push_str(&format!("  projection {}  not started\n", p.name)),
         }

@@ -743,6 +743,73 @@ key = "order.{data.key.id}"
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
     assert!(projector.log().matches("projecting into KV").count() >= 6);
+
+    // Rebuild into a new bucket while the live projection runs; the swap names it, and
+    // the live projector follows it.
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, err) = tidemark_cmd(&["project", "rebuild", "order_kv", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    let bucket = tidemark::projection::kv_bucket(&js, "order_kv", "ORDERS_VIEW").await;
+    assert_ne!(bucket, "ORDERS_VIEW");
+    assert_eq!(kv_orders(&js, &bucket).await, want);
+    workload(pg.client("store").await, 200, 500_000)
+        .await
+        .unwrap();
+    let lsn = current_lsn(&db).await;
+    let (code, out, err) = tidemark_cmd(&[
+        "wait",
+        "--config",
+        cfg_arg,
+        "--projection",
+        "order_kv",
+        "--lsn",
+        &lsn,
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+    let want = store_orders(&db).await;
+    assert_eq!(kv_orders(&js, &bucket).await, want);
+}
+
+/// Every order in a KV bucket: id -> (customer, status, total).
+async fn kv_orders(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+) -> BTreeMap<i32, (i64, String, String)> {
+    use futures_util::TryStreamExt;
+    let kv = js.get_key_value(bucket).await.unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+    let mut got = BTreeMap::new();
+    for k in keys {
+        let Some(v) = kv.get(k.as_str()).await.unwrap() else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        let id: i32 = k.trim_start_matches("order.").parse().unwrap();
+        got.insert(
+            id,
+            (
+                v["customer"].as_i64().unwrap(),
+                v["status"].as_str().unwrap().to_string(),
+                v["total"].as_str().unwrap().to_string(),
+            ),
+        );
+    }
+    got
+}
+
+/// The same from the store.
+async fn store_orders(db: &tokio_postgres::Client) -> BTreeMap<i32, (i64, String, String)> {
+    db.query(
+        "SELECT id, customer_id, status, total::text FROM orders",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), (r.get::<_, i32>(1) as i64, r.get(2), r.get(3))))
+    .collect()
 }
 
 /// GET `path` on a local port: (status code, body).
