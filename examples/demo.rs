@@ -243,26 +243,16 @@ async fn main() {
         .expect("restock");
 
     // Wait until the slot confirms everything written, then check the stream.
-    let end: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("current lsn")
-        .get(0);
-    let end: tidemark::position::Lsn = end.parse().expect("lsn");
-    wait_for(
-        "tidemark to confirm the last change",
+    let end = current_lsn(&db).await;
+    wait_confirmed(
+        &pg,
+        "store",
+        "tidemark_store",
+        end,
         Duration::from_secs(60),
-        || {
-            let out = std::process::Command::new(pg_bindir().join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "store", "-Atc"])
-            .arg("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'tidemark_store'")
-            .output()
-            .ok()?;
-            let lsn: tidemark::position::Lsn =
-                String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-            (lsn >= end).then_some(())
-        },
-    );
+        || tm.log(),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     printer.abort();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -255,6 +255,76 @@ async fn durable_after(
     Ok((consumer, durable))
 }
 
+fn db_error(
+    projection: &str,
+    what: &str,
+) -> impl FnOnce(tokio_postgres::Error) -> ProjectionError + use<> {
+    let (projection, what) = (projection.to_string(), what.to_string());
+    move |source| ProjectionError::Database {
+        projection,
+        what,
+        source,
+    }
+}
+
+fn nats_error(
+    projection: &str,
+    what: &str,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> ProjectionError + use<> {
+    let (projection, what) = (projection.to_string(), what.to_string());
+    move |source| ProjectionError::Nats {
+        projection,
+        what,
+        source,
+    }
+}
+
+/// Whether a projection reads events on `subject` (its filter is applied by the
+/// projection, not the consumer).
+fn reads(subjects: &[String], subject: &str) -> bool {
+    subjects
+        .iter()
+        .any(|f| provision::subject_covers(f, subject))
+}
+
+/// The statement that records a projection's checkpoint in `table`.
+fn upsert_checkpoint(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (projection, stream, stream_seq, commit_lsn, updated_at) \
+         VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection) DO UPDATE \
+         SET stream = EXCLUDED.stream, stream_seq = EXCLUDED.stream_seq, commit_lsn = EXCLUDED.commit_lsn, updated_at = now()"
+    )
+}
+
+/// A projection's entry in the positions bucket, and its revision (0 when absent).
+async fn position_entry(kv: &jetstream::kv::Store, name: &str) -> (Applied, u64) {
+    match kv.entry(name).await {
+        Ok(Some(e)) if e.operation == jetstream::kv::Operation::Put => (
+            serde_json::from_slice::<Applied>(&e.value).unwrap_or_default(),
+            e.revision,
+        ),
+        _ => (Applied::default(), 0),
+    }
+}
+
+/// Writes a projection's position entry, conditional on `revision` (0: it must not
+/// exist yet). Returns the new revision.
+async fn write_position(
+    kv: &jetstream::kv::Store,
+    name: &str,
+    position: &Applied,
+    revision: u64,
+) -> Result<u64, String> {
+    let value: bytes::Bytes = serde_json::to_vec(position).unwrap_or_default().into();
+    if revision == 0 {
+        kv.create(name, value).await.map_err(|e| e.to_string())
+    } else {
+        kv.update(name, value, revision)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A projection's applied position, as published in the positions bucket.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
@@ -389,24 +459,8 @@ async fn attempt(
     let label = crate::telemetry::ProjectionLabel {
         projection: cfg.name.clone(),
     };
-    let db_err = |what: &str| {
-        let projection = cfg.name.clone();
-        let what = what.to_string();
-        move |source| ProjectionError::Database {
-            projection,
-            what,
-            source,
-        }
-    };
-    let nats_err = |what: &str| {
-        let projection = cfg.name.clone();
-        let what = what.to_string();
-        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
-            projection,
-            what,
-            source: e,
-        }
-    };
+    let db_err = |what: &str| db_error(&cfg.name, what);
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
     let target = match &cfg.target {
         Target::Postgres(pg) => pg,
         Target::Kv { bucket } => return attempt_kv(cfg, nats, cancel, bucket).await,
@@ -517,10 +571,7 @@ async fn attempt(
                 in_tx = 0;
                 whole_txs = 0;
             }
-            let wanted = cfg
-                .subjects
-                .iter()
-                .any(|f| provision::subject_covers(f, &msg.subject));
+            let wanted = reads(&cfg.subjects, &msg.subject);
             if wanted && !set_aside.contains(&seq) {
                 for (types, stmt, paths) in &handlers {
                     if !types.iter().any(|t| t == &event_type) {
@@ -563,14 +614,13 @@ async fn attempt(
                 whole_txs += 1;
             }
             if tx_end && (i + 1 == n || in_tx >= COMMIT_EVERY || seq <= careful_until) {
-                client.execute(
-                    "INSERT INTO tidemark_checkpoints (projection, stream, stream_seq, commit_lsn, updated_at) \
-                     VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection) DO UPDATE \
-                     SET stream = EXCLUDED.stream, stream_seq = EXCLUDED.stream_seq, commit_lsn = EXCLUDED.commit_lsn, updated_at = now()",
-                    &[&cfg.name, &cfg.stream, &(seq as i64), &lsn],
-                )
-                .await
-                .map_err(db_err("write the checkpoint"))?;
+                client
+                    .execute(
+                        &upsert_checkpoint("tidemark_checkpoints"),
+                        &[&cfg.name, &cfg.stream, &(seq as i64), &lsn],
+                    )
+                    .await
+                    .map_err(db_err("write the checkpoint"))?;
                 client
                     .batch_execute("COMMIT")
                     .await
@@ -726,24 +776,8 @@ pub async fn rebuild(
     nats: &NatsConfig,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RebuildStats, ProjectionError> {
-    let db_err = |what: &str| {
-        let projection = cfg.name.clone();
-        let what = what.to_string();
-        move |source| ProjectionError::Database {
-            projection,
-            what,
-            source,
-        }
-    };
-    let nats_err = |what: &str| {
-        let projection = cfg.name.clone();
-        let what = what.to_string();
-        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
-            projection,
-            what,
-            source: e,
-        }
-    };
+    let db_err = |what: &str| db_error(&cfg.name, what);
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
     let target = match &cfg.target {
         Target::Kv { bucket } => return rebuild_kv(cfg, nats, bucket, progress).await,
         Target::Postgres(pg) => pg,
@@ -763,6 +797,17 @@ pub async fn rebuild(
         .batch_execute(CHECKPOINTS)
         .await
         .map_err(db_err("create tidemark_checkpoints"))?;
+    // The checkpoint table the live projection uses, named before the search path
+    // points at the shadow schema.
+    let checkpoints: String = client
+        .query_one(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'tidemark_checkpoints'::regclass",
+            &[],
+        )
+        .await
+        .map_err(db_err("find tidemark_checkpoints"))?
+        .get(0);
     let shadow = quote_ident(&format!("tidemark_rebuild_{}", cfg.name));
     let old = quote_ident(&format!("tidemark_old_{}", cfg.name));
     let tables: Vec<(String, String)> = cfg.tables.iter().map(|t| split_table(t)).collect();
@@ -876,10 +921,7 @@ pub async fn rebuild(
             in_tx = 0;
         }
         let skip_failures = cfg.dead_letter.is_some();
-        let wanted = cfg
-            .subjects
-            .iter()
-            .any(|f| provision::subject_covers(f, &msg.subject));
+        let wanted = reads(&cfg.subjects, &msg.subject);
         for (types, stmt, paths) in &handlers {
             if !wanted || !types.iter().any(|t| t == &event_type) {
                 continue;
@@ -940,9 +982,7 @@ pub async fn rebuild(
         .map_err(db_err("swap the tables"))?;
     client
         .execute(
-            "INSERT INTO public.tidemark_checkpoints (projection, stream, stream_seq, commit_lsn, updated_at) \
-             VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection) DO UPDATE \
-             SET stream = EXCLUDED.stream, stream_seq = EXCLUDED.stream_seq, commit_lsn = EXCLUDED.commit_lsn, updated_at = now()",
+            &upsert_checkpoint(&checkpoints),
             &[&cfg.name, &cfg.stream, &(applied_seq as i64), &applied_lsn],
         )
         .await
@@ -1117,11 +1157,7 @@ impl Consumer {
                 };
                 event.seq = seq;
                 let last = event.txlast;
-                let wanted = self.subjects.is_empty()
-                    || self
-                        .subjects
-                        .iter()
-                        .any(|f| provision::subject_covers(f, &m.subject));
+                let wanted = self.subjects.is_empty() || reads(&self.subjects, &m.subject);
                 if wanted {
                     slice.push(event);
                 } else if last {
@@ -1266,15 +1302,7 @@ async fn attempt_kv(
     cancel: &CancellationToken,
     bucket: &str,
 ) -> Result<(), ProjectionError> {
-    let nats_err = |what: &str| {
-        let projection = cfg.name.clone();
-        let what = what.to_string();
-        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
-            projection,
-            what,
-            source: e,
-        }
-    };
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
     let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
     let js = jetstream::new(nc);
     let positions_kv = positions(&js)
@@ -1282,13 +1310,7 @@ async fn attempt_kv(
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
     // The position, and the bucket a rebuild may have swapped in; its revision makes
     // every later write conditional, so a swap is never overwritten.
-    let (start, mut revision) = match positions_kv.entry(&cfg.name).await {
-        Ok(Some(e)) if e.operation == jetstream::kv::Operation::Put => (
-            serde_json::from_slice::<Applied>(&e.value).unwrap_or_default(),
-            e.revision,
-        ),
-        _ => (Applied::default(), 0),
-    };
+    let (start, mut revision) = position_entry(&positions_kv, &cfg.name).await;
     let bucket = start.bucket.clone().unwrap_or_else(|| bucket.to_string());
     let bucket = bucket.as_str();
     let kv = match js.get_key_value(bucket).await {
@@ -1331,10 +1353,7 @@ async fn attempt_kv(
             }
             let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
             let event_type = event["type"].as_str().unwrap_or_default();
-            let wanted = cfg
-                .subjects
-                .iter()
-                .any(|f| provision::subject_covers(f, &msg.subject));
+            let wanted = reads(&cfg.subjects, &msg.subject);
             for h in cfg
                 .handlers
                 .iter()
@@ -1368,23 +1387,12 @@ async fn attempt_kv(
         }
         if let Some((seq, lsn, msg)) = moved {
             checkpoint = seq;
-            let value = serde_json::to_vec(&Applied {
+            let position = Applied {
                 seq,
                 lsn,
                 bucket: start.bucket.clone(),
-            })
-            .unwrap_or_default();
-            let written = if revision == 0 {
-                positions_kv
-                    .create(&cfg.name, value.into())
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                positions_kv
-                    .update(&cfg.name, value.into(), revision)
-                    .await
-                    .map_err(|e| e.to_string())
             };
+            let written = write_position(&positions_kv, &cfg.name, &position, revision).await;
             match written {
                 Ok(r) => revision = r,
                 // A rebuild swapped a new bucket in: continue from its position.
@@ -1420,15 +1428,7 @@ async fn rebuild_kv(
     configured: &str,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RebuildStats, ProjectionError> {
-    let nats_err = |what: &str| {
-        let projection = cfg.name.clone();
-        let what = what.to_string();
-        move |e: Box<dyn std::error::Error + Send + Sync>| ProjectionError::Nats {
-            projection,
-            what,
-            source: e,
-        }
-    };
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
     let nc = provision::connect(nats, &format!("tidemark-rebuild-{}", cfg.name)).await?;
     let js = jetstream::new(nc);
     let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -1473,27 +1473,15 @@ async fn rebuild_kv(
                     continue;
                 }
                 // Caught up: swap, unless the live projector wrote meanwhile.
-                let (current, revision) = match positions_kv.entry(&cfg.name).await {
-                    Ok(Some(e)) if e.operation == jetstream::kv::Operation::Put => (
-                        serde_json::from_slice::<Applied>(&e.value).unwrap_or_default(),
-                        e.revision,
-                    ),
-                    _ => (Applied::default(), 0),
-                };
-                let value = serde_json::to_vec(&Applied {
+                let (current, revision) = position_entry(&positions_kv, &cfg.name).await;
+                let position = Applied {
                     seq: seq_done,
                     lsn: lsn_done.clone(),
                     bucket: Some(bucket.clone()),
-                })
-                .unwrap_or_default();
-                let swapped = if revision == 0 {
-                    positions_kv.create(&cfg.name, value.into()).await.is_ok()
-                } else {
-                    positions_kv
-                        .update(&cfg.name, value.into(), revision)
-                        .await
-                        .is_ok()
                 };
+                let swapped = write_position(&positions_kv, &cfg.name, &position, revision)
+                    .await
+                    .is_ok();
                 if swapped {
                     let old = current.bucket.unwrap_or_else(|| configured.to_string());
                     info!(projection = %cfg.name, bucket = %bucket, old = %old, events, "KV rebuild swapped in; delete the old bucket when its readers have moved");
@@ -1510,10 +1498,7 @@ async fn rebuild_kv(
         let seq = info.stream_sequence;
         let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
         let event_type = event["type"].as_str().unwrap_or_default();
-        let wanted = cfg
-            .subjects
-            .iter()
-            .any(|f| provision::subject_covers(f, &msg.subject));
+        let wanted = reads(&cfg.subjects, &msg.subject);
         for h in cfg
             .handlers
             .iter()

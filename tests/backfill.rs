@@ -206,26 +206,16 @@ fn chunks_read(log: &str) -> Vec<u64> {
 }
 
 async fn wait_confirmed_end(pg: &PgServer, db: &tokio_postgres::Client) {
-    let end = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
-    let end: tidemark::position::Lsn = end.parse().unwrap();
-    wait_for(
-        "tidemark to confirm the end",
+    let end = current_lsn(db).await;
+    wait_confirmed(
+        pg,
+        "store",
+        "tidemark_store",
+        end,
         Duration::from_secs(120),
-        || {
-            let out = std::process::Command::new(pg_bindir().join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "store", "-Atc"])
-            .arg("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'tidemark_store'")
-            .output()
-            .ok()?;
-            let lsn: tidemark::position::Lsn =
-                String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-            (lsn >= end).then_some(())
-        },
-    );
+        String::new,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,59 +214,6 @@ fn assert_backlog(events: &[StoredEvent]) {
     }
 }
 
-async fn current_lsn(db: &tokio_postgres::Client) -> tidemark::position::Lsn {
-    let s: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    s.parse().unwrap()
-}
-
-async fn confirmed_flush(
-    db: &tokio_postgres::Client,
-    slot: &str,
-) -> Option<tidemark::position::Lsn> {
-    let rows = db
-        .query(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .ok()?;
-    rows.first()?.get::<_, Option<String>>(0)?.parse().ok()
-}
-
-async fn wait_confirmed(
-    pg: &PgServer,
-    dbname: &str,
-    slot: &str,
-    at_least: tidemark::position::Lsn,
-    timeout: Duration,
-    log: impl Fn() -> String,
-) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        // A fresh client each time: the server may have restarted.
-        if let Ok((c, conn)) = tokio_postgres::connect(&pg.url(dbname), tokio_postgres::NoTls).await
-        {
-            let h = tokio::spawn(conn);
-            let got = confirmed_flush(&c, slot).await;
-            h.abort();
-            if got.is_some_and(|l| l >= at_least) {
-                return;
-            }
-            if std::time::Instant::now() > deadline {
-                panic!(
-                    "slot {slot} confirmed {got:?}, wanted {at_least} within {timeout:?}\n{}",
-                    log()
-                );
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 enum Disruption {
     KillTidemark,
     RestartNats,

@@ -7,29 +7,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// GET `path` from the metrics endpoint: (status code, body).
-async fn get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, String::new());
-    };
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
 /// The value of a metric line that starts with `prefix`.
 fn metric(body: &str, prefix: &str) -> Option<f64> {
     body.lines()
@@ -75,9 +52,9 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
-    assert_eq!(get(port, "/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_string()));
     wait_until("ready", Duration::from_secs(10), || async {
-        get(port, "/readyz").await.0 == 200
+        http_get(port, "/readyz").await.0 == 200
     })
     .await;
 
@@ -95,12 +72,12 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
         "the counter to reach the stream",
         Duration::from_secs(10),
         || async {
-            let (_, body) = get(port, "/metrics").await;
+            let (_, body) = http_get(port, "/metrics").await;
             metric(&body, &format!("tidemark_events_published_total{label}")) == Some(300.0)
         },
     )
     .await;
-    let (_, body) = get(port, "/metrics").await;
+    let (_, body) = http_get(port, "/metrics").await;
     assert_eq!(stream_count(&nc, "STORE").await, 300);
     assert!(
         metric(
@@ -127,7 +104,7 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
     );
     // Drained: the lag gauges go to zero.
     wait_until("lag to drain", Duration::from_secs(20), || async {
-        let (_, body) = get(port, "/metrics").await;
+        let (_, body) = http_get(port, "/metrics").await;
         metric(&body, &format!("tidemark_replication_lag_seconds{label}")) == Some(0.0)
             && metric(&body, &format!("tidemark_in_flight{label}")) == Some(0.0)
             && metric(&body, &format!("tidemark_slot_retained_wal_bytes{label}")).is_some()
@@ -141,10 +118,10 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
         .await
         .unwrap();
     wait_until("not ready", Duration::from_secs(60), || async {
-        get(port, "/readyz").await.0 == 503
+        http_get(port, "/readyz").await.0 == 503
     })
     .await;
-    let (_, why) = get(port, "/readyz").await;
+    let (_, why) = http_get(port, "/readyz").await;
     assert!(why.contains("source store"), "{why}");
     // status says the same as the probe.
     let cfg_arg = cfg.to_str().unwrap();
@@ -160,7 +137,7 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
     );
     nats.start_again();
     wait_until("ready again", Duration::from_secs(60), || async {
-        get(port, "/readyz").await.0 == 200
+        http_get(port, "/readyz").await.0 == 200
     })
     .await;
     let (code, out, _) = tidemark_cmd(&["status", "--config", cfg_arg, "--json"]);
@@ -269,7 +246,7 @@ async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
         events[0].subject
     );
     wait_until("ready", Duration::from_secs(10), || async {
-        get(port, "/readyz").await.0 == 200
+        http_get(port, "/readyz").await.0 == 200
     })
     .await;
 
@@ -279,7 +256,7 @@ async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
     let stalled = async {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (code, body) = get(port, "/readyz").await;
+            let (code, body) = http_get(port, "/readyz").await;
             if code == 503 && body.contains("stalled") {
                 return true;
             }
@@ -294,10 +271,10 @@ async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
     assert!(stalled, "readyz never said stalled:\n{}", tm.log());
     assert!(tm.log().contains("no progress"), "{}", tm.log());
     wait_until("ready again", Duration::from_secs(60), || async {
-        get(port, "/readyz").await.0 == 200
+        http_get(port, "/readyz").await.0 == 200
     })
     .await;
-    let (_, body) = get(port, "/metrics").await;
+    let (_, body) = http_get(port, "/metrics").await;
     assert_eq!(
         metric(&body, "tidemark_stalled{source=\"store\"}"),
         Some(0.0),

@@ -111,13 +111,6 @@ async fn compare(store: &tokio_postgres::Client, rm: &tokio_postgres::Client) {
     assert_eq!(got_orders, want_orders);
 }
 
-async fn current_lsn(db: &tokio_postgres::Client) -> String {
-    db.query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Transactions of ten order changes: inserts, total updates and deletes.
 fn workload(db: tokio_postgres::Client, txs: usize, first_id: u64) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -207,7 +200,7 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
     db.batch_execute("INSERT INTO orders VALUES (1000000, 7, 'placed', 99.99)")
         .await
         .unwrap();
-    let lsn = current_lsn(&db).await;
+    let lsn = current_lsn(&db).await.to_string();
     let cfg_arg = cfg.to_str().unwrap();
     let (code, out, err) = tidemark_cmd(&[
         "wait",
@@ -256,7 +249,7 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
     db.batch_execute("INSERT INTO orders VALUES (1000001, 7, 'placed', 1.00)")
         .await
         .unwrap();
-    let lsn = current_lsn(&db).await;
+    let lsn = current_lsn(&db).await.to_string();
     let (code, _, err) = tidemark_cmd(&[
         "wait",
         "--config",
@@ -417,7 +410,7 @@ async fn a_rebuild_swaps_in_an_identical_model_that_readers_never_see_partial() 
             ])
         }
     };
-    let (code, out, err) = wait(current_lsn(&db).await)();
+    let (code, out, err) = wait(current_lsn(&db).await.to_string())();
     assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
     compare(&db, &rm).await;
 
@@ -477,7 +470,7 @@ async fn a_rebuild_swaps_in_an_identical_model_that_readers_never_see_partial() 
     workload(pg.client("store").await, 300, 500_000)
         .await
         .unwrap();
-    let (code, out, err) = wait(current_lsn(&db).await)();
+    let (code, out, err) = wait(current_lsn(&db).await.to_string())();
     assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
     compare(&db, &rm).await;
     let mut projector = projector;
@@ -693,7 +686,7 @@ key = "order.{data.key.id}"
         }
     }
     writer.await.unwrap();
-    let lsn = current_lsn(&db).await;
+    let lsn = current_lsn(&db).await.to_string();
     let (code, out, err) = tidemark_cmd(&[
         "wait",
         "--config",
@@ -755,7 +748,7 @@ key = "order.{data.key.id}"
     workload(pg.client("store").await, 200, 500_000)
         .await
         .unwrap();
-    let lsn = current_lsn(&db).await;
+    let lsn = current_lsn(&db).await.to_string();
     let (code, out, err) = tidemark_cmd(&[
         "wait",
         "--config",
@@ -810,28 +803,4 @@ async fn store_orders(db: &tokio_postgres::Client) -> BTreeMap<i32, (i64, String
     .iter()
     .map(|r| (r.get(0), (r.get::<_, i32>(1) as i64, r.get(2), r.get(3))))
     .collect()
-}
-
-/// GET `path` on a local port: (status code, body).
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    )
 }

@@ -940,3 +940,84 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// Postgres' current WAL position.
+pub async fn current_lsn(db: &tokio_postgres::Client) -> tidemark::position::Lsn {
+    let s: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
+}
+
+/// The slot's confirmed flush LSN.
+pub async fn confirmed_flush(
+    db: &tokio_postgres::Client,
+    slot: &str,
+) -> Option<tidemark::position::Lsn> {
+    let rows = db
+        .query(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()?;
+    rows.first()?.get::<_, Option<String>>(0)?.parse().ok()
+}
+
+/// Waits until the slot has confirmed `at_least` (a fresh client each time: the
+/// server may restart meanwhile).
+pub async fn wait_confirmed(
+    pg: &PgServer,
+    dbname: &str,
+    slot: &str,
+    at_least: tidemark::position::Lsn,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // A fresh client each time: the server may have restarted.
+        if let Ok((c, conn)) = tokio_postgres::connect(&pg.url(dbname), tokio_postgres::NoTls).await
+        {
+            let h = tokio::spawn(conn);
+            let got = confirmed_flush(&c, slot).await;
+            h.abort();
+            if got.is_some_and(|l| l >= at_least) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "slot {slot} confirmed {got:?}, wanted {at_least} within {timeout:?}\n{}",
+                    log()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GET `path` from a local HTTP endpoint: (status code, body); (0, "") when nothing
+/// listens.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
