@@ -29,7 +29,7 @@ use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::postgres::replication::quote_ident;
 
 /// The logical message prefix of watermarks; reserved.
-pub const WATERMARK_PREFIX: &str = "tidemark.watermark";
+pub use crate::events::reserved::WATERMARK_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -576,16 +576,16 @@ pub async fn run_worker(
                     .ok()
                     .flatten()
                     .unwrap_or(job);
-                tracing::error!(table = %job.qualified(), error = %crate::pipeline::ErrorChain(&err), "backfill failed: fix the cause and run `tidemark backfill` again");
+                tracing::error!(table = %job.qualified(), error = %crate::error::ErrorChain(&err), "backfill failed: fix the cause and run `tidemark backfill` again");
                 job.state = JobState::Failed;
-                job.error = Some(crate::pipeline::ErrorChain(&err).to_string());
+                job.error = Some(crate::error::ErrorChain(&err).to_string());
                 job.updated_at = Some(now());
                 if let Err(e) = progress.put(&job).await {
                     warn!(error = %e, "could not record the failed backfill");
                 }
             }
             _ => {
-                warn!(error = %crate::pipeline::ErrorChain(&err), wait_ms = backoff.as_millis() as u64, "backfill paused; retrying");
+                warn!(error = %crate::error::ErrorChain(&err), wait_ms = backoff.as_millis() as u64, "backfill paused; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{self, Config, NatsConfig, SourceConfig, TableSelection};
+use crate::error::ErrorChain;
 use crate::jetstream::provision;
-use crate::pipeline::{self, ErrorChain};
+use crate::pipeline;
 use crate::position::Lsn;
 use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::replay::{Filter, Position, Sink};

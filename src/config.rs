@@ -8,37 +8,20 @@
 //! from an environment variable or a file, and are `Secret`s that never reach `Debug`.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::events::mapping::Operation;
+use crate::events::operation::Operation;
 use crate::events::rules::{
     Choice, Literal, MESSAGE_PLACEHOLDERS, MessageSpec, OUTBOX_PLACEHOLDERS, OutboxSpec, Oversized,
     RuleSpec, TABLE_PLACEHOLDERS, TableSpec, Template,
 };
-
-/// A secret (password, token). Its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Secret(value)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use crate::jetstream::params::{NatsAuth, NatsConfig, Storage, StreamConfig};
+pub use crate::postgres::params::{PostgresConfig, SslMode, TableSelection};
+pub use crate::secret::Secret;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -392,30 +375,6 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone)]
-pub struct NatsConfig {
-    pub servers: Vec<String>,
-    pub auth: NatsAuth,
-    pub connect_timeout: Duration,
-    /// CA certificates (PEM) that signed the server's certificate.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Refuse a server that does not speak TLS.
-    pub tls_required: bool,
-}
-
-#[derive(Debug, Clone)]
-pub enum NatsAuth {
-    None,
-    UserPassword {
-        user: String,
-        password: Secret,
-    },
-    Token(Secret),
-    CredentialsFile(PathBuf),
-    /// An NKey seed (`SU...`): the server knows the public key.
-    NKey(Secret),
-}
-
-#[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub name: String,
     pub postgres: PostgresConfig,
@@ -465,68 +424,6 @@ pub enum SnapshotMode {
     Initial,
     /// Only changes from the slot's creation on.
     Never,
-}
-
-#[derive(Debug, Clone)]
-pub struct PostgresConfig {
-    /// A host name or address, or a directory holding the Unix socket (starts with '/').
-    pub host: String,
-    pub port: u16,
-    pub dbname: String,
-    pub user: String,
-    pub password: Option<Secret>,
-    pub connect_timeout: Duration,
-    /// TLS, as libpq's sslmode (ignored for a Unix socket).
-    pub sslmode: SslMode,
-    /// CA certificates (PEM) for verify-ca and verify-full.
-    pub sslrootcert: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl SslMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TableSelection {
-    All,
-    /// `(schema, table)` pairs.
-    Listed(Vec<(String, String)>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
-    File,
-    Memory,
-}
-
-#[derive(Debug, Clone)]
-pub struct StreamConfig {
-    pub name: String,
-    pub subjects: Vec<String>,
-    pub storage: Storage,
-    pub replicas: usize,
-    pub max_age: Option<Duration>,
-    pub max_bytes: Option<i64>,
-    pub duplicate_window: Duration,
-    /// Allow atomic batch publishing (set from the source's `atomic_transactions`).
-    pub atomic: bool,
 }
 
 pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
@@ -1899,10 +1796,7 @@ impl Validator<'_> {
             );
             return None;
         }
-        if m.prefix.get_ref() == crate::backfill::WATERMARK_PREFIX
-            || m.prefix.get_ref() == crate::projection::SYNC_PREFIX
-            || m.prefix.get_ref() == crate::pipeline::HEARTBEAT_PREFIX
-        {
+        if crate::events::reserved::is_reserved_prefix(m.prefix.get_ref()) {
             self.issue(
                 &m.prefix,
                 format!("{prefix}.prefix"),

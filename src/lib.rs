@@ -10,6 +10,7 @@
 pub mod backfill;
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod events;
 pub mod jetstream;
 pub mod pipeline;
@@ -17,5 +18,6 @@ pub mod position;
 pub mod postgres;
 pub mod projection;
 pub mod replay;
+pub mod secret;
 pub mod status;
 pub mod telemetry;

@@ -16,9 +16,11 @@ use tracing::{Instrument, debug, error, info, info_span, trace, warn};
 
 use crate::backfill::{self, BackfillError, ChunkOutcome, ChunkReceiver, Watermark};
 use crate::config::{NatsConfig, SnapshotMode, SourceConfig};
+use crate::error::ErrorChain;
 use crate::events::mapping::{
     self, DomainEvent, MapError, Operation, RowChange, Shrink, Table, TableColumn, TxContext,
 };
+use crate::events::reserved::{HEARTBEAT_PREFIX, SYNC_PREFIX, WATERMARK_PREFIX};
 use crate::events::rules::{self, BindError, LiveTable, OversizedPlan, TablePlan};
 use crate::jetstream::provision::{self, ProvisionError};
 use crate::jetstream::publisher::{PublishError, Publisher};
@@ -150,9 +152,6 @@ impl SourceError {
     }
 }
 
-/// The logical message prefix of heartbeats (`heartbeat_interval_secs`).
-pub const HEARTBEAT_PREFIX: &str = "tidemark.heartbeat";
-
 /// Runs one source until `cancel` fires (Ok) or a fatal error (Err).
 pub async fn run_source(
     cfg: SourceConfig,
@@ -210,21 +209,6 @@ pub async fn run_source(
     }
     .instrument(span)
     .await
-}
-
-/// Renders an error with its causes, for log fields.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
 }
 
 async fn run_attempt(
@@ -1020,12 +1004,12 @@ impl Pipeline<'_> {
             self.heartbeat_ids.push_back(event.id.clone());
             return self.emit(event).await;
         }
-        if m.prefix == crate::projection::SYNC_PREFIX && m.transactional {
+        if m.prefix == SYNC_PREFIX && m.transactional {
             let (_, index) = self.next_index()?;
             let event = mapping::sync_event(&self.context()?, index);
             return self.emit(event).await;
         }
-        if m.prefix == backfill::WATERMARK_PREFIX && m.transactional {
+        if m.prefix == WATERMARK_PREFIX && m.transactional {
             self.next_index()?;
             return match serde_json::from_slice::<Watermark>(&m.content) {
                 Ok(wm) => self.watermark(wm).await,

@@ -26,17 +26,17 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::config::{
     Action, EventPath, KeyPart, KvOp, NatsConfig, PostgresConfig, ProjectionConfig, Target,
 };
+use crate::error::ErrorChain;
 use crate::jetstream::provision::{self, ProvisionError};
-use crate::pipeline::ErrorChain;
 use crate::position::Lsn;
 use crate::postgres::catalog::{self, CatalogError};
 use crate::postgres::replication::quote_ident;
 
+/// The KV bucket holding each projection's applied position.
+pub use crate::events::reserved::POSITIONS_BUCKET;
 /// The logical message prefix `tidemark wait` writes; the source publishes it as a
 /// `tidemark.sync` event on `<source>._tidemark.sync`.
-pub const SYNC_PREFIX: &str = "tidemark.sync";
-/// The KV bucket holding each projection's applied position.
-pub const POSITIONS_BUCKET: &str = "tidemark_projections";
+pub use crate::events::reserved::SYNC_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {

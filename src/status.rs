@@ -7,8 +7,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::config::{NatsConfig, SourceConfig};
+use crate::error::ErrorChain;
 use crate::jetstream::provision;
-use crate::pipeline::ErrorChain;
 use crate::position::EventId;
 use crate::postgres::catalog::Catalog;
 

@@ -3,4 +3,6 @@
 
 pub mod envelope;
 pub mod mapping;
+pub mod operation;
+pub mod reserved;
 pub mod rules;

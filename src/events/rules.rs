@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::events::mapping::Operation;
+use crate::events::operation::Operation;
 use crate::postgres::pgoutput::{ColumnValue, ReplicaIdentity, Tuple};
 
 /// A literal in a rule condition, compared with a column's text value.

@@ -1,5 +1,6 @@
 //! The sink stage: provisioning the stream (`provision`) and the ordered, pipelined,
 //! gap-free publisher (`publisher`).
 
+pub mod params;
 pub mod provision;
 pub mod publisher;

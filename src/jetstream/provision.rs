@@ -5,7 +5,7 @@
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 
-use crate::config::{NatsAuth, NatsConfig, Storage, StreamConfig};
+use crate::jetstream::params::{NatsAuth, NatsConfig, Storage, StreamConfig};
 use crate::position::{EventId, StreamTail};
 
 #[derive(Debug, thiserror::Error)]

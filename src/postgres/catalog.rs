@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
-use crate::config::{PostgresConfig, TableSelection};
 use crate::position::Lsn;
+use crate::postgres::params::{PostgresConfig, TableSelection};
 use crate::postgres::replication::quote_ident;
 use crate::postgres::values::{TypeKind, builtin_kind};
 
@@ -193,7 +193,7 @@ async fn connect_with_task(
             Ok((client, task))
         }
         Some(config) => {
-            pg.ssl_mode(if cfg.sslmode == crate::config::SslMode::Prefer {
+            pg.ssl_mode(if cfg.sslmode == crate::postgres::params::SslMode::Prefer {
                 tokio_postgres::config::SslMode::Prefer
             } else {
                 tokio_postgres::config::SslMode::Require

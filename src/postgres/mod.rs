@@ -3,6 +3,7 @@
 //! `pgoutput` and `values` the pure decoding of what replication sends.
 
 pub mod catalog;
+pub mod params;
 pub mod pgoutput;
 pub mod replication;
 pub mod tls;

@@ -23,8 +23,9 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::{PostgresConfig, Secret};
 use crate::position::Lsn;
+use crate::postgres::params::PostgresConfig;
+use crate::secret::Secret;
 
 /// An error the server sent, with its SQLSTATE.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +195,7 @@ async fn negotiate_tls(
                 .map_err(io_err)?;
             Ok(Socket::Tls(Box::new(tls)))
         }
-        _ if cfg.sslmode == crate::config::SslMode::Prefer => Ok(Socket::Tcp(tcp)),
+        _ if cfg.sslmode == crate::postgres::params::SslMode::Prefer => Ok(Socket::Tcp(tcp)),
         _ => Err(ReplicationError::TlsRefused {
             target: target.to_string(),
             mode,

@@ -20,7 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
-use crate::config::SslMode;
+use crate::postgres::params::SslMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
