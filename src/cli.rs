@@ -14,10 +14,10 @@ use tracing::{error, info};
 use crate::config::{self, Config, NatsConfig, SourceConfig, TableSelection};
 use crate::error::ErrorChain;
 use crate::jetstream::provision;
-use crate::pipeline;
 use crate::position::Lsn;
 use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::replay::{Filter, Position, Sink};
+use crate::source;
 use time::OffsetDateTime;
 
 /// Stream PostgreSQL row changes into NATS JetStream as CloudEvents, exactly once and in
@@ -448,7 +448,7 @@ async fn run_sources(cfg: Config) -> ExitCode {
         let token = root.child_token();
         let nats = cfg.nats.clone();
         let tel = tel.clone();
-        sources.spawn(async move { (name, pipeline::run_source(source, nats, token, tel).await) });
+        sources.spawn(async move { (name, source::run_source(source, nats, token, tel).await) });
     }
     let code = supervise(&mut sources, &root, "source").await;
     if code == ExitCode::SUCCESS {
@@ -593,7 +593,7 @@ async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
     if let (Some(false), Some(last_seq)) = (slot_exists, stream_last_seq)
         && last_seq > 0
     {
-        let err = pipeline::SourceError::SlotLost {
+        let err = source::SourceError::SlotLost {
             slot: s.slot.clone(),
             stream: s.stream.name.clone(),
             last_seq,
@@ -769,9 +769,9 @@ async fn plan_lines(
     tables: &[crate::postgres::catalog::TableInfo],
 ) -> Result<CheckLines, CatalogError> {
     let mut out: CheckLines = Vec::new();
-    let planned = match pipeline::plan_tables(catalog, s, tables).await {
+    let planned = match source::plan_tables(catalog, s, tables).await {
         Ok(p) => p,
-        Err(pipeline::SourceError::Catalog(e)) => return Err(e),
+        Err(source::SourceError::Catalog(e)) => return Err(e),
         Err(e) => {
             out.push((false, "mapping".into(), ErrorChain(&e).to_string()));
             return Ok(out);

@@ -73,6 +73,33 @@ pub enum PublishError {
         size: usize,
         limit: usize,
     },
+    #[error(
+        "event {event_id} for {table} (key {key}) is {size} bytes with {headers} bytes of headers, over the NATS server's max_payload = {max_payload}: lower max_event_bytes below max_payload less the headers (outbox headers count), or raise max_payload in the nats-server config"
+    )]
+    OversizedOnWire {
+        event_id: EventId,
+        table: String,
+        key: String,
+        size: usize,
+        headers: usize,
+        max_payload: usize,
+    },
+}
+
+/// An upper bound of the header bytes a publish of `event` carries on the wire: its
+/// user headers, `Nats-Msg-Id`, and room for the chain and batch headers.
+pub fn header_bytes(event: &DomainEvent) -> usize {
+    // "NATS/1.0\r\n" and the closing "\r\n".
+    const FRAME: usize = 12;
+    // Nats-Expected-Last-Sequence, Nats-Batch-Id, -Sequence and -Commit at their
+    // longest, each as "name: value\r\n".
+    const CHAIN_AND_BATCH: usize = 48 + 40 + 42 + 22;
+    let user: usize = event
+        .headers
+        .iter()
+        .map(|(n, v)| n.len() + v.len() + 4)
+        .sum();
+    FRAME + CHAIN_AND_BATCH + "Nats-Msg-Id: \r\n".len() + event.msg_id.len() + user
 }
 
 impl PublishError {
@@ -184,7 +211,9 @@ impl Publisher {
     /// its idle timeout; nothing of it is stored).
     pub fn abandon_batch(&mut self) {
         if let Some(b) = self.batch.take() {
-            self.unacked -= b.count as usize;
+            // Saturating: a send cut short by shutdown counted in the batch but not
+            // in `unacked`.
+            self.unacked = self.unacked.saturating_sub(b.count as usize);
         }
     }
 

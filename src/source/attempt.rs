@@ -1,0 +1,238 @@
+//! One attempt: the start-up checks (wal_level, grants, publication, mapping rules,
+//! slot, stream, what the stream already holds), then the pipeline until it ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::error::SourceError;
+use super::flush::FlushTracker;
+use super::pipeline::Pipeline;
+use super::plan::plan_tables;
+use crate::backfill::{self, BackfillError};
+use crate::config::{NatsConfig, SnapshotMode, SourceConfig};
+use crate::jetstream::provision::{self, ProvisionError};
+use crate::jetstream::publisher::Publisher;
+use crate::position::Lsn;
+use crate::postgres::catalog::{Catalog, CatalogError};
+use crate::postgres::replication::{ReplicationConnection, ReplicationError};
+use crate::postgres::values::TypeRegistry;
+use crate::telemetry::Telemetry;
+
+pub(super) async fn run_attempt(
+    cfg: &SourceConfig,
+    nats: &NatsConfig,
+    cancel: &CancellationToken,
+    tel: &std::sync::Arc<Telemetry>,
+) -> Result<(), SourceError> {
+    // Postgres: catalog checks and setup.
+    let catalog = Catalog::connect(&cfg.postgres).await?;
+    catalog.check_wal_level().await?;
+    let wanted = match &cfg.tables {
+        crate::config::TableSelection::All => catalog.all_tables().await?,
+        crate::config::TableSelection::Listed(t) => t.clone(),
+    };
+    catalog.check_grants(&wanted).await?;
+    let tables = catalog
+        .ensure_publication(&cfg.publication, &cfg.tables, cfg.create_publication)
+        .await?;
+    for t in &tables {
+        if let Some(identity) = t.identity_problem() {
+            warn!(table = %t.qualified(), identity, "table has no usable replica identity: PostgreSQL rejects its UPDATEs and DELETEs while it is published");
+        }
+    }
+    // Mapping rules must fit the live tables before anything streams.
+    plan_tables(&catalog, cfg, &tables).await?;
+    let slot = catalog.slot(&cfg.slot).await?;
+    match &slot {
+        Some(s) => catalog.check_slot(&cfg.slot, s)?,
+        None if !cfg.create_slot => {
+            return Err(CatalogError::SlotMissing {
+                slot: cfg.slot.clone(),
+            }
+            .into());
+        }
+        None => {}
+    }
+
+    // NATS: the stream and what it already holds.
+    let client = provision::connect(nats, &format!("tidemark-{}", cfg.name)).await?;
+    let max_payload = client.server_info().max_payload;
+    if max_payload > 0 && cfg.max_event_bytes > max_payload {
+        return Err(ProvisionError::PayloadLimit {
+            max_payload,
+            max_event_bytes: cfg.max_event_bytes,
+        }
+        .into());
+    }
+    let version = client.server_info().version;
+    if cfg.atomic_transactions && !provision::supports_atomic_batches(&version) {
+        return Err(ProvisionError::AtomicUnsupported { version }.into());
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
+    let tail = provision::read_tail(&mut stream, &cfg.name).await?;
+    let progress = backfill::Progress::open(&js, &cfg.name).await?;
+    // A new slot starts at the current WAL position: if the stream ever stored this
+    // source's events, whatever happened between them and now would be missing in
+    // silence. Refuse, and say so. The one exception is a stream that `tidemark reset
+    // --purge-stream` emptied (it records the sequence it purged at): a deliberate fresh
+    // start. A stream whose events all aged out is not one.
+    if slot.is_none() && tail.last_seq > 0 {
+        let purged_here =
+            tail.last_event.is_none() && progress.purged_at().await? == Some(tail.last_seq);
+        if !purged_here {
+            return Err(SourceError::SlotLost {
+                slot: cfg.slot.clone(),
+                stream: cfg.stream.name.clone(),
+                last_seq: tail.last_seq,
+                last_lsn: tail.last_event.map(|(l, _)| l),
+            });
+        }
+    }
+
+    // Backfills: a new slot with snapshot = "initial" starts with a backfill of every
+    // streamed table; the jobs are written before the slot exists, so a crash in
+    // between cannot lose them.
+    if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
+        queue_initial_snapshot(cfg, &progress, &tables).await?;
+    }
+
+    // Replication.
+    let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
+    let ident = conn.identify_system().await?;
+    if slot.is_none() {
+        let at = conn.create_slot(&cfg.slot).await?;
+        info!(lsn = %at, "replication slot created");
+    }
+    let repl = match conn
+        .start_replication(&cfg.slot, &cfg.publication, Lsn::ZERO)
+        .await
+    {
+        Ok(r) => r,
+        Err(ReplicationError::Server(e)) if e.code == "55006" => {
+            let pid = catalog
+                .slot(&cfg.slot)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|s| s.active_pid);
+            return Err(SourceError::SlotBusy {
+                slot: cfg.slot.clone(),
+                pid,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let confirmed = catalog
+        .slot(&cfg.slot)
+        .await?
+        .and_then(|s| s.confirmed_flush)
+        .unwrap_or(Lsn::ZERO);
+    info!(
+        lsn = %confirmed,
+        server_lsn = %ident.xlog_pos,
+        seq = tail.last_seq,
+        last_event = ?tail.last_event,
+        "streaming"
+    );
+    tel.set_streaming(&cfg.name, true);
+
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(1);
+    let worker_cancel = cancel.child_token();
+    let worker = tokio::spawn(
+        backfill::run_worker(cfg.clone(), progress, chunk_tx, worker_cancel.clone())
+            .instrument(info_span!("backfill")),
+    );
+    let _worker = WorkerGuard {
+        cancel: worker_cancel,
+        task: worker,
+    };
+    let publisher = Publisher::new(
+        client,
+        cfg.stream.name.clone(),
+        tail.last_seq,
+        cfg.publish_window,
+        cfg.ack_timeout,
+    );
+    let mut p = Pipeline {
+        tel: tel.clone(),
+        label: Telemetry::label(&cfg.name),
+        last_progress: Instant::now(),
+        heartbeat_pending: None,
+        heartbeat_ids: VecDeque::new(),
+        stalled: false,
+        wal_warned: false,
+        cfg,
+        catalog,
+        repl,
+        publisher,
+        tail,
+        relations: HashMap::new(),
+        types: TypeRegistry::default(),
+        tx: None,
+        held: None,
+        chunks: chunk_rx,
+        window: None,
+        chunk_in_tx: None,
+        flush: FlushTracker::new(confirmed),
+        skipped: 0,
+        max_payload,
+        sent_flush: confirmed,
+    };
+    p.run(cancel).await
+}
+
+/// Ends the backfill worker with the attempt.
+struct WorkerGuard {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), BackfillError>>,
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.task.abort();
+    }
+}
+
+/// Writes a backfill job for every table an initial snapshot reads (outbox tables
+/// excepted), unless one exists. A table without a usable key stops the start.
+async fn queue_initial_snapshot(
+    cfg: &SourceConfig,
+    progress: &backfill::Progress,
+    tables: &[crate::postgres::catalog::TableInfo],
+) -> Result<(), SourceError> {
+    let mut jobs = Vec::new();
+    for t in tables {
+        let wanted = match &cfg.snapshot_tables {
+            Some(list) => list.contains(&(t.schema.clone(), t.name.clone())),
+            None => true,
+        };
+        let outbox = cfg
+            .outboxes
+            .iter()
+            .any(|o| o.schema == t.schema && o.table == t.name);
+        if !wanted || outbox {
+            continue;
+        }
+        let key = backfill::key_columns(cfg, &t.schema, &t.name, &t.primary_key)?;
+        jobs.push(backfill::Job::new(
+            &t.schema,
+            &t.name,
+            key,
+            "initial snapshot",
+            None,
+            cfg.snapshot_chunk_size,
+        ));
+    }
+    for job in jobs {
+        if progress.get(&job.schema, &job.table).await?.is_none() {
+            progress.put(&job).await?;
+            info!(table = %job.qualified(), "initial snapshot queued");
+        }
+    }
+    Ok(())
+}

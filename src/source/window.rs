@@ -1,0 +1,160 @@
+//! The DBLog window of a backfill chunk: between the chunk's low and high watermark,
+//! the keys live changes touch are noted; at the high watermark the chunk's rows that
+//! none touched are published as reads, in the transaction of the high watermark.
+
+use std::collections::HashSet;
+
+use tracing::debug;
+
+use super::error::SourceError;
+use super::pipeline::Pipeline;
+use super::plan::catalog_relation;
+use crate::backfill::{ChunkOutcome, Watermark};
+use crate::events::mapping::Operation;
+use crate::postgres::pgoutput;
+
+/// A backfill chunk's window: the keys of its table that live changes touched between
+/// the chunk's low and high watermarks.
+pub(super) struct Window {
+    pub(super) job_id: String,
+    pub(super) chunk: u64,
+    pub(super) relid: u32,
+    pub(super) key: Vec<String>,
+    pub(super) changed: HashSet<Vec<Option<bytes::Bytes>>>,
+    pub(super) truncated: bool,
+}
+
+impl Pipeline<'_> {
+    /// A backfill watermark: the low one opens the chunk's window, the high one
+    /// publishes the chunk's rows that no live change touched inside it.
+    pub(super) async fn watermark(&mut self, wm: Watermark) -> Result<(), SourceError> {
+        if wm.mark == "low" {
+            self.window = Some(Window {
+                job_id: wm.backfill,
+                chunk: wm.chunk,
+                relid: wm.relid,
+                key: wm.key,
+                changed: HashSet::new(),
+                truncated: false,
+            });
+            return Ok(());
+        }
+        // Find the chunk; chunks of other windows are stale: have them read again.
+        let mut found = None;
+        while let Ok((chunk, reply)) = self.chunks.try_recv() {
+            if chunk.job_id == wm.backfill && chunk.chunk == wm.chunk {
+                found = Some((chunk, reply));
+            } else {
+                let _ = reply.send(ChunkOutcome::Retry(
+                    "its high watermark was not seen".into(),
+                ));
+            }
+        }
+        let window = self
+            .window
+            .take()
+            .filter(|w| w.job_id == wm.backfill && w.chunk == wm.chunk);
+        // A high watermark without its chunk was written by an earlier process (the
+        // slot sends it again after a restart); that chunk is read again.
+        let Some((chunk, reply)) = found else {
+            debug!(
+                chunk = wm.chunk,
+                "high watermark of an earlier process's chunk ignored"
+            );
+            return Ok(());
+        };
+        let Some(window) = window else {
+            let _ = reply.send(ChunkOutcome::Retry("its low watermark was not seen".into()));
+            return Ok(());
+        };
+        if !self.relations.contains_key(&chunk.relid) {
+            let relation = catalog_relation(&self.catalog, chunk.relid).await?;
+            let table = self.describe(relation).await?;
+            self.relations.insert(table.relation_id, table);
+        }
+        let table = self.table(chunk.relid)?;
+        let order: Option<Vec<usize>> = table
+            .columns
+            .iter()
+            .map(|c| chunk.columns.iter().position(|n| n == &c.name))
+            .collect();
+        let (Some(order), true) = (order, table.columns.len() == chunk.columns.len()) else {
+            let _ = reply.send(ChunkOutcome::Retry("the table's columns changed".into()));
+            return Ok(());
+        };
+        let key_idx: Vec<Option<usize>> = window
+            .key
+            .iter()
+            .map(|k| chunk.columns.iter().position(|n| n == k))
+            .collect();
+        let (mut published, mut skipped) = (0, 0);
+        for row in chunk.rows {
+            let key: Vec<Option<bytes::Bytes>> = key_idx
+                .iter()
+                .map(|i| {
+                    i.and_then(|i| row.get(i).cloned().flatten())
+                        .map(bytes::Bytes::from)
+                })
+                .collect();
+            if window.truncated || window.changed.contains(&key) {
+                skipped += 1;
+                continue;
+            }
+            let tuple = pgoutput::Tuple(
+                order
+                    .iter()
+                    .map(|&i| match row.get(i).cloned().flatten() {
+                        Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
+                        None => pgoutput::ColumnValue::Null,
+                    })
+                    .collect(),
+            );
+            let (_, index) = self.next_index()?;
+            if let Some(event) =
+                self.map_row(index, chunk.relid, Operation::Read, None, Some(&tuple))?
+            {
+                self.emit(event).await?;
+                published += 1;
+            } else {
+                skipped += 1;
+            }
+        }
+        debug!(
+            chunk = wm.chunk,
+            published, skipped, "backfill chunk placed"
+        );
+        self.chunk_in_tx = Some((reply, ChunkOutcome::Stored { published, skipped }));
+        Ok(())
+    }
+
+    /// Records the keys a live change touched in the open window's table.
+    pub(super) fn note_window_change(
+        &mut self,
+        relation_id: u32,
+        old: Option<&pgoutput::Tuple>,
+        new: Option<&pgoutput::Tuple>,
+    ) -> Result<(), SourceError> {
+        let table = self.table(relation_id)?;
+        let Some(w) = self.window.as_ref() else {
+            return Ok(());
+        };
+        let idx: Vec<Option<usize>> = w
+            .key
+            .iter()
+            .map(|k| table.columns.iter().position(|c| &c.name == k))
+            .collect();
+        let key_of = |t: &pgoutput::Tuple| -> Vec<Option<bytes::Bytes>> {
+            idx.iter()
+                .map(|i| match i.and_then(|i| t.0.get(i)) {
+                    Some(pgoutput::ColumnValue::Text(b)) => Some(b.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let keys: Vec<_> = old.into_iter().chain(new).map(key_of).collect();
+        if let Some(w) = self.window.as_mut() {
+            w.changed.extend(keys);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! Integration tests of the source pipeline's edges (real PostgreSQL, real nats-server):
+//! messages that yield several events against a full publish window, transaction
+//! marks, the server's size limit, and shutdown in a stalled state.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Regression (issue 14): a multi-table TRUNCATE sent each relation's event into a
+/// full window, and the task that would read the acks was the one waiting: the source
+/// hung for good, and SIGTERM did not end it. Every window size must stream all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_table_truncate_streams_everything_whatever_the_window() {
+    let Rig { pg, nats, dir, .. } = Rig::start().await;
+    let nc = nats.client().await;
+    for window in [1usize, 4, 1024] {
+        let name = format!("w{window}");
+        let db = pg.create_db(&name).await;
+        db.batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
+             CREATE TABLE c (id int PRIMARY KEY); CREATE TABLE d (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+        let extra = format!("publish_window = {window}");
+        let cfg = write_config(
+            dir.path(),
+            &pg,
+            &nats,
+            &SourceSpec {
+                extra: &extra,
+                ..SourceSpec::new(&name, &name)
+            },
+        );
+        let mut tm = Tidemark::run(&cfg, &dir.path().join(format!("{name}.log")));
+        tm.wait_streaming();
+        db.batch_execute(
+            "INSERT INTO a SELECT generate_series(1, 1000);
+             INSERT INTO b SELECT generate_series(1, 1000);
+             INSERT INTO c SELECT generate_series(1, 1000);
+             INSERT INTO d SELECT generate_series(1, 1000);",
+        )
+        .await
+        .unwrap();
+        db.batch_execute("TRUNCATE a, b, c, d").await.unwrap();
+        db.batch_execute("INSERT INTO a SELECT generate_series(1, 500)")
+            .await
+            .unwrap();
+        let stream = name.to_uppercase();
+        wait_stream_count(&nc, &stream, 4_504, Duration::from_secs(60), || tm.log()).await;
+        let events = read_stream(&nc, &stream).await;
+        assert_eq!(events.len(), 4_504, "window {window}");
+        assert_exactly_once(&events);
+        let truncates: Vec<_> = events
+            .iter()
+            .filter(|e| {
+                e.body["type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with(".truncated")
+            })
+            .collect();
+        assert_eq!(truncates.len(), 4, "window {window}: one event per table");
+        // The transaction of the TRUNCATE ends once, on its last event.
+        let lasts = truncates
+            .iter()
+            .filter(|e| e.body["txlast"] == serde_json::json!(true))
+            .count();
+        assert_eq!(lasts, 1, "window {window}");
+        let started = Instant::now();
+        let status = tm.terminate(Duration::from_secs(20));
+        assert!(status.success(), "window {window}: {}", tm.log());
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+}
+
+/// Regression (issue 14): with transaction_events the summary is the transaction's
+/// last event, and only it carries txlast = true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_with_its_summary_ends_once() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "transaction_events = true",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1), (2), (3)")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO t VALUES (4)").await.unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 6, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let marks: Vec<(String, bool)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.body["type"].as_str().unwrap_or("").to_string(),
+                e.body["txlast"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    let t = |s: &str, last| (s.to_string(), last);
+    assert_eq!(
+        marks,
+        vec![
+            t("t.created", false),
+            t("t.created", false),
+            t("t.created", false),
+            t("tidemark.transaction", true),
+            t("t.created", false),
+            t("tidemark.transaction", true),
+        ]
+    );
+}
+
+/// Regression (issue 14): the server's max_payload counts headers too. An event
+/// under max_event_bytes whose headers push it over the server's limit stopped
+/// nothing: every attempt was refused and rebuilt. It now stops the source, named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_servers_limit_with_its_headers_stops_the_source_named() {
+    let pg = PgServer::start();
+    // A small max_payload, so a modest row reaches it.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let db = pg.create_db("store").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "max_event_bytes = 4096",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1, 'small')")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    // The envelope around a one-row body: what the row's text adds to it is its length.
+    let first = read_stream(&nc, "STORE").await;
+    let overhead = serde_json::to_string(&first[0].body).unwrap().len() - "small".len();
+    // A payload 40 bytes under the limit: over it only with the headers.
+    let body = "x".repeat(4096 - 40 - overhead);
+    db.execute("INSERT INTO t VALUES (2, $1)", &[&body])
+        .await
+        .unwrap();
+    let status = tm.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "{}", tm.log());
+    let log = tm.log();
+    assert!(log.contains("max_payload = 4096"), "{log}");
+    assert!(log.contains("bytes of headers"), "{log}");
+    assert_eq!(
+        stream_count(&nc, "STORE").await,
+        1,
+        "the event before it is stored"
+    );
+}
+
+/// SIGTERM while nothing can be stored (nats-server frozen mid-backlog, the window
+/// full) ends the process within the drain deadline (the ack timeout), exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_stalled_ends_within_the_drain_timeout() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "publish_window = 4",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
+    tm.wait_streaming();
+    let nc = nats.client().await;
+    db.batch_execute("INSERT INTO a SELECT generate_series(1, 20000)")
+        .await
+        .unwrap();
+    wait_stream_count(&nc, "STORE", 100, Duration::from_secs(30), || tm.log()).await;
+    let pid = nats.pid().expect("nats pid") as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // A TRUNCATE of two tables lands behind the backlog, in the frozen window.
+    db.batch_execute("TRUNCATE a, b").await.unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    // ack_timeout_secs = 5 in the test config: the drain waits at most that.
+    let status = tm.terminate(Duration::from_secs(15));
+    let took = started.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(status.success(), "exit {status:?}: {}", tm.log());
+    assert!(
+        took < Duration::from_secs(12),
+        "took {took:?}: {}",
+        tm.log()
+    );
+}
