@@ -225,34 +225,105 @@ pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
     }
 }
 
-/// The projection's durable consumer, made again to start right after `checkpoint`.
-/// It reads the whole stream: the subjects filter applies in the projection, because
-/// a source transaction's last event (its txlast mark) may be on any subject and the
-/// transaction must end where the source's did.
-async fn durable_after(
+/// The stream from just after `checkpoint`, in order, through an ordered consumer.
+///
+/// Why ordered and not a durable with acks: the checkpoint lives with the read model
+/// (a table in its database, or the positions bucket), so the server has nothing to
+/// remember. A durable consumer's ack wait and unacked limit would make the server
+/// redeliver, or stop delivering, in the middle of a source transaction that is still
+/// being applied in one open database transaction: a transaction larger than the
+/// limit stalled for good, and one slower than the ack wait applied its redelivered
+/// part twice. An ordered consumer has neither: each attempt reads on from its
+/// checkpoint, every message once, with flow control bounding what is buffered, and it
+/// recreates itself after the last message it saw when it misses one. A durable left
+/// by an older tidemark (`tidemark_<projection>`) is removed, so it holds nothing back.
+async fn read_after(
     js: &jetstream::Context,
     cfg: &ProjectionConfig,
     checkpoint: u64,
-) -> Result<(jetstream::consumer::PullConsumer, String), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<pull::Ordered, Box<dyn std::error::Error + Send + Sync>> {
     let stream = js.get_stream(&cfg.stream).await?;
-    let durable = format!("tidemark_{}", cfg.name);
-    let _ = stream.delete_consumer(&durable).await;
+    let legacy = format!("tidemark_{}", cfg.name);
+    if stream.consumer_info(&legacy).await.is_ok() {
+        stream.delete_consumer(&legacy).await?;
+        info!(consumer = %legacy, "removed the projection's old durable consumer: projections read with ordered consumers now");
+    }
     let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(durable.clone()),
-            deliver_policy: if checkpoint == 0 {
-                jetstream::consumer::DeliverPolicy::All
-            } else {
-                jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: checkpoint + 1,
-                }
-            },
-            ack_policy: jetstream::consumer::AckPolicy::All,
-            max_ack_pending: 20_000,
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: after(checkpoint),
             ..Default::default()
         })
         .await?;
-    Ok((consumer, durable))
+    Ok(consumer.messages().await?)
+}
+
+/// The deliver policy that starts right after `checkpoint`.
+fn after(checkpoint: u64) -> jetstream::consumer::DeliverPolicy {
+    if checkpoint == 0 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: checkpoint + 1,
+        }
+    }
+}
+
+/// An event as a rebuild reads it. What the live projection could not read went to the
+/// dead-letter subject (when set) and is passed over again; otherwise it stops the
+/// rebuild, named, as it stopped the live projection.
+fn rebuild_parse(
+    cfg: &ProjectionConfig,
+    msg: &jetstream::Message,
+    seq: u64,
+    wanted: bool,
+) -> Result<(serde_json::Value, String, String), ProjectionError> {
+    match parse_event(&msg.payload) {
+        Ok(parsed) => Ok(parsed),
+        Err(_) if !wanted || cfg.dead_letter.is_some() => {
+            Ok((serde_json::Value::Null, String::new(), String::new()))
+        }
+        Err(reason) => Err(ProjectionError::Poison {
+            projection: cfg.name.clone(),
+            event_id: "(unreadable)".into(),
+            subject: msg.subject.to_string(),
+            seq,
+            reason,
+        }),
+    }
+}
+
+/// How long the live loops wait for the next event before they count as caught up.
+const IDLE: Duration = Duration::from_millis(500);
+
+/// The next message of an ordered read, `None` when nothing came within `IDLE`.
+async fn next_message(
+    messages: &mut pull::Ordered,
+    projection: &str,
+) -> Result<Option<jetstream::Message>, ProjectionError> {
+    match tokio::time::timeout(IDLE, messages.next()).await {
+        Err(_) => Ok(None),
+        Ok(Some(Ok(m))) => Ok(Some(m)),
+        Ok(Some(Err(e))) => Err(nats_error(projection, "read events")(Box::new(e))),
+        Ok(None) => Err(nats_error(projection, "read events")(
+            "the stream's consumer ended".into(),
+        )),
+    }
+}
+
+/// An event's envelope as the live loops need it. A payload that is not a tidemark
+/// event (not JSON, or without `id` and `type`) is refused with the reason, never
+/// applied as an empty event or skipped in silence.
+fn parse_event(payload: &[u8]) -> Result<(serde_json::Value, String, String), String> {
+    let event: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| format!("the message is not a JSON event: {e}"))?;
+    let field = |name: &str| {
+        event[name]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("the message has no {name:?} string: not a tidemark event"))
+    };
+    let (id, event_type) = (field("id")?, field("type")?);
+    Ok((event, id, event_type))
 }
 
 fn db_error(
@@ -508,151 +579,240 @@ async fn attempt(
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
     // The consumer starts after the checkpoint every time: the database, not the
     // consumer, says what is applied.
-    let (consumer, durable) = durable_after(&js, cfg, checkpoint)
+    let mut messages = read_after(&js, cfg, checkpoint)
         .await
-        .map_err(nats_err("create the consumer"))?;
-    info!(seq = checkpoint, lsn = ?checkpoint_lsn, consumer = %durable, "projecting");
+        .map_err(nats_err("read the stream"))?;
+    info!(seq = checkpoint, lsn = ?checkpoint_lsn, "projecting");
 
     // The open database transaction (BEGIN sent), and the events applied in it. A
-    // dropped connection rolls an open transaction back.
+    // dropped connection rolls an open transaction back. A source transaction of any
+    // size streams into it event by event; nothing is buffered here.
     let mut open = false;
     let mut in_tx = 0usize;
     // Complete source transactions in the open database transaction.
     let mut whole_txs = 0usize;
     let mut last_published = Instant::now() - Duration::from_secs(1);
+    let mut inflight: futures_util::stream::FuturesOrdered<Answer<'_>> =
+        futures_util::stream::FuturesOrdered::new();
     loop {
-        if cancel.is_cancelled() {
+        let msg = tokio::select! {
+            biased;
             // An open transaction is rolled back: it is applied again on the next start.
-            return Ok(());
+            _ = cancel.cancelled() => return Ok(()),
+            m = next_message(&mut messages, &cfg.name) => m?,
+        };
+        let Some(msg) = msg else {
+            // Caught up and quiet: say where the read model stands.
+            if !open && last_published.elapsed() > Duration::from_millis(100) {
+                publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
+                last_published = Instant::now() + Duration::from_secs(5);
+            }
+            continue;
+        };
+        let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+        let seq = info.stream_sequence;
+        let pending = info.pending;
+        if seq <= checkpoint {
+            continue;
         }
-        let batch = consumer
-            .fetch()
-            .max_messages(COMMIT_EVERY)
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await
-            .map_err(|e| nats_err("fetch events")(Box::new(e)))?;
-        let messages: Vec<jetstream::Message> =
-            batch.filter_map(|m| async move { m.ok() }).collect().await;
-        let n = messages.len();
-        for (i, msg) in messages.into_iter().enumerate() {
-            let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
-            let seq = info.stream_sequence;
-            if seq <= checkpoint {
-                continue;
-            }
-            let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            let event_type = event["type"].as_str().unwrap_or_default().to_string();
-            let event_id = event["id"].as_str().unwrap_or_default().to_string();
-            if !open {
+        if !open {
+            client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(db_err("begin"))?;
+            // The projection's lock (a rebuild's swap takes it too), and the
+            // checkpoint under it: a swap may have moved it.
+            let row = client
+                .query_one(
+                    "SELECT pg_advisory_xact_lock(hashtext($1))::text, \
+                     (SELECT stream_seq FROM tidemark_checkpoints WHERE projection = $1)",
+                    &[&cfg.name],
+                )
+                .await
+                .map_err(db_err("take the projection's lock"))?;
+            let stored = row.get::<_, Option<i64>>(1).unwrap_or(0) as u64;
+            if stored != checkpoint {
                 client
-                    .batch_execute("BEGIN")
+                    .batch_execute("ROLLBACK")
                     .await
-                    .map_err(db_err("begin"))?;
-                // The projection's lock (a rebuild's swap takes it too), and the
-                // checkpoint under it: a swap may have moved it.
-                let row = client
-                    .query_one(
-                        "SELECT pg_advisory_xact_lock(hashtext($1))::text, \
-                         (SELECT stream_seq FROM tidemark_checkpoints WHERE projection = $1)",
-                        &[&cfg.name],
-                    )
-                    .await
-                    .map_err(db_err("take the projection's lock"))?;
-                let stored = row.get::<_, Option<i64>>(1).unwrap_or(0) as u64;
-                if stored != checkpoint {
-                    client
-                        .batch_execute("ROLLBACK")
-                        .await
-                        .map_err(db_err("roll back"))?;
-                    return Err(ProjectionError::Moved(stored));
-                }
-                open = true;
-                in_tx = 0;
-                whole_txs = 0;
+                    .map_err(db_err("roll back"))?;
+                return Err(ProjectionError::Moved(stored));
             }
-            let wanted = reads(&cfg.subjects, &msg.subject);
-            if wanted && !set_aside.contains(&seq) {
-                for (types, stmt, paths) in &handlers {
-                    if !types.iter().any(|t| t == &event_type) {
-                        continue;
-                    }
-                    let params: Vec<TextParam> = paths.iter().map(|p| param(&event, p)).collect();
-                    let refs: Vec<&(dyn ToSql + Sync)> =
-                        params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                    if let Err(e) = client.execute(stmt, &refs).await {
-                        let reason = ErrorChain(&e).to_string();
-                        client
-                            .batch_execute("ROLLBACK")
-                            .await
-                            .map_err(db_err("roll back"))?;
-                        if whole_txs > 0 {
-                            return Err(ProjectionError::Isolate(seq));
-                        }
-                        let Some(subject) = &cfg.dead_letter else {
-                            return Err(ProjectionError::Poison {
-                                projection: cfg.name.clone(),
-                                event_id,
-                                subject: msg.subject.to_string(),
-                                seq,
-                                reason,
-                            });
-                        };
-                        dead_letter(&js, cfg, subject, &msg, &event_id, seq, &reason).await?;
-                        warn!(event_id = %event_id, seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
-                        set_aside.insert(seq);
-                        return Err(ProjectionError::SetAside(seq));
-                    }
-                }
+            open = true;
+            in_tx = 0;
+            whole_txs = 0;
+        }
+        let wanted = reads(&cfg.subjects, &msg.subject) && !set_aside.contains(&seq);
+        let parsed = parse_event(&msg.payload);
+        let origin = |event_id: String| Origin {
+            seq,
+            event_id,
+            subject: msg.subject.to_string(),
+            payload: msg.payload.clone(),
+        };
+        let (event, event_id, event_type) = match &parsed {
+            Ok((event, id, ty)) => (event, id.clone(), ty.as_str()),
+            // An event this projection does not read need not parse.
+            Err(_) if !wanted => (&serde_json::Value::Null, String::new(), ""),
+            Err(reason) => {
+                let failed = settle_answers(&mut inflight, 0).await.unwrap_or((
+                    Sent {
+                        origin: origin("(unreadable)".into()),
+                        whole_txs,
+                    },
+                    reason.clone(),
+                ));
+                drop(inflight);
+                return refuse(cfg, &js, &client, failed.0, failed.1, set_aside).await;
             }
-            in_tx += 1;
-            let lsn = event["commitlsn"].as_str().map(str::to_string);
-            // Commit only at the end of a source transaction (events without the
-            // mark count as whole transactions).
-            let tx_end = event["txlast"].as_bool().unwrap_or(true);
-            if tx_end {
-                whole_txs += 1;
+        };
+        if wanted {
+            for (types, stmt, paths) in &handlers {
+                if !types.iter().any(|t| t == event_type) {
+                    continue;
+                }
+                let params: Vec<TextParam> = paths.iter().map(|p| param(event, p)).collect();
+                let sent = Sent {
+                    origin: origin(event_id.clone()),
+                    whole_txs,
+                };
+                let client = &client;
+                inflight.push_back(Box::pin(async move {
+                    let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
+                    (sent, client.execute_raw(stmt, refs).await)
+                }));
             }
-            if tx_end && (i + 1 == n || in_tx >= COMMIT_EVERY || seq <= careful_until) {
-                client
-                    .execute(
-                        &upsert_checkpoint("tidemark_checkpoints"),
-                        &[&cfg.name, &cfg.stream, &(seq as i64), &lsn],
-                    )
-                    .await
-                    .map_err(db_err("write the checkpoint"))?;
-                client
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(db_err("commit"))?;
-                open = false;
-                checkpoint = seq;
-                checkpoint_lsn = lsn;
-                set_aside.retain(|s| *s > seq);
-                tel.projection_applied_seq
-                    .get_or_create(&label)
-                    .set(seq as i64);
-                tel.projection_behind
-                    .get_or_create(&label)
-                    .set(info.pending as i64);
-                tel.projection_events
-                    .get_or_create(&label)
-                    .inc_by(in_tx as u64);
-                if let Err(e) = msg.ack().await {
-                    debug!(error = %e, "ack failed; the checkpoint decides what is applied");
-                }
-                let synced = event_type == "tidemark.sync";
-                if synced || last_published.elapsed() > Duration::from_millis(100) {
-                    publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
-                    last_published = Instant::now();
-                }
+            if let Some((failed, reason)) = settle_answers(&mut inflight, PIPELINE).await {
+                drop(inflight);
+                return refuse(cfg, &js, &client, failed, reason, set_aside).await;
             }
         }
-        if n == 0 && last_published.elapsed() > Duration::from_millis(100) && !open {
-            publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
-            last_published = Instant::now() + Duration::from_secs(5);
+        in_tx += 1;
+        let lsn = event["commitlsn"].as_str().map(str::to_string);
+        // Commit only at the end of a source transaction (events without the mark
+        // count as whole transactions), once caught up or after a good number.
+        let tx_end = event["txlast"].as_bool().unwrap_or(true);
+        if tx_end {
+            whole_txs += 1;
+        }
+        if tx_end && (pending == 0 || in_tx >= COMMIT_EVERY || seq <= careful_until) {
+            if let Some((failed, reason)) = settle_answers(&mut inflight, 0).await {
+                drop(inflight);
+                return refuse(cfg, &js, &client, failed, reason, set_aside).await;
+            }
+            client
+                .execute(
+                    &upsert_checkpoint("tidemark_checkpoints"),
+                    &[&cfg.name, &cfg.stream, &(seq as i64), &lsn],
+                )
+                .await
+                .map_err(db_err("write the checkpoint"))?;
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(db_err("commit"))?;
+            open = false;
+            checkpoint = seq;
+            checkpoint_lsn = lsn;
+            set_aside.retain(|s| *s > seq);
+            tel.projection_applied_seq
+                .get_or_create(&label)
+                .set(seq as i64);
+            tel.projection_behind
+                .get_or_create(&label)
+                .set(pending as i64);
+            tel.projection_events
+                .get_or_create(&label)
+                .inc_by(in_tx as u64);
+            let synced = event_type == "tidemark.sync";
+            if synced || pending == 0 || last_published.elapsed() > Duration::from_millis(100) {
+                publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
+                last_published = Instant::now();
+            }
         }
     }
+}
+
+/// The event a failure is about: enough to name it, and to set it aside.
+struct Origin {
+    seq: u64,
+    event_id: String,
+    subject: String,
+    payload: bytes::Bytes,
+}
+
+impl Origin {
+    fn poison(self, cfg: &ProjectionConfig, reason: String) -> ProjectionError {
+        ProjectionError::Poison {
+            projection: cfg.name.clone(),
+            event_id: self.event_id,
+            subject: self.subject,
+            seq: self.seq,
+            reason,
+        }
+    }
+}
+
+/// A handler statement sent and not yet answered: statements are pipelined (sent
+/// without waiting for the previous answer; Postgres runs them in order), so a
+/// transaction of many events is not one round trip per event.
+struct Sent {
+    origin: Origin,
+    /// Complete source transactions before it in the open database transaction.
+    whole_txs: usize,
+}
+
+/// Statements in flight at most.
+const PIPELINE: usize = 256;
+
+type Answer<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Sent, Result<u64, tokio_postgres::Error>)> + Send + 'a>,
+>;
+
+/// Awaits answers until at most `keep` statements are in flight. The first failure
+/// (in order: later ones only say the transaction is aborted) is returned.
+async fn settle_answers(
+    inflight: &mut futures_util::stream::FuturesOrdered<Answer<'_>>,
+    keep: usize,
+) -> Option<(Sent, String)> {
+    while inflight.len() > keep {
+        let Some((sent, result)) = inflight.next().await else {
+            break;
+        };
+        if let Err(e) = result {
+            return Some((sent, ErrorChain(&e).to_string()));
+        }
+    }
+    None
+}
+
+/// Rolls the open transaction back and decides what a failed event means: applied
+/// again one source transaction at a time when complete ones shared its database
+/// transaction (so it is met with everything before it committed), else set aside to
+/// the dead-letter subject, else the projection stops naming it.
+async fn refuse(
+    cfg: &ProjectionConfig,
+    js: &jetstream::Context,
+    client: &tokio_postgres::Client,
+    failed: Sent,
+    reason: String,
+    set_aside: &mut HashSet<u64>,
+) -> Result<(), ProjectionError> {
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .map_err(db_error(&cfg.name, "roll back"))?;
+    let Sent { origin, whole_txs } = failed;
+    if whole_txs > 0 {
+        return Err(ProjectionError::Isolate(origin.seq));
+    }
+    let Some(subject) = &cfg.dead_letter else {
+        return Err(origin.poison(cfg, reason));
+    };
+    dead_letter(js, cfg, subject, &origin, &reason).await?;
+    warn!(event_id = %origin.event_id, seq = origin.seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
+    set_aside.insert(origin.seq);
+    Err(ProjectionError::SetAside(origin.seq))
 }
 
 async fn publish_position(kv: &jetstream::kv::Store, name: &str, seq: u64, lsn: Option<String>) {
@@ -671,11 +831,10 @@ async fn dead_letter(
     js: &jetstream::Context,
     cfg: &ProjectionConfig,
     subject: &str,
-    msg: &jetstream::Message,
-    event_id: &str,
-    seq: u64,
+    origin: &Origin,
     reason: &str,
 ) -> Result<(), ProjectionError> {
+    let (event_id, seq) = (origin.event_id.as_str(), origin.seq);
     let fail = |r: String| ProjectionError::DeadLetter {
         projection: cfg.name.clone(),
         event_id: event_id.to_string(),
@@ -688,14 +847,14 @@ async fn dead_letter(
         "Tidemark-Reason",
         reason.replace(['\r', '\n'], " ").as_str(),
     );
-    headers.insert("Tidemark-Subject", msg.subject.as_str());
+    headers.insert("Tidemark-Subject", origin.subject.as_str());
     headers.insert("Tidemark-Stream-Sequence", seq.to_string().as_str());
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
         format!("{event_id}:dead:{}", cfg.name).as_str(),
     );
     let ack = js
-        .publish_with_headers(subject.to_string(), headers, msg.payload.clone())
+        .publish_with_headers(subject.to_string(), headers, origin.payload.clone())
         .await
         .map_err(|e| fail(e.to_string()))?;
     ack.await.map_err(|e| fail(e.to_string()))?;
@@ -910,8 +1069,8 @@ pub async fn rebuild(
         let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
         let seq = info.stream_sequence;
         let last = info.pending + seq;
-        let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-        let event_type = event["type"].as_str().unwrap_or_default().to_string();
+        let wanted = reads(&cfg.subjects, &msg.subject);
+        let (event, event_id, event_type) = rebuild_parse(cfg, &msg, seq, wanted)?;
         if !open {
             client
                 .batch_execute("BEGIN")
@@ -921,7 +1080,6 @@ pub async fn rebuild(
             in_tx = 0;
         }
         let skip_failures = cfg.dead_letter.is_some();
-        let wanted = reads(&cfg.subjects, &msg.subject);
         for (types, stmt, paths) in &handlers {
             if !wanted || !types.iter().any(|t| t == &event_type) {
                 continue;
@@ -946,7 +1104,7 @@ pub async fn rebuild(
                 }
                 return Err(ProjectionError::Poison {
                     projection: cfg.name.clone(),
-                    event_id: event["id"].as_str().unwrap_or_default().to_string(),
+                    event_id,
                     subject: msg.subject.to_string(),
                     seq,
                     reason: ErrorChain(&e).to_string(),
@@ -1325,87 +1483,106 @@ async fn attempt_kv(
             .map_err(|e| nats_err("create the bucket")(Box::new(e)))?,
     };
     let mut checkpoint = start.seq;
-    let (consumer, durable) = durable_after(&js, cfg, checkpoint)
+    let mut messages = read_after(&js, cfg, checkpoint)
         .await
-        .map_err(nats_err("create the consumer"))?;
-    info!(seq = checkpoint, bucket, consumer = %durable, "projecting into KV");
+        .map_err(nats_err("read the stream"))?;
+    info!(seq = checkpoint, bucket, "projecting into KV");
+    // The end of the last whole source transaction applied and not yet recorded.
+    let mut unrecorded: Option<(u64, Option<String>)> = None;
+    let mut since_recorded = 0usize;
     loop {
-        if cancel.is_cancelled() {
-            return Ok(());
-        }
-        let batch = consumer
-            .fetch()
-            .max_messages(COMMIT_EVERY)
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await
-            .map_err(|e| nats_err("fetch events")(Box::new(e)))?;
-        let messages: Vec<jetstream::Message> =
-            batch.filter_map(|m| async move { m.ok() }).collect().await;
-        let mut moved = None;
-        for msg in &messages {
-            let seq = msg
-                .info()
-                .map_err(|e| nats_err("read message info")(e))?
-                .stream_sequence;
-            if seq <= checkpoint {
-                continue;
-            }
-            let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            let event_type = event["type"].as_str().unwrap_or_default();
-            let wanted = reads(&cfg.subjects, &msg.subject);
-            for h in cfg
-                .handlers
-                .iter()
-                .filter(|h| wanted && h.types.iter().any(|t| t == event_type))
-            {
-                let Action::Kv { op, key, value } = &h.action else {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            m = next_message(&mut messages, &cfg.name) => m?,
+        };
+        let pending = match &msg {
+            None => 0,
+            Some(msg) => {
+                let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq <= checkpoint {
                     continue;
+                }
+                let wanted = reads(&cfg.subjects, &msg.subject);
+                let (event, event_id, event_type) = match parse_event(&msg.payload) {
+                    Ok(parsed) => parsed,
+                    Err(_) if !wanted => (serde_json::Value::Null, String::new(), String::new()),
+                    Err(reason) => {
+                        kv_refuse(cfg, &js, msg, "(unreadable)".into(), seq, reason).await?;
+                        (serde_json::Value::Null, String::new(), String::new())
+                    }
                 };
-                let applied = match render_key(key, &event) {
-                    Ok(k) => apply_kv(&kv, *op, &k, value, &event, seq).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(reason) = applied {
-                    let event_id = event["id"].as_str().unwrap_or_default().to_string();
-                    let Some(subject) = &cfg.dead_letter else {
-                        return Err(ProjectionError::Poison {
-                            projection: cfg.name.clone(),
-                            event_id,
-                            subject: msg.subject.to_string(),
-                            seq,
-                            reason,
-                        });
+                for h in cfg
+                    .handlers
+                    .iter()
+                    .filter(|h| wanted && h.types.iter().any(|t| t == &event_type))
+                {
+                    let Action::Kv { op, key, value } = &h.action else {
+                        continue;
                     };
-                    dead_letter(&js, cfg, subject, msg, &event_id, seq, &reason).await?;
-                    warn!(event_id = %event_id, seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
+                    let applied = match render_key(key, &event) {
+                        Ok(k) => apply_kv(&kv, *op, &k, value, &event, seq).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(reason) = applied {
+                        kv_refuse(cfg, &js, msg, event_id.clone(), seq, reason).await?;
+                    }
                 }
+                since_recorded += 1;
+                if event["txlast"].as_bool().unwrap_or(true) {
+                    unrecorded = Some((seq, event["commitlsn"].as_str().map(str::to_string)));
+                }
+                pending
             }
-            if event["txlast"].as_bool().unwrap_or(true) {
-                moved = Some((seq, event["commitlsn"].as_str().map(str::to_string), msg));
-            }
+        };
+        // Record the position once caught up, or after a good number of events.
+        if pending > 0 && since_recorded < COMMIT_EVERY {
+            continue;
         }
-        if let Some((seq, lsn, msg)) = moved {
-            checkpoint = seq;
-            let position = Applied {
-                seq,
-                lsn,
-                bucket: start.bucket.clone(),
-            };
-            let written = write_position(&positions_kv, &cfg.name, &position, revision).await;
-            match written {
-                Ok(r) => revision = r,
-                // A rebuild swapped a new bucket in: continue from its position.
-                Err(e) => {
-                    debug!(error = %e, "the position moved under the projection");
-                    return Err(ProjectionError::Moved(seq));
-                }
-            }
-            if let Err(e) = msg.ack().await {
-                debug!(error = %e, "ack failed; the applied position decides");
+        let Some((seq, lsn)) = unrecorded.take() else {
+            continue;
+        };
+        since_recorded = 0;
+        checkpoint = seq;
+        let position = Applied {
+            seq,
+            lsn,
+            bucket: start.bucket.clone(),
+        };
+        match write_position(&positions_kv, &cfg.name, &position, revision).await {
+            Ok(r) => revision = r,
+            // A rebuild swapped a new bucket in: continue from its position.
+            Err(e) => {
+                debug!(error = %e, "the position moved under the projection");
+                return Err(ProjectionError::Moved(seq));
             }
         }
     }
+}
+
+/// A KV event that cannot be applied: to the dead-letter subject (and on), or the
+/// projection stops naming it.
+async fn kv_refuse(
+    cfg: &ProjectionConfig,
+    js: &jetstream::Context,
+    msg: &jetstream::Message,
+    event_id: String,
+    seq: u64,
+    reason: String,
+) -> Result<(), ProjectionError> {
+    let origin = Origin {
+        seq,
+        event_id,
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
+    };
+    let Some(subject) = &cfg.dead_letter else {
+        return Err(origin.poison(cfg, reason));
+    };
+    dead_letter(js, cfg, subject, &origin, &reason).await?;
+    warn!(event_id = %origin.event_id, seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
+    Ok(())
 }
 
 /// The bucket a KV projection's readers should read: the one a rebuild swapped in,
@@ -1496,13 +1673,12 @@ async fn rebuild_kv(
         };
         let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
         let seq = info.stream_sequence;
-        let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-        let event_type = event["type"].as_str().unwrap_or_default();
         let wanted = reads(&cfg.subjects, &msg.subject);
+        let (event, event_id, event_type) = rebuild_parse(cfg, &msg, seq, wanted)?;
         for h in cfg
             .handlers
             .iter()
-            .filter(|h| wanted && h.types.iter().any(|t| t == event_type))
+            .filter(|h| wanted && h.types.iter().any(|t| t == &event_type))
         {
             let Action::Kv { op, key, value } = &h.action else {
                 continue;
@@ -1518,7 +1694,7 @@ async fn rebuild_kv(
             {
                 return Err(ProjectionError::Poison {
                     projection: cfg.name.clone(),
-                    event_id: event["id"].as_str().unwrap_or_default().to_string(),
+                    event_id: event_id.clone(),
                     subject: msg.subject.to_string(),
                     seq,
                     reason,

@@ -804,3 +804,231 @@ async fn store_orders(db: &tokio_postgres::Client) -> BTreeMap<i32, (i64, String
     .map(|r| (r.get(0), (r.get::<_, i32>(1) as i64, r.get(2), r.get(3))))
     .collect()
 }
+
+/// A projection with one non-idempotent handler (a counter) on `t.created`.
+fn counter_toml(pg: &PgServer) -> String {
+    format!(
+        r#"
+[[projection]]
+name = "counter"
+source = "store"
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "readmodel"
+user = "postgres"
+
+[[projection.on]]
+type = "t.created"
+sql = "UPDATE counter SET n = n + 1, total = total + $1"
+params = ["data.after.v"]
+
+# A plain INSERT: an event applied twice would fail on the key (and stop the
+# projection), so the count proves once. (A counter row updated 200,000 times in one
+# database transaction is quadratic in Postgres itself: each update walks the row's
+# versions, none of which can be pruned while the transaction is open.)
+[[projection.on]]
+type = "u.created"
+sql = "INSERT INTO items (id, v) VALUES ($1, $2)"
+params = ["data.after.id", "data.after.v"]
+"#,
+        port = pg.port
+    )
+}
+
+async fn items(rm: &tokio_postgres::Client) -> (i64, i64) {
+    let row = rm
+        .query_one(
+            "SELECT count(*), coalesce(sum(v), 0)::bigint FROM items",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+const COUNTER_MODEL: &str = "CREATE TABLE counter (n bigint NOT NULL, total bigint NOT NULL);
+INSERT INTO counter VALUES (0, 0);
+CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);";
+
+const COUNTER_STORE: &str = "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL);
+CREATE TABLE u (id int PRIMARY KEY, v int NOT NULL);";
+
+async fn counter(rm: &tokio_postgres::Client) -> (i64, i64) {
+    let row = rm
+        .query_one("SELECT n, total FROM counter", &[])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Regression (issue 15): one source transaction larger than the durable consumer's
+/// unacked limit stalled the read model forever, in silence, and one slower than the
+/// ack wait applied its redelivered part twice. A 25,000-row transaction and a
+/// 200,000-row one each apply exactly once, atomically, with bounded memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_source_transactions_apply_once_and_whole() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(COUNTER_STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(COUNTER_MODEL).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            sections: &counter_toml(&pg),
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    db.batch_execute("INSERT INTO t SELECT g, 1 FROM generate_series(1, 25000) g")
+        .await
+        .unwrap();
+    let want = (25_000, 25_000);
+    wait_until(
+        "the 25,000-row transaction applied",
+        Duration::from_secs(120),
+        || async { counter(&rm).await == want },
+    )
+    .await;
+    // The read model never shows part of a transaction: a reader polling while the
+    // next large one applies sees either all of it or none.
+    db.batch_execute("INSERT INTO u SELECT g, 2 FROM generate_series(1, 200000) g")
+        .await
+        .unwrap();
+    let want = (200_000, 400_000);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let got = items(&rm).await;
+        assert!(
+            got == (0, 0) || got == want,
+            "a part of a transaction is visible: {got:?}\n{}",
+            projector.log()
+        );
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not applied: {got:?}\n{}",
+            projector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss = projector.peak_rss_bytes().unwrap_or(0);
+    println!(
+        "projection peak RSS over a 200,000-row transaction: {} MiB",
+        rss / (1 << 20)
+    );
+    assert!(rss > 0 && rss < 200 << 20, "peak RSS {rss}");
+    // Nothing more arrives, nothing is applied again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(items(&rm).await, want);
+    assert_eq!(counter(&rm).await, (25_000, 25_000));
+    drop(source);
+}
+
+/// A source killed mid-transaction (events published as they arrive, not atomic)
+/// leaves the projection holding part of a transaction; the rest comes after a pause
+/// longer than any ack wait. Each event still applies exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_killed_mid_transaction_and_back_later_applies_each_event_once() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(COUNTER_STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(COUNTER_MODEL).await.unwrap();
+    // A small window, so the source is well inside the transaction when killed.
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            sections: &counter_toml(&pg),
+            extra: "publish_window = 16",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let slog = dir.path().join("source.log");
+    let mut source = Tidemark::run(&cfg, &slog);
+    source.wait_streaming();
+    let projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    db.batch_execute("INSERT INTO u SELECT g, 3 FROM generate_series(1, 60000) g")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 5_000, Duration::from_secs(60), || {
+        source.log()
+    })
+    .await;
+    source.kill9();
+    let stored = stream_count(&nc, "STORE").await;
+    assert!(stored < 60_000, "killed too late: {stored} stored");
+    // Longer than a durable consumer's 30 s ack wait: nothing may be redelivered into
+    // the open transaction meanwhile.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert_eq!(
+        items(&rm).await,
+        (0, 0),
+        "a part of the transaction is visible"
+    );
+    let mut source = Tidemark::run(&cfg, &slog);
+    wait_until(
+        "the transaction applied",
+        Duration::from_secs(120),
+        || async { items(&rm).await == (60_000, 180_000) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(items(&rm).await, (60_000, 180_000));
+    assert!(
+        !projector.log().contains("cannot apply"),
+        "{}",
+        projector.log()
+    );
+    source.kill9();
+}
+
+/// A message in the stream that is not a tidemark event stops the projection naming
+/// its sequence and the reason; it is never applied as an empty event or skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_stops_the_projection_named() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(COUNTER_STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(COUNTER_MODEL).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            sections: &counter_toml(&pg),
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    db.batch_execute("INSERT INTO t VALUES (1, 5)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || source.log()).await;
+    source.kill9();
+    // A foreign write on a subject the projection reads.
+    let js = async_nats::jetstream::new(nc.clone());
+    js.publish("store.t.created", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    let status = projector.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", projector.log());
+    let log = projector.log();
+    assert!(log.contains("stream sequence 2"), "{log}");
+    assert!(log.contains("not a JSON event"), "{log}");
+    assert_eq!(counter(&rm).await, (1, 5), "the event before it is applied");
+}
