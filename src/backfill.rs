@@ -314,6 +314,12 @@ pub struct Watermark {
     pub relid: u32,
     /// The key columns the chunk is read in order of.
     pub key: Vec<String>,
+    /// The attempt that wrote it. After a restart the slot sends the watermarks of
+    /// earlier processes again; they belong to no chunk read now, so the pipeline
+    /// passes over them instead of matching them (by job and chunk number) to a chunk
+    /// read now, which would place it in the wrong window or have it read again.
+    #[serde(default)]
+    pub run: String,
 }
 
 /// A chunk of rows read between a low and a high watermark.
@@ -551,12 +557,13 @@ pub async fn run_worker(
     cfg: SourceConfig,
     progress: Progress,
     chunks: ChunkSender,
+    run: String,
     cancel: CancellationToken,
 ) -> Result<(), BackfillError> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let mut current: Option<Job> = None;
-        let err = match run_jobs(&cfg, &progress, &chunks, &cancel, &mut current).await {
+        let err = match run_jobs(&cfg, &progress, &chunks, &run, &cancel, &mut current).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -600,6 +607,7 @@ async fn run_jobs(
     cfg: &SourceConfig,
     progress: &Progress,
     chunks: &ChunkSender,
+    run: &str,
     cancel: &CancellationToken,
     current: &mut Option<Job>,
 ) -> Result<(), BackfillError> {
@@ -652,6 +660,7 @@ async fn run_jobs(
                 mark: m.into(),
                 relid,
                 key: job.key.clone(),
+                run: run.to_string(),
             };
             emit_watermark(db, &mark("low")).await?;
             let rows = read_chunk(db, &job, &columns).await?;
@@ -746,6 +755,7 @@ mod tests {
             mark: "high".into(),
             relid: 16384,
             key: vec!["id".into()],
+            run: "4242-0/16B3748-1".into(),
         };
         let text = serde_json::to_string(&w).unwrap();
         assert_eq!(serde_json::from_str::<Watermark>(&text).unwrap(), w);

@@ -675,6 +675,26 @@ async fn check_postgres(
                     None if !in_pub && !s.create_publication && published.is_some() => out.push((false, what, CatalogError::PublicationLacksTable { publication: s.publication.clone(), table: t.qualified() }.to_string())),
                     None => out.push((true, what, format!("replica identity {identity}, {key}{}", if in_pub { "" } else { "; will be added to the publication" }))),
                 }
+                // What `run` does with a table it cannot snapshot: says so, and
+                // streams its changes (see source::attempt).
+                let snapshotted = s.snapshot == crate::config::SnapshotMode::Initial
+                    && s.snapshot_tables
+                        .as_ref()
+                        .is_none_or(|l| l.contains(&(t.schema.clone(), t.name.clone())))
+                    && !s
+                        .outboxes
+                        .iter()
+                        .any(|o| o.schema == t.schema && o.table == t.name);
+                if snapshotted
+                    && let Err(e) =
+                        crate::backfill::key_columns(s, &t.schema, &t.name, &t.primary_key)
+                {
+                    out.push((
+                        true,
+                        format!("snapshot {}", t.qualified()),
+                        format!("warning: the initial snapshot skips it: {e}"),
+                    ));
+                }
             }
             out.extend(plan_lines(&catalog, s, &tables).await?);
         }

@@ -390,12 +390,14 @@ async fn a_table_added_to_the_publication_is_backfilled_by_the_cli_while_streami
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_initial_snapshot_of_a_table_without_a_key_is_refused_naming_it() {
+async fn an_initial_snapshot_skips_only_a_table_without_a_key_and_says_so() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute(
         "CREATE TABLE events_log (at timestamptz, message text);
          ALTER TABLE events_log REPLICA IDENTITY FULL;
-         INSERT INTO events_log VALUES (now(), 'hello');",
+         INSERT INTO events_log VALUES (now(), 'hello');
+         CREATE TABLE keyed (id int PRIMARY KEY, v text);
+         INSERT INTO keyed VALUES (1, 'one'), (2, 'two');",
     )
     .await
     .unwrap();
@@ -404,27 +406,47 @@ async fn an_initial_snapshot_of_a_table_without_a_key_is_refused_naming_it() {
         &pg,
         &nats,
         &SourceSpec {
-            tables: r#"tables = ["events_log"]"#,
+            tables: r#"tables = ["events_log", "keyed"]"#,
             snapshot: "initial",
             ..SourceSpec::new("store", "store")
         },
     );
-    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    let status = tm.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(1), "{}", tm.log());
+    // check and run agree: a warning, not a failure.
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
+    assert_eq!(code, 0, "{out}{err}");
     assert!(
-        tm.log()
-            .contains("table public.events_log has no primary key"),
-        "{}",
-        tm.log()
+        out.contains(
+            "warning: the initial snapshot skips it: table public.events_log has no primary key"
+        ),
+        "{out}"
     );
-    // Nothing was set up: no slot, so a fixed config starts cleanly.
-    let slots = db
-        .query("SELECT 1 FROM pg_replication_slots", &[])
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    let nc = nats.client().await;
+    // The other table is snapshotted, and the keyless one's changes stream.
+    wait_job_done(&nc, "keyed", Duration::from_secs(60), || tm.log()).await;
+    db.batch_execute("INSERT INTO events_log VALUES (now(), 'live')")
         .await
         .unwrap();
-    assert!(slots.is_empty());
-    // With a unique key named in the mapping, the snapshot runs.
+    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e.body["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        vec!["keyed.read", "keyed.read", "events_log.created"]
+    );
+    assert!(tm.is_running(), "{}", tm.log());
+    let log = tm.log();
+    assert!(
+        log.contains("initial snapshot of this table skipped")
+            && log.contains("table public.events_log has no primary key"),
+        "{log}"
+    );
+    // With a unique key named in the mapping, a backfill reads it.
+    tm.terminate(Duration::from_secs(20));
     db.batch_execute("ALTER TABLE events_log ADD COLUMN id serial UNIQUE NOT NULL")
         .await
         .unwrap();
@@ -435,13 +457,22 @@ async fn an_initial_snapshot_of_a_table_without_a_key_is_refused_naming_it() {
     )
     .unwrap();
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
-    let nc = nats.client().await;
-    wait_job_done(&nc, "events_log", Duration::from_secs(60), || tm.log()).await;
-    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    let (code, _, err) = tidemark_cmd(&[
+        "backfill",
+        "--config",
+        cfg_arg,
+        "--table",
+        "events_log",
+        "--wait",
+    ]);
+    assert_eq!(code, 0, "{err}\n{}", tm.log());
     let events = read_stream(&nc, "STORE").await;
-    assert_eq!(events[0].body["type"], "events_log.read");
-    assert_eq!(events[0].body["data"]["key"], json!({"id": 1}));
-    assert_eq!(events[0].body["data"]["after"]["message"], "hello");
+    let reads: Vec<_> = events
+        .iter()
+        .filter(|e| e.body["type"] == "events_log.read")
+        .map(|e| e.body["data"]["after"]["message"].clone())
+        .collect();
+    assert_eq!(reads, vec![json!("hello"), json!("live")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

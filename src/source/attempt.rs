@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::error::SourceError;
 use super::flush::FlushTracker;
@@ -141,10 +141,26 @@ pub(super) async fn run_attempt(
     tel.set_streaming(&cfg.name, true);
 
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(1);
+    // Names this attempt's watermarks (see `backfill::Watermark::run`): the process,
+    // the attempt and the time, unique across restarts.
+    let watermark_run = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        confirmed,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
     let worker_cancel = cancel.child_token();
     let worker = tokio::spawn(
-        backfill::run_worker(cfg.clone(), progress, chunk_tx, worker_cancel.clone())
-            .instrument(info_span!("backfill")),
+        backfill::run_worker(
+            cfg.clone(),
+            progress,
+            chunk_tx,
+            watermark_run.clone(),
+            worker_cancel.clone(),
+        )
+        .instrument(info_span!("backfill")),
     );
     let _worker = WorkerGuard {
         cancel: worker_cancel,
@@ -178,6 +194,7 @@ pub(super) async fn run_attempt(
         window: None,
         chunk_in_tx: None,
         flush: FlushTracker::new(confirmed),
+        watermark_run,
         skipped: 0,
         max_payload,
         sent_flush: confirmed,
@@ -218,7 +235,16 @@ async fn queue_initial_snapshot(
         if !wanted || outbox {
             continue;
         }
-        let key = backfill::key_columns(cfg, &t.schema, &t.name, &t.primary_key)?;
+        // A table that cannot be read in key order loses only its own snapshot: its
+        // live changes stream like every other table's, and `check` says the same.
+        let key = match backfill::key_columns(cfg, &t.schema, &t.name, &t.primary_key) {
+            Ok(key) => key,
+            Err(err @ BackfillError::NoKey { .. }) => {
+                error!(table = %t.qualified(), error = %err, "initial snapshot of this table skipped; its changes stream from now on; once it has a key, run `tidemark backfill` for it");
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
         jobs.push(backfill::Job::new(
             &t.schema,
             &t.name,

@@ -74,6 +74,8 @@ pub(super) struct Pipeline<'a> {
     /// The server's `max_payload`: headers and payload of one message together.
     pub(super) max_payload: usize,
     pub(super) sent_flush: Lsn,
+    /// The `run` of this attempt's backfill watermarks.
+    pub(super) watermark_run: String,
 }
 
 impl Pipeline<'_> {

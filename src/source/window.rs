@@ -28,6 +28,14 @@ impl Pipeline<'_> {
     /// A backfill watermark: the low one opens the chunk's window, the high one
     /// publishes the chunk's rows that no live change touched inside it.
     pub(super) async fn watermark(&mut self, wm: Watermark) -> Result<(), SourceError> {
+        if wm.run != self.watermark_run {
+            debug!(
+                chunk = wm.chunk,
+                mark = %wm.mark,
+                "watermark of an earlier process passed over"
+            );
+            return Ok(());
+        }
         if wm.mark == "low" {
             self.window = Some(Window {
                 job_id: wm.backfill,
