@@ -90,6 +90,12 @@ pub struct Job {
     pub updated_at: Option<String>,
     pub finished_at: Option<String>,
     pub error: Option<String>,
+    /// The stream the job's rows go to, as `<name>@<creation time>`: a job never
+    /// resumes into another stream (one deleted and made again keeps its name, not
+    /// its creation time). `None` for jobs written before jobs were bound, and for
+    /// jobs queued before the stream existed; those are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
 }
 
 impl Job {
@@ -125,6 +131,7 @@ impl Job {
             updated_at: None,
             finished_at: None,
             error: None,
+            stream: None,
         }
     }
 
@@ -185,6 +192,17 @@ pub fn bucket_name(source: &str) -> String {
 pub struct Progress {
     kv: jetstream::kv::Store,
     bucket: String,
+    /// The stream binding jobs must carry (see `Job::stream`), once known.
+    stream: Option<String>,
+}
+
+/// A stream's binding for jobs: its name and creation time.
+pub fn stream_binding(info: &jetstream::stream::Info) -> String {
+    format!(
+        "{}@{}",
+        info.config.name,
+        info.created.unix_timestamp_nanos()
+    )
 }
 
 impl Progress {
@@ -212,16 +230,53 @@ impl Progress {
                 .await
                 .map_err(|e| err("create the bucket")(Box::new(e)))?,
         };
-        Ok(Progress { kv, bucket })
+        Ok(Progress {
+            kv,
+            bucket,
+            stream: None,
+        })
+    }
+
+    /// Opens the source's bucket bound to its stream, when the stream exists (jobs
+    /// queued before it does are bound by the first `run`).
+    pub async fn open_for_stream(
+        js: &jetstream::Context,
+        source: &str,
+        stream: &str,
+    ) -> Result<Progress, BackfillError> {
+        let progress = Progress::open(js, source).await?;
+        Ok(match js.get_stream(stream).await {
+            Ok(s) => progress.bind(stream_binding(s.cached_info())),
+            Err(_) => progress,
+        })
+    }
+
+    /// Binds the record to a stream: jobs made for another stream are passed over
+    /// (and logged), and jobs written from now on carry the binding.
+    pub fn bind(mut self, stream: String) -> Progress {
+        self.stream = Some(stream);
+        self
+    }
+
+    /// Whether a job belongs to the bound stream.
+    fn belongs(&self, job: &Job) -> bool {
+        match (&self.stream, &job.stream) {
+            (Some(bound), Some(made_for)) if bound != made_for => {
+                warn!(table = %job.qualified(), job = %job.id, made_for = %made_for, stream = %bound, "backfill job of another stream dropped (that stream was deleted and made again); a new initial snapshot or `tidemark backfill` reads the table for this one");
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Opens the bucket if it exists.
     pub async fn existing(js: &jetstream::Context, source: &str) -> Option<Progress> {
         let bucket = bucket_name(source);
-        js.get_key_value(&bucket)
-            .await
-            .ok()
-            .map(|kv| Progress { kv, bucket })
+        js.get_key_value(&bucket).await.ok().map(|kv| Progress {
+            kv,
+            bucket,
+            stream: None,
+        })
     }
 
     fn key(schema: &str, table: &str) -> String {
@@ -265,11 +320,17 @@ impl Progress {
             .get(Self::key(schema, table))
             .await
             .map_err(|e| self.error("read a job", e))?;
-        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(value
+            .and_then(|v| serde_json::from_slice::<Job>(&v).ok())
+            .filter(|job| self.belongs(job)))
     }
 
     pub async fn put(&self, job: &Job) -> Result<(), BackfillError> {
-        let value = serde_json::to_vec(job).map_err(|e| self.error("encode a job", e))?;
+        let mut job = job.clone();
+        if job.stream.is_none() {
+            job.stream = self.stream.clone();
+        }
+        let value = serde_json::to_vec(&job).map_err(|e| self.error("encode a job", e))?;
         self.kv
             .put(Self::key(&job.schema, &job.table), value.into())
             .await
@@ -294,8 +355,14 @@ impl Progress {
                 .get(key.as_str())
                 .await
                 .map_err(|e| self.error("read a job", e))?;
-            if let Some(job) = value.and_then(|v| serde_json::from_slice::<Job>(&v).ok()) {
+            let Some(job) = value.and_then(|v| serde_json::from_slice::<Job>(&v).ok()) else {
+                continue;
+            };
+            if self.belongs(&job) {
                 jobs.push(job);
+            } else if let Err(e) = self.kv.delete(key.as_str()).await {
+                // Passed over again next time; nothing else depends on it.
+                debug!(error = %e, "could not remove another stream's backfill job");
             }
         }
         jobs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));

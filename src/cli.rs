@@ -1011,10 +1011,11 @@ async fn resync(src: &SourceConfig, nats: &NatsConfig, yes: bool, force: bool) -
         Err(e) => return fail(ErrorChain(&e).to_string()),
     };
     let js = async_nats::jetstream::new(client);
-    let progress = match crate::backfill::Progress::open(&js, &src.name).await {
-        Ok(p) => p,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
-    };
+    let progress =
+        match crate::backfill::Progress::open_for_stream(&js, &src.name, &src.stream.name).await {
+            Ok(p) => p,
+            Err(e) => return fail(ErrorChain(&e).to_string()),
+        };
     let code = reset_with_reason(src, nats, Some(ResetMode::Keep), true, force, "resync").await;
     if code != ExitCode::SUCCESS {
         return code;
@@ -1094,10 +1095,11 @@ async fn backfill_cmd(
         Err(e) => return fail(ErrorChain(&e).to_string()),
     };
     let js = async_nats::jetstream::new(client);
-    let progress = match crate::backfill::Progress::open(&js, &src.name).await {
-        Ok(p) => p,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
-    };
+    let progress =
+        match crate::backfill::Progress::open_for_stream(&js, &src.name, &src.stream.name).await {
+            Ok(p) => p,
+            Err(e) => return fail(ErrorChain(&e).to_string()),
+        };
     match progress.get(&schema, &name).await {
         Ok(Some(j))
             if matches!(

@@ -1513,19 +1513,8 @@ async fn attempt_kv(
                         (serde_json::Value::Null, String::new(), String::new())
                     }
                 };
-                for h in cfg
-                    .handlers
-                    .iter()
-                    .filter(|h| wanted && h.types.iter().any(|t| t == &event_type))
-                {
-                    let Action::Kv { op, key, value } = &h.action else {
-                        continue;
-                    };
-                    let applied = match render_key(key, &event) {
-                        Ok(k) => apply_kv(&kv, *op, &k, value, &event, seq).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(reason) = applied {
+                if wanted {
+                    for reason in apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await {
                         kv_refuse(cfg, &js, msg, event_id.clone(), seq, reason).await?;
                     }
                 }
@@ -1559,6 +1548,35 @@ async fn attempt_kv(
             }
         }
     }
+}
+
+/// Applies the KV handlers of `event_type` to one event, live or in a rebuild; the
+/// reason of each handler that failed.
+async fn apply_kv_handlers(
+    cfg: &ProjectionConfig,
+    kv: &jetstream::kv::Store,
+    event: &serde_json::Value,
+    event_type: &str,
+    seq: u64,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for h in cfg
+        .handlers
+        .iter()
+        .filter(|h| h.types.iter().any(|t| t == event_type))
+    {
+        let Action::Kv { op, key, value } = &h.action else {
+            continue;
+        };
+        let applied = match render_key(key, event) {
+            Ok(k) => apply_kv(kv, *op, &k, value, event, seq).await,
+            Err(e) => Err(e),
+        };
+        if let Err(reason) = applied {
+            failed.push(reason);
+        }
+    }
+    failed
 }
 
 /// A KV event that cannot be applied: to the dead-letter subject (and on), or the
@@ -1675,31 +1693,23 @@ async fn rebuild_kv(
         let seq = info.stream_sequence;
         let wanted = reads(&cfg.subjects, &msg.subject);
         let (event, event_id, event_type) = rebuild_parse(cfg, &msg, seq, wanted)?;
-        for h in cfg
-            .handlers
-            .iter()
-            .filter(|h| wanted && h.types.iter().any(|t| t == &event_type))
+        // Events the live projection set aside are set aside again, silently only
+        // when a dead-letter subject has them already.
+        let failed = if wanted {
+            apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await
+        } else {
+            Vec::new()
+        };
+        if let Some(reason) = failed.into_iter().next()
+            && cfg.dead_letter.is_none()
         {
-            let Action::Kv { op, key, value } = &h.action else {
-                continue;
-            };
-            let applied = match render_key(key, &event) {
-                Ok(k) => apply_kv(&kv, *op, &k, value, &event, seq).await,
-                Err(e) => Err(e),
-            };
-            // Events the live projection set aside are set aside again, silently
-            // only when a dead-letter subject has them already.
-            if let Err(reason) = applied
-                && cfg.dead_letter.is_none()
-            {
-                return Err(ProjectionError::Poison {
-                    projection: cfg.name.clone(),
-                    event_id: event_id.clone(),
-                    subject: msg.subject.to_string(),
-                    seq,
-                    reason,
-                });
-            }
+            return Err(ProjectionError::Poison {
+                projection: cfg.name.clone(),
+                event_id: event_id.clone(),
+                subject: msg.subject.to_string(),
+                seq,
+                reason,
+            });
         }
         events += 1;
         at_tx_end = event["txlast"].as_bool().unwrap_or(true);

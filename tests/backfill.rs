@@ -633,3 +633,80 @@ async fn a_missing_slot_over_an_aged_out_stream_is_refused_but_a_purged_one_star
     });
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+/// Regression (issue 16): a snapshot job's progress lives in NATS KV, which outlives a
+/// database, slot and stream made again. The new slot's initial snapshot "resumed" the
+/// old job mid-table and sent only the rest. Now a new slot starts every table over,
+/// and a job made for another stream is never resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_slot_and_stream_snapshot_every_row_whatever_the_old_jobs_said() {
+    const ROWS: i32 = 20_000;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(&format!(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big SELECT g, g % 100, 'row ' || g FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["big"]"#,
+            snapshot: "initial",
+            extra: "snapshot_chunk_size = 500",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let nc = nats.client().await;
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
+    // Stop it part-way through the snapshot.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = job(&nc, "store", "big")
+            .await
+            .and_then(|j| j["chunks_done"].as_u64())
+            .unwrap_or(0);
+        if done >= 4 {
+            tm.kill9();
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", tm.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = job(&nc, "store", "big").await.unwrap()["chunks_done"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        left < (ROWS / 500) as u64,
+        "the snapshot ended before the kill"
+    );
+    // The operator starts over: slot and stream deleted, NATS (and its KV) kept.
+    db.batch_execute("SELECT pg_drop_replication_slot('tidemark_store')")
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nc.clone());
+    js.delete_stream("STORE").await.unwrap();
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    wait_job_done(&nc, "big", Duration::from_secs(120), || tm.log()).await;
+    wait_stream_count(&nc, "STORE", ROWS as u64, Duration::from_secs(60), || {
+        tm.log()
+    })
+    .await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let reads = events
+        .iter()
+        .filter(|e| e.body["type"] == "big.read")
+        .count();
+    assert_eq!(
+        reads, ROWS as usize,
+        "every row read once into the new stream"
+    );
+    let folded = fold(&events);
+    assert_eq!(
+        folded.get("public.big"),
+        Some(&table_rows(&db, "big").await)
+    );
+}

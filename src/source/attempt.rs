@@ -74,7 +74,9 @@ pub(super) async fn run_attempt(
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
-    let progress = backfill::Progress::open(&js, &cfg.name).await?;
+    let progress = backfill::Progress::open(&js, &cfg.name)
+        .await?
+        .bind(backfill::stream_binding(stream.cached_info()));
     // A new slot starts at the current WAL position: if the stream ever stored this
     // source's events, whatever happened between them and now would be missing in
     // silence. Refuse, and say so. The one exception is a stream that `tidemark reset
@@ -254,11 +256,16 @@ async fn queue_initial_snapshot(
             cfg.snapshot_chunk_size,
         ));
     }
+    // The slot is new, so a job already recorded for a table was made for an earlier
+    // slot (a crash before the slot was made leaves jobs that never ran): its
+    // progress says nothing about this slot's stream, and resuming it would leave
+    // rows out. Every table starts over.
     for job in jobs {
-        if progress.get(&job.schema, &job.table).await?.is_none() {
-            progress.put(&job).await?;
-            info!(table = %job.qualified(), "initial snapshot queued");
+        if let Some(old) = progress.get(&job.schema, &job.table).await? {
+            info!(table = %job.qualified(), job = %old.id, state = ?old.state, "an earlier slot's backfill job replaced by this slot's initial snapshot");
         }
+        progress.put(&job).await?;
+        info!(table = %job.qualified(), "initial snapshot queued");
     }
     Ok(())
 }

@@ -280,13 +280,21 @@ impl PgServer {
         );
     }
 
-    /// Fast shutdown (SIGINT), waiting for the server to exit.
+    /// Fast shutdown (SIGINT), waiting for the server to exit. A fast shutdown waits
+    /// for logical walsenders until their client confirms everything sent, which a
+    /// client still working through a backlog (a loaded machine, a debug build) may
+    /// take longer to do than the wait allows; then an immediate shutdown (SIGQUIT),
+    /// which ends the server's children too, unlike a SIGKILL of the postmaster
+    /// (whose orphans would keep the shared memory and block a restart).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill(&mut c, libc::SIGINT);
             if wait_exit(&mut c, Duration::from_secs(30)).is_none() {
-                kill(&mut c, libc::SIGKILL);
-                let _ = c.wait();
+                kill(&mut c, libc::SIGQUIT);
+                if wait_exit(&mut c, Duration::from_secs(15)).is_none() {
+                    kill(&mut c, libc::SIGKILL);
+                    let _ = c.wait();
+                }
             }
         }
     }
