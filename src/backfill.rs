@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{PostgresConfig, SourceConfig};
+use crate::position::{Lsn, StreamTail};
 use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::postgres::replication::quote_ident;
 
@@ -338,6 +339,40 @@ impl Progress {
         Ok(())
     }
 
+    fn placement_key(schema: &str, table: &str) -> String {
+        format!("placed.{}.{}", kv_token(schema), kv_token(table))
+    }
+
+    /// Records where a chunk's rows go, before any of them is sent.
+    pub async fn put_placement(
+        &self,
+        schema: &str,
+        table: &str,
+        placement: &Placement,
+    ) -> Result<(), BackfillError> {
+        let value =
+            serde_json::to_vec(placement).map_err(|e| self.error("encode a placement", e))?;
+        self.kv
+            .put(Self::placement_key(schema, table), value.into())
+            .await
+            .map_err(|e| self.error("write a placement", e))?;
+        Ok(())
+    }
+
+    /// Where the table's last chunk went, if recorded.
+    pub async fn placement(
+        &self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Option<Placement>, BackfillError> {
+        let value = self
+            .kv
+            .get(Self::placement_key(schema, table))
+            .await
+            .map_err(|e| self.error("read a placement", e))?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
     /// Every job, oldest first.
     pub async fn jobs(&self) -> Result<Vec<Job>, BackfillError> {
         use futures_util::TryStreamExt;
@@ -399,6 +434,40 @@ pub struct Chunk {
     pub columns: Vec<String>,
     /// Each row's values as Postgres writes them (text output), None for NULL.
     pub rows: Vec<Vec<Option<String>>>,
+    /// The job's table, for the placement record.
+    pub schema: String,
+    pub table: String,
+    /// The key of its last row, and whether it was a full chunk (more may follow).
+    pub last_key: Option<Vec<Option<String>>>,
+    pub full: bool,
+}
+
+/// Where a chunk's rows went in the stream, written by the pipeline before it sends
+/// any of them: the transaction of the chunk's high watermark (`commit_lsn`) and the
+/// event indexes its rows take there (`first_index..end_index`).
+///
+/// Why: the worker records a chunk as done only once its rows are stored, so a crash
+/// in between (while the rows are being stored, or after) left a chunk that was
+/// stored in full or in part, and read again: its rows twice. With this record and
+/// the stream's tail (read at start, like the live exactly-once rule), a restart
+/// knows how much of the chunk is stored. All of it: the job moves on. A prefix: the
+/// job moves on after the last stored row (its key from the tail event). None: the
+/// chunk is read again. Live changes need nothing of the kind, because the slot sends
+/// the same transaction again; a chunk's rows exist only in the process that read them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub job: String,
+    pub chunk: u64,
+    /// The attempt that placed it (see `Watermark::run`).
+    pub run: String,
+    /// The high watermark transaction's commit LSN, `X/Y`.
+    pub commit_lsn: String,
+    pub first_index: u64,
+    pub end_index: u64,
+    /// Rows read (published or dropped for newer live changes).
+    pub rows_read: u64,
+    pub last_key: Option<Vec<Option<String>>>,
+    pub full: bool,
 }
 
 /// What became of a chunk.
@@ -620,17 +689,27 @@ async fn table_columns(
 
 /// Runs the source's backfills, one chunk at a time, until `cancel` fires. Hands
 /// each chunk to the pipeline through `chunks` and waits until its events are stored.
+/// What a worker needs to know of its attempt: the `run` its watermarks carry, and the
+/// stream's tail at start, to tell how much of a chunk placed before a crash is stored.
+#[derive(Clone, Debug)]
+pub struct Resume {
+    pub run: String,
+    pub tail: StreamTail,
+    /// The key (`data.key`) of the tail event.
+    pub tail_key: Option<serde_json::Value>,
+}
+
 pub async fn run_worker(
     cfg: SourceConfig,
     progress: Progress,
     chunks: ChunkSender,
-    run: String,
+    resume: Resume,
     cancel: CancellationToken,
 ) -> Result<(), BackfillError> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let mut current: Option<Job> = None;
-        let err = match run_jobs(&cfg, &progress, &chunks, &run, &cancel, &mut current).await {
+        let err = match run_jobs(&cfg, &progress, &chunks, &resume, &cancel, &mut current).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -670,14 +749,94 @@ pub async fn run_worker(
     }
 }
 
+/// Moves a job past what an earlier process stored of its chunk `placed` (see
+/// `Placement`): the whole chunk, a prefix of it, or nothing.
+fn settle_placed(job: &mut Job, placed: &Placement, resume: &Resume, columns: &[(String, String)]) {
+    let Ok(lsn) = placed.commit_lsn.parse::<Lsn>() else {
+        return;
+    };
+    let tail = &resume.tail;
+    let all = placed.end_index == placed.first_index || tail.is_stored(lsn, placed.end_index - 1);
+    if all {
+        job.chunks_done += 1;
+        job.rows_done += placed.rows_read;
+        if placed.last_key.is_some() {
+            job.last_key = placed.last_key.clone();
+        }
+        job.updated_at = Some(now());
+        if !placed.full {
+            job.state = JobState::Done;
+            job.finished_at = job.updated_at.clone();
+        }
+        info!(table = %job.qualified(), chunk = placed.chunk, "backfill chunk stored before the restart: not read again");
+        return;
+    }
+    if !tail.is_stored(lsn, placed.first_index) {
+        // Nothing of it is stored: it is read again, as if never read.
+        return;
+    }
+    // A prefix is stored, and the stream's last event is its last row: go on after
+    // that row's key.
+    let key = match (tail.last_event, &resume.tail_key) {
+        (Some((l, index)), Some(key)) if l == lsn => {
+            key_text(key, &job.key, columns).map(|k| (k, index - placed.first_index + 1))
+        }
+        _ => None,
+    };
+    match key {
+        Some((key, stored)) => {
+            job.chunks_done += 1;
+            job.rows_done += stored;
+            job.last_key = Some(key);
+            job.updated_at = Some(now());
+            info!(table = %job.qualified(), chunk = placed.chunk, count = stored, "backfill chunk partly stored before the restart: going on after its last stored row");
+        }
+        None => {
+            warn!(table = %job.qualified(), chunk = placed.chunk, "backfill chunk partly stored before the restart, and the key of its last stored row cannot be read back: the chunk is read again, so some of its rows are sent twice")
+        }
+    }
+}
+
+/// A key's JSON form (an event's `data.key`) as the text Postgres reads it, for the
+/// types whose JSON form is their text form; `None` for others.
+fn key_text(
+    key: &serde_json::Value,
+    columns_of_key: &[String],
+    columns: &[(String, String)],
+) -> Option<Vec<Option<String>>> {
+    columns_of_key
+        .iter()
+        .map(|name| {
+            let ty = columns.iter().find(|(n, _)| n == name)?.1.as_str();
+            let textual = matches!(
+                ty,
+                "smallint" | "integer" | "bigint" | "text" | "uuid" | "boolean" | "date" | "citext"
+            ) || ty.starts_with("numeric")
+                || ty.starts_with("character")
+                || ty.starts_with("timestamp");
+            if !textual {
+                return None;
+            }
+            match key.get(name)? {
+                serde_json::Value::Null => Some(None),
+                serde_json::Value::String(s) => Some(Some(s.clone())),
+                serde_json::Value::Number(n) => Some(Some(n.to_string())),
+                serde_json::Value::Bool(b) => Some(Some(b.to_string())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 async fn run_jobs(
     cfg: &SourceConfig,
     progress: &Progress,
     chunks: &ChunkSender,
-    run: &str,
+    resume: &Resume,
     cancel: &CancellationToken,
     current: &mut Option<Job>,
 ) -> Result<(), BackfillError> {
+    let run = resume.run.as_str();
     let mut catalog: Option<Catalog> = None;
     loop {
         *current = None;
@@ -713,6 +872,18 @@ async fn run_jobs(
             progress.put(&job).await?;
             info!(table = %job.qualified(), reason = %job.reason, estimate, "backfill started");
         } else {
+            if let Some(placed) = progress.placement(&job.schema, &job.table).await?
+                && placed.job == job.id
+                && placed.chunk == job.chunks_done
+                && placed.run != run
+            {
+                settle_placed(&mut job, &placed, resume, &columns);
+                progress.put(&job).await?;
+                if job.state == JobState::Done {
+                    info!(table = %job.qualified(), rows = job.rows_done, "backfill done (its last chunk was stored before the restart)");
+                    continue;
+                }
+            }
             info!(table = %job.qualified(), chunk = job.chunks_done, rows = job.rows_done, "backfill resumed");
         }
         let mut retries = 0;
@@ -751,6 +922,10 @@ async fn run_jobs(
                 relid,
                 columns: columns.iter().map(|(n, _)| n.clone()).collect(),
                 rows,
+                schema: job.schema.clone(),
+                table: job.table.clone(),
+                last_key: last_key.clone(),
+                full,
             };
             if chunks.send((chunk, done_tx)).await.is_err() {
                 return Ok(());

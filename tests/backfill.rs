@@ -710,3 +710,73 @@ async fn a_new_slot_and_stream_snapshot_every_row_whatever_the_old_jobs_said() {
         Some(&table_rows(&db, "big").await)
     );
 }
+
+/// Regression (issue 16): a kill -9 while a chunk's rows were being stored left a
+/// prefix of the chunk in the stream, and the restarted worker read the whole chunk
+/// again: the prefix twice. Now the restart goes on after the last stored row, and
+/// every row is read into the stream exactly once, through two kills mid-chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_rows_are_stored_once_through_kills_mid_chunk() {
+    const ROWS: i32 = 40_000;
+    const CHUNK: u64 = 4_000;
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(&format!(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big SELECT g, g % 100, 'row ' || g FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await
+    .unwrap();
+    // A small window, so a chunk takes a while to store.
+    let extra = format!("snapshot_chunk_size = {CHUNK}\npublish_window = 8");
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["big"]"#,
+            snapshot: "initial",
+            extra: &extra,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let nc = nats.client().await;
+    let log = dir.path().join("tidemark.log");
+    let mut tm = Tidemark::run(&cfg, &log);
+    for round in 1..=2u64 {
+        // Kill it with a chunk partly stored: the stream count inside a chunk.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let n = stream_count(&nc, "STORE").await;
+            let within = n % CHUNK;
+            if n > round * CHUNK && (CHUNK / 8..CHUNK * 7 / 8).contains(&within) {
+                tm.kill9();
+                break;
+            }
+            assert!(n < ROWS as u64, "the snapshot ended before the kill");
+            assert!(Instant::now() < deadline, "{}", tm.log());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tm = Tidemark::run(&cfg, &log);
+    }
+    wait_job_done(&nc, "big", Duration::from_secs(180), || tm.log()).await;
+    wait_stream_count(&nc, "STORE", ROWS as u64, Duration::from_secs(60), || {
+        tm.log()
+    })
+    .await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let mut reads: BTreeMap<i64, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.body["type"] == "big.read") {
+        *reads
+            .entry(e.body["data"]["key"]["id"].as_i64().unwrap())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "rows read twice, e.g. {twice:?}");
+    assert_eq!(reads.len(), ROWS as usize, "every row read");
+    assert!(
+        tm.log().contains("partly stored before the restart"),
+        "the kill did not land mid-chunk:\n{}",
+        tm.log()
+    );
+}

@@ -250,6 +250,19 @@ pub async fn read_tail(
     })
 }
 
+/// The key (`data.key`) of the stream's last event, when it is one of tidemark's: a
+/// backfill resuming after a crash mid-chunk continues after it (see
+/// `backfill::Placement`). Best effort: `None` when it cannot be read.
+pub async fn last_event_key(
+    stream: &stream::Stream,
+    tail: &StreamTail,
+) -> Option<serde_json::Value> {
+    tail.last_event?;
+    let msg = stream.get_raw_message(tail.last_seq).await.ok()?;
+    let event: serde_json::Value = serde_json::from_slice(&msg.payload).ok()?;
+    Some(event.get("data")?.get("key")?.clone())
+}
+
 /// The `Nats-Msg-Id` of a stored message: for tidemark's events, the event id.
 pub(crate) fn msg_id(headers: &HeaderMap) -> Option<&str> {
     headers

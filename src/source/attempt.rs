@@ -74,6 +74,7 @@ pub(super) async fn run_attempt(
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
+    let tail_key = provision::last_event_key(&stream, &tail).await;
     let progress = backfill::Progress::open(&js, &cfg.name)
         .await?
         .bind(backfill::stream_binding(stream.cached_info()));
@@ -157,9 +158,13 @@ pub(super) async fn run_attempt(
     let worker = tokio::spawn(
         backfill::run_worker(
             cfg.clone(),
-            progress,
+            progress.clone(),
             chunk_tx,
-            watermark_run.clone(),
+            backfill::Resume {
+                run: watermark_run.clone(),
+                tail: tail.clone(),
+                tail_key,
+            },
             worker_cancel.clone(),
         )
         .instrument(info_span!("backfill")),
@@ -197,6 +202,7 @@ pub(super) async fn run_attempt(
         chunk_in_tx: None,
         flush: FlushTracker::new(confirmed),
         watermark_run,
+        progress,
         skipped: 0,
         max_payload,
         sent_flush: confirmed,

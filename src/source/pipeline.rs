@@ -76,6 +76,8 @@ pub(super) struct Pipeline<'a> {
     pub(super) sent_flush: Lsn,
     /// The `run` of this attempt's backfill watermarks.
     pub(super) watermark_run: String,
+    /// The source's backfill record, for chunk placements.
+    pub(super) progress: crate::backfill::Progress,
 }
 
 impl Pipeline<'_> {

@@ -9,7 +9,7 @@ use tracing::debug;
 use super::error::SourceError;
 use super::pipeline::Pipeline;
 use super::plan::catalog_relation;
-use crate::backfill::{ChunkOutcome, Watermark};
+use crate::backfill::{ChunkOutcome, Placement, Watermark};
 use crate::events::mapping::Operation;
 use crate::postgres::pgoutput;
 
@@ -95,16 +95,46 @@ impl Pipeline<'_> {
             .iter()
             .map(|k| chunk.columns.iter().position(|n| n == k))
             .collect();
+        // Rows live changes touched inside the window are dropped: the changes, newer,
+        // stand for them.
+        let keep: Vec<bool> = chunk
+            .rows
+            .iter()
+            .map(|row| {
+                let key: Vec<Option<bytes::Bytes>> = key_idx
+                    .iter()
+                    .map(|i| {
+                        i.and_then(|i| row.get(i).cloned().flatten())
+                            .map(bytes::Bytes::from)
+                    })
+                    .collect();
+                !(window.truncated || window.changed.contains(&key))
+            })
+            .collect();
+        // Where the rows go, durably, before any of them is sent (see
+        // `backfill::Placement`).
+        let (commit_lsn, first_index) = self
+            .tx
+            .as_ref()
+            .map(|t| (t.final_lsn, t.next_index))
+            .ok_or_else(|| SourceError::Protocol("watermark outside a transaction".into()))?;
+        let placement = Placement {
+            job: chunk.job_id.clone(),
+            chunk: chunk.chunk,
+            run: self.watermark_run.clone(),
+            commit_lsn: commit_lsn.to_string(),
+            first_index,
+            end_index: first_index + keep.iter().filter(|k| **k).count() as u64,
+            rows_read: chunk.rows.len() as u64,
+            last_key: chunk.last_key.clone(),
+            full: chunk.full,
+        };
+        self.progress
+            .put_placement(&chunk.schema, &chunk.table, &placement)
+            .await?;
         let (mut published, mut skipped) = (0, 0);
-        for row in chunk.rows {
-            let key: Vec<Option<bytes::Bytes>> = key_idx
-                .iter()
-                .map(|i| {
-                    i.and_then(|i| row.get(i).cloned().flatten())
-                        .map(bytes::Bytes::from)
-                })
-                .collect();
-            if window.truncated || window.changed.contains(&key) {
+        for (row, keep) in chunk.rows.into_iter().zip(keep) {
+            if !keep {
                 skipped += 1;
                 continue;
             }
