@@ -47,6 +47,14 @@ pub enum BackfillError {
         "table {table} has no primary key, so it cannot be read in key order: give it one, or name a unique key in its mapping ([[source.table]] name = \"{table}\", key = [\"...\"])"
     )]
     NoKey { table: String },
+    #[error(
+        "the key ({key}) named for {table} in its mapping cannot page the table: {reason}; a snapshot read by it would lose or repeat rows: name the primary key, or columns that a unique index covers and that are NOT NULL"
+    )]
+    KeyNotUnique {
+        table: String,
+        key: String,
+        reason: &'static str,
+    },
     #[error("backfill of {table} failed reading a chunk")]
     Read {
         table: String,
@@ -483,7 +491,11 @@ pub type ChunkSender = mpsc::Sender<(Chunk, oneshot::Sender<ChunkOutcome>)>;
 pub type ChunkReceiver = mpsc::Receiver<(Chunk, oneshot::Sender<ChunkOutcome>)>;
 
 /// The key columns a table is read in order of: the mapping's key, else the primary key.
-pub fn key_columns(
+/// A mapping's key must be one the table can be paged by: unique (a unique index
+/// without a condition covers it) and NOT NULL. Otherwise rows sharing a key would be
+/// lost at chunk borders, and a NULL would end the read at once.
+pub async fn key_columns(
+    catalog: &Catalog,
     cfg: &SourceConfig,
     schema: &str,
     table: &str,
@@ -495,7 +507,41 @@ pub fn key_columns(
         .find(|m| m.schema == schema && m.table == table)
         .and_then(|m| m.key.clone());
     match mapped {
-        Some(k) => Ok(k),
+        Some(k) if k == primary_key => Ok(k),
+        Some(k) => {
+            let row = catalog
+                .client()
+                .query_one(
+                    "SELECT \
+                       (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid AND NOT a.attisdropped \
+                          AND a.attnotnull AND a.attname::text = ANY($3::text[])), \
+                       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique \
+                          AND i.indpred IS NULL AND i.indexprs IS NULL AND NOT EXISTS ( \
+                            SELECT 1 FROM unnest(i.indkey::int2[]) k JOIN pg_attribute a \
+                              ON a.attrelid = c.oid AND a.attnum = k \
+                            WHERE NOT (a.attname::text = ANY($3::text[])))) \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    &[&schema, &table, &k],
+                )
+                .await
+                .map_err(|source| CatalogError::Query {
+                    what: "check a mapping's key",
+                    source,
+                })?;
+            let not_null: i64 = row.get(0);
+            let unique: bool = row.get(1);
+            let reason = match (unique, not_null as usize == k.len()) {
+                (true, true) => return Ok(k),
+                (false, _) => "no unique index covers it",
+                (true, false) => "a column of it may be NULL",
+            };
+            Err(BackfillError::KeyNotUnique {
+                table: format!("{schema}.{table}"),
+                key: k.join(", "),
+                reason,
+            })
+        }
         None if !primary_key.is_empty() => Ok(primary_key.to_vec()),
         None => Err(BackfillError::NoKey {
             table: format!("{schema}.{table}"),
@@ -719,6 +765,7 @@ pub async fn run_worker(
             &err,
             BackfillError::Read { .. }
                 | BackfillError::NoKey { .. }
+                | BackfillError::KeyNotUnique { .. }
                 | BackfillError::Catalog(CatalogError::TableMissing { .. })
         );
         match current {

@@ -686,8 +686,14 @@ async fn check_postgres(
                         .iter()
                         .any(|o| o.schema == t.schema && o.table == t.name);
                 if snapshotted
-                    && let Err(e) =
-                        crate::backfill::key_columns(s, &t.schema, &t.name, &t.primary_key)
+                    && let Err(e) = crate::backfill::key_columns(
+                        &catalog,
+                        s,
+                        &t.schema,
+                        &t.name,
+                        &t.primary_key,
+                    )
+                    .await
                 {
                     out.push((
                         true,
@@ -994,7 +1000,8 @@ async fn resync(src: &SourceConfig, nats: &NatsConfig, yes: bool, force: bool) -
     };
     let mut jobs = Vec::new();
     for t in &infos {
-        match crate::backfill::key_columns(src, &t.schema, &t.name, &t.primary_key) {
+        match crate::backfill::key_columns(&catalog, src, &t.schema, &t.name, &t.primary_key).await
+        {
             Ok(key) => jobs.push(crate::backfill::Job::new(
                 &t.schema,
                 &t.name,
@@ -1072,7 +1079,9 @@ async fn backfill_cmd(
         }
         Err(e) => return fail(ErrorChain(&e).to_string()),
     }
-    let key = match crate::backfill::key_columns(src, &schema, &name, &info.primary_key) {
+    let key = match crate::backfill::key_columns(&catalog, src, &schema, &name, &info.primary_key)
+        .await
+    {
         Ok(k) => k,
         Err(e) => return fail(e.to_string()),
     };

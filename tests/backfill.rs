@@ -780,3 +780,63 @@ async fn snapshot_rows_are_stored_once_through_kills_mid_chunk() {
         tm.log()
     );
 }
+
+/// Regression (issue 16): a mapping key was used to page a table without checking it
+/// could: rows sharing a key were lost at chunk borders, and a NULL ended the read at
+/// once. A key that no unique index covers, or that may be NULL, is refused by
+/// `backfill` and skipped (loudly) by the initial snapshot, as `check` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_key_that_cannot_page_the_table_is_refused_with_the_fix() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, sku text, code text UNIQUE, ref int NOT NULL UNIQUE);
+         INSERT INTO items VALUES (1, 'a', 'x', 10), (2, 'a', NULL, 20);",
+    )
+    .await
+    .unwrap();
+    for (key, reason, ok) in [
+        ("sku", "no unique index covers it", false),
+        ("code", "a column of it may be NULL", false),
+        ("ref", "", true),
+    ] {
+        let name = format!("s{key}");
+        db.batch_execute(&format!(
+            "CREATE PUBLICATION tidemark_{name} FOR TABLE items"
+        ))
+        .await
+        .unwrap();
+        let sections = format!("[[source.table]]\nname = \"items\"\nkey = [\"{key}\"]\n");
+        let cfg = write_config(
+            dir.path(),
+            &pg,
+            &nats,
+            &SourceSpec {
+                tables: r#"tables = ["items"]"#,
+                sections: &sections,
+                ..SourceSpec::new(&name, "store")
+            },
+        );
+        let cfg_arg = cfg.to_str().unwrap();
+        let (code, out, err) = tidemark_cmd(&["backfill", "--config", cfg_arg, "--table", "items"]);
+        if ok {
+            assert_eq!(code, 0, "key {key}: {out}{err}");
+            continue;
+        }
+        assert_eq!(code, 1, "key {key}: {out}{err}");
+        assert!(
+            err.contains(&format!("the key ({key}) named for public.items"))
+                && err.contains(reason)
+                && err.contains("unique index"),
+            "key {key}: {err}"
+        );
+        // check warns when an initial snapshot would read the table, as run skips it.
+        let (_, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+        assert!(!out.contains("snapshot public.items"), "{out}");
+        edit_file(&cfg, "snapshot = \"never\"", "snapshot = \"initial\"");
+        let (_, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
+        assert!(
+            out.contains("warning: the initial snapshot skips it: the key") && out.contains(reason),
+            "key {key}: {out}"
+        );
+    }
+}

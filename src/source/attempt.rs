@@ -100,7 +100,7 @@ pub(super) async fn run_attempt(
     // streamed table; the jobs are written before the slot exists, so a crash in
     // between cannot lose them.
     if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
-        queue_initial_snapshot(cfg, &progress, &tables).await?;
+        queue_initial_snapshot(&catalog, cfg, &progress, &tables).await?;
     }
 
     // Replication.
@@ -226,6 +226,7 @@ impl Drop for WorkerGuard {
 /// Writes a backfill job for every table an initial snapshot reads (outbox tables
 /// excepted), unless one exists. A table without a usable key stops the start.
 async fn queue_initial_snapshot(
+    catalog: &Catalog,
     cfg: &SourceConfig,
     progress: &backfill::Progress,
     tables: &[crate::postgres::catalog::TableInfo],
@@ -245,9 +246,11 @@ async fn queue_initial_snapshot(
         }
         // A table that cannot be read in key order loses only its own snapshot: its
         // live changes stream like every other table's, and `check` says the same.
-        let key = match backfill::key_columns(cfg, &t.schema, &t.name, &t.primary_key) {
+        let key = match backfill::key_columns(catalog, cfg, &t.schema, &t.name, &t.primary_key)
+            .await
+        {
             Ok(key) => key,
-            Err(err @ BackfillError::NoKey { .. }) => {
+            Err(err @ (BackfillError::NoKey { .. } | BackfillError::KeyNotUnique { .. })) => {
                 error!(table = %t.qualified(), error = %err, "initial snapshot of this table skipped; its changes stream from now on; once it has a key, run `tidemark backfill` for it");
                 continue;
             }
