@@ -775,6 +775,27 @@ impl Validator<'_> {
             );
             return None;
         };
+        // A dead letter the source's own stream captures would be stored as one of
+        // the source's events: a write into a stream only the source may write, which
+        // breaks its sequence chain and stops the source.
+        if let Some(d) = &p.dead_letter
+            && let Some(covering) = source
+                .stream
+                .subjects
+                .iter()
+                .find(|s| crate::jetstream::provision::subject_covers(s, d.get_ref()))
+        {
+            self.issue(
+                d,
+                format!("{prefix}.dead_letter"),
+                format!(
+                    "{:?} is captured by the source's stream {:?} (subject {covering:?}), which only the source may write: use a subject outside it, e.g. \"deadletter.{}\", with a stream of its own",
+                    d.get_ref(),
+                    source.stream.name,
+                    p.name.get_ref()
+                ),
+            );
+        }
         let target = match (&p.postgres, &p.kv_bucket) {
             (Some(pg), None) => Target::Postgres(self.postgres(prefix, pg.get_ref().clone())),
             (None, Some(b)) => {
@@ -2039,6 +2060,22 @@ name = "STORE"
 
     fn errors(text: &str) -> String {
         parse_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_dead_letter_subject_the_sources_stream_captures_is_refused() {
+        let projection = |dead: &str| {
+            format!(
+                "{GOOD}\n[[projection]]\nname = \"stats\"\nsource = \"store\"\ndead_letter = \"{dead}\"\nkv_bucket = \"STATS\"\n\n[[projection.on]]\ntype = \"t.created\"\nkv = \"put\"\nkey = \"k.{{data.after.id}}\"\nvalue = {{ id = \"data.after.id\" }}\n"
+            )
+        };
+        let err = errors(&projection("store.dead"));
+        assert!(
+            err.contains("projection[0].dead_letter")
+                && err.contains("captured by the source's stream \"STORE\""),
+            "{err}"
+        );
+        parse_str(&projection("deadletter.stats")).unwrap();
     }
 
     #[test]
