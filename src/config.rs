@@ -173,6 +173,7 @@ struct RawSource {
     atomic_batch_max: Option<Spanned<u64>>,
     heartbeat_interval_secs: Option<Spanned<u64>>,
     stall_after_secs: Option<Spanned<u64>>,
+    replication_timeout_secs: Option<Spanned<u64>>,
     warn_retained_wal_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     table: Vec<Spanned<RawTable>>,
@@ -414,6 +415,9 @@ pub struct SourceConfig {
     pub heartbeat_interval: Option<Duration>,
     /// No progress for this long, while some is expected, is a stall: said loudly.
     pub stall_after: Duration,
+    /// Silence on the replication connection after which it is presumed dead (half a
+    /// timeout of silence asks the server for a reply).
+    pub replication_timeout: Duration,
     /// Warn when the slot retains more WAL than this.
     pub warn_retained_wal_bytes: Option<u64>,
 }
@@ -1455,6 +1459,12 @@ impl Validator<'_> {
                 &format!("{prefix}.stall_after_secs"),
                 120,
                 1..=86_400,
+            )),
+            replication_timeout: Duration::from_secs(self.number(
+                &s.replication_timeout_secs,
+                &format!("{prefix}.replication_timeout_secs"),
+                60,
+                2..=86_400,
             )),
             warn_retained_wal_bytes: s.warn_retained_wal_bytes.as_ref().map(|_| {
                 self.number(

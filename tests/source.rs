@@ -217,3 +217,53 @@ async fn sigterm_while_stalled_ends_within_the_drain_timeout() {
         tm.log()
     );
 }
+
+/// Regression (issue 14): the replication socket had no receive timeout, so a silent
+/// connection (a half-open TCP connection, a stalled network path) was noticed only by
+/// the OS. Now silence past `replication_timeout_secs` (a reply requested at half of
+/// it) drops the connection and rebuilds, and nothing is lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_replication_connection_is_dropped_and_rebuilt() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(pg.port).await;
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "replication_timeout_secs = 4",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    edit_file(
+        &cfg,
+        &format!("port = {}", pg.port),
+        &format!("port = {}", proxy.port),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 100, Duration::from_secs(30), || tm.log()).await;
+    // The path goes silent: connections stay open, nothing passes.
+    proxy.stall();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tm.log().contains("sent nothing for") {
+        assert!(Instant::now() < deadline, "never noticed:\n{}", tm.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.resume();
+    db.batch_execute("INSERT INTO t SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    wait_stream_count(&nc, "STORE", 200, Duration::from_secs(60), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events.len(), 200);
+    assert_exactly_once(&events);
+    assert!(tm.is_running(), "{}", tm.log());
+}

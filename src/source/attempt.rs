@@ -203,6 +203,7 @@ pub(super) async fn run_attempt(
         flush: FlushTracker::new(confirmed),
         watermark_run,
         progress,
+        last_received: Instant::now(),
         skipped: 0,
         max_payload,
         sent_flush: confirmed,

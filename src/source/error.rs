@@ -46,6 +46,10 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Backfill(#[from] BackfillError),
+    #[error(
+        "the replication connection sent nothing for {secs} s, not even an answer to a reply request: presumed dead (replication_timeout_secs); reconnecting"
+    )]
+    Silent { secs: u64 },
     #[error("replication slot {slot:?} is in use by another process{}; standing by to take over", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     SlotBusy { slot: String, pid: Option<i32> },
 }
@@ -65,6 +69,7 @@ impl SourceError {
             SourceError::SlotLost { .. } => "slot_lost",
             SourceError::SlotBusy { .. } => "slot_busy",
             SourceError::Backfill(_) => "backfill",
+            SourceError::Silent { .. } => "replication",
         }
     }
 }
@@ -127,7 +132,8 @@ impl SourceError {
             SourceError::Publish(_)
             | SourceError::Decode { .. }
             | SourceError::Map(_)
-            | SourceError::Protocol(_) => Recovery::Retry,
+            | SourceError::Protocol(_)
+            | SourceError::Silent { .. } => Recovery::Retry,
         }
     }
 }

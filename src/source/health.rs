@@ -10,6 +10,10 @@ use crate::error::ErrorChain;
 use crate::events::reserved::HEARTBEAT_PREFIX;
 use crate::jetstream::publisher::Acked;
 
+/// The longest the source loop waits on a catalog query of its own (heartbeats, the
+/// slot's retained WAL).
+const CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Pipeline<'_> {
     /// Whether an ack stores a heartbeat event (or one after it).
     pub(super) fn heartbeat_acked(&mut self, ack: &Acked) -> bool {
@@ -27,20 +31,23 @@ impl Pipeline<'_> {
 
     /// Writes a heartbeat message into the WAL (its event proves progress when stored).
     pub(super) async fn send_heartbeat(&mut self) {
-        let sent = self
-            .catalog
-            .client()
-            .simple_query(&format!(
+        // Bounded: an unresponsive database must not hold up the source loop (the
+        // replication timeout and stall detection run in it).
+        let sent = tokio::time::timeout(
+            CATALOG_TIMEOUT,
+            self.catalog.client().simple_query(&format!(
                 "SELECT pg_logical_emit_message(true, '{HEARTBEAT_PREFIX}', '')"
-            ))
-            .await;
+            )),
+        )
+        .await;
         match sent {
-            Ok(_) => {
+            Ok(Ok(_)) => {
                 if self.heartbeat_pending.is_none() {
                     self.heartbeat_pending = Some(Instant::now());
                 }
             }
-            Err(e) => warn!(error = %ErrorChain(&e), "heartbeat not written"),
+            Ok(Err(e)) => warn!(error = %ErrorChain(&e), "heartbeat not written"),
+            Err(_) => warn!("heartbeat not written: the database did not answer in time"),
         }
     }
 
@@ -105,15 +112,15 @@ impl Pipeline<'_> {
             .oldest_pending_commit_time()
             .map_or(0.0, |t| (now - t).max(0.0));
         self.tel.set_lag_seconds(&self.cfg.name, lag);
-        let retained = self
-            .catalog
-            .client()
-            .query_opt(
+        let retained = tokio::time::timeout(
+            CATALOG_TIMEOUT,
+            self.catalog.client().query_opt(
                 "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.cfg.slot],
-            )
-            .await;
-        if let Ok(Some(row)) = retained
+            ),
+        )
+        .await;
+        if let Ok(Ok(Some(row))) = retained
             && let Some(bytes) = row.get::<_, Option<i64>>(0)
         {
             self.tel

@@ -74,6 +74,9 @@ pub(super) struct Pipeline<'a> {
     /// The server's `max_payload`: headers and payload of one message together.
     pub(super) max_payload: usize,
     pub(super) sent_flush: Lsn,
+    /// When the replication connection last sent something (or could not be read
+    /// because the window was full).
+    pub(super) last_received: Instant,
     /// The `run` of this attempt's backfill watermarks.
     pub(super) watermark_run: String,
     /// The source's backfill record, for chunk placements.
@@ -103,6 +106,7 @@ impl Pipeline<'_> {
                 }
                 // 3. Periodic standby status, so Postgres can recycle WAL.
                 _ = status_tick.tick() => {
+                    self.check_silence().await?;
                     if last_status.elapsed() >= self.cfg.status_interval {
                         self.send_status(false).await?;
                         self.observe_slot().await;
@@ -116,6 +120,7 @@ impl Pipeline<'_> {
                 }
                 // 4. New WAL, only while the publish window has room (backpressure).
                 msg = self.repl.next(), if self.publisher.has_capacity() => {
+                    self.last_received = Instant::now();
                     let handled = match msg {
                         // One message can wait a while (a full window waits for acks
                         // before each event it sends): shutdown cuts it short. What
@@ -145,6 +150,28 @@ impl Pipeline<'_> {
     }
 
     /// Awaits acks until the publish window has room.
+    /// A replication connection silent for half of `replication_timeout` is asked
+    /// for a reply (walsender answers a reply request with a keepalive at once);
+    /// silent for all of it, it is presumed dead (a half-open TCP connection is
+    /// otherwise noticed only by the OS, after many minutes). Time with a full window
+    /// does not count: the connection is not read then.
+    async fn check_silence(&mut self) -> Result<(), SourceError> {
+        if !self.publisher.has_capacity() {
+            self.last_received = Instant::now();
+            return Ok(());
+        }
+        let silent = self.last_received.elapsed();
+        if silent >= self.cfg.replication_timeout {
+            return Err(SourceError::Silent {
+                secs: silent.as_secs(),
+            });
+        }
+        if silent >= self.cfg.replication_timeout / 2 {
+            self.send_status(true).await?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn make_room(&mut self) -> Result<(), SourceError> {
         while !self.publisher.has_capacity() && self.publisher.awaiting_acks() > 0 {
             let ack = self.publisher.next_ack().await?;
