@@ -115,6 +115,16 @@ pub(super) async fn run_attempt(
         .await
     {
         Ok(r) => r,
+        // The slot went away between the check above and now (dropped by hand, say):
+        // the same refusal as a slot found missing, when the stream holds events.
+        Err(ReplicationError::Server(e)) if e.code == "42704" && tail.last_seq > 0 => {
+            return Err(SourceError::SlotLost {
+                slot: cfg.slot.clone(),
+                stream: cfg.stream.name.clone(),
+                last_seq: tail.last_seq,
+                last_lsn: tail.last_event.map(|(l, _)| l),
+            });
+        }
         Err(ReplicationError::Server(e)) if e.code == "55006" => {
             let pid = catalog
                 .slot(&cfg.slot)
