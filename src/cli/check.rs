@@ -1,0 +1,368 @@
+//! `check`: offline validation, then each live prerequisite, one line per check.
+
+use super::*;
+
+/// Prints one check line; returns whether it passed.
+pub(super) fn line(source: &str, ok: bool, what: &str, detail: &str) -> bool {
+    let mark = if ok { "ok  " } else { "FAIL" };
+    println!("{mark} [{source}] {what}: {detail}");
+    ok
+}
+
+pub(super) async fn check(cfg: Config) -> ExitCode {
+    println!(
+        "ok   config {}: {} source(s)",
+        cfg.path.display(),
+        cfg.sources.len()
+    );
+    let mut all_ok = true;
+    for source in &cfg.sources {
+        all_ok &= check_source(source, &cfg.nats).await;
+    }
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+pub(super) async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
+    let n = s.name.as_str();
+    let mut ok = true;
+    let pg = format!(
+        "{}:{}/{}",
+        s.postgres.host, s.postgres.port, s.postgres.dbname
+    );
+    let mut slot_exists = None;
+    let mut stream_last_seq = None;
+    match check_postgres(s, &mut slot_exists).await {
+        Ok(lines) => {
+            line(
+                n,
+                true,
+                "postgres",
+                &format!("connected to {pg} as {}", s.postgres.user),
+            );
+            for (good, what, detail) in lines {
+                ok &= line(n, good, &what, &detail);
+            }
+        }
+        Err(err) => ok &= line(n, false, "postgres", &ErrorChain(&err).to_string()),
+    }
+    match check_nats(s, nats, &mut stream_last_seq).await {
+        Ok(lines) => {
+            for (good, what, detail) in lines {
+                ok &= line(n, good, &what, &detail);
+            }
+        }
+        Err(err) => ok &= line(n, false, "nats", &ErrorChain(&err).to_string()),
+    }
+    if let (Some(false), Some(last_seq)) = (slot_exists, stream_last_seq)
+        && last_seq > 0
+    {
+        let err = source::SourceError::SlotLost {
+            slot: s.slot.clone(),
+            stream: s.stream.name.clone(),
+            last_seq,
+            last_lsn: None,
+        };
+        ok &= line(n, false, &format!("slot {:?}", s.slot), &err.to_string());
+    }
+    if ok {
+        println!("ok   [{n}] would stream to stream {:?}", s.stream.name);
+    }
+    ok
+}
+
+type CheckLines = Vec<(bool, String, String)>;
+
+/// Checks the database; records whether the slot exists in `slot_exists`.
+pub(super) async fn check_postgres(
+    s: &SourceConfig,
+    slot_exists: &mut Option<bool>,
+) -> Result<CheckLines, CatalogError> {
+    let catalog = Catalog::connect(&s.postgres).await?;
+    let mut out: CheckLines = Vec::new();
+    match catalog.check_wal_level().await {
+        Ok(()) => out.push((true, "wal_level".into(), "logical".into())),
+        Err(e) => out.push((false, "wal_level".into(), e.to_string())),
+    }
+    let wanted = match &s.tables {
+        TableSelection::All => catalog.all_tables().await?,
+        TableSelection::Listed(t) => t.clone(),
+    };
+    match catalog.check_grants(&wanted).await {
+        Ok(()) => out.push((
+            true,
+            "grants".into(),
+            "REPLICATION, and SELECT on the tables".into(),
+        )),
+        Err(e) => out.push((false, "grants".into(), e.to_string())),
+    }
+    let published = catalog.publication(&s.publication).await?;
+    let pub_name = format!("publication {:?}", s.publication);
+    match (&published, s.create_publication) {
+        (Some(tables), _) => out.push((
+            true,
+            pub_name,
+            format!("exists, publishes {} table(s)", tables.len()),
+        )),
+        (None, true) => out.push((true, pub_name, "will be created".into())),
+        (None, false) => out.push((
+            false,
+            pub_name,
+            CatalogError::PublicationMissing {
+                name: s.publication.clone(),
+            }
+            .to_string(),
+        )),
+    }
+    match catalog.tables(&wanted).await {
+        Err(e) => out.push((false, "tables".into(), e.to_string())),
+        Ok(tables) => {
+            for t in tables.iter().cloned() {
+                let in_pub = published
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&(t.schema.clone(), t.name.clone())));
+                let key = if t.primary_key.is_empty() {
+                    "no primary key".to_string()
+                } else {
+                    format!("key ({})", t.primary_key.join(", "))
+                };
+                let identity = match t.replica_identity {
+                    'f' => "full",
+                    'n' => "nothing",
+                    'i' => "index",
+                    _ => "default",
+                };
+                let what = format!("table {}", t.qualified());
+                match t.identity_problem() {
+                    Some(problem) if !in_pub => out.push((false, what, CatalogError::NoReplicaIdentity { table: t.qualified(), identity: problem }.to_string())),
+                    Some(_) => out.push((true, what, format!("replica identity {identity}, {key}; warning: UPDATE and DELETE on it fail while it is published; set REPLICA IDENTITY FULL or add a primary key"))),
+                    None if !in_pub && !s.create_publication && published.is_some() => out.push((false, what, CatalogError::PublicationLacksTable { publication: s.publication.clone(), table: t.qualified() }.to_string())),
+                    None => out.push((true, what, format!("replica identity {identity}, {key}{}", if in_pub { "" } else { "; will be added to the publication" }))),
+                }
+                // What `run` does with a table it cannot snapshot: says so, and
+                // streams its changes (see source::attempt).
+                let snapshotted = s.snapshot == crate::config::SnapshotMode::Initial
+                    && s.snapshot_tables
+                        .as_ref()
+                        .is_none_or(|l| l.contains(&(t.schema.clone(), t.name.clone())))
+                    && !s
+                        .outboxes
+                        .iter()
+                        .any(|o| o.schema == t.schema && o.table == t.name);
+                if snapshotted
+                    && let Err(e) = crate::backfill::key_columns(
+                        &catalog,
+                        s,
+                        &t.schema,
+                        &t.name,
+                        &t.primary_key,
+                    )
+                    .await
+                {
+                    out.push((
+                        true,
+                        format!("snapshot {}", t.qualified()),
+                        format!("warning: the initial snapshot skips it: {e}"),
+                    ));
+                }
+            }
+            out.extend(plan_lines(&catalog, s, &tables).await?);
+        }
+    }
+    if let Some(line) = wal_keep_line(&catalog).await {
+        out.push(line);
+    }
+    let slot_name = format!("slot {:?}", s.slot);
+    let slot = catalog.slot(&s.slot).await?;
+    *slot_exists = Some(slot.is_some());
+    match slot {
+        Some(info) => match catalog.check_slot(&s.slot, &info) {
+            Ok(()) => out.push((
+                true,
+                slot_name,
+                format!(
+                    "exists, confirmed flush {}, {}",
+                    info.confirmed_flush
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    match info.active_pid {
+                        Some(pid) if info.active => format!("active (pid {pid})"),
+                        _ => "inactive".into(),
+                    }
+                ),
+            )),
+            Err(e) => out.push((false, slot_name, e.to_string())),
+        },
+        None if s.create_slot => out.push((true, slot_name, "will be created".into())),
+        None => out.push((
+            false,
+            slot_name,
+            CatalogError::SlotMissing {
+                slot: s.slot.clone(),
+            }
+            .to_string(),
+        )),
+    }
+    Ok(out)
+}
+
+/// How much WAL a slot may hold back (`max_slot_wal_keep_size`), against the current
+/// write rate (sampled over one second): unlimited risks the disk, small risks the slot.
+pub(super) async fn wal_keep_line(catalog: &Catalog) -> Option<(bool, String, String)> {
+    let c = catalog.client();
+    let setting: String = c
+        .query_opt(
+            "SELECT setting FROM pg_settings WHERE name = 'max_slot_wal_keep_size'",
+            &[],
+        )
+        .await
+        .ok()??
+        .get(0);
+    let mb: i64 = setting.parse().ok()?;
+    let what = "max_slot_wal_keep_size".to_string();
+    if mb < 0 {
+        return Some((
+            true,
+            what,
+            "warning: unlimited: while tidemark is stopped or behind, its slot keeps WAL until the disk fills; set a limit that covers your longest outage (if the slot is then invalidated, `tidemark resync` recovers)".into(),
+        ));
+    }
+    let lsn = || async {
+        c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, String>(0).parse::<Lsn>().ok())
+    };
+    let a = lsn().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = lsn().await?;
+    let rate = b.0.saturating_sub(a.0) as f64;
+    let keep = mb as f64 * 1024.0 * 1024.0;
+    if rate > 0.0 && keep / rate < 3600.0 {
+        return Some((
+            true,
+            what,
+            format!(
+                "warning: {mb} MB holds only {:.0} minutes of WAL at the current write rate ({:.0} KB/s): a longer outage invalidates the slot (then `tidemark resync` recovers); raise it",
+                keep / rate / 60.0,
+                rate / 1024.0
+            ),
+        ));
+    }
+    Some((true, what, format!("{mb} MB")))
+}
+
+/// The mapping plan per table, and the warnings that go with it.
+pub(super) async fn plan_lines(
+    catalog: &Catalog,
+    s: &SourceConfig,
+    tables: &[crate::postgres::catalog::TableInfo],
+) -> Result<CheckLines, CatalogError> {
+    let mut out: CheckLines = Vec::new();
+    let planned = match source::plan_tables(catalog, s, tables).await {
+        Ok(p) => p,
+        Err(source::SourceError::Catalog(e)) => return Err(e),
+        Err(e) => {
+            out.push((false, "mapping".into(), ErrorChain(&e).to_string()));
+            return Ok(out);
+        }
+    };
+    for p in planned {
+        let table = format!("{}.{}", p.info.schema, p.info.name);
+        let what = format!("plan {table}");
+        let token = crate::events::mapping::table_token(&p.info.schema, &p.info.name);
+        for text in p.plan.describe(&p.columns, &s.name, &token) {
+            out.push((true, what.clone(), text));
+        }
+        if p.plan.outbox.is_none() && p.info.replica_identity != 'f' {
+            let toastable = catalog.toastable_columns(p.info.oid).await?;
+            let shown: Vec<&String> = toastable
+                .iter()
+                .filter(|c| !p.info.primary_key.contains(c))
+                .filter(|c| {
+                    p.plan
+                        .columns
+                        .iter()
+                        .any(|o| p.columns.get(o.index).is_some_and(|(n, _)| n == *c))
+                })
+                .collect();
+            if !shown.is_empty() {
+                out.push((
+                    true,
+                    what.clone(),
+                    format!(
+                        "warning: {} can be TOASTed; without REPLICA IDENTITY FULL an UPDATE that leaves such a value unchanged does not carry it, so the event lists it in data.unchanged_toast instead of a value (run ALTER TABLE {} REPLICA IDENTITY FULL to have it filled)",
+                        shown.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+                        p.info.qualified()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks NATS and the stream; records the stream's last sequence in `last_seq`.
+pub(super) async fn check_nats(
+    s: &SourceConfig,
+    nats: &NatsConfig,
+    last_seq: &mut Option<u64>,
+) -> Result<CheckLines, provision::ProvisionError> {
+    let client = provision::connect(nats, "tidemark-check").await?;
+    let mut out: CheckLines = Vec::new();
+    let info = client.server_info();
+    let payload_ok = info.max_payload == 0 || s.max_event_bytes <= info.max_payload;
+    out.push((
+        payload_ok,
+        "nats".into(),
+        if payload_ok {
+            format!(
+                "connected to {} (server {}, max_payload {})",
+                nats.servers.join(","),
+                info.version,
+                info.max_payload
+            )
+        } else {
+            provision::ProvisionError::PayloadLimit {
+                max_payload: info.max_payload,
+                max_event_bytes: s.max_event_bytes,
+            }
+            .to_string()
+        },
+    ));
+    let js = async_nats::jetstream::new(client);
+    let what = format!("stream {:?}", s.stream.name);
+    match js.get_stream(&s.stream.name).await {
+        Ok(mut stream) => match provision::read_tail(&mut stream, &s.name).await {
+            Ok(tail) => {
+                // A stream that ever stored events makes a missing slot a loss, unless
+                // `reset --purge-stream` emptied it (the same rule as `run`).
+                let purged = match crate::backfill::Progress::existing(&js, &s.name).await {
+                    Some(p) => p.purged_at().await.ok().flatten(),
+                    None => None,
+                };
+                let fresh = tail.last_seq == 0
+                    || (tail.last_event.is_none() && purged == Some(tail.last_seq));
+                *last_seq = (!fresh).then_some(tail.last_seq);
+                out.push((
+                    true,
+                    what,
+                    format!("exists, last sequence {}", tail.last_seq),
+                ))
+            }
+            Err(e) => out.push((false, what, e.to_string())),
+        },
+        Err(_) => match js.query_account().await {
+            Ok(_) => out.push((true, what, "will be created".into())),
+            Err(e) => out.push((
+                false,
+                what,
+                format!("JetStream is not available: {e}; start nats-server with -js"),
+            )),
+        },
+    }
+    Ok(out)
+}

@@ -1,0 +1,231 @@
+//! The command line: `run` streams every configured source until SIGTERM/SIGINT;
+//! `check` validates the config offline, then probes each live database and NATS
+//! server and says, one line per check, what would be streamed and what must be fixed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{self, Config, NatsConfig, SourceConfig, TableSelection};
+use crate::error::ErrorChain;
+use crate::jetstream::provision;
+use crate::position::Lsn;
+use crate::postgres::catalog::{Catalog, CatalogError};
+use crate::replay::{Filter, Position, Sink};
+use crate::source;
+use time::OffsetDateTime;
+
+mod args;
+mod backfill;
+mod check;
+mod replay;
+mod run;
+mod slot;
+mod status;
+
+pub use args::*;
+use backfill::*;
+use check::*;
+use replay::*;
+use run::*;
+use slot::*;
+use status::*;
+
+/// Sets up logging on stderr. `run` logs its lifecycle at info; the one-shot commands
+/// (check, status, replay, ...) print their own output and log only warnings, unless
+/// RUST_LOG says otherwise.
+pub fn init_tracing(format: LogFormat, command: &Command) {
+    let default = match command {
+        Command::Run { .. } | Command::Project { .. } => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Plain => builder.with_ansi(false).init(),
+    }
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => match load(&config) {
+            Ok(cfg) => run_sources(cfg).await,
+            Err(code) => code,
+        },
+        Command::Check { config } => match load(&config) {
+            Ok(cfg) => check(cfg).await,
+            Err(code) => code,
+        },
+        Command::Replay(args) => match load(&args.config) {
+            Ok(cfg) => {
+                let a = *args;
+                let from = position(a.from_lsn, a.from_seq, a.from_time);
+                let to = position(a.to_lsn, a.to_seq, a.to_time);
+                let mut filter = Filter {
+                    subjects: a.subjects,
+                    types: a.types,
+                    tables: Vec::new(),
+                };
+                a.tables.iter().for_each(|t| filter.add_table(t));
+                let output = match (a.pretty, a.republish) {
+                    (_, Some(prefix)) => Output::Republish(prefix),
+                    (true, None) => Output::Pretty,
+                    (false, None) => Output::Lines,
+                };
+                replay(cfg, a.source, from, to, filter, a.follow, output).await
+            }
+            Err(code) => code,
+        },
+        Command::Slot(SlotCommand::Drop {
+            config,
+            source,
+            force,
+        }) => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => slot_drop(src, force).await,
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Reset {
+            config,
+            source,
+            purge_stream,
+            keep_stream,
+            yes,
+            force,
+        } => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => {
+                    let mode = match (purge_stream, keep_stream) {
+                        (true, _) => Some(ResetMode::Purge),
+                        (false, true) => Some(ResetMode::Keep),
+                        (false, false) => None,
+                    };
+                    reset(src, &cfg.nats, mode, yes, force).await
+                }
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Backfill {
+            config,
+            source,
+            table,
+            filter,
+            chunk_size,
+            wait,
+            no_wait,
+        } => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => {
+                    use std::io::IsTerminal;
+                    let wait = wait || (!no_wait && std::io::stderr().is_terminal());
+                    backfill_cmd(src, &cfg.nats, &table, filter, chunk_size, wait).await
+                }
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Resync {
+            config,
+            source,
+            yes,
+            force,
+        } => match load(&config) {
+            Ok(cfg) => match pick_source(&cfg, source) {
+                Ok(src) => resync(src, &cfg.nats, yes, force).await,
+                Err(code) => code,
+            },
+            Err(code) => code,
+        },
+        Command::Project {
+            config,
+            names,
+            action,
+        } => match load(&config) {
+            Ok(cfg) => match action {
+                None => project(cfg, names).await,
+                Some(ProjectCommand::Rebuild { name }) => rebuild(cfg, &name).await,
+            },
+            Err(code) => code,
+        },
+        Command::Wait {
+            config,
+            projection,
+            lsn,
+            timeout,
+        } => match load(&config) {
+            Ok(cfg) => wait(cfg, &projection, lsn, timeout).await,
+            Err(code) => code,
+        },
+        Command::Status { config, json } => match load(&config) {
+            Ok(cfg) => status(cfg, json).await,
+            Err(code) => code,
+        },
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|err| {
+        eprintln!("error: {}", ErrorChain(&err));
+        ExitCode::from(2)
+    })
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use 5s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration: use 5s, 500ms or 2m")),
+    }
+}
+
+fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{e}: use RFC 3339, like 2026-11-24T10:00:00Z"))
+}
+
+fn position(lsn: Option<Lsn>, seq: Option<u64>, at: Option<OffsetDateTime>) -> Option<Position> {
+    lsn.map(Position::Lsn)
+        .or(seq.map(Position::Seq))
+        .or(at.map(Position::Time))
+}
+
+/// The source named on the command line, or the only one.
+fn pick_source(cfg: &Config, source: Option<String>) -> Result<&SourceConfig, ExitCode> {
+    let chosen = match &source {
+        Some(name) => cfg.sources.iter().find(|s| &s.name == name),
+        None if cfg.sources.len() == 1 => cfg.sources.first(),
+        None => None,
+    };
+    chosen.ok_or_else(|| {
+        let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
+        eprintln!(
+            "error: {}: choose one with --source ({})",
+            match source {
+                Some(n) => format!("no source named {n:?}"),
+                None => "the config has several sources".into(),
+            },
+            names.join(", ")
+        );
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,192 @@
+//! The long-running commands: `run` (every source) and `project` (every projection,
+//! or one rebuild), each under one supervisor with metrics.
+
+use super::*;
+
+pub(super) async fn run_sources(cfg: Config) -> ExitCode {
+    let root = CancellationToken::new();
+    let tel = match start_metrics(&cfg, &root, cfg.metrics.as_ref().map(|m| m.listen)) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let mut sources = JoinSet::new();
+    for source in cfg.sources {
+        let name = source.name.clone();
+        let token = root.child_token();
+        let nats = cfg.nats.clone();
+        let tel = tel.clone();
+        sources.spawn(async move { (name, source::run_source(source, nats, token, tel).await) });
+    }
+    let code = supervise(&mut sources, &root, "source").await;
+    if code == ExitCode::SUCCESS {
+        info!("all sources stopped");
+    }
+    code
+}
+
+/// The metrics of this process, served on `[metrics] listen` when configured.
+pub(super) fn start_metrics(
+    cfg: &Config,
+    root: &CancellationToken,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<std::sync::Arc<crate::telemetry::Telemetry>, ExitCode> {
+    let tel = crate::telemetry::Telemetry::new(
+        cfg.metrics
+            .as_ref()
+            .map_or(Duration::from_secs(60), |m| m.ready_max_lag),
+    );
+    if let Some(addr) = listen {
+        // Bind first, so a taken port is an error at start rather than in silence.
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => drop(l),
+            Err(e) => {
+                eprintln!("error: cannot serve metrics on {addr}: {e}");
+                return Err(ExitCode::from(1));
+            }
+        }
+        let (tel, token) = (tel.clone(), root.child_token());
+        tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::serve(addr, tel, token).await {
+                error!(error = %e, address = %addr, "metrics endpoint failed");
+            }
+        });
+    }
+    Ok(tel)
+}
+
+/// Waits for every task, cancelling `root` on SIGTERM or SIGINT (each task then
+/// drains). Exit code 1 when a task ended in an error (logged with its name) or
+/// panicked.
+pub(super) async fn supervise<E: std::error::Error + 'static>(
+    tasks: &mut JoinSet<(String, Result<(), E>)>,
+    root: &CancellationToken,
+    what: &str,
+) -> ExitCode {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("error: cannot listen for SIGTERM: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = term.recv(), if !root.is_cancelled() => {
+                info!("SIGTERM received; draining");
+                root.cancel();
+            }
+            _ = tokio::signal::ctrl_c(), if !root.is_cancelled() => {
+                info!("SIGINT received; draining");
+                root.cancel();
+            }
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((name, Err(err)))) => {
+                    error!(name = %name, error = %ErrorChain(&err), "{what} stopped");
+                    failed = true;
+                }
+                Some(Err(join_err)) => {
+                    error!(error = %join_err, "a {what} task panicked");
+                    failed = true;
+                }
+            },
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+pub(super) async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
+    let chosen: Vec<_> = cfg
+        .projections
+        .iter()
+        .filter(|p| names.is_empty() || names.contains(&p.name))
+        .cloned()
+        .collect();
+    for n in &names {
+        if !cfg.projections.iter().any(|p| &p.name == n) {
+            eprintln!("error: no [[projection]] is named {n:?}");
+            return ExitCode::from(2);
+        }
+    }
+    if chosen.is_empty() {
+        eprintln!("error: the config has no [[projection]]");
+        return ExitCode::from(2);
+    }
+    let root = CancellationToken::new();
+    let tel = match start_metrics(
+        &cfg,
+        &root,
+        cfg.metrics.as_ref().and_then(|m| m.project_listen),
+    ) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let mut tasks = JoinSet::new();
+    for p in chosen {
+        let name = p.name.clone();
+        let token = root.child_token();
+        let tel = tel.clone();
+        let nats = cfg.nats.clone();
+        tasks.spawn(async move {
+            (
+                name,
+                crate::projection::run_projection(p, nats, token, tel).await,
+            )
+        });
+    }
+    supervise(&mut tasks, &root, "projection").await
+}
+
+pub(super) async fn rebuild(cfg: Config, name: &str) -> ExitCode {
+    use std::io::IsTerminal;
+    let Some(p) = cfg.projections.iter().find(|p| p.name == name) else {
+        eprintln!("error: no [[projection]] is named {name:?}");
+        return ExitCode::from(2);
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "rebuilding {msg} [{bar:30}] {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(name.to_string());
+        bar
+    });
+    let started = std::time::Instant::now();
+    let result = crate::projection::rebuild(p, &cfg.nats, |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(stats) => {
+            eprintln!(
+                "rebuilt {name}: {} events applied up to stream sequence {}, swapped in {} ms ({} ms in all)",
+                stats.events,
+                stats.seq,
+                stats.swap_ms,
+                started.elapsed().as_millis()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", ErrorChain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

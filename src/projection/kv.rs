@@ -1,0 +1,369 @@
+//! NATS KV read models: revision-conditional writes per key, the applied position in
+//! the positions bucket as the checkpoint, and rebuilds into a new bucket.
+
+use super::*;
+
+/// The field a KV projection keeps in each value: the stream sequence of the event
+/// that wrote it, so a redelivered older event is never applied over it.
+pub const KV_SEQ_FIELD: &str = "_tidemark_seq";
+
+/// A KV key from its template, or why it cannot be made.
+pub(super) fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result<String, String> {
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            KeyPart::Lit(l) => out.push_str(l),
+            KeyPart::Path(path) => match param(event, path).0 {
+                Some(v) => out.push_str(&v),
+                None => return Err(format!("{} is missing from the event", path.join("."))),
+            },
+        }
+    }
+    let valid = !out.is_empty()
+        && !out.starts_with('.')
+        && !out.ends_with('.')
+        && out
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '=' | '.'));
+    if valid {
+        Ok(out)
+    } else {
+        Err(format!("{out:?} is not a valid KV key"))
+    }
+}
+
+/// Applies one KV operation unless the key already holds this event or a later one.
+/// Conditional on the entry's revision: a concurrent writer makes it read again.
+pub(super) async fn apply_kv(
+    kv: &jetstream::kv::Store,
+    op: KvOp,
+    key: &str,
+    fields: &[(String, EventPath)],
+    event: &serde_json::Value,
+    seq: u64,
+) -> Result<(), String> {
+    for _ in 0..10 {
+        let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+        let live = entry
+            .as_ref()
+            .filter(|e| e.operation == jetstream::kv::Operation::Put);
+        let stored: Option<serde_json::Map<String, serde_json::Value>> =
+            live.and_then(|e| serde_json::from_slice(&e.value).ok());
+        let stored_seq = stored
+            .as_ref()
+            .and_then(|m| m.get(KV_SEQ_FIELD))
+            .and_then(|v| v.as_u64());
+        if stored_seq.is_some_and(|s| s >= seq) {
+            return Ok(());
+        }
+        let result = match op {
+            KvOp::Delete => match live {
+                Some(e) => kv
+                    .delete_expect_revision(key, Some(e.revision))
+                    .await
+                    .map(|_| 0)
+                    .map_err(|e| e.to_string()),
+                None => return Ok(()),
+            },
+            KvOp::Put | KvOp::Merge => {
+                let mut value = match (op, stored) {
+                    (KvOp::Merge, Some(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                for (field, path) in fields {
+                    let mut v = event;
+                    for p in path {
+                        v = v.get(p).unwrap_or(&serde_json::Value::Null);
+                    }
+                    value.insert(field.clone(), v.clone());
+                }
+                value.insert(KV_SEQ_FIELD.into(), serde_json::json!(seq));
+                let bytes: bytes::Bytes = serde_json::to_vec(&value).unwrap_or_default().into();
+                match live {
+                    Some(e) => kv
+                        .update(key, bytes, e.revision)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => kv.create(key, bytes).await.map_err(|e| e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(_) => return Ok(()),
+            // Someone wrote the key meanwhile: read it again.
+            Err(e) if e.contains("wrong last sequence") || e.contains("already exists") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(format!("key {key} kept changing under the projection"))
+}
+
+/// A KV projection: events applied to keys of a bucket, each conditional on the key's
+/// revision and skipped where the key already holds this event or a later one. The
+/// applied position (in the positions bucket) is the checkpoint.
+pub(super) async fn attempt_kv(
+    cfg: &ProjectionConfig,
+    nats: &NatsConfig,
+    cancel: &CancellationToken,
+    bucket: &str,
+) -> Result<(), ProjectionError> {
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
+    let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
+    let js = jetstream::new(nc);
+    let positions_kv = positions(&js)
+        .await
+        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+    // The position, and the bucket a rebuild may have swapped in; its revision makes
+    // every later write conditional, so a swap is never overwritten.
+    let (start, mut revision) = position_entry(&positions_kv, &cfg.name).await;
+    let bucket = start.bucket.clone().unwrap_or_else(|| bucket.to_string());
+    let bucket = bucket.as_str();
+    let kv = match js.get_key_value(bucket).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create the bucket")(Box::new(e)))?,
+    };
+    let mut checkpoint = start.seq;
+    let mut messages = read_after(&js, cfg, checkpoint)
+        .await
+        .map_err(nats_err("read the stream"))?;
+    info!(seq = checkpoint, bucket, "projecting into KV");
+    // The end of the last whole source transaction applied and not yet recorded.
+    let mut unrecorded: Option<(u64, Option<String>)> = None;
+    let mut since_recorded = 0usize;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            m = next_message(&mut messages, &cfg.name) => m?,
+        };
+        let pending = match &msg {
+            None => 0,
+            Some(msg) => {
+                let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq <= checkpoint {
+                    continue;
+                }
+                let wanted = reads(&cfg.subjects, &msg.subject);
+                let (event, event_id, event_type) = match parse_event(&msg.payload) {
+                    Ok(parsed) => parsed,
+                    Err(_) if !wanted => (serde_json::Value::Null, String::new(), String::new()),
+                    Err(reason) => {
+                        kv_refuse(cfg, &js, msg, "(unreadable)".into(), seq, reason).await?;
+                        (serde_json::Value::Null, String::new(), String::new())
+                    }
+                };
+                if wanted {
+                    for reason in apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await {
+                        kv_refuse(cfg, &js, msg, event_id.clone(), seq, reason).await?;
+                    }
+                }
+                since_recorded += 1;
+                if event["txlast"].as_bool().unwrap_or(true) {
+                    unrecorded = Some((seq, event["commitlsn"].as_str().map(str::to_string)));
+                }
+                pending
+            }
+        };
+        // Record the position once caught up, or after a good number of events.
+        if pending > 0 && since_recorded < COMMIT_EVERY {
+            continue;
+        }
+        let Some((seq, lsn)) = unrecorded.take() else {
+            continue;
+        };
+        since_recorded = 0;
+        checkpoint = seq;
+        let position = Applied {
+            seq,
+            lsn,
+            bucket: start.bucket.clone(),
+        };
+        match write_position(&positions_kv, &cfg.name, &position, revision).await {
+            Ok(r) => revision = r,
+            // A rebuild swapped a new bucket in: continue from its position.
+            Err(e) => {
+                debug!(error = %e, "the position moved under the projection");
+                return Err(ProjectionError::Moved(seq));
+            }
+        }
+    }
+}
+
+/// Applies the KV handlers of `event_type` to one event, live or in a rebuild; the
+/// reason of each handler that failed.
+pub(super) async fn apply_kv_handlers(
+    cfg: &ProjectionConfig,
+    kv: &jetstream::kv::Store,
+    event: &serde_json::Value,
+    event_type: &str,
+    seq: u64,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for h in cfg
+        .handlers
+        .iter()
+        .filter(|h| h.types.iter().any(|t| t == event_type))
+    {
+        let Action::Kv { op, key, value } = &h.action else {
+            continue;
+        };
+        let applied = match render_key(key, event) {
+            Ok(k) => apply_kv(kv, *op, &k, value, event, seq).await,
+            Err(e) => Err(e),
+        };
+        if let Err(reason) = applied {
+            failed.push(reason);
+        }
+    }
+    failed
+}
+
+/// A KV event that cannot be applied: to the dead-letter subject (and on), or the
+/// projection stops naming it.
+pub(super) async fn kv_refuse(
+    cfg: &ProjectionConfig,
+    js: &jetstream::Context,
+    msg: &jetstream::Message,
+    event_id: String,
+    seq: u64,
+    reason: String,
+) -> Result<(), ProjectionError> {
+    let origin = Origin {
+        seq,
+        event_id,
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
+    };
+    let Some(subject) = &cfg.dead_letter else {
+        return Err(origin.poison(cfg, reason));
+    };
+    dead_letter(js, cfg, subject, &origin, &reason).await?;
+    warn!(event_id = %origin.event_id, seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
+    Ok(())
+}
+
+/// The bucket a KV projection's readers should read: the one a rebuild swapped in,
+/// else the configured one.
+pub async fn kv_bucket(js: &jetstream::Context, projection: &str, configured: &str) -> String {
+    applied(js, projection)
+        .await
+        .and_then(|a| a.bucket)
+        .unwrap_or_else(|| configured.to_string())
+}
+
+/// Rebuilds a KV projection into a new bucket from the start of the stream, then
+/// swaps it in by writing its name and position to the projection's entry in
+/// `tidemark_projections`, conditional on the entry's revision: the live projector
+/// follows the swap; readers resolve the bucket with `kv_bucket` (or `status`). The
+/// old bucket is left for the operator to delete.
+pub(super) async fn rebuild_kv(
+    cfg: &ProjectionConfig,
+    nats: &NatsConfig,
+    configured: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RebuildStats, ProjectionError> {
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
+    let nc = provision::connect(nats, &format!("tidemark-rebuild-{}", cfg.name)).await?;
+    let js = jetstream::new(nc);
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let bucket = format!("{configured}_{stamp}");
+    let kv = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: bucket.clone(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the new bucket")(Box::new(e)))?;
+    let positions_kv = positions(&js)
+        .await
+        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+    let stream = js
+        .get_stream(&cfg.stream)
+        .await
+        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the rebuild consumer")(Box::new(e)))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats_err("read the stream")(Box::new(e)))?;
+    let (mut seq_done, mut lsn_done, mut events) = (0u64, None, 0u64);
+    let mut at_tx_end = true;
+    let started = Instant::now();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+        let msg = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(nats_err("read the stream")(Box::new(e))),
+            Ok(None) => return Err(nats_err("read the stream")("the stream ended".into())),
+            Err(_) => {
+                if !at_tx_end {
+                    continue;
+                }
+                // Caught up: swap, unless the live projector wrote meanwhile.
+                let (current, revision) = position_entry(&positions_kv, &cfg.name).await;
+                let position = Applied {
+                    seq: seq_done,
+                    lsn: lsn_done.clone(),
+                    bucket: Some(bucket.clone()),
+                };
+                let swapped = write_position(&positions_kv, &cfg.name, &position, revision)
+                    .await
+                    .is_ok();
+                if swapped {
+                    let old = current.bucket.unwrap_or_else(|| configured.to_string());
+                    info!(projection = %cfg.name, bucket = %bucket, old = %old, events, "KV rebuild swapped in; delete the old bucket when its readers have moved");
+                    return Ok(RebuildStats {
+                        events,
+                        seq: seq_done,
+                        swap_ms: started.elapsed().as_millis(),
+                    });
+                }
+                continue;
+            }
+        };
+        let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+        let seq = info.stream_sequence;
+        let wanted = reads(&cfg.subjects, &msg.subject);
+        let (event, event_id, event_type) = rebuild_parse(cfg, &msg, seq, wanted)?;
+        // Events the live projection set aside are set aside again, silently only
+        // when a dead-letter subject has them already.
+        let failed = if wanted {
+            apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await
+        } else {
+            Vec::new()
+        };
+        if let Some(reason) = failed.into_iter().next()
+            && cfg.dead_letter.is_none()
+        {
+            return Err(ProjectionError::Poison {
+                projection: cfg.name.clone(),
+                event_id: event_id.clone(),
+                subject: msg.subject.to_string(),
+                seq,
+                reason,
+            });
+        }
+        events += 1;
+        at_tx_end = event["txlast"].as_bool().unwrap_or(true);
+        if at_tx_end {
+            seq_done = seq;
+            lsn_done = event["commitlsn"].as_str().map(str::to_string);
+        }
+        progress(seq, seq + info.pending);
+    }
+}
