@@ -77,6 +77,10 @@ pub enum CatalogError {
     SlotInvalidated { slot: String },
     #[error(transparent)]
     Tls(#[from] crate::postgres::tls::TlsError),
+    #[error(
+        "postgres at {target} does not offer TLS, and sslmode = {mode} requires it: enable ssl on the server, or lower sslmode"
+    )]
+    TlsRefused { target: String, mode: &'static str },
     #[error("role {role:?} lacks {grant}: run {fix} (as a superuser), then start again")]
     MissingGrant {
         role: String,
@@ -153,6 +157,37 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
 }
 
+/// Whether the server answers an SSLRequest with yes; `None` when it cannot be asked
+/// (the connection attempt then reports why).
+async fn offers_tls(host: &str, port: u16, timeout: std::time::Duration) -> Option<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut tcp = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        let mut req = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut req);
+        tcp.write_all(&req).await.ok()?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.ok()?;
+        Some(answer[0] == b'S')
+    };
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
+}
+
+impl CatalogError {
+    /// Whether the error is a TLS failure no retry can fix: a handshake that failed (a
+    /// certificate that does not verify), or a server that declines TLS when it is
+    /// required. Told by type, not by text.
+    pub fn is_tls_failure(&self) -> bool {
+        match self {
+            CatalogError::Tls(_) | CatalogError::TlsRefused { .. } => true,
+            CatalogError::Connect { source, .. } => {
+                crate::postgres::tls::is_handshake_failure(source)
+            }
+            _ => false,
+        }
+    }
+}
+
 async fn connect_with_task(
     cfg: &PostgresConfig,
     application: &str,
@@ -198,10 +233,27 @@ async fn connect_with_task(
             } else {
                 tokio_postgres::config::SslMode::Require
             });
-            let (client, connection) = pg
-                .connect(crate::postgres::tls::MakeRustls(config))
-                .await
-                .map_err(fail)?;
+            let (client, connection) =
+                match pg.connect(crate::postgres::tls::MakeRustls(config)).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // tokio-postgres reports a server that declines TLS only as text;
+                        // asking it (an SSLRequest on a connection of its own, only after a
+                        // failure) makes that an error of its own kind.
+                        let required = cfg.sslmode != crate::postgres::params::SslMode::Prefer;
+                        if required
+                            && !crate::postgres::tls::is_handshake_failure(&e)
+                            && offers_tls(&cfg.host, cfg.port, cfg.connect_timeout).await
+                                == Some(false)
+                        {
+                            return Err(CatalogError::TlsRefused {
+                                target,
+                                mode: cfg.sslmode.as_str(),
+                            });
+                        }
+                        return Err(fail(e));
+                    }
+                };
             let task = tokio::spawn(async move {
                 if let Err(error) = connection.await {
                     ended(error);

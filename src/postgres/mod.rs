@@ -6,5 +6,6 @@ pub mod catalog;
 pub mod params;
 pub mod pgoutput;
 pub mod replication;
+pub mod sqlstate;
 pub mod tls;
 pub mod values;

@@ -227,10 +227,41 @@ where
         Box::pin(async move {
             let tls = tokio_rustls::TlsConnector::from(self.config)
                 .connect(self.name, stream)
-                .await?;
+                .await
+                .map_err(|e| io::Error::other(HandshakeFailed(e)))?;
             Ok(RustlsStream(tls))
         })
     }
+}
+
+/// A TLS handshake that failed (a certificate that does not verify, a protocol
+/// mismatch): marked so that callers can tell it by type from a network error, since
+/// tokio-postgres reports both as a connection error. Displays as its cause.
+#[derive(Debug)]
+pub struct HandshakeFailed(pub io::Error);
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for HandshakeFailed {}
+
+/// Whether an error's chain holds a failed TLS handshake.
+pub fn is_handshake_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let inner = e
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|i| i.is::<HandshakeFailed>());
+        if e.is::<HandshakeFailed>() || inner {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// A TLS stream tokio-postgres can use.

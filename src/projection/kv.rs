@@ -56,13 +56,16 @@ pub(super) async fn apply_kv(
         if stored_seq.is_some_and(|s| s >= seq) {
             return Ok(());
         }
-        let result = match op {
+        // Each write says whether someone wrote the key meanwhile (by the client's
+        // error kinds, not their text): then it is read again.
+        use jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+        let conflict = match op {
             KvOp::Delete => match live {
-                Some(e) => kv
-                    .delete_expect_revision(key, Some(e.revision))
-                    .await
-                    .map(|_| 0)
-                    .map_err(|e| e.to_string()),
+                Some(e) => match kv.delete_expect_revision(key, Some(e.revision)).await {
+                    Ok(()) => false,
+                    Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => true,
+                    Err(err) => return Err(err.to_string()),
+                },
                 None => return Ok(()),
             },
             KvOp::Put | KvOp::Merge => {
@@ -78,21 +81,25 @@ pub(super) async fn apply_kv(
                     value.insert(field.clone(), v.clone());
                 }
                 value.insert(KV_SEQ_FIELD.into(), serde_json::json!(seq));
-                let bytes: bytes::Bytes = serde_json::to_vec(&value).unwrap_or_default().into();
+                let bytes: bytes::Bytes = serde_json::to_vec(&value)
+                    .map_err(|e| format!("cannot encode the value of {key}: {e}"))?
+                    .into();
                 match live {
-                    Some(e) => kv
-                        .update(key, bytes, e.revision)
-                        .await
-                        .map_err(|e| e.to_string()),
-                    None => kv.create(key, bytes).await.map_err(|e| e.to_string()),
+                    Some(e) => match kv.update(key, bytes, e.revision).await {
+                        Ok(_) => false,
+                        Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => true,
+                        Err(err) => return Err(err.to_string()),
+                    },
+                    None => match kv.create(key, bytes).await {
+                        Ok(_) => false,
+                        Err(err) if err.kind() == CreateErrorKind::AlreadyExists => true,
+                        Err(err) => return Err(err.to_string()),
+                    },
                 }
             }
         };
-        match result {
-            Ok(_) => return Ok(()),
-            // Someone wrote the key meanwhile: read it again.
-            Err(e) if e.contains("wrong last sequence") || e.contains("already exists") => continue,
-            Err(e) => return Err(e),
+        if !conflict {
+            return Ok(());
         }
     }
     Err(format!("key {key} kept changing under the projection"))

@@ -95,8 +95,11 @@ impl ProjectionError {
     fn fatal(&self) -> bool {
         match self {
             ProjectionError::Poison { .. } | ProjectionError::DeadLetter { .. } => true,
+            // The same list of operator errors, and TLS failures, as the source's.
             ProjectionError::Catalog(e) => {
-                matches!(e.code(), Some(c) if c.starts_with("28") || c == "3D000")
+                e.code()
+                    .is_some_and(crate::postgres::sqlstate::needs_operator)
+                    || e.is_tls_failure()
             }
             ProjectionError::Provision(e) => !matches!(
                 e,

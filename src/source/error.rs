@@ -1,7 +1,6 @@
 //! Why an attempt ended, and the one decision of what to do about it.
 
 use crate::backfill::BackfillError;
-use crate::error::ErrorChain;
 use crate::events::mapping::MapError;
 use crate::events::rules::BindError;
 use crate::jetstream::provision::ProvisionError;
@@ -10,6 +9,7 @@ use crate::position::Lsn;
 use crate::postgres::catalog::CatalogError;
 use crate::postgres::pgoutput::DecodeError;
 use crate::postgres::replication::ReplicationError;
+use crate::postgres::sqlstate::needs_operator;
 
 /// Why an attempt ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +92,13 @@ impl SourceError {
         use ReplicationError as R;
         // SQLSTATEs that no retry can fix: bad password, no such database or role,
         // missing slot, wal_level too low.
-        let fatal_code = |code: Option<&str>| matches!(code, Some(c) if c.starts_with("28") || c == "3D000" || c == "42704" || c == "55000");
+        let fatal_code = |code: Option<&str>| code.is_some_and(needs_operator);
         match self {
             SourceError::SlotBusy { .. } => Recovery::Standby,
             SourceError::Catalog(e) => match e {
                 C::Connect { .. } | C::Query { .. } if fatal_code(e.code()) => Recovery::Fatal,
                 // A certificate that does not verify will not start to.
-                C::Connect { .. } if ErrorChain(e).to_string().contains("TLS") => Recovery::Fatal,
+                _ if e.is_tls_failure() => Recovery::Fatal,
                 C::Connect { .. } | C::Query { .. } => Recovery::Retry,
                 _ => Recovery::Fatal,
             },
@@ -134,6 +134,65 @@ impl SourceError {
             | SourceError::Map(_)
             | SourceError::Protocol(_)
             | SourceError::Silent { .. } => Recovery::Retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::replication::ServerError;
+
+    fn server(code: &str) -> SourceError {
+        SourceError::Replication(ReplicationError::Server(ServerError {
+            code: code.into(),
+            message: "m".into(),
+            detail: None,
+            hint: None,
+        }))
+    }
+
+    /// The policy table, row by row: what each failure leads to.
+    #[test]
+    fn each_failure_is_retried_stood_by_or_stopped() {
+        let rows: Vec<(SourceError, Recovery)> = vec![
+            (
+                SourceError::SlotBusy {
+                    slot: "s".into(),
+                    pid: None,
+                },
+                Recovery::Standby,
+            ),
+            (
+                SourceError::SlotLost {
+                    slot: "s".into(),
+                    stream: "S".into(),
+                    last_seq: 1,
+                    last_lsn: None,
+                },
+                Recovery::Fatal,
+            ),
+            (SourceError::Silent { secs: 60 }, Recovery::Retry),
+            (SourceError::Protocol("x".into()), Recovery::Retry),
+            (server("28P01"), Recovery::Fatal),
+            (server("55000"), Recovery::Fatal),
+            (server("42704"), Recovery::Fatal),
+            (server("57P01"), Recovery::Retry),
+            (server("08006"), Recovery::Retry),
+            (
+                SourceError::Catalog(CatalogError::TlsRefused {
+                    target: "h:5432".into(),
+                    mode: "require",
+                }),
+                Recovery::Fatal,
+            ),
+            (
+                SourceError::Backfill(BackfillError::NoKey { table: "t".into() }),
+                Recovery::Fatal,
+            ),
+        ];
+        for (err, want) in rows {
+            assert_eq!(err.recovery(), want, "{err}");
         }
     }
 }
