@@ -215,8 +215,13 @@ pub fn stream_binding(info: &jetstream::stream::Info) -> String {
 }
 
 impl Progress {
-    /// Opens the source's bucket, creating it when missing.
-    pub async fn open(js: &jetstream::Context, source: &str) -> Result<Progress, BackfillError> {
+    /// Opens the source's bucket, creating it when missing with `replicas` (the
+    /// stream's): the progress is as durable as the stream it belongs to.
+    pub async fn open(
+        js: &jetstream::Context,
+        source: &str,
+        replicas: usize,
+    ) -> Result<Progress, BackfillError> {
         let bucket = bucket_name(source);
         let err = |what: &str| {
             let bucket = bucket.clone();
@@ -234,6 +239,7 @@ impl Progress {
                     bucket: bucket.clone(),
                     history: 1,
                     description: "tidemark backfill progress".into(),
+                    num_replicas: replicas.max(1),
                     ..Default::default()
                 })
                 .await
@@ -252,8 +258,9 @@ impl Progress {
         js: &jetstream::Context,
         source: &str,
         stream: &str,
+        replicas: usize,
     ) -> Result<Progress, BackfillError> {
-        let progress = Progress::open(js, source).await?;
+        let progress = Progress::open(js, source, replicas).await?;
         Ok(match js.get_stream(stream).await {
             Ok(s) => progress.bind(stream_binding(s.cached_info())),
             Err(_) => progress,

@@ -68,11 +68,17 @@ pub(super) async fn resync(
         Err(e) => return fail(ErrorChain(&e).to_string()),
     };
     let js = async_nats::jetstream::new(client);
-    let progress =
-        match crate::backfill::Progress::open_for_stream(&js, &src.name, &src.stream.name).await {
-            Ok(p) => p,
-            Err(e) => return fail(ErrorChain(&e).to_string()),
-        };
+    let progress = match crate::backfill::Progress::open_for_stream(
+        &js,
+        &src.name,
+        &src.stream.name,
+        src.stream.replicas,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
     let code = reset_with_reason(src, nats, Some(ResetMode::Keep), true, force, "resync").await;
     if code != ExitCode::SUCCESS {
         return code;
@@ -154,11 +160,17 @@ pub(super) async fn backfill_cmd(
         Err(e) => return fail(ErrorChain(&e).to_string()),
     };
     let js = async_nats::jetstream::new(client);
-    let progress =
-        match crate::backfill::Progress::open_for_stream(&js, &src.name, &src.stream.name).await {
-            Ok(p) => p,
-            Err(e) => return fail(ErrorChain(&e).to_string()),
-        };
+    let progress = match crate::backfill::Progress::open_for_stream(
+        &js,
+        &src.name,
+        &src.stream.name,
+        src.stream.replicas,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => return fail(ErrorChain(&e).to_string()),
+    };
     match progress.get(&schema, &name).await {
         Ok(Some(j))
             if matches!(

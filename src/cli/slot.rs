@@ -132,10 +132,13 @@ pub(super) async fn reset_with_reason(
                         Ok(i) => i.state.last_sequence,
                         Err(e) => return fail(format!("stream info after the purge: {e}")),
                     };
-                    let recorded = match crate::backfill::Progress::open(&js, &src.name).await {
-                        Ok(p) => p.set_purged_at(last).await,
-                        Err(e) => Err(e),
-                    };
+                    let recorded =
+                        match crate::backfill::Progress::open(&js, &src.name, src.stream.replicas)
+                            .await
+                        {
+                            Ok(p) => p.set_purged_at(last).await,
+                            Err(e) => Err(e),
+                        };
                     if let Err(e) = recorded {
                         return fail(ErrorChain(&e).to_string());
                     }

@@ -117,7 +117,7 @@ pub(super) async fn attempt_kv(
     let nats_err = |what: &str| nats_error(&cfg.name, what);
     let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
     let js = jetstream::new(nc);
-    let positions_kv = positions(&js)
+    let positions_kv = positions(&js, &cfg.stream)
         .await
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
     // The position, and the bucket a rebuild may have swapped in; its revision makes
@@ -131,6 +131,7 @@ pub(super) async fn attempt_kv(
             .create_key_value(jetstream::kv::Config {
                 bucket: bucket.to_string(),
                 history: 1,
+                num_replicas: stream_replicas(&js, &cfg.stream).await,
                 ..Default::default()
             })
             .await
@@ -286,11 +287,12 @@ pub(super) async fn rebuild_kv(
         .create_key_value(jetstream::kv::Config {
             bucket: bucket.clone(),
             history: 1,
+            num_replicas: stream_replicas(&js, &cfg.stream).await,
             ..Default::default()
         })
         .await
         .map_err(|e| nats_err("create the new bucket")(Box::new(e)))?;
-    let positions_kv = positions(&js)
+    let positions_kv = positions(&js, &cfg.stream)
         .await
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
     let stream = js

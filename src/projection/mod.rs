@@ -206,7 +206,9 @@ pub struct Applied {
     pub bucket: Option<String>,
 }
 
-async fn positions(js: &jetstream::Context) -> Result<jetstream::kv::Store, String> {
+/// The positions bucket, created when missing with the replicas of `stream` (the
+/// stream the projection reads): a position is as durable as the events it points at.
+async fn positions(js: &jetstream::Context, stream: &str) -> Result<jetstream::kv::Store, String> {
     match js.get_key_value(POSITIONS_BUCKET).await {
         Ok(kv) => Ok(kv),
         Err(_) => js
@@ -214,10 +216,20 @@ async fn positions(js: &jetstream::Context) -> Result<jetstream::kv::Store, Stri
                 bucket: POSITIONS_BUCKET.into(),
                 history: 1,
                 description: "tidemark projections' applied positions".into(),
+                num_replicas: stream_replicas(js, stream).await,
                 ..Default::default()
             })
             .await
             .map_err(|e| e.to_string()),
+    }
+}
+
+/// The replica count of a stream (1 when it cannot be read): buckets tidemark makes
+/// beside a stream get the same.
+async fn stream_replicas(js: &jetstream::Context, stream: &str) -> usize {
+    match js.get_stream(stream).await {
+        Ok(s) => s.cached_info().config.num_replicas.max(1),
+        Err(_) => 1,
     }
 }
 

@@ -59,7 +59,7 @@ pub(super) async fn attempt(
 
     let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
     let js = jetstream::new(nc);
-    let kv = positions(&js)
+    let kv = positions(&js, &cfg.stream)
         .await
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
     // The consumer starts after the checkpoint every time: the database, not the

@@ -243,7 +243,7 @@ pub async fn rebuild(
         .await
         .map_err(db_err("commit the swap"))?;
     let swap_ms = swap_started.elapsed().as_millis();
-    if let Ok(kv) = positions(&js).await {
+    if let Ok(kv) = positions(&js, &cfg.stream).await {
         publish_position(&kv, &cfg.name, applied_seq, applied_lsn).await;
     }
     info!(projection = %cfg.name, events, seq = applied_seq, swap_ms, "rebuilt and swapped in");

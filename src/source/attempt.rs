@@ -75,7 +75,7 @@ pub(super) async fn run_attempt(
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
     let tail = provision::read_tail(&mut stream, &cfg.name).await?;
     let tail_key = provision::last_event_key(&stream, &tail).await;
-    let progress = backfill::Progress::open(&js, &cfg.name)
+    let progress = backfill::Progress::open(&js, &cfg.name, cfg.stream.replicas)
         .await?
         .bind(backfill::stream_binding(stream.cached_info()));
     // A new slot starts at the current WAL position: if the stream ever stored this
