@@ -10,7 +10,9 @@ cargo fmt --all -- --check
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --all-targets --quiet -- -D warnings
 fi
-cargo test --all-targets
+# The soak runs on its own below (a short one, with a seed of its own each run).
+cargo test --all-targets -- --skip seeded_soak_keeps_every_promise
+bash scripts/soak.sh --seconds 30
 
 # PostgreSQL 16: the pgserver wheel ships 16.2 binaries. The tests run the server as an
 # unprivileged user when run as root, so the binaries are copied where that user can

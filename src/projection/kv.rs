@@ -32,6 +32,22 @@ pub(super) fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result
     }
 }
 
+/// Why a KV write failed: the event's doing (it fails again every time: poison), or
+/// NATS's (an outage: start again from the checkpoint, never set the event aside).
+pub(super) enum KvFailure {
+    Event(String),
+    Nats(String),
+}
+
+impl KvFailure {
+    fn of_update(err: jetstream::kv::UpdateError) -> KvFailure {
+        match err.kind() {
+            jetstream::kv::UpdateErrorKind::InvalidKey => KvFailure::Event(err.to_string()),
+            _ => KvFailure::Nats(err.to_string()),
+        }
+    }
+}
+
 /// Applies one KV operation unless the key already holds this event or a later one.
 /// Conditional on the entry's revision: a concurrent writer makes it read again.
 pub(super) async fn apply_kv(
@@ -41,9 +57,12 @@ pub(super) async fn apply_kv(
     fields: &[(String, EventPath)],
     event: &serde_json::Value,
     seq: u64,
-) -> Result<(), String> {
+) -> Result<(), KvFailure> {
     for _ in 0..10 {
-        let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+        let entry = kv
+            .entry(key)
+            .await
+            .map_err(|e| KvFailure::Nats(e.to_string()))?;
         let live = entry
             .as_ref()
             .filter(|e| e.operation == jetstream::kv::Operation::Put);
@@ -64,7 +83,7 @@ pub(super) async fn apply_kv(
                 Some(e) => match kv.delete_expect_revision(key, Some(e.revision)).await {
                     Ok(()) => false,
                     Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => true,
-                    Err(err) => return Err(err.to_string()),
+                    Err(err) => return Err(KvFailure::of_update(err)),
                 },
                 None => return Ok(()),
             },
@@ -82,18 +101,23 @@ pub(super) async fn apply_kv(
                 }
                 value.insert(KV_SEQ_FIELD.into(), serde_json::json!(seq));
                 let bytes: bytes::Bytes = serde_json::to_vec(&value)
-                    .map_err(|e| format!("cannot encode the value of {key}: {e}"))?
+                    .map_err(|e| {
+                        KvFailure::Event(format!("cannot encode the value of {key}: {e}"))
+                    })?
                     .into();
                 match live {
                     Some(e) => match kv.update(key, bytes, e.revision).await {
                         Ok(_) => false,
                         Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => true,
-                        Err(err) => return Err(err.to_string()),
+                        Err(err) => return Err(KvFailure::of_update(err)),
                     },
                     None => match kv.create(key, bytes).await {
                         Ok(_) => false,
                         Err(err) if err.kind() == CreateErrorKind::AlreadyExists => true,
-                        Err(err) => return Err(err.to_string()),
+                        Err(err) if err.kind() == CreateErrorKind::InvalidKey => {
+                            return Err(KvFailure::Event(err.to_string()));
+                        }
+                        Err(err) => return Err(KvFailure::Nats(err.to_string())),
                     },
                 }
             }
@@ -102,7 +126,9 @@ pub(super) async fn apply_kv(
             return Ok(());
         }
     }
-    Err(format!("key {key} kept changing under the projection"))
+    Err(KvFailure::Event(format!(
+        "key {key} kept changing under the projection"
+    )))
 }
 
 /// A KV projection: events applied to keys of a bucket, each conditional on the key's
@@ -169,7 +195,7 @@ pub(super) async fn attempt_kv(
                     }
                 };
                 if wanted {
-                    for reason in apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await {
+                    for reason in apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await? {
                         kv_refuse(cfg, &js, msg, event_id.clone(), seq, reason).await?;
                     }
                 }
@@ -206,14 +232,15 @@ pub(super) async fn attempt_kv(
 }
 
 /// Applies the KV handlers of `event_type` to one event, live or in a rebuild; the
-/// reason of each handler that failed.
-pub(super) async fn apply_kv_handlers(
+/// reason of each handler that failed by the event's doing. A NATS failure ends the
+/// attempt instead.
+async fn apply_kv_handlers(
     cfg: &ProjectionConfig,
     kv: &jetstream::kv::Store,
     event: &serde_json::Value,
     event_type: &str,
     seq: u64,
-) -> Vec<String> {
+) -> Result<Vec<String>, ProjectionError> {
     let mut failed = Vec::new();
     for h in cfg
         .handlers
@@ -225,13 +252,19 @@ pub(super) async fn apply_kv_handlers(
         };
         let applied = match render_key(key, event) {
             Ok(k) => apply_kv(kv, *op, &k, value, event, seq).await,
-            Err(e) => Err(e),
+            Err(e) => Err(KvFailure::Event(e)),
         };
-        if let Err(reason) = applied {
-            failed.push(reason);
+        match applied {
+            Ok(()) => {}
+            Err(KvFailure::Event(reason)) => failed.push(reason),
+            Err(KvFailure::Nats(reason)) => {
+                return Err(nats_error(&cfg.name, "write the KV read model")(
+                    reason.into(),
+                ));
+            }
         }
     }
-    failed
+    Ok(failed)
 }
 
 /// A KV event that cannot be applied: to the dead-letter subject (and on), or the
@@ -352,7 +385,7 @@ pub(super) async fn rebuild_kv(
         // Events the live projection set aside are set aside again, silently only
         // when a dead-letter subject has them already.
         let failed = if wanted {
-            apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await
+            apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await?
         } else {
             Vec::new()
         };

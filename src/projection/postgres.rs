@@ -40,10 +40,12 @@ pub(super) async fn attempt(
     let mut handlers = Vec::new();
     for h in &cfg.handlers {
         let (sql, params) = handler_sql(&h.action);
-        let stmt = client
-            .prepare(&sql)
-            .await
-            .map_err(|e| ProjectionError::Poison {
+        let stmt = client.prepare(&sql).await.map_err(|e| {
+            if !is_event_failure(&e) {
+                // A lost connection is no verdict on the handler.
+                return db_error(&cfg.name, "prepare a handler")(e);
+            }
+            ProjectionError::Poison {
                 projection: cfg.name.clone(),
                 event_id: "-".into(),
                 subject: "-".into(),
@@ -53,7 +55,8 @@ pub(super) async fn attempt(
                     h.types,
                     ErrorChain(&e)
                 ),
-            })?;
+            }
+        })?;
         handlers.push((h.types.clone(), stmt, params));
     }
 
@@ -140,13 +143,15 @@ pub(super) async fn attempt(
             // An event this projection does not read need not parse.
             Err(_) if !wanted => (&serde_json::Value::Null, String::new(), ""),
             Err(reason) => {
-                let failed = settle_answers(&mut inflight, 0).await.unwrap_or((
-                    Sent {
-                        origin: origin("(unreadable)".into()),
-                        whole_txs,
-                    },
-                    reason.clone(),
-                ));
+                let failed = settle_answers(&mut inflight, 0, &cfg.name)
+                    .await?
+                    .unwrap_or((
+                        Sent {
+                            origin: origin("(unreadable)".into()),
+                            whole_txs,
+                        },
+                        reason.clone(),
+                    ));
                 drop(inflight);
                 return refuse(cfg, &js, &client, failed.0, failed.1, set_aside).await;
             }
@@ -167,7 +172,9 @@ pub(super) async fn attempt(
                     (sent, client.execute_raw(stmt, refs).await)
                 }));
             }
-            if let Some((failed, reason)) = settle_answers(&mut inflight, PIPELINE).await {
+            if let Some((failed, reason)) =
+                settle_answers(&mut inflight, PIPELINE, &cfg.name).await?
+            {
                 drop(inflight);
                 return refuse(cfg, &js, &client, failed, reason, set_aside).await;
             }
@@ -181,7 +188,7 @@ pub(super) async fn attempt(
             whole_txs += 1;
         }
         if tx_end && (pending == 0 || in_tx >= COMMIT_EVERY || seq <= careful_until) {
-            if let Some((failed, reason)) = settle_answers(&mut inflight, 0).await {
+            if let Some((failed, reason)) = settle_answers(&mut inflight, 0, &cfg.name).await? {
                 drop(inflight);
                 return refuse(cfg, &js, &client, failed, reason, set_aside).await;
             }
@@ -239,16 +246,35 @@ pub(super) type Answer<'a> = std::pin::Pin<
 pub(super) async fn settle_answers(
     inflight: &mut futures_util::stream::FuturesOrdered<Answer<'_>>,
     keep: usize,
-) -> Option<(Sent, String)> {
+    projection: &str,
+) -> Result<Option<(Sent, String)>, ProjectionError> {
     while inflight.len() > keep {
         let Some((sent, result)) = inflight.next().await else {
             break;
         };
-        if let Err(e) = result {
-            return Some((sent, ErrorChain(&e).to_string()));
+        match result {
+            Ok(_) => {}
+            Err(e) if is_event_failure(&e) => {
+                return Ok(Some((sent, ErrorChain(&e).to_string())));
+            }
+            // The connection, not the event: roll back and start again from the
+            // checkpoint (setting the event aside would lose it).
+            Err(e) => return Err(db_error(projection, "apply a handler")(e)),
         }
     }
-    None
+    Ok(None)
+}
+
+/// Whether a failed statement is the event's doing (a constraint, a type, a missing
+/// column: it fails again every time) rather than the database's state: a lost
+/// connection, a shutdown, a serialization failure or deadlock, exhausted resources.
+/// Only the first makes an event poison.
+pub(super) fn is_event_failure(e: &tokio_postgres::Error) -> bool {
+    let Some(db) = e.as_db_error() else {
+        return false;
+    };
+    let class = &db.code().code()[..2];
+    !matches!(class, "08" | "40" | "53" | "57" | "58" | "XX")
 }
 
 /// Rolls the open transaction back and decides what a failed event means: applied
