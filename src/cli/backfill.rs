@@ -63,21 +63,9 @@ pub(super) async fn resync(
             Err(e) => return fail(e.to_string()),
         }
     }
-    let client = match provision::connect(nats, "tidemark-resync").await {
-        Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
-    };
-    let js = async_nats::jetstream::new(client);
-    let progress = match crate::backfill::Progress::open_for_stream(
-        &js,
-        &src.name,
-        &src.stream.name,
-        src.stream.replicas,
-    )
-    .await
-    {
+    let progress = match open_progress(src, nats, "tidemark-resync").await {
         Ok(p) => p,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return fail(e),
     };
     let code = reset_with_reason(src, nats, Some(ResetMode::Keep), true, force, "resync").await;
     if code != ExitCode::SUCCESS {
@@ -155,21 +143,9 @@ pub(super) async fn backfill_cmd(
             ErrorChain(&e)
         ));
     }
-    let client = match provision::connect(nats, "tidemark-backfill").await {
-        Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
-    };
-    let js = async_nats::jetstream::new(client);
-    let progress = match crate::backfill::Progress::open_for_stream(
-        &js,
-        &src.name,
-        &src.stream.name,
-        src.stream.replicas,
-    )
-    .await
-    {
+    let progress = match open_progress(src, nats, "tidemark-backfill").await {
         Ok(p) => p,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return fail(e),
     };
     match progress.get(&schema, &name).await {
         Ok(Some(j))
@@ -280,4 +256,24 @@ pub(super) async fn follow_backfill(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The source's backfill record, bound to its stream, over a NATS connection of its own.
+async fn open_progress(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    client_name: &str,
+) -> Result<crate::backfill::Progress, String> {
+    let client = provision::connect(nats, client_name)
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    let js = async_nats::jetstream::new(client);
+    crate::backfill::Progress::open_for_stream(
+        &js,
+        &src.name,
+        &src.stream.name,
+        src.stream.replicas,
+    )
+    .await
+    .map_err(|e| ErrorChain(&e).to_string())
 }
