@@ -328,21 +328,9 @@ pub(super) async fn rebuild_kv(
     let positions_kv = positions(&js, &cfg.stream)
         .await
         .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
-    let stream = js
-        .get_stream(&cfg.stream)
+    let mut messages = read_after(&js, cfg, 0)
         .await
-        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_err("create the rebuild consumer")(Box::new(e)))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| nats_err("read the stream")(Box::new(e)))?;
+        .map_err(nats_err("read the stream"))?;
     let (mut seq_done, mut lsn_done, mut events) = (0u64, None, 0u64);
     let mut at_tx_end = true;
     let started = Instant::now();

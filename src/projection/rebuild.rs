@@ -94,24 +94,12 @@ pub async fn rebuild(
 
     let nc = provision::connect(nats, &format!("tidemark-rebuild-{}", cfg.name)).await?;
     let js = jetstream::new(nc);
-    let stream = js
-        .get_stream(&cfg.stream)
-        .await
-        .map_err(|e| nats_err("open the stream")(Box::new(e)))?;
     // The consumer reads the whole stream and the subjects filter applies here: a
     // source transaction's last event (its txlast mark) may be on any subject, and
     // the transaction must end where the source's did.
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
+    let mut messages = read_after(&js, cfg, 0)
         .await
-        .map_err(|e| nats_err("create the rebuild consumer")(Box::new(e)))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| nats_err("read the stream")(Box::new(e)))?;
+        .map_err(nats_err("read the stream"))?;
 
     let mut applied_seq = 0u64;
     let mut applied_lsn: Option<String> = None;
