@@ -1,0 +1,81 @@
+//! What passes between the worker and the pipeline: watermarks, chunks, placements.
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+/// A watermark as written into the WAL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub backfill: String,
+    pub chunk: u64,
+    /// "low" or "high".
+    pub mark: String,
+    /// The table's OID (the relation id in the replication stream).
+    pub relid: u32,
+    /// The key columns the chunk is read in order of.
+    pub key: Vec<String>,
+    /// The attempt that wrote it. After a restart the slot sends the watermarks of
+    /// earlier processes again; they belong to no chunk read now, so the pipeline
+    /// passes over them instead of matching them (by job and chunk number) to a chunk
+    /// read now, which would place it in the wrong window or have it read again.
+    #[serde(default)]
+    pub run: String,
+}
+
+/// A chunk of rows read between a low and a high watermark.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub job_id: String,
+    pub chunk: u64,
+    pub relid: u32,
+    /// Column names, in the order of each row's values.
+    pub columns: Vec<String>,
+    /// Each row's values as Postgres writes them (text output), None for NULL.
+    pub rows: Vec<Vec<Option<String>>>,
+    /// The job's table, for the placement record.
+    pub schema: String,
+    pub table: String,
+    /// The key of its last row, and whether it was a full chunk (more may follow).
+    pub last_key: Option<Vec<Option<String>>>,
+    pub full: bool,
+}
+
+/// Where a chunk's rows went in the stream, written by the pipeline before it sends
+/// any of them: the transaction of the chunk's high watermark (`commit_lsn`) and the
+/// event indexes its rows take there (`first_index..end_index`).
+///
+/// Why: the worker records a chunk as done only once its rows are stored, so a crash
+/// in between (while the rows are being stored, or after) left a chunk that was
+/// stored in full or in part, and read again: its rows twice. With this record and
+/// the stream's tail (read at start, like the live exactly-once rule), a restart
+/// knows how much of the chunk is stored. All of it: the job moves on. A prefix: the
+/// job moves on after the last stored row (its key from the tail event). None: the
+/// chunk is read again. Live changes need nothing of the kind, because the slot sends
+/// the same transaction again; a chunk's rows exist only in the process that read them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub job: String,
+    pub chunk: u64,
+    /// The attempt that placed it (see `Watermark::run`).
+    pub run: String,
+    /// The high watermark transaction's commit LSN, `X/Y`.
+    pub commit_lsn: String,
+    pub first_index: u64,
+    pub end_index: u64,
+    /// Rows read (published or dropped for newer live changes).
+    pub rows_read: u64,
+    pub last_key: Option<Vec<Option<String>>>,
+    pub full: bool,
+}
+
+/// What became of a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkOutcome {
+    /// Its events are stored: `published` rows, `skipped` dropped for newer live changes.
+    Stored { published: u64, skipped: u64 },
+    /// Read it again (the table's shape changed, or its window was not seen).
+    Retry(String),
+}
+
+pub type ChunkSender = mpsc::Sender<(Chunk, oneshot::Sender<ChunkOutcome>)>;
+pub type ChunkReceiver = mpsc::Receiver<(Chunk, oneshot::Sender<ChunkOutcome>)>;

@@ -1,0 +1,304 @@
+//! The worker: runs a source's jobs one chunk at a time, resuming after crashes.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::SourceConfig;
+use crate::position::{Lsn, StreamTail};
+use crate::postgres::catalog::{Catalog, CatalogError};
+
+use super::*;
+
+/// What a worker needs to know of its attempt: the `run` its watermarks carry, and the
+/// stream's tail at start, to tell how much of a chunk placed before a crash is stored.
+#[derive(Clone, Debug)]
+pub struct Resume {
+    pub run: String,
+    pub tail: StreamTail,
+    /// The key (`data.key`) of the tail event.
+    pub tail_key: Option<serde_json::Value>,
+}
+
+/// Runs the source's backfills, one chunk at a time, until `cancel` fires. Hands
+/// each chunk to the pipeline through `chunks` and waits until its events are stored.
+pub async fn run_worker(
+    cfg: SourceConfig,
+    progress: Progress,
+    chunks: ChunkSender,
+    resume: Resume,
+    cancel: CancellationToken,
+) -> Result<(), BackfillError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let mut current: Option<Job> = None;
+        let err = match run_jobs(&cfg, &progress, &chunks, &resume, &cancel, &mut current).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // A problem with the job itself (its table is gone, its key or condition no
+        // longer works) fails the job, said loudly; anything else pauses and retries.
+        let permanent = matches!(
+            &err,
+            BackfillError::Read { .. }
+                | BackfillError::NoKey { .. }
+                | BackfillError::KeyNotUnique { .. }
+                | BackfillError::Catalog(CatalogError::TableMissing { .. })
+        );
+        match current {
+            Some(job) if permanent => {
+                let mut job = progress
+                    .get(&job.schema, &job.table)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(job);
+                tracing::error!(table = %job.qualified(), error = %crate::error::ErrorChain(&err), "backfill failed: fix the cause and run `tidemark backfill` again");
+                job.state = JobState::Failed;
+                job.error = Some(crate::error::ErrorChain(&err).to_string());
+                job.updated_at = Some(now());
+                if let Err(e) = progress.put(&job).await {
+                    warn!(error = %e, "could not record the failed backfill");
+                }
+            }
+            _ => {
+                warn!(error = %crate::error::ErrorChain(&err), wait_ms = backoff.as_millis() as u64, "backfill paused; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Moves a job past what an earlier process stored of its chunk `placed` (see
+/// `Placement`): the whole chunk, a prefix of it, or nothing.
+pub(super) fn settle_placed(
+    job: &mut Job,
+    placed: &Placement,
+    resume: &Resume,
+    columns: &[(String, String)],
+) {
+    let Ok(lsn) = placed.commit_lsn.parse::<Lsn>() else {
+        return;
+    };
+    let tail = &resume.tail;
+    let all = placed.end_index == placed.first_index || tail.is_stored(lsn, placed.end_index - 1);
+    if all {
+        job.chunks_done += 1;
+        job.rows_done += placed.rows_read;
+        if placed.last_key.is_some() {
+            job.last_key = placed.last_key.clone();
+        }
+        job.updated_at = Some(now());
+        if !placed.full {
+            job.state = JobState::Done;
+            job.finished_at = job.updated_at.clone();
+        }
+        info!(table = %job.qualified(), chunk = placed.chunk, "backfill chunk stored before the restart: not read again");
+        return;
+    }
+    if !tail.is_stored(lsn, placed.first_index) {
+        // Nothing of it is stored: it is read again, as if never read.
+        return;
+    }
+    // A prefix is stored, and the stream's last event is its last row: go on after
+    // that row's key.
+    let key = match (tail.last_event, &resume.tail_key) {
+        (Some((l, index)), Some(key)) if l == lsn => {
+            key_text(key, &job.key, columns).map(|k| (k, index - placed.first_index + 1))
+        }
+        _ => None,
+    };
+    match key {
+        Some((key, stored)) => {
+            job.chunks_done += 1;
+            job.rows_done += stored;
+            job.last_key = Some(key);
+            job.updated_at = Some(now());
+            info!(table = %job.qualified(), chunk = placed.chunk, count = stored, "backfill chunk partly stored before the restart: going on after its last stored row");
+        }
+        None => {
+            warn!(table = %job.qualified(), chunk = placed.chunk, "backfill chunk partly stored before the restart, and the key of its last stored row cannot be read back: the chunk is read again, so some of its rows are sent twice")
+        }
+    }
+}
+
+/// A key's JSON form (an event's `data.key`) as the text Postgres reads it, for the
+/// types whose JSON form is their text form; `None` for others.
+pub(super) fn key_text(
+    key: &serde_json::Value,
+    columns_of_key: &[String],
+    columns: &[(String, String)],
+) -> Option<Vec<Option<String>>> {
+    columns_of_key
+        .iter()
+        .map(|name| {
+            let ty = columns.iter().find(|(n, _)| n == name)?.1.as_str();
+            let textual = matches!(
+                ty,
+                "smallint" | "integer" | "bigint" | "text" | "uuid" | "boolean" | "date" | "citext"
+            ) || ty.starts_with("numeric")
+                || ty.starts_with("character")
+                || ty.starts_with("timestamp");
+            if !textual {
+                return None;
+            }
+            match key.get(name)? {
+                serde_json::Value::Null => Some(None),
+                serde_json::Value::String(s) => Some(Some(s.clone())),
+                serde_json::Value::Number(n) => Some(Some(n.to_string())),
+                serde_json::Value::Bool(b) => Some(Some(b.to_string())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+pub(super) async fn run_jobs(
+    cfg: &SourceConfig,
+    progress: &Progress,
+    chunks: &ChunkSender,
+    resume: &Resume,
+    cancel: &CancellationToken,
+    current: &mut Option<Job>,
+) -> Result<(), BackfillError> {
+    let run = resume.run.as_str();
+    let mut catalog: Option<Catalog> = None;
+    loop {
+        *current = None;
+        let jobs = progress.jobs().await?;
+        let Some(mut job) = jobs
+            .into_iter()
+            .find(|j| matches!(j.state, JobState::Pending | JobState::Running))
+        else {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            }
+        };
+        *current = Some(job.clone());
+        if catalog.is_none() {
+            catalog = Some(reader(&cfg.postgres).await?);
+        }
+        let Some(db) = catalog.as_ref() else { continue };
+        let (relid, columns, estimate) =
+            table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table).await?;
+        if job.state == JobState::Pending {
+            job.state = JobState::Running;
+            job.started_at = Some(now());
+            job.rows_estimate = estimate;
+            job.end_key = max_key(db, &job).await?;
+            if job.end_key.is_none() {
+                job.state = JobState::Done;
+                job.finished_at = job.started_at.clone();
+                progress.put(&job).await?;
+                info!(table = %job.qualified(), "backfill done: no rows");
+                continue;
+            }
+            progress.put(&job).await?;
+            info!(table = %job.qualified(), reason = %job.reason, estimate, "backfill started");
+        } else {
+            if let Some(placed) = progress.placement(&job.schema, &job.table).await?
+                && placed.job == job.id
+                && placed.chunk == job.chunks_done
+                && placed.run != run
+            {
+                settle_placed(&mut job, &placed, resume, &columns);
+                progress.put(&job).await?;
+                if job.state == JobState::Done {
+                    info!(table = %job.qualified(), rows = job.rows_done, "backfill done (its last chunk was stored before the restart)");
+                    continue;
+                }
+            }
+            info!(table = %job.qualified(), chunk = job.chunks_done, rows = job.rows_done, "backfill resumed");
+        }
+        let mut retries = 0;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let chunk_no = job.chunks_done;
+            let mark = |m: &str| Watermark {
+                backfill: job.id.clone(),
+                chunk: chunk_no,
+                mark: m.into(),
+                relid,
+                key: job.key.clone(),
+                run: run.to_string(),
+            };
+            emit_watermark(db, &mark("low")).await?;
+            let rows = read_chunk(db, &job, &columns).await?;
+            debug!(table = %job.qualified(), chunk = chunk_no, count = rows.len(), "backfill chunk read");
+            let full = rows.len() as u64 >= job.chunk_size;
+            let last_key: Option<Vec<Option<String>>> = rows.last().map(|row| {
+                job.key
+                    .iter()
+                    .map(|k| {
+                        columns
+                            .iter()
+                            .position(|(n, _)| n == k)
+                            .and_then(|i| row[i].clone())
+                    })
+                    .collect()
+            });
+            let (done_tx, done_rx) = oneshot::channel();
+            let chunk = Chunk {
+                job_id: job.id.clone(),
+                chunk: chunk_no,
+                relid,
+                columns: columns.iter().map(|(n, _)| n.clone()).collect(),
+                rows,
+                schema: job.schema.clone(),
+                table: job.table.clone(),
+                last_key: last_key.clone(),
+                full,
+            };
+            if chunks.send((chunk, done_tx)).await.is_err() {
+                return Ok(());
+            }
+            emit_watermark(db, &mark("high")).await?;
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                o = done_rx => o,
+            };
+            match outcome {
+                Ok(ChunkOutcome::Stored { published, skipped }) => {
+                    retries = 0;
+                    job.chunks_done += 1;
+                    job.rows_done += published + skipped;
+                    if last_key.is_some() {
+                        job.last_key = last_key;
+                    }
+                    job.updated_at = Some(now());
+                    if !full {
+                        job.state = JobState::Done;
+                        job.finished_at = job.updated_at.clone();
+                    }
+                    progress.put(&job).await?;
+                    if !full {
+                        let (rate, _) = job.rate_and_eta();
+                        info!(table = %job.qualified(), rows = job.rows_done, chunks = job.chunks_done, rate = rate as u64, "backfill done");
+                        break;
+                    }
+                }
+                Ok(ChunkOutcome::Retry(reason)) => {
+                    retries += 1;
+                    warn!(table = %job.qualified(), chunk = chunk_no, reason = %reason, "backfill chunk read again");
+                    if retries > 10 {
+                        job.state = JobState::Failed;
+                        job.error = Some(format!("chunk {chunk_no} could not be placed: {reason}"));
+                        progress.put(&job).await?;
+                        break;
+                    }
+                }
+                // The pipeline went away: this attempt is over.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}

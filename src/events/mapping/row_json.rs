@@ -1,0 +1,118 @@
+//! A tuple's columns as a JSON object, serialized straight from the wire bytes.
+
+use serde::Serialize;
+
+use super::*;
+use crate::events::rules::{OutColumn, OversizedPlan};
+use crate::postgres::pgoutput::{ColumnValue, Tuple};
+use crate::postgres::values::{JsonText, TypeKind};
+
+/// The columns of a tuple, serialized as a JSON object straight from the wire bytes.
+/// `cols` says which columns under which names; `fill_from` supplies unchanged TOAST
+/// values from a full old row. Unchanged TOAST values that cannot be filled are left
+/// out of the object and named in `unchanged_toast`, so a consumer never mistakes them
+/// for NULL. `shrink` leaves out or cuts the columns an oversized plan names.
+pub(super) struct RowJson<'a> {
+    pub(super) table: &'a Table,
+    pub(super) tuple: &'a Tuple,
+    pub(super) cols: &'a [OutColumn],
+    pub(super) fill_from: Option<&'a Tuple>,
+    pub(super) shrink: Option<Shrink<'a>>,
+}
+
+impl<'a> RowJson<'a> {
+    fn value(&self, i: usize) -> &'a ColumnValue {
+        let value = &self.tuple.0[i];
+        if matches!(value, ColumnValue::UnchangedToast)
+            && let Some(old) = self.fill_from.and_then(|t| t.0.get(i))
+            && !matches!(old, ColumnValue::UnchangedToast)
+        {
+            return old;
+        }
+        value
+    }
+
+    pub(super) fn unchanged_columns(&self) -> Vec<&'a str> {
+        self.cols
+            .iter()
+            .filter(|c| matches!(self.value(c.index), ColumnValue::UnchangedToast))
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
+    /// What shrinking does to column `i`: None = untouched, Some(None) = omitted,
+    /// Some(Some(n)) = cut to `n` bytes.
+    fn shrink_of(&self, i: usize, value: &ColumnValue) -> Option<Option<usize>> {
+        let s = self.shrink?;
+        match s.plan {
+            OversizedPlan::Fail => None,
+            OversizedPlan::Omit(cols) => cols.contains(&i).then_some(None),
+            OversizedPlan::Truncate(cols) if cols.contains(&i) => {
+                let kind = &self.table.columns[i].kind;
+                match value {
+                    ColumnValue::Text(b) if matches!(kind, TypeKind::Text | TypeKind::Unknown) => {
+                        (b.len() > s.max_value_bytes).then_some(Some(s.max_value_bytes))
+                    }
+                    ColumnValue::Text(_) | ColumnValue::Binary(_) => Some(None),
+                    _ => None,
+                }
+            }
+            OversizedPlan::Truncate(_) => None,
+        }
+    }
+
+    /// Names of the columns shrinking changed.
+    pub(super) fn shrunk(&self) -> Vec<&'a str> {
+        self.cols
+            .iter()
+            .filter(|c| self.shrink_of(c.index, self.value(c.index)).is_some())
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+}
+
+/// Cuts `b` to at most `n` bytes on a UTF-8 character boundary.
+pub(super) fn cut(b: &[u8], n: usize) -> &[u8] {
+    let mut end = n.min(b.len());
+    while end > 0 && end < b.len() && (b[end] & 0xC0) == 0x80 {
+        end -= 1;
+    }
+    &b[..end]
+}
+
+impl Serialize for RowJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for c in self.cols {
+            let col = &self.table.columns[c.index];
+            let value = self.value(c.index);
+            let text = match (value, self.shrink_of(c.index, value)) {
+                (_, Some(None)) => continue,
+                (ColumnValue::Text(b), Some(Some(n))) => cut(b, n),
+                (ColumnValue::Text(b), None) => b,
+                (ColumnValue::Null, _) => {
+                    map.serialize_entry(&c.name, &())?;
+                    continue;
+                }
+                (ColumnValue::Binary(b), _) => {
+                    use base64::Engine as _;
+                    map.serialize_entry(
+                        &c.name,
+                        &base64::engine::general_purpose::STANDARD.encode(b),
+                    )?;
+                    continue;
+                }
+                (ColumnValue::UnchangedToast, _) => continue,
+            };
+            map.serialize_entry(
+                &c.name,
+                &JsonText {
+                    kind: &col.kind,
+                    text,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
