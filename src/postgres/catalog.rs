@@ -6,100 +6,16 @@
 use std::collections::HashMap;
 
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 
 use crate::position::Lsn;
 use crate::postgres::params::{PostgresConfig, TableSelection};
 use crate::postgres::replication::quote_ident;
 use crate::postgres::values::{TypeKind, builtin_kind};
 
-#[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
-    #[error("cannot connect to postgres at {target} as {user:?}")]
-    Connect {
-        target: String,
-        user: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error("catalog query failed: {what}")]
-    Query {
-        what: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error(
-        "wal_level is {actual:?}, not \"logical\": set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
-    )]
-    WalLevel { actual: String },
-    #[error("publication {name:?} does not exist and create_publication = false: run CREATE PUBLICATION {} FOR TABLE ... as an owner of the tables, or set create_publication = true", quote_ident(.name))]
-    PublicationMissing { name: String },
-    #[error("publication {publication:?} does not publish table {table}: run ALTER PUBLICATION {} ADD TABLE {table}, or set create_publication = true to let tidemark add it", quote_ident(.publication))]
-    PublicationLacksTable { publication: String, table: String },
-    #[error(
-        "config line {line}: a mapping names table {table}, which publication {publication:?} does not stream: add it to the source's tables, or remove the mapping"
-    )]
-    MappedTableNotStreamed {
-        table: String,
-        line: usize,
-        publication: String,
-    },
-    #[error(
-        "table {table} does not exist in database {dbname:?}: fix the tables list in the config"
-    )]
-    TableMissing { table: String, dbname: String },
-    #[error(
-        "table {table} has no primary key and REPLICA IDENTITY {identity}: publishing it would make PostgreSQL reject UPDATE and DELETE on it; run ALTER TABLE {table} REPLICA IDENTITY FULL (or add a primary key) first"
-    )]
-    NoReplicaIdentity {
-        table: String,
-        identity: &'static str,
-    },
-    #[error(
-        "replication slot {slot:?} does not exist and create_slot = false: create it with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'), or set create_slot = true"
-    )]
-    SlotMissing { slot: String },
-    #[error(
-        "replication slot {slot:?} uses output plugin {plugin:?}; tidemark needs pgoutput: drop it or pick another slot name"
-    )]
-    SlotWrongPlugin { slot: String, plugin: String },
-    #[error(
-        "replication slot {slot:?} belongs to database {actual:?}, not {expected:?}: pick another slot name"
-    )]
-    SlotWrongDatabase {
-        slot: String,
-        actual: String,
-        expected: String,
-    },
-    #[error(
-        "replication slot {slot:?} is invalidated (wal_status = lost): PostgreSQL removed WAL it still needed (max_slot_wal_keep_size), so changes made while tidemark was behind are not in the stream; run `tidemark resync --yes` for this source to create a new slot, mark the gap in the stream and backfill every table (or `tidemark reset` to start over)"
-    )]
-    SlotInvalidated { slot: String },
-    #[error(transparent)]
-    Tls(#[from] crate::postgres::tls::TlsError),
-    #[error(
-        "postgres at {target} does not offer TLS, and sslmode = {mode} requires it: enable ssl on the server, or lower sslmode"
-    )]
-    TlsRefused { target: String, mode: &'static str },
-    #[error("role {role:?} lacks {grant}: run {fix} (as a superuser), then start again")]
-    MissingGrant {
-        role: String,
-        grant: String,
-        fix: String,
-    },
-}
-
-impl CatalogError {
-    /// The SQLSTATE of an underlying database error, if any.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            CatalogError::Connect { source, .. } | CatalogError::Query { source, .. } => {
-                source.code().map(|c| c.code())
-            }
-            _ => None,
-        }
-    }
-}
+mod error;
+pub use error::*;
+mod connect;
+pub use connect::*;
 
 /// A connection for catalog work. The connection future runs in a task this struct
 /// owns and aborts on drop.
@@ -155,121 +71,6 @@ impl TableInfo {
 
 fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
     move |source| CatalogError::Query { what, source }
-}
-
-/// Whether the server answers an SSLRequest with yes; `None` when it cannot be asked
-/// (the connection attempt then reports why).
-async fn offers_tls(host: &str, port: u16, timeout: std::time::Duration) -> Option<bool> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut tcp = tokio::net::TcpStream::connect((host, port)).await.ok()?;
-        let mut req = bytes::BytesMut::new();
-        postgres_protocol::message::frontend::ssl_request(&mut req);
-        tcp.write_all(&req).await.ok()?;
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer).await.ok()?;
-        Some(answer[0] == b'S')
-    };
-    tokio::time::timeout(timeout, ask).await.ok().flatten()
-}
-
-impl CatalogError {
-    /// Whether the error is a TLS failure no retry can fix: a handshake that failed (a
-    /// certificate that does not verify), or a server that declines TLS when it is
-    /// required. Told by type, not by text.
-    pub fn is_tls_failure(&self) -> bool {
-        match self {
-            CatalogError::Tls(_) | CatalogError::TlsRefused { .. } => true,
-            CatalogError::Connect { source, .. } => {
-                crate::postgres::tls::is_handshake_failure(source)
-            }
-            _ => false,
-        }
-    }
-}
-
-async fn connect_with_task(
-    cfg: &PostgresConfig,
-    application: &str,
-) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), CatalogError> {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&cfg.host)
-        .port(cfg.port)
-        .dbname(&cfg.dbname)
-        .user(&cfg.user)
-        .application_name(application)
-        .connect_timeout(cfg.connect_timeout);
-    if let Some(p) = &cfg.password {
-        pg.password(p.expose());
-    }
-    let target = format!("{}:{}", cfg.host, cfg.port);
-    let fail = |source| CatalogError::Connect {
-        target: target.clone(),
-        user: cfg.user.clone(),
-        source,
-    };
-    let tls = if cfg.host.starts_with('/') {
-        None
-    } else {
-        crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
-            .map_err(CatalogError::Tls)?
-    };
-    let ended =
-        |error: tokio_postgres::Error| tracing::debug!(error = %error, "postgres connection ended");
-    match tls {
-        None => {
-            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            let (client, connection) = pg.connect(NoTls).await.map_err(fail)?;
-            let task = tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    ended(error);
-                }
-            });
-            Ok((client, task))
-        }
-        Some(config) => {
-            pg.ssl_mode(if cfg.sslmode == crate::postgres::params::SslMode::Prefer {
-                tokio_postgres::config::SslMode::Prefer
-            } else {
-                tokio_postgres::config::SslMode::Require
-            });
-            let (client, connection) =
-                match pg.connect(crate::postgres::tls::MakeRustls(config)).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // tokio-postgres reports a server that declines TLS only as text;
-                        // asking it (an SSLRequest on a connection of its own, only after a
-                        // failure) makes that an error of its own kind.
-                        let required = cfg.sslmode != crate::postgres::params::SslMode::Prefer;
-                        if required
-                            && !crate::postgres::tls::is_handshake_failure(&e)
-                            && offers_tls(&cfg.host, cfg.port, cfg.connect_timeout).await
-                                == Some(false)
-                        {
-                            return Err(CatalogError::TlsRefused {
-                                target,
-                                mode: cfg.sslmode.as_str(),
-                            });
-                        }
-                        return Err(fail(e));
-                    }
-                };
-            let task = tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    ended(error);
-                }
-            });
-            Ok((client, task))
-        }
-    }
-}
-
-/// A plain client (its connection runs on a task of its own until the client drops).
-pub async fn connect_client(
-    cfg: &PostgresConfig,
-    application: &str,
-) -> Result<tokio_postgres::Client, CatalogError> {
-    connect_with_task(cfg, application).await.map(|(c, _)| c)
 }
 
 impl Catalog {

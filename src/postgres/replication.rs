@@ -13,12 +13,11 @@
 //! PostgreSQL manual.
 
 use std::io;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -27,117 +26,10 @@ use crate::position::Lsn;
 use crate::postgres::params::PostgresConfig;
 use crate::secret::Secret;
 
-/// An error the server sent, with its SQLSTATE.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerError {
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
-}
-
-impl std::fmt::Display for ServerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
-        if let Some(d) = &self.detail {
-            write!(f, "; detail: {d}")?;
-        }
-        if let Some(h) = &self.hint {
-            write!(f, "; hint: {h}")?;
-        }
-        Ok(())
-    }
-}
-
-impl ServerError {
-    fn from_body(body: &ErrorResponseBody) -> ServerError {
-        let mut e = ServerError {
-            code: String::new(),
-            message: String::new(),
-            detail: None,
-            hint: None,
-        };
-        let mut fields = body.fields();
-        while let Ok(Some(f)) = fields.next() {
-            let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
-            match f.type_() {
-                b'C' => e.code = value,
-                b'M' => e.message = value,
-                b'D' => e.detail = Some(value),
-                b'H' => e.hint = Some(value),
-                _ => {}
-            }
-        }
-        e
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicationError {
-    #[error(
-        "cannot connect to postgres at {target}: check that the database runs and that host and port are right"
-    )]
-    Connect {
-        target: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("connecting to postgres at {target} timed out after {}s: check host, port and firewalls", .after.as_secs())]
-    ConnectTimeout { target: String, after: Duration },
-    #[error("TLS with postgres at {target} failed (sslmode {mode}): {source}")]
-    Tls {
-        target: String,
-        mode: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "postgres at {target} does not offer TLS, and sslmode is {mode}: enable ssl on the server, or lower sslmode"
-    )]
-    TlsRefused { target: String, mode: &'static str },
-    #[error(transparent)]
-    TlsSetup(#[from] crate::postgres::tls::TlsError),
-    #[error(
-        "postgres rejected the login of user {user:?}: {error}; check the password and pg_hba.conf"
-    )]
-    AuthFailed { user: String, error: ServerError },
-    #[error(
-        "postgres asks user {user:?} for a password but none is configured: set postgres.password_env or postgres.password_file"
-    )]
-    PasswordRequired { user: String },
-    #[error(
-        "postgres asks for authentication method {method}, which tidemark does not support: use scram-sha-256, md5, password or trust in pg_hba.conf"
-    )]
-    UnsupportedAuth { method: String },
-    #[error("postgres: {0}")]
-    Server(ServerError),
-    #[error("replication connection to postgres failed")]
-    Io(#[from] io::Error),
-    #[error("postgres closed the replication connection")]
-    Closed,
-    #[error("unexpected message from postgres: {0}")]
-    Protocol(String),
-    #[error(
-        "postgres sent a {len}-byte replication message{}, over the {limit}-byte limit (max_row_bytes): raise max_row_bytes (it bounds the memory one row may take) and, unless the table's mapping shrinks oversized rows, max_event_bytes and the NATS max_payload too",
-        .lsn.map(|l| format!(" at LSN {l}")).unwrap_or_default()
-    )]
-    MessageTooLarge {
-        len: usize,
-        limit: usize,
-        lsn: Option<Lsn>,
-    },
-}
-
-impl ReplicationError {
-    /// The SQLSTATE, when the server reported the error.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            ReplicationError::Server(e) => Some(&e.code),
-            ReplicationError::AuthFailed { error, .. } => Some(&error.code),
-            _ => None,
-        }
-    }
-}
+mod error;
+pub use error::*;
+mod stream;
+pub use stream::*;
 
 /// A socket to Postgres: TCP, or a Unix socket when the host is a directory.
 enum Socket {
@@ -573,121 +465,6 @@ impl ReplicationConnection {
     }
 }
 
-/// One message of the replication stream.
-#[derive(Debug)]
-pub enum ReplicationMessage {
-    XLogData {
-        wal_start: Lsn,
-        wal_end: Lsn,
-        data: Bytes,
-    },
-    Keepalive {
-        wal_end: Lsn,
-        reply_requested: bool,
-    },
-}
-
-/// The CopyBoth stream after START_REPLICATION.
-pub struct ReplicationStream {
-    conn: ReplicationConnection,
-}
-
-impl ReplicationStream {
-    /// The next XLogData or keepalive. Cancel-safe, so it can sit in a `select!`.
-    pub async fn next(&mut self) -> Result<ReplicationMessage, ReplicationError> {
-        loop {
-            let frame = self.conn.next_frame().await?;
-            match frame.tag {
-                b'd' => {
-                    let mut body = frame.raw.freeze().slice(5..);
-                    if body.is_empty() {
-                        return Err(ReplicationError::Protocol("empty CopyData".into()));
-                    }
-                    let kind = body.get_u8();
-                    match kind {
-                        b'w' if body.len() >= 24 => {
-                            let wal_start = Lsn(body.get_u64());
-                            let wal_end = Lsn(body.get_u64());
-                            let _send_time = body.get_i64();
-                            return Ok(ReplicationMessage::XLogData {
-                                wal_start,
-                                wal_end,
-                                data: body,
-                            });
-                        }
-                        b'k' if body.len() >= 17 => {
-                            let wal_end = Lsn(body.get_u64());
-                            let _send_time = body.get_i64();
-                            let reply_requested = body.get_u8() == 1;
-                            return Ok(ReplicationMessage::Keepalive {
-                                wal_end,
-                                reply_requested,
-                            });
-                        }
-                        other => {
-                            return Err(ReplicationError::Protocol(format!(
-                                "unknown or short CopyData message {:?} ({} bytes)",
-                                char::from(other),
-                                body.len()
-                            )));
-                        }
-                    }
-                }
-                b'N' | b'S' => continue,
-                b'c' => return Err(ReplicationError::Closed),
-                _ => {
-                    let mut raw = frame.raw;
-                    return match Message::parse(&mut raw)? {
-                        Some(Message::ErrorResponse(body)) => {
-                            Err(ReplicationError::Server(ServerError::from_body(&body)))
-                        }
-                        _ => Err(ReplicationError::Protocol(format!(
-                            "unexpected message {:?} in replication stream",
-                            char::from(frame.tag)
-                        ))),
-                    };
-                }
-            }
-        }
-    }
-
-    /// Sends a standby status update. `flush` is what Postgres records as the slot's
-    /// confirmed flush LSN: only positions whose events JetStream has stored.
-    pub async fn send_status(
-        &mut self,
-        write: Lsn,
-        flush: Lsn,
-        reply_requested: bool,
-    ) -> Result<(), ReplicationError> {
-        let mut msg = BytesMut::with_capacity(34);
-        msg.put_u8(b'r');
-        msg.put_u64(write.0);
-        msg.put_u64(flush.0);
-        msg.put_u64(flush.0);
-        msg.put_i64(pg_now_micros());
-        msg.put_u8(u8::from(reply_requested));
-        frontend::CopyData::new(&msg[..])?.write(&mut self.conn.out);
-        self.conn.flush_out().await
-    }
-
-    /// Ends the stream politely: CopyDone and Terminate. Errors are ignored by the
-    /// caller since the status was already sent; the server cleans up either way.
-    pub async fn close(mut self) -> Result<(), ReplicationError> {
-        frontend::copy_done(&mut self.conn.out);
-        frontend::terminate(&mut self.conn.out);
-        self.conn.flush_out().await
-    }
-}
-
-/// Microseconds since the Postgres epoch (2000-01-01 UTC), for status updates.
-fn pg_now_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    unix - 946_684_800_000_000
-}
-
 /// Quotes an SQL identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -699,28 +476,4 @@ pub fn quote_literal(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_literal(&quote_ident("pub")), "'\"pub\"'");
-    }
-
-    #[test]
-    fn oversized_message_error_names_the_lsn_and_the_fix() {
-        let e = ReplicationError::MessageTooLarge {
-            len: 5_000_000,
-            limit: 2_000_000,
-            lsn: Some(Lsn(0x10)),
-        };
-        let msg = e.to_string();
-        assert!(
-            msg.contains("5000000-byte replication message at LSN 0/10"),
-            "{msg}"
-        );
-        assert!(msg.contains("raise max_row_bytes"), "{msg}");
-    }
-}
+mod tests;
