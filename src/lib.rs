@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod jetstream;
+pub mod policy;
 pub mod position;
 pub mod postgres;
 pub mod projection;

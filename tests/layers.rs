@@ -7,7 +7,8 @@
 //! 1. adapters: the Postgres session and catalog, the NATS provisioning and publisher,
 //!    each with its own parameter types; telemetry
 //! 2. config: the file, validated into the adapters' and stages' types
-//! 3. stages: the source pipeline, backfills, projections
+//! 3. stages: the source pipeline, backfills, projections, and the one error policy
+//!    they share
 //! 4. operations: replay, status
 //! 5. cli
 //!
@@ -28,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("jetstream", 1),
     ("telemetry", 1),
     ("config", 2),
+    ("policy", 3),
     ("source", 3),
     ("backfill", 3),
     ("projection", 3),

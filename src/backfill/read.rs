@@ -154,25 +154,34 @@ pub(super) async fn read_chunk(
         key.join(", "),
         job.chunk_size
     );
-    let messages = catalog
-        .client()
-        .simple_query(&sql)
-        .await
-        .map_err(|source| BackfillError::Read {
-            table: job.qualified(),
-            source,
-        })?;
-    let mut rows = Vec::new();
-    for m in messages {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            rows.push(
-                (0..columns.len())
-                    .map(|i| r.get(i).map(str::to_string))
-                    .collect(),
-            );
-        }
-    }
-    Ok(rows)
+    text_rows(catalog, job, &sql, columns.len()).await
+}
+
+/// The rows of a query over a job's table, each as its first `width` values in text.
+async fn text_rows(
+    catalog: &Catalog,
+    job: &Job,
+    sql: &str,
+    width: usize,
+) -> Result<Vec<Vec<Option<String>>>, BackfillError> {
+    let messages =
+        catalog
+            .client()
+            .simple_query(sql)
+            .await
+            .map_err(|source| BackfillError::Read {
+                table: job.qualified(),
+                source,
+            })?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..width).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// The largest key (within the job's filter) now, or None for no rows.
@@ -193,22 +202,10 @@ pub(super) async fn max_key(
         key.join(", "),
         desc.join(", ")
     );
-    let messages = catalog
-        .client()
-        .simple_query(&sql)
-        .await
-        .map_err(|source| BackfillError::Read {
-            table: job.qualified(),
-            source,
-        })?;
-    Ok(messages.into_iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-            (0..key.len())
-                .map(|i| r.get(i).map(str::to_string))
-                .collect(),
-        ),
-        _ => None,
-    }))
+    Ok(text_rows(catalog, job, &sql, key.len())
+        .await?
+        .into_iter()
+        .next())
 }
 
 /// Column names and type names of a table, in attribute order (dropped and generated

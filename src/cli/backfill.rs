@@ -9,32 +9,27 @@ pub(super) async fn resync(
     nats: &NatsConfig,
     yes: bool,
     force: bool,
-) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("error: {msg}");
-        ExitCode::from(1)
-    };
+) -> Outcome {
     if !yes {
-        eprintln!(
-            "error: resync creates a new replication slot {:?}, keeps stream {:?} with a tidemark.reset event at the gap, and backfills every published table; pass --yes",
+        return Err(Failure::Usage(format!(
+            "resync creates a new replication slot {:?}, keeps stream {:?} with a tidemark.reset event at the gap, and backfills every published table; pass --yes",
             src.slot, src.stream.name
-        );
-        return ExitCode::from(2);
+        )));
     }
     // Everything that could refuse is checked before anything changes.
     let catalog = match Catalog::connect(&src.postgres).await {
         Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let published = match catalog.publication(&src.publication).await {
         Ok(Some(list)) => list,
         Ok(None) => {
-            return fail(format!(
+            return Err(Failure::Failed(format!(
                 "publication {:?} does not exist: run `tidemark run` once to create it, or create it by hand",
                 src.publication
-            ));
+            )));
         }
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let names: Vec<(String, String)> = published
         .into_iter()
@@ -46,7 +41,7 @@ pub(super) async fn resync(
         .collect();
     let infos = match catalog.tables(&names).await {
         Ok(t) => t,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let mut jobs = Vec::new();
     for t in &infos {
@@ -60,27 +55,24 @@ pub(super) async fn resync(
                 None,
                 src.snapshot_chunk_size,
             )),
-            Err(e) => return fail(e.to_string()),
+            Err(e) => return Err(Failure::Failed(e.to_string())),
         }
     }
     let progress = match open_progress(src, nats, "tidemark-resync").await {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return Err(Failure::Failed(e)),
     };
-    let code = reset_with_reason(src, nats, Some(ResetMode::Keep), true, force, "resync").await;
-    if code != ExitCode::SUCCESS {
-        return code;
-    }
+    reset_with_reason(src, nats, Some(ResetMode::Keep), true, force, "resync").await?;
     for job in &jobs {
         if let Err(e) = progress.put(job).await {
-            return fail(ErrorChain(&e).to_string());
+            return Err(Failure::of(&e));
         }
     }
     println!(
         "queued a backfill of {} table(s): the next `tidemark run` streams from the new slot and sends every table's rows after the marker",
         jobs.len()
     );
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// Queues a backfill of one table, then (when `wait`) follows it to the end.
@@ -91,43 +83,39 @@ pub(super) async fn backfill_cmd(
     filter: Option<String>,
     chunk_size: Option<u64>,
     wait: bool,
-) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("error: {msg}");
-        ExitCode::from(1)
-    };
+) -> Outcome {
     let Some((schema, name)) = config::split_table(table) else {
-        return fail(format!(
+        return Err(Failure::Failed(format!(
             "{table:?} is not a table name: use \"table\" or \"schema.table\""
-        ));
+        )));
     };
     let qualified = format!("{schema}.{name}");
     let catalog = match Catalog::connect(&src.postgres).await {
         Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let info = match catalog.tables(&[(schema.clone(), name.clone())]).await {
         Ok(mut t) if !t.is_empty() => t.remove(0),
-        Ok(_) => return fail(format!("table {qualified} does not exist")),
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Ok(_) => return Err(Failure::Failed(format!("table {qualified} does not exist"))),
+        Err(e) => return Err(Failure::of(&e)),
     };
     match catalog.publication(&src.publication).await {
         Ok(Some(list)) if list.contains(&(schema.clone(), name.clone())) => {}
         Ok(_) => {
-            return fail(format!(
+            return Err(Failure::Failed(format!(
                 "publication {:?} does not publish {qualified}, so its changes would not follow its rows: run ALTER PUBLICATION {} ADD TABLE {} (or add it to the source's tables and restart tidemark), then backfill",
                 src.publication,
                 crate::postgres::replication::quote_ident(&src.publication),
                 info.qualified()
-            ));
+            )));
         }
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     }
     let key = match crate::backfill::key_columns(&catalog, src, &schema, &name, &info.primary_key)
         .await
     {
         Ok(k) => k,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return Err(Failure::Failed(e.to_string())),
     };
     if let Some(f) = &filter
         && let Err(e) = catalog
@@ -138,14 +126,14 @@ pub(super) async fn backfill_cmd(
             ))
             .await
     {
-        return fail(format!(
+        return Err(Failure::Failed(format!(
             "--where {f:?} is not a valid condition on {qualified}: {}",
             ErrorChain(&e)
-        ));
+        )));
     }
     let progress = match open_progress(src, nats, "tidemark-backfill").await {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return Err(Failure::Failed(e)),
     };
     match progress.get(&schema, &name).await {
         Ok(Some(j))
@@ -154,7 +142,7 @@ pub(super) async fn backfill_cmd(
                 crate::backfill::JobState::Pending | crate::backfill::JobState::Running
             ) =>
         {
-            return fail(format!(
+            return Err(Failure::Failed(format!(
                 "a backfill of {qualified} is already {} ({} rows done): wait for it, or watch it with `tidemark status`",
                 if j.state == crate::backfill::JobState::Pending {
                     "queued"
@@ -162,10 +150,10 @@ pub(super) async fn backfill_cmd(
                     "running"
                 },
                 j.rows_done
-            ));
+            )));
         }
         Ok(_) => {}
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     }
     let job = crate::backfill::Job::new(
         &schema,
@@ -176,11 +164,11 @@ pub(super) async fn backfill_cmd(
         chunk_size.unwrap_or(src.snapshot_chunk_size).max(1),
     );
     if let Err(e) = progress.put(&job).await {
-        return fail(ErrorChain(&e).to_string());
+        return Err(Failure::of(&e));
     }
     eprintln!("backfill of {qualified} queued for source {:?}", src.name);
     if !wait {
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
     follow_backfill(&progress, &schema, &name, &job.id).await
 }
@@ -191,7 +179,7 @@ pub(super) async fn follow_backfill(
     schema: &str,
     name: &str,
     id: &str,
-) -> ExitCode {
+) -> Outcome {
     use crate::backfill::JobState;
     use std::io::IsTerminal;
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -212,12 +200,12 @@ pub(super) async fn follow_backfill(
         let job = match progress.get(schema, name).await {
             Ok(Some(j)) if j.id == id => j,
             Ok(_) => {
-                eprintln!("error: the backfill record of {schema}.{name} was replaced");
-                return ExitCode::from(1);
+                return Err(Failure::Failed(format!(
+                    "the backfill record of {schema}.{name} was replaced"
+                )));
             }
             Err(e) => {
-                eprintln!("error: {}", ErrorChain(&e));
-                return ExitCode::from(1);
+                return Err(Failure::of(&e));
             }
         };
         if let Some(bar) = &bar {
@@ -234,17 +222,16 @@ pub(super) async fn follow_backfill(
                     "backfill of {schema}.{name} done: {} rows in {} chunks, {rate:.0} rows/s",
                     job.rows_done, job.chunks_done
                 );
-                return ExitCode::SUCCESS;
+                return Ok(());
             }
             JobState::Failed => {
                 if let Some(bar) = &bar {
                     bar.abandon();
                 }
-                eprintln!(
-                    "error: backfill of {schema}.{name} failed: {}",
+                return Err(Failure::Failed(format!(
+                    "backfill of {schema}.{name} failed: {}",
                     job.error.as_deref().unwrap_or("unknown error")
-                );
-                return ExitCode::from(1);
+                )));
             }
             JobState::Pending if !hinted && started.elapsed() > Duration::from_secs(15) => {
                 hinted = true;

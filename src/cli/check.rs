@@ -9,7 +9,7 @@ pub(super) fn line(source: &str, ok: bool, what: &str, detail: &str) -> bool {
     ok
 }
 
-pub(super) async fn check(cfg: Config) -> ExitCode {
+pub(super) async fn check(cfg: Config) -> Outcome {
     println!(
         "ok   config {}: {} source(s)",
         cfg.path.display(),
@@ -20,9 +20,9 @@ pub(super) async fn check(cfg: Config) -> ExitCode {
         all_ok &= check_source(source, &cfg.nats).await;
     }
     if all_ok {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::from(1)
+        Err(Failure::Reported)
     }
 }
 

@@ -23,6 +23,7 @@ use time::OffsetDateTime;
 mod args;
 mod backfill;
 mod check;
+mod outcome;
 mod replay;
 mod run;
 mod slot;
@@ -31,6 +32,7 @@ mod status;
 pub use args::*;
 use backfill::*;
 use check::*;
+use outcome::{Failure, Outcome};
 use replay::*;
 use run::*;
 use slot::*;
@@ -57,14 +59,19 @@ pub fn init_tracing(format: LogFormat, command: &Command) {
 }
 
 pub async fn run(cli: Cli) -> ExitCode {
+    outcome::exit(dispatch(cli).await)
+}
+
+/// Parses what is left to parse, calls the command, and hands back how it ended.
+async fn dispatch(cli: Cli) -> Outcome {
     match cli.command {
         Command::Run { config } => match load(&config) {
             Ok(cfg) => run_sources(cfg).await,
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Check { config } => match load(&config) {
             Ok(cfg) => check(cfg).await,
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Replay(args) => match load(&args.config) {
             Ok(cfg) => {
@@ -84,7 +91,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 };
                 replay(cfg, a.source, from, to, filter, a.follow, output).await
             }
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Slot(SlotCommand::Drop {
             config,
@@ -93,9 +100,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         }) => match load(&config) {
             Ok(cfg) => match pick_source(&cfg, source) {
                 Ok(src) => slot_drop(src, force).await,
-                Err(code) => code,
+                Err(f) => Err(f),
             },
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Reset {
             config,
@@ -114,9 +121,9 @@ pub async fn run(cli: Cli) -> ExitCode {
                     };
                     reset(src, &cfg.nats, mode, yes, force).await
                 }
-                Err(code) => code,
+                Err(f) => Err(f),
             },
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Backfill {
             config,
@@ -133,9 +140,9 @@ pub async fn run(cli: Cli) -> ExitCode {
                     let wait = wait || (!no_wait && std::io::stderr().is_terminal());
                     backfill_cmd(src, &cfg.nats, &table, filter, chunk_size, wait).await
                 }
-                Err(code) => code,
+                Err(f) => Err(f),
             },
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Resync {
             config,
@@ -145,9 +152,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => match load(&config) {
             Ok(cfg) => match pick_source(&cfg, source) {
                 Ok(src) => resync(src, &cfg.nats, yes, force).await,
-                Err(code) => code,
+                Err(f) => Err(f),
             },
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Project {
             config,
@@ -158,7 +165,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                 None => project(cfg, names).await,
                 Some(ProjectCommand::Rebuild { name }) => rebuild(cfg, &name).await,
             },
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Wait {
             config,
@@ -167,20 +174,17 @@ pub async fn run(cli: Cli) -> ExitCode {
             timeout,
         } => match load(&config) {
             Ok(cfg) => wait(cfg, &projection, lsn, timeout).await,
-            Err(code) => code,
+            Err(f) => Err(f),
         },
         Command::Status { config, json } => match load(&config) {
             Ok(cfg) => status(cfg, json).await,
-            Err(code) => code,
+            Err(f) => Err(f),
         },
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    config::load(path).map_err(|err| {
-        eprintln!("error: {}", ErrorChain(&err));
-        ExitCode::from(2)
-    })
+fn load(path: &std::path::Path) -> Result<Config, Failure> {
+    config::load(path).map_err(|err| Failure::Usage(ErrorChain(&err).to_string()))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -210,7 +214,7 @@ fn position(lsn: Option<Lsn>, seq: Option<u64>, at: Option<OffsetDateTime>) -> O
 }
 
 /// The source named on the command line, or the only one.
-fn pick_source(cfg: &Config, source: Option<String>) -> Result<&SourceConfig, ExitCode> {
+fn pick_source(cfg: &Config, source: Option<String>) -> Result<&SourceConfig, Failure> {
     let chosen = match &source {
         Some(name) => cfg.sources.iter().find(|s| &s.name == name),
         None if cfg.sources.len() == 1 => cfg.sources.first(),
@@ -218,14 +222,13 @@ fn pick_source(cfg: &Config, source: Option<String>) -> Result<&SourceConfig, Ex
     };
     chosen.ok_or_else(|| {
         let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
-        eprintln!(
-            "error: {}: choose one with --source ({})",
+        Failure::Usage(format!(
+            "{}: choose one with --source ({})",
             match source {
                 Some(n) => format!("no source named {n:?}"),
                 None => "the config has several sources".into(),
             },
             names.join(", ")
-        );
-        ExitCode::from(2)
+        ))
     })
 }

@@ -17,10 +17,10 @@ pub(super) async fn replay(
     filter: Filter,
     follow: bool,
     output: Output,
-) -> ExitCode {
+) -> Outcome {
     let src = match pick_source(&cfg, source) {
         Ok(s) => s,
-        Err(code) => return code,
+        Err(f) => return Err(f),
     };
     let started = std::time::Instant::now();
     let mut stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
@@ -31,8 +31,7 @@ pub(super) async fn replay(
             match crate::replay::Republisher::new(&cfg.nats, &prefix, &src.name).await {
                 Ok(r) => Sink::Republish(Box::new(r)),
                 Err(err) => {
-                    eprintln!("error: {}", ErrorChain(&err));
-                    return ExitCode::from(1);
+                    return Err(Failure::of(&err));
                 }
             }
         }
@@ -64,16 +63,13 @@ pub(super) async fn replay(
                 stats.probes,
                 started.elapsed().as_millis()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(crate::replay::ReplayError::Stdout(e))
             if e.kind() == std::io::ErrorKind::BrokenPipe =>
         {
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(err) => {
-            eprintln!("error: {}", ErrorChain(&err));
-            ExitCode::from(1)
-        }
+        Err(err) => Err(Failure::of(&err)),
     }
 }

@@ -3,11 +3,11 @@
 
 use super::*;
 
-pub(super) async fn run_sources(cfg: Config) -> ExitCode {
+pub(super) async fn run_sources(cfg: Config) -> Outcome {
     let root = CancellationToken::new();
     let tel = match start_metrics(&cfg, &root, cfg.metrics.as_ref().map(|m| m.listen)) {
         Ok(t) => t,
-        Err(code) => return code,
+        Err(f) => return Err(f),
     };
     let mut sources = JoinSet::new();
     for source in cfg.sources {
@@ -18,7 +18,7 @@ pub(super) async fn run_sources(cfg: Config) -> ExitCode {
         sources.spawn(async move { (name, source::run_source(source, nats, token, tel).await) });
     }
     let code = supervise(&mut sources, &root, "source").await;
-    if code == ExitCode::SUCCESS {
+    if code.is_ok() {
         info!("all sources stopped");
     }
     code
@@ -29,7 +29,7 @@ pub(super) fn start_metrics(
     cfg: &Config,
     root: &CancellationToken,
     listen: Option<std::net::SocketAddr>,
-) -> Result<std::sync::Arc<crate::telemetry::Telemetry>, ExitCode> {
+) -> Result<std::sync::Arc<crate::telemetry::Telemetry>, Failure> {
     let tel = crate::telemetry::Telemetry::new(
         cfg.metrics
             .as_ref()
@@ -40,8 +40,9 @@ pub(super) fn start_metrics(
         match std::net::TcpListener::bind(addr) {
             Ok(l) => drop(l),
             Err(e) => {
-                eprintln!("error: cannot serve metrics on {addr}: {e}");
-                return Err(ExitCode::from(1));
+                return Err(Failure::Failed(format!(
+                    "cannot serve metrics on {addr}: {e}"
+                )));
             }
         }
         let (tel, token) = (tel.clone(), root.child_token());
@@ -61,12 +62,11 @@ pub(super) async fn supervise<E: std::error::Error + 'static>(
     tasks: &mut JoinSet<(String, Result<(), E>)>,
     root: &CancellationToken,
     what: &str,
-) -> ExitCode {
+) -> Outcome {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(err) => {
-            eprintln!("error: cannot listen for SIGTERM: {err}");
-            return ExitCode::from(1);
+            return Err(Failure::Failed(format!("cannot listen for SIGTERM: {err}")));
         }
     };
     let mut failed = false;
@@ -96,13 +96,13 @@ pub(super) async fn supervise<E: std::error::Error + 'static>(
         }
     }
     if failed {
-        ExitCode::from(1)
+        Err(Failure::Reported)
     } else {
-        ExitCode::SUCCESS
+        Ok(())
     }
 }
 
-pub(super) async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
+pub(super) async fn project(cfg: Config, names: Vec<String>) -> Outcome {
     let chosen: Vec<_> = cfg
         .projections
         .iter()
@@ -111,13 +111,13 @@ pub(super) async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
         .collect();
     for n in &names {
         if !cfg.projections.iter().any(|p| &p.name == n) {
-            eprintln!("error: no [[projection]] is named {n:?}");
-            return ExitCode::from(2);
+            return Err(Failure::Usage(format!("no [[projection]] is named {n:?}")));
         }
     }
     if chosen.is_empty() {
-        eprintln!("error: the config has no [[projection]]");
-        return ExitCode::from(2);
+        return Err(Failure::Usage(
+            "the config has no [[projection]]".to_string(),
+        ));
     }
     let root = CancellationToken::new();
     let tel = match start_metrics(
@@ -126,7 +126,7 @@ pub(super) async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
         cfg.metrics.as_ref().and_then(|m| m.project_listen),
     ) {
         Ok(t) => t,
-        Err(code) => return code,
+        Err(f) => return Err(f),
     };
     let mut tasks = JoinSet::new();
     for p in chosen {
@@ -144,11 +144,12 @@ pub(super) async fn project(cfg: Config, names: Vec<String>) -> ExitCode {
     supervise(&mut tasks, &root, "projection").await
 }
 
-pub(super) async fn rebuild(cfg: Config, name: &str) -> ExitCode {
+pub(super) async fn rebuild(cfg: Config, name: &str) -> Outcome {
     use std::io::IsTerminal;
     let Some(p) = cfg.projections.iter().find(|p| p.name == name) else {
-        eprintln!("error: no [[projection]] is named {name:?}");
-        return ExitCode::from(2);
+        return Err(Failure::Usage(format!(
+            "no [[projection]] is named {name:?}"
+        )));
     };
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
@@ -182,11 +183,8 @@ pub(super) async fn rebuild(cfg: Config, name: &str) -> ExitCode {
                 stats.swap_ms,
                 started.elapsed().as_millis()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("error: {}", ErrorChain(&e));
-            ExitCode::from(1)
-        }
+        Err(e) => Err(Failure::of(&e)),
     }
 }

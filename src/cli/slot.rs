@@ -2,34 +2,34 @@
 
 use super::*;
 
-pub(super) async fn slot_drop(src: &SourceConfig, force: bool) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("error: {msg}");
-        ExitCode::from(1)
-    };
+pub(super) async fn slot_drop(src: &SourceConfig, force: bool) -> Outcome {
     let catalog = match Catalog::connect(&src.postgres).await {
         Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let slot = &src.slot;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let info = match catalog.slot(slot).await {
             Ok(Some(info)) => info,
-            Ok(None) => return fail(format!("replication slot {slot:?} does not exist")),
-            Err(e) => return fail(ErrorChain(&e).to_string()),
+            Ok(None) => {
+                return Err(Failure::Failed(format!(
+                    "replication slot {slot:?} does not exist"
+                )));
+            }
+            Err(e) => return Err(Failure::of(&e)),
         };
         if info.active {
             let pid = info.active_pid.unwrap_or(0);
             if !force {
-                return fail(format!(
+                return Err(Failure::Failed(format!(
                     "replication slot {slot:?} is active (pid {pid}): stop the tidemark that streams from it first, or pass --force to end its connection"
-                ));
+                )));
             }
             if std::time::Instant::now() > deadline {
-                return fail(format!(
+                return Err(Failure::Failed(format!(
                     "replication slot {slot:?} is still active (pid {pid}) after terminating its connection"
-                ));
+                )));
             }
             // The holder may reconnect between the terminate and the drop: loop.
             if let Err(e) = catalog
@@ -37,7 +37,7 @@ pub(super) async fn slot_drop(src: &SourceConfig, force: bool) -> ExitCode {
                 .execute("SELECT pg_terminate_backend($1)", &[&pid])
                 .await
             {
-                return fail(format!("cannot terminate pid {pid}: {e}"));
+                return Err(Failure::Failed(format!("cannot terminate pid {pid}: {e}")));
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             continue;
@@ -49,15 +49,15 @@ pub(super) async fn slot_drop(src: &SourceConfig, force: bool) -> ExitCode {
         {
             Ok(_) => {
                 println!("dropped replication slot {slot:?}");
-                return ExitCode::SUCCESS;
+                return Ok(());
             }
             // Taken again between the check and the drop (55006: object in use).
             Err(e) if e.code().map(|c| c.code()) == Some("55006") && force => continue,
             Err(e) => {
-                return fail(format!(
+                return Err(Failure::Failed(format!(
                     "cannot drop replication slot {slot:?}: {}",
                     ErrorChain(&e)
-                ));
+                )));
             }
         }
     }
@@ -75,7 +75,7 @@ pub(super) async fn reset(
     mode: Option<ResetMode>,
     yes: bool,
     force: bool,
-) -> ExitCode {
+) -> Outcome {
     reset_with_reason(src, nats, mode, yes, force, "reset").await
 }
 
@@ -86,36 +86,28 @@ pub(super) async fn reset_with_reason(
     yes: bool,
     force: bool,
     reason: &str,
-) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("error: {msg}");
-        ExitCode::from(1)
-    };
+) -> Outcome {
     let Some(mode) = mode.filter(|_| yes) else {
-        eprintln!(
-            "error: reset drops replication slot {:?} and starts the source over from now; changes made before are not sent again. Pass --purge-stream --yes to also delete every event in stream {:?} (consumers must rebuild), or --keep-stream --yes to keep them and mark the discontinuity",
+        return Err(Failure::Usage(format!(
+            "reset drops replication slot {:?} and starts the source over from now; changes made before are not sent again. Pass --purge-stream --yes to also delete every event in stream {:?} (consumers must rebuild), or --keep-stream --yes to keep them and mark the discontinuity",
             src.slot, src.stream.name
-        );
-        return ExitCode::from(2);
+        )));
     };
     // The slot first: once it is gone, no tidemark can append to the stream.
     let catalog = match Catalog::connect(&src.postgres).await {
         Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let old_slot = match catalog.slot(&src.slot).await {
         Ok(s) => s,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     if old_slot.is_some() {
-        let code = slot_drop(src, force).await;
-        if code != ExitCode::SUCCESS {
-            return code;
-        }
+        slot_drop(src, force).await?;
     }
     let client = match provision::connect(nats, "tidemark-reset").await {
         Ok(c) => c,
-        Err(e) => return fail(ErrorChain(&e).to_string()),
+        Err(e) => return Err(Failure::of(&e)),
     };
     let js = async_nats::jetstream::new(client);
     match mode {
@@ -130,7 +122,11 @@ pub(super) async fn reset_with_reason(
                     // stream is a deliberate fresh start rather than aged-out events.
                     let last = match stream.info().await {
                         Ok(i) => i.state.last_sequence,
-                        Err(e) => return fail(format!("stream info after the purge: {e}")),
+                        Err(e) => {
+                            return Err(Failure::Failed(format!(
+                                "stream info after the purge: {e}"
+                            )));
+                        }
                     };
                     let recorded =
                         match crate::backfill::Progress::open(&js, &src.name, src.stream.replicas)
@@ -140,10 +136,15 @@ pub(super) async fn reset_with_reason(
                             Err(e) => Err(e),
                         };
                     if let Err(e) = recorded {
-                        return fail(ErrorChain(&e).to_string());
+                        return Err(Failure::of(&e));
                     }
                 }
-                Err(e) => return fail(format!("cannot purge stream {:?}: {e}", src.stream.name)),
+                Err(e) => {
+                    return Err(Failure::Failed(format!(
+                        "cannot purge stream {:?}: {e}",
+                        src.stream.name
+                    )));
+                }
             },
             Err(_) => println!(
                 "stream {:?} does not exist; nothing to purge",
@@ -163,24 +164,26 @@ pub(super) async fn reset_with_reason(
             {
                 Ok(r) => r,
                 Err(e) => {
-                    return fail(format!(
+                    return Err(Failure::Failed(format!(
                         "cannot create replication slot {:?}: {}",
                         src.slot,
                         ErrorChain(&e)
-                    ));
+                    )));
                 }
             };
             let start: String = row.get(0);
             let Ok(start) = start.parse::<Lsn>() else {
-                return fail(format!("postgres returned a malformed slot LSN {start:?}"));
+                return Err(Failure::Failed(format!(
+                    "postgres returned a malformed slot LSN {start:?}"
+                )));
             };
             let mut stream = match provision::ensure_stream(&js, &src.stream).await {
                 Ok(s) => s,
-                Err(e) => return fail(ErrorChain(&e).to_string()),
+                Err(e) => return Err(Failure::of(&e)),
             };
             let tail = match provision::read_tail(&mut stream, &src.name).await {
                 Ok(t) => t,
-                Err(e) => return fail(ErrorChain(&e).to_string()),
+                Err(e) => return Err(Failure::of(&e)),
             };
             let marker = crate::events::mapping::reset_marker(
                 &src.name,
@@ -204,9 +207,13 @@ pub(super) async fn reset_with_reason(
                         "kept stream {:?}; reset marker {} at sequence {}",
                         src.stream.name, marker.msg_id, a.sequence
                     ),
-                    Err(e) => return fail(format!("reset marker not stored: {e}")),
+                    Err(e) => return Err(Failure::Failed(format!("reset marker not stored: {e}"))),
                 },
-                Err(e) => return fail(format!("cannot publish the reset marker: {e}")),
+                Err(e) => {
+                    return Err(Failure::Failed(format!(
+                        "cannot publish the reset marker: {e}"
+                    )));
+                }
             }
             println!("created replication slot {:?} at {start}", src.slot);
         }
@@ -215,5 +222,5 @@ pub(super) async fn reset_with_reason(
         "source {:?} reset: the next run streams changes from the new slot on",
         src.name
     );
-    ExitCode::SUCCESS
+    Ok(())
 }

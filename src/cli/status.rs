@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) async fn status(cfg: Config, json: bool) -> ExitCode {
+pub(super) async fn status(cfg: Config, json: bool) -> Outcome {
     let mut all = Vec::new();
     for source in &cfg.sources {
         all.push(crate::status::source_status(source, &cfg.nats, &cfg.projections).await);
@@ -54,20 +54,22 @@ pub(super) async fn status(cfg: Config, json: bool) -> ExitCode {
         }
     }
     if healthy {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::from(1)
+        Err(Failure::Reported)
     }
 }
 
-pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Duration) -> ExitCode {
+pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Duration) -> Outcome {
     let Some(p) = cfg.projections.iter().find(|p| p.name == projection) else {
-        eprintln!("error: no [[projection]] is named {projection:?}");
-        return ExitCode::from(2);
+        return Err(Failure::Usage(format!(
+            "no [[projection]] is named {projection:?}"
+        )));
     };
     let Some(src) = cfg.sources.iter().find(|s| s.name == p.source) else {
-        eprintln!("error: projection {projection:?} names no configured source");
-        return ExitCode::from(2);
+        return Err(Failure::Usage(format!(
+            "projection {projection:?} names no configured source"
+        )));
     };
     // Something committed after `lsn` must reach the stream: a sync message.
     match Catalog::connect(&src.postgres).await {
@@ -77,20 +79,20 @@ pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Durat
                 .simple_query("SELECT pg_logical_emit_message(true, 'tidemark.sync', '')")
                 .await
             {
-                eprintln!("error: cannot write the sync message: {}", ErrorChain(&e));
-                return ExitCode::from(1);
+                return Err(Failure::Failed(format!(
+                    "cannot write the sync message: {}",
+                    ErrorChain(&e)
+                )));
             }
         }
         Err(e) => {
-            eprintln!("error: {}", ErrorChain(&e));
-            return ExitCode::from(1);
+            return Err(Failure::of(&e));
         }
     }
     let client = match provision::connect(&cfg.nats, "tidemark-wait").await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {}", ErrorChain(&e));
-            return ExitCode::from(1);
+            return Err(Failure::of(&e));
         }
     };
     let js = async_nats::jetstream::new(client);
@@ -101,15 +103,12 @@ pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Durat
                 a.lsn.as_deref().unwrap_or("-"),
                 a.seq
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(last) => {
-            eprintln!(
-                "error: projection {projection} did not reach {lsn} within {timeout:?} (it has applied through {})",
-                last.and_then(|a| a.lsn)
-                    .unwrap_or_else(|| "nothing yet".into())
-            );
-            ExitCode::from(1)
-        }
+        Err(last) => Err(Failure::Failed(format!(
+            "projection {projection} did not reach {lsn} within {timeout:?} (it has applied through {})",
+            last.and_then(|a| a.lsn)
+                .unwrap_or_else(|| "nothing yet".into())
+        ))),
     }
 }

@@ -215,42 +215,48 @@ impl Catalog {
     /// Columns whose values can be stored out of line (TOAST): storage extended or
     /// external.
     pub async fn toastable_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT attname::text FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attstorage IN ('x', 'e') ORDER BY attnum",
-                &[&relid],
-            )
-            .await
-            .map_err(q("toastable columns"))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        self.names(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attstorage IN ('x', 'e') ORDER BY attnum",
+            relid,
+            "toastable columns",
+        )
+        .await
     }
 
     /// The columns of the table's replica identity index (REPLICA IDENTITY USING INDEX).
     pub async fn identity_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                 WHERE i.indrelid = $1 AND i.indisreplident ORDER BY array_position(i.indkey::int2[], a.attnum)",
-                &[&relid],
-            )
+        self.index_columns(relid, "indisreplident", "replica identity index")
             .await
-            .map_err(q("replica identity index"))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn primary_key(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
-                &[&relid],
-            )
+        self.index_columns(relid, "indisprimary", "primary key")
             .await
-            .map_err(q("primary key"))?;
+    }
+
+    /// The columns, in index order, of the table's index marked by `flag`.
+    async fn index_columns(
+        &self,
+        relid: u32,
+        flag: &'static str,
+        what: &'static str,
+    ) -> Result<Vec<String>, CatalogError> {
+        let sql = format!(
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1 AND i.{flag} ORDER BY array_position(i.indkey::int2[], a.attnum)"
+        );
+        self.names(&sql, relid, what).await
+    }
+
+    /// The first column of each row of a query about one relation, as text.
+    async fn names(
+        &self,
+        sql: &str,
+        relid: u32,
+        what: &'static str,
+    ) -> Result<Vec<String>, CatalogError> {
+        let rows = self.client.query(sql, &[&relid]).await.map_err(q(what))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 

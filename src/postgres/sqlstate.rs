@@ -18,9 +18,17 @@ pub fn needs_operator(code: &str) -> bool {
     .contains(&state)
 }
 
+/// Whether an error with this SQLSTATE is the database's state, not the statement's
+/// doing: a lost connection (class 08), a serialization failure or deadlock (40),
+/// exhausted resources (53), a shutdown or cancel (57), a system error (58) or an
+/// internal one (XX). The same statement may well succeed when tried again.
+pub fn is_transient(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58" | "XX"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::needs_operator;
+    use super::{is_transient, needs_operator};
 
     #[test]
     fn operator_errors_by_name() {
@@ -30,6 +38,11 @@ mod tests {
         // Shut down, lost connection, serialization: a retry can fix them.
         for code in ["57P01", "08006", "40001", "53300"] {
             assert!(!needs_operator(code), "{code}");
+            assert!(is_transient(code), "{code}");
+        }
+        // A constraint, a type, a missing column: the statement's own doing.
+        for code in ["23505", "22P02", "42703"] {
+            assert!(!is_transient(code), "{code}");
         }
     }
 }

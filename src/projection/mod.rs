@@ -28,6 +28,7 @@ use crate::config::{
 };
 use crate::error::ErrorChain;
 use crate::jetstream::provision::{self, ProvisionError};
+use crate::policy::{Policy, Recovery};
 use crate::position::Lsn;
 use crate::postgres::catalog::{self, CatalogError};
 use crate::postgres::replication::quote_ident;
@@ -91,21 +92,21 @@ pub enum ProjectionError {
     Moved(u64),
 }
 
-impl ProjectionError {
-    fn fatal(&self) -> bool {
+impl Policy for ProjectionError {
+    /// The projection's own failures; the adapters' are decided by `policy`.
+    fn recovery(&self) -> Recovery {
         match self {
-            ProjectionError::Poison { .. } | ProjectionError::DeadLetter { .. } => true,
-            // The same list of operator errors, and TLS failures, as the source's.
-            ProjectionError::Catalog(e) => {
-                e.code()
-                    .is_some_and(crate::postgres::sqlstate::needs_operator)
-                    || e.is_tls_failure()
-            }
-            ProjectionError::Provision(e) => !matches!(
-                e,
-                ProvisionError::Connect { .. } | ProvisionError::JetStream { .. }
-            ),
-            _ => false,
+            // An event no retry applies, or a dead-letter subject that takes nothing.
+            ProjectionError::Poison { .. } | ProjectionError::DeadLetter { .. } => Recovery::Fatal,
+            ProjectionError::Catalog(e) => e.recovery(),
+            ProjectionError::Provision(e) => e.recovery(),
+            // A lost read-model connection or NATS outage; and the restarts the loop
+            // itself asks for (set aside, isolate, moved).
+            ProjectionError::Database { .. }
+            | ProjectionError::Nats { .. }
+            | ProjectionError::SetAside(_)
+            | ProjectionError::Isolate(_)
+            | ProjectionError::Moved(_) => Recovery::Retry,
         }
     }
 }
@@ -302,7 +303,7 @@ pub async fn run_projection(
                 }
                 _ => {}
             }
-            if err.fatal() {
+            if err.recovery() == Recovery::Fatal {
                 error!(error = %ErrorChain(&err), "projection stopped: this needs an operator");
                 return Err(err);
             }
@@ -400,4 +401,34 @@ async fn dead_letter(
 /// The connection a projection applies through (for tests and the Rust API).
 pub async fn connect(cfg: &PostgresConfig) -> Result<tokio_postgres::Client, CatalogError> {
     catalog::connect_client(cfg, "tidemark-projection").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The projection's own rows of the policy table.
+    #[test]
+    fn poison_stops_and_restarts_retry() {
+        let poison = ProjectionError::Poison {
+            projection: "p".into(),
+            event_id: "e".into(),
+            subject: "s".into(),
+            seq: 3,
+            reason: "r".into(),
+        };
+        assert_eq!(poison.recovery(), Recovery::Fatal);
+        for restart in [
+            ProjectionError::SetAside(1),
+            ProjectionError::Isolate(1),
+            ProjectionError::Moved(1),
+        ] {
+            assert_eq!(restart.recovery(), Recovery::Retry, "{restart}");
+        }
+        let refused = ProjectionError::Catalog(CatalogError::TlsRefused {
+            target: "h:5432".into(),
+            mode: "require",
+        });
+        assert_eq!(refused.recovery(), Recovery::Fatal);
+    }
 }

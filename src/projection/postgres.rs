@@ -273,8 +273,7 @@ pub(super) fn is_event_failure(e: &tokio_postgres::Error) -> bool {
     let Some(db) = e.as_db_error() else {
         return false;
     };
-    let class = &db.code().code()[..2];
-    !matches!(class, "08" | "40" | "53" | "57" | "58" | "XX")
+    !crate::postgres::sqlstate::is_transient(db.code().code())
 }
 
 /// Rolls the open transaction back and decides what a failed event means: applied

@@ -5,11 +5,11 @@ use crate::events::mapping::MapError;
 use crate::events::rules::BindError;
 use crate::jetstream::provision::ProvisionError;
 use crate::jetstream::publisher::PublishError;
+pub use crate::policy::{Policy, Recovery};
 use crate::position::Lsn;
 use crate::postgres::catalog::CatalogError;
 use crate::postgres::pgoutput::DecodeError;
 use crate::postgres::replication::ReplicationError;
-use crate::postgres::sqlstate::needs_operator;
 
 /// Why an attempt ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -74,63 +74,19 @@ impl SourceError {
     }
 }
 
-/// What to do after an attempt failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
-    /// Tear down, back off, rebuild from durable state.
-    Retry,
-    /// Another process holds the slot: poll for it at a short interval.
-    Standby,
-    /// The operator must act: stop this source.
-    Fatal,
-}
-
-impl SourceError {
-    /// The one place that decides retry or stop.
-    pub fn recovery(&self) -> Recovery {
-        use CatalogError as C;
-        use ReplicationError as R;
-        // SQLSTATEs that no retry can fix: bad password, no such database or role,
-        // missing slot, wal_level too low.
-        let fatal_code = |code: Option<&str>| code.is_some_and(needs_operator);
+impl Policy for SourceError {
+    /// The source's own failures; the adapters' are decided by `policy`.
+    fn recovery(&self) -> Recovery {
         match self {
             SourceError::SlotBusy { .. } => Recovery::Standby,
-            SourceError::Catalog(e) => match e {
-                C::Connect { .. } | C::Query { .. } if fatal_code(e.code()) => Recovery::Fatal,
-                // A certificate that does not verify will not start to.
-                _ if e.is_tls_failure() => Recovery::Fatal,
-                C::Connect { .. } | C::Query { .. } => Recovery::Retry,
-                _ => Recovery::Fatal,
-            },
-            SourceError::Replication(e) => match e {
-                R::AuthFailed { .. }
-                | R::Tls { .. }
-                | R::TlsRefused { .. }
-                | R::TlsSetup(_)
-                | R::PasswordRequired { .. }
-                | R::UnsupportedAuth { .. }
-                | R::MessageTooLarge { .. } => Recovery::Fatal,
-                R::Server(_) if fatal_code(e.code()) => Recovery::Fatal,
-                _ => Recovery::Retry,
-            },
-            SourceError::Provision(e) => match e {
-                ProvisionError::Connect { .. } | ProvisionError::JetStream { .. } => {
-                    Recovery::Retry
-                }
-                _ => Recovery::Fatal,
-            },
-            SourceError::Backfill(BackfillError::NoKey { .. }) => Recovery::Fatal,
-            SourceError::Backfill(BackfillError::Catalog(e)) if fatal_code(e.code()) => {
-                Recovery::Fatal
-            }
-            SourceError::Backfill(_) => Recovery::Retry,
-            SourceError::Publish(
-                PublishError::Oversized { .. } | PublishError::OversizedOnWire { .. },
-            )
-            | SourceError::SlotLost { .. }
-            | SourceError::Mapping(_) => Recovery::Fatal,
-            SourceError::Publish(_)
-            | SourceError::Decode { .. }
+            SourceError::Catalog(e) => e.recovery(),
+            SourceError::Replication(e) => e.recovery(),
+            SourceError::Provision(e) => e.recovery(),
+            SourceError::Publish(e) => e.recovery(),
+            SourceError::Backfill(e) => e.recovery(),
+            // Events we would lose, or a mapping that no longer fits the table.
+            SourceError::SlotLost { .. } | SourceError::Mapping(_) => Recovery::Fatal,
+            SourceError::Decode { .. }
             | SourceError::Map(_)
             | SourceError::Protocol(_)
             | SourceError::Silent { .. } => Recovery::Retry,

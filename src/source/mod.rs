@@ -31,7 +31,7 @@ use crate::config::{NatsConfig, SourceConfig};
 use crate::error::ErrorChain;
 use crate::telemetry::Telemetry;
 
-pub use error::{Recovery, SourceError};
+pub use error::{Policy, Recovery, SourceError};
 pub use plan::{PlannedTable, bind_plan, plan_tables};
 
 /// Runs one source until `cancel` fires (Ok) or a fatal error (Err).

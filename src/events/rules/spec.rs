@@ -1,6 +1,5 @@
 //! What the config gives: rule, table, outbox and message specs, as configured, before binding.
 
-
 use crate::events::operation::Operation;
 
 use super::*;
