@@ -1,11 +1,22 @@
 //! tidemark: a change-data-capture bridge from PostgreSQL logical replication to NATS
 //! JetStream, exactly once and in commit order.
 //!
-//! Stages, each its own module: `config` (TOML to a validated `Config`), `postgres`
-//! (replication session, catalog, pgoutput decoding, values), `events` (row changes to
-//! CloudEvents), `jetstream` (provisioning and the ordered publisher), `position` (LSNs,
-//! event ids and the exactly-once rule) and `pipeline` (one source, wired, crash-only).
-//! `cli` holds the commands the binary runs.
+//! The modules, in layers from the bottom (a module names only its own layer or one
+//! below; `tests/layers.rs` enforces it):
+//! - model, pure: `position` (LSNs, event ids, the exactly-once rule), `events`
+//!   (mapping, rules, envelope, reserved names), `postgres::pgoutput` and
+//!   `postgres::values` (decoding), `error` (error chains), `secret`;
+//! - adapters, each with its own parameter types: `postgres` (replication session,
+//!   catalog, TLS, SQLSTATEs), `jetstream` (provisioning, the ordered publisher),
+//!   `telemetry` (metrics and probes);
+//! - `config`: the TOML file, validated into the adapters' and stages' types;
+//! - stages: `source` (one source's pipeline, crash-only), `backfill` (snapshots),
+//!   `projection` (read models and the consumer API), `policy` (the one retry, stand by
+//!   or stop table they share);
+//! - operations: `replay`, `status`;
+//! - `cli`: parses, calls, renders, and maps the outcome to an exit code in one place.
+//!
+//! The public API for services in Rust is `projection::Consumer` and `config::load`.
 
 pub mod backfill;
 pub mod cli;

@@ -90,6 +90,19 @@ impl Validator<'_> {
         out
     }
 
+    /// `"table"` or `"schema.table"` as (schema, table); an issue at `key` otherwise.
+    fn table_name(&mut self, name: &Spanned<String>, key: &str) -> Option<(String, String)> {
+        let split = split_table(name.get_ref());
+        if split.is_none() {
+            self.issue(
+                name,
+                key,
+                "not a table name: use \"table\" or \"schema.table\"",
+            );
+        }
+        split
+    }
+
     pub(super) fn table_mapping(
         &mut self,
         prefix: &str,
@@ -98,14 +111,7 @@ impl Validator<'_> {
     ) -> Option<TableSpec> {
         let line = line_of(self.text, t.span().start);
         let t = t.get_ref();
-        let Some((schema, table)) = split_table(t.name.get_ref()) else {
-            self.issue(
-                &t.name,
-                format!("{prefix}.name"),
-                "not a table name: use \"table\" or \"schema.table\"",
-            );
-            return None;
-        };
+        let (schema, table) = self.table_name(&t.name, &format!("{prefix}.name"))?;
         let mut spec = TableSpec {
             schema,
             table,
@@ -309,14 +315,7 @@ impl Validator<'_> {
     ) -> Option<OutboxSpec> {
         let line = line_of(self.text, o.span().start);
         let o = o.get_ref();
-        let Some((schema, table)) = split_table(o.table.get_ref()) else {
-            self.issue(
-                &o.table,
-                format!("{prefix}.table"),
-                "not a table name: use \"table\" or \"schema.table\"",
-            );
-            return None;
-        };
+        let (schema, table) = self.table_name(&o.table, &format!("{prefix}.table"))?;
         let col = |c: &Option<Spanned<String>>, default: &str| {
             c.as_ref()
                 .map(|c| c.get_ref().clone())

@@ -124,22 +124,11 @@ impl Validator<'_> {
                             .collect(),
                         _ => Vec::new(),
                     };
-                    let mut columns = Vec::new();
-                    if let Some(c) = &h.columns {
-                        for (col, v) in c.get_ref() {
-                            match v.as_str() {
-                                Some(path) => {
-                                    let path = self.path(c, &format!("{key}.columns.{col}"), path);
-                                    columns.push((col.clone(), path));
-                                }
-                                None => self.issue(
-                                    c,
-                                    format!("{key}.columns.{col}"),
-                                    "a column's value is a path, like \"data.after.id\"",
-                                ),
-                            }
-                        }
-                    }
+                    let columns = self.paths(
+                        h.columns.as_ref(),
+                        &format!("{key}.columns"),
+                        "a column's value is a path, like \"data.after.id\"",
+                    );
                     if keys.is_empty() || columns.is_empty() {
                         self.issue(table, format!("{key}.upsert"), "an upsert needs key = [\"column\", ...] and columns = { column = \"data.after.x\", ... }");
                     }
@@ -318,22 +307,11 @@ impl Validator<'_> {
         if !rest.is_empty() {
             parts.push(KeyPart::Lit(rest.to_string()));
         }
-        let mut value = Vec::new();
-        if let Some(v) = &h.value {
-            for (field, path) in v.get_ref() {
-                match path.as_str() {
-                    Some(p) => {
-                        let p = self.path(v, &format!("{key}.value.{field}"), p);
-                        value.push((field.clone(), p));
-                    }
-                    None => self.issue(
-                        v,
-                        format!("{key}.value.{field}"),
-                        "a field's value is a path, like \"data.after.status\"",
-                    ),
-                }
-            }
-        }
+        let value = self.paths(
+            h.value.as_ref(),
+            &format!("{key}.value"),
+            "a field's value is a path, like \"data.after.status\"",
+        );
         if op != KvOp::Delete && value.is_empty() {
             self.issue(
                 op_at,

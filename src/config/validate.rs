@@ -187,6 +187,31 @@ impl Validator<'_> {
         }
     }
 
+    /// A table of names to event paths (`columns = { id = "data.after.id" }`), each
+    /// value checked; `wrong` says what a value that is not a string should be.
+    pub(super) fn paths(
+        &mut self,
+        table: Option<&Spanned<toml::Table>>,
+        key: &str,
+        wrong: &str,
+    ) -> Vec<(String, EventPath)> {
+        let Some(t) = table else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (name, v) in t.get_ref() {
+            let at = format!("{key}.{name}");
+            match v.as_str() {
+                Some(text) => {
+                    let path = self.path(t, &at, text);
+                    out.push((name.clone(), path));
+                }
+                None => self.issue(t, at, wrong),
+            }
+        }
+        out
+    }
+
     pub(super) fn path(&mut self, at: &Spanned<impl Sized>, key: &str, text: &str) -> EventPath {
         let parts: Vec<String> = text.split('.').map(str::to_string).collect();
         if text.is_empty() || parts.iter().any(|p| p.is_empty()) {
