@@ -477,6 +477,111 @@ async fn a_rebuild_swaps_in_an_identical_model_that_readers_never_see_partial() 
     assert!(projector.is_running(), "{}", projector.log());
 }
 
+/// A stream that never goes quiet: `project rebuild` still swaps (it takes the lock
+/// once nearly caught up, not once the stream is idle), the live projection waits only
+/// for the last events, and the model is exact afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_under_steady_writes_swaps_and_the_live_model_goes_on() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(STORE).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(READ_MODEL).await.unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["orders", "audit"]"#,
+            sections: &projection_toml(&pg, "tables = [\"customer_stats\", \"order_view\"]"),
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let cfg_arg = cfg.to_str().unwrap().to_string();
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let mut projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    workload(pg.client("store").await, 2_000, 0).await.unwrap();
+
+    // A writer that never pauses for long: a transaction of 11 changes every 20 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (pg.client("store").await, stop.clone());
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut sql = String::from("BEGIN;");
+                for i in 0..10 {
+                    let id = 10_000_000 + round * 10 + i;
+                    sql.push_str(&format!(
+                        "INSERT INTO orders VALUES ({id}, {}, 'placed', 1.50);",
+                        id % 50
+                    ));
+                }
+                sql.push_str("INSERT INTO audit (note) VALUES ('steady'); COMMIT;");
+                client.batch_execute(&sql).await.unwrap();
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            round
+        })
+    };
+    let rebuilt = {
+        let cfg_arg = cfg_arg.clone();
+        tokio::task::spawn_blocking(move || {
+            tidemark_cmd_within(
+                &["project", "rebuild", "customer_stats", "--config", &cfg_arg],
+                Duration::from_secs(120),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    // The live model moves on after the swap while the writes go on.
+    let after_swap = live_orders(&rm).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = live_orders(&rm).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.await.unwrap();
+    let Some((code, out, err)) = rebuilt else {
+        panic!(
+            "the rebuild did not swap within 120 s of steady writes ({rounds} writer rounds)\n{}",
+            projector.log()
+        );
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("rebuilt customer_stats"), "{err}");
+    assert!(
+        later > after_swap,
+        "the live model did not move on after the swap ({after_swap} -> {later} orders counted)\n{}",
+        projector.log()
+    );
+    let (code, out, err) = tidemark_cmd(&[
+        "wait",
+        "--config",
+        &cfg_arg,
+        "--projection",
+        "customer_stats",
+        "--lsn",
+        &current_lsn(&db).await.to_string(),
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+    compare(&db, &rm).await;
+    assert!(projector.is_running(), "{}", projector.log());
+}
+
+/// The orders the read model has counted.
+async fn live_orders(rm: &tokio_postgres::Client) -> i64 {
+    rm.query_one(
+        "SELECT coalesce(sum(orders), 0)::bigint FROM customer_stats",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// The Rust API's view of the read model: order count and spent per customer.
 struct Stats;
 

@@ -331,6 +331,24 @@ pub(super) async fn rebuild_kv(
     let mut messages = read_after(&js, cfg, 0)
         .await
         .map_err(nats_err("read the stream"))?;
+    // Points the projection's position at the new bucket, unless the live projector
+    // wrote its position meanwhile (then it is tried again later).
+    let swap = async |seq: u64, lsn: Option<String>, events: u64| -> bool {
+        let (current, revision) = position_entry(&positions_kv, &cfg.name).await;
+        let position = Applied {
+            seq,
+            lsn,
+            bucket: Some(bucket.clone()),
+        };
+        let swapped = write_position(&positions_kv, &cfg.name, &position, revision)
+            .await
+            .is_ok();
+        if swapped {
+            let old = current.bucket.unwrap_or_else(|| configured.to_string());
+            info!(projection = %cfg.name, bucket = %bucket, old = %old, events, "KV rebuild swapped in; delete the old bucket when its readers have moved");
+        }
+        swapped
+    };
     let (mut seq_done, mut lsn_done, mut events) = (0u64, None, 0u64);
     let mut at_tx_end = true;
     let started = Instant::now();
@@ -341,22 +359,8 @@ pub(super) async fn rebuild_kv(
             Ok(Some(Err(e))) => return Err(nats_err("read the stream")(Box::new(e))),
             Ok(None) => return Err(nats_err("read the stream")("the stream ended".into())),
             Err(_) => {
-                if !at_tx_end {
-                    continue;
-                }
-                // Caught up: swap, unless the live projector wrote meanwhile.
-                let (current, revision) = position_entry(&positions_kv, &cfg.name).await;
-                let position = Applied {
-                    seq: seq_done,
-                    lsn: lsn_done.clone(),
-                    bucket: Some(bucket.clone()),
-                };
-                let swapped = write_position(&positions_kv, &cfg.name, &position, revision)
-                    .await
-                    .is_ok();
-                if swapped {
-                    let old = current.bucket.unwrap_or_else(|| configured.to_string());
-                    info!(projection = %cfg.name, bucket = %bucket, old = %old, events, "KV rebuild swapped in; delete the old bucket when its readers have moved");
+                // Quiet: swap at a transaction's end.
+                if at_tx_end && swap(seq_done, lsn_done.clone(), events).await {
                     return Ok(RebuildStats {
                         events,
                         seq: seq_done,
@@ -395,5 +399,17 @@ pub(super) async fn rebuild_kv(
             lsn_done = event["commitlsn"].as_str().map(str::to_string);
         }
         progress(seq, seq + info.pending);
+        // Nearly caught up: swap now, so a stream that never goes quiet still swaps;
+        // the live projection applies the rest into the new bucket.
+        if at_tx_end
+            && info.pending <= super::rebuild::CATCH_UP
+            && swap(seq_done, lsn_done.clone(), events).await
+        {
+            return Ok(RebuildStats {
+                events,
+                seq: seq_done,
+                swap_ms: started.elapsed().as_millis(),
+            });
+        }
     }
 }

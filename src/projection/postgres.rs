@@ -108,17 +108,23 @@ pub(super) async fn attempt(
                 .batch_execute("BEGIN")
                 .await
                 .map_err(db_err("begin"))?;
-            // The projection's lock (a rebuild's swap takes it too), and the
-            // checkpoint under it: a swap may have moved it.
+            // The projection's lock (a rebuild's swap takes it too), then the
+            // checkpoint under it: a swap may have moved it. Two statements: in READ
+            // COMMITTED a statement sees what was committed when it began, so a
+            // checkpoint read in the statement that waited for the lock would miss
+            // the swap that held it.
+            client
+                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&cfg.name])
+                .await
+                .map_err(db_err("take the projection's lock"))?;
             let row = client
-                .query_one(
-                    "SELECT pg_advisory_xact_lock(hashtext($1))::text, \
-                     (SELECT stream_seq FROM tidemark_checkpoints WHERE projection = $1)",
+                .query_opt(
+                    "SELECT stream_seq FROM tidemark_checkpoints WHERE projection = $1",
                     &[&cfg.name],
                 )
                 .await
-                .map_err(db_err("take the projection's lock"))?;
-            let stored = row.get::<_, Option<i64>>(1).unwrap_or(0) as u64;
+                .map_err(db_err("read the checkpoint"))?;
+            let stored = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
             if stored != checkpoint {
                 client
                     .batch_execute("ROLLBACK")

@@ -18,9 +18,40 @@ pub(super) fn split_table(t: &str) -> (String, String) {
     }
 }
 
+/// How far behind the stream's end a rebuild may be when it takes the projection's
+/// lock: what it applies while the live model waits.
+pub(super) const CATCH_UP: u64 = 500;
+
+/// Commits what is open and begins the swap's transaction holding the projection's
+/// lock, so the live projection applies nothing more until the swap commits.
+async fn lock_for_swap(
+    client: &tokio_postgres::Client,
+    name: &str,
+    open: bool,
+) -> Result<(), ProjectionError> {
+    let db_err = |what: &str| db_error(name, what);
+    if open {
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(db_err("commit"))?;
+    }
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(db_err("begin the swap"))?;
+    client
+        .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&name])
+        .await
+        .map_err(db_err("take the projection's lock"))?;
+    Ok(())
+}
+
 /// Rebuilds a projection's tables from the start of the stream into a shadow schema,
-/// then, holding the projection's lock, applies the last events and swaps the tables
-/// and the checkpoint in one transaction. The live model serves until the swap.
+/// then, once it is within `CATCH_UP` events of the stream's end (or the stream is
+/// quiet), takes the projection's lock, applies what was stored by then and swaps
+/// the tables and the checkpoint in one transaction. The live model serves until the
+/// lock is taken, and waits only for the last events and the swap.
 pub async fn rebuild(
     cfg: &ProjectionConfig,
     nats: &NatsConfig,
@@ -107,10 +138,11 @@ pub async fn rebuild(
     let mut open = false;
     let mut at_tx_end = true;
     let mut in_tx = 0usize;
-    let mut swapping = false;
+    // Once the lock is held: the stream sequence to apply through before swapping.
+    let mut swap_until: Option<u64> = None;
     let mut swap_started = Instant::now();
     loop {
-        let wait = if swapping { 200 } else { 500 };
+        let wait = if swap_until.is_some() { 200 } else { 500 };
         let next = tokio::time::timeout(Duration::from_millis(wait), messages.next()).await;
         let msg = match next {
             Ok(Some(Ok(m))) => Some(m),
@@ -123,26 +155,11 @@ pub async fn rebuild(
             if !at_tx_end {
                 continue;
             }
-            if swapping {
+            if swap_until.is_some() {
                 break;
             }
-            if open {
-                client
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(db_err("commit"))?;
-            }
-            swap_started = Instant::now();
-            client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(db_err("begin the swap"))?;
-            client
-                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&cfg.name])
-                .await
-                .map_err(db_err("take the projection's lock"))?;
-            open = true;
-            swapping = true;
+            lock_for_swap(&client, &cfg.name, open).await?;
+            (open, swap_until, swap_started) = (true, Some(applied_seq), Instant::now());
             continue;
         };
         let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
@@ -173,6 +190,11 @@ pub async fn rebuild(
                     .map_err(db_err("savepoint"))?;
             }
             if let Err(e) = client.execute(stmt, &refs).await {
+                if !is_event_failure(&e) {
+                    // The read model's state (a lost connection, a shutdown), not
+                    // the event's doing.
+                    return Err(db_err("apply an event")(e));
+                }
                 if skip_failures {
                     // Set aside before (it went to the dead-letter subject then).
                     client
@@ -196,12 +218,31 @@ pub async fn rebuild(
         applied_lsn = event["commitlsn"].as_str().map(str::to_string);
         at_tx_end = event["txlast"].as_bool().unwrap_or(true);
         progress(seq, last.max(seq));
-        if at_tx_end && !swapping && in_tx >= COMMIT_EVERY {
-            client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(db_err("commit"))?;
-            open = false;
+        if !at_tx_end {
+            continue;
+        }
+        match swap_until {
+            // Everything stored when the lock was taken is applied: swap.
+            Some(until) if applied_seq >= until => break,
+            Some(_) => {}
+            // Nearly caught up: take the lock (the live projection waits from here)
+            // and apply only what is left, so a stream that never goes quiet still
+            // swaps, and the live model stands still for a short while only.
+            None if info.pending <= CATCH_UP => {
+                lock_for_swap(&client, &cfg.name, open).await?;
+                (open, swap_until, swap_started) = (true, Some(last), Instant::now());
+                if applied_seq >= last {
+                    break;
+                }
+            }
+            None if in_tx >= COMMIT_EVERY => {
+                client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(db_err("commit"))?;
+                open = false;
+            }
+            None => {}
         }
     }
     // Holding the lock, with everything stored applied: swap tables and checkpoint.

@@ -621,6 +621,46 @@ pub fn tidemark_cmd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Like `tidemark_cmd`, but kills the command and returns `None` when it has not
+/// ended within `limit`: for commands that must end on their own.
+pub fn tidemark_cmd_within(args: &[&str], limit: Duration) -> Option<(i32, String, String)> {
+    use std::io::Read;
+    let mut child = Command::new(Tidemark::bin())
+        .args(["--log-format", "plain"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tidemark");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = r.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for tidemark") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    status.map(|s| (s.code().unwrap_or(-1), out, err))
+}
+
 /// Settings for one source in a generated config file.
 pub struct SourceSpec<'a> {
     pub name: &'a str,
