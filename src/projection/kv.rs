@@ -331,10 +331,14 @@ pub(super) async fn rebuild_kv(
     let mut messages = read_after(&js, cfg, 0)
         .await
         .map_err(nats_err("read the stream"))?;
-    // Points the projection's position at the new bucket, unless the live projector
-    // wrote its position meanwhile (then it is tried again later).
+    // Points the projection's position at the new bucket once it holds at least what
+    // the live one does (readers never see the model go back), unless the live
+    // projector wrote its position meanwhile (then it is tried again later).
     let swap = async |seq: u64, lsn: Option<String>, events: u64| -> bool {
         let (current, revision) = position_entry(&positions_kv, &cfg.name).await;
+        if current.seq > seq {
+            return false;
+        }
         let position = Applied {
             seq,
             lsn,
@@ -399,8 +403,8 @@ pub(super) async fn rebuild_kv(
             lsn_done = event["commitlsn"].as_str().map(str::to_string);
         }
         progress(seq, seq + info.pending);
-        // Nearly caught up: swap now, so a stream that never goes quiet still swaps;
-        // the live projection applies the rest into the new bucket.
+        // Nearly caught up: swap now if the live projection is no further, so a stream
+        // that never goes quiet still swaps.
         if at_tx_end
             && info.pending <= super::rebuild::CATCH_UP
             && swap(seq_done, lsn_done.clone(), events).await
