@@ -389,15 +389,96 @@ async fn a_table_added_to_the_publication_is_backfilled_by_the_cli_while_streami
     assert!(tm.is_running(), "{}", tm.log());
 }
 
+/// A keyless table's rows as a multiset: each row's JSON text, counted.
+fn multiset_of(rows: impl IntoIterator<Item = Value>) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for r in rows {
+        *out.entry(r.to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Folds a keyless table's events (REPLICA IDENTITY FULL) into a multiset of rows.
+fn fold_multiset(events: &[StoredEvent], table: &str) -> BTreeMap<String, i64> {
+    let mut rows: BTreeMap<String, i64> = BTreeMap::new();
+    for e in events {
+        let data = &e.body["data"];
+        if data["table"] != table {
+            continue;
+        }
+        let mut add = |row: &Value, n: i64| {
+            let count = rows.entry(row.to_string()).or_insert(0);
+            *count += n;
+        };
+        match data["op"].as_str() {
+            Some("insert" | "read") => add(&data["after"], 1),
+            Some("update") => {
+                add(&data["before"], -1);
+                add(&data["after"], 1);
+            }
+            Some("delete") => add(&data["before"], -1),
+            Some("truncate") => rows.clear(),
+            _ => {}
+        }
+    }
+    rows.retain(|_, n| *n != 0);
+    rows
+}
+
+/// Two multisets of rows are the same; on a difference, a short account of it.
+fn same_rows(got: BTreeMap<String, i64>, want: BTreeMap<String, i64>, log: &str) {
+    if got == want {
+        return;
+    }
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|(r, n)| got.get(*r) != Some(n))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = got
+        .iter()
+        .filter(|(r, n)| want.get(*r) != Some(n))
+        .take(5)
+        .collect();
+    let tail: String = log
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    panic!(
+        "the stream folds to {} distinct rows, the table has {}; missing or miscounted: {missing:?}; extra: {extra:?}\n{tail}",
+        got.len(),
+        want.len()
+    );
+}
+
+async fn keyless_rows(db: &tokio_postgres::Client) -> BTreeMap<String, i64> {
+    multiset_of(
+        db.query("SELECT n, message FROM events_log", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| json!({"n": r.get::<_, Option<i32>>(0), "message": r.get::<_, Option<String>>(1)})),
+    )
+}
+
+/// A table without a key cannot be paged by DBLog's chunks: a new slot reads it from
+/// its own exported snapshot and publishes its rows ahead of everything it streams,
+/// so the stream folds to the table (as a multiset) under concurrent writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_initial_snapshot_skips_only_a_table_without_a_key_and_says_so() {
+async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute(
-        "CREATE TABLE events_log (at timestamptz, message text);
+        "CREATE TABLE events_log (n int, message text);
          ALTER TABLE events_log REPLICA IDENTITY FULL;
-         INSERT INTO events_log VALUES (now(), 'hello');
-         CREATE TABLE keyed (id int PRIMARY KEY, v text);
-         INSERT INTO keyed VALUES (1, 'one'), (2, 'two');",
+         INSERT INTO events_log SELECT g % 700, 'row ' || (g % 900) FROM generate_series(1, 5000) g;
+         INSERT INTO events_log VALUES (NULL, NULL), (NULL, NULL), (1, 'dup'), (1, 'dup');
+         CREATE TABLE keyed (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO keyed VALUES (1, 1, 'one'), (2, 2, 'two');",
     )
     .await
     .unwrap();
@@ -411,68 +492,141 @@ async fn an_initial_snapshot_skips_only_a_table_without_a_key_and_says_so() {
             ..SourceSpec::new("store", "store")
         },
     );
-    // check and run agree: a warning, not a failure.
     let cfg_arg = cfg.to_str().unwrap();
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(
-            "warning: the initial snapshot skips it: table public.events_log has no primary key"
-        ),
+        out.contains("no key: a new slot reads it from its own consistent snapshot"),
         "{out}"
     );
-    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    // Writers go on while the slot is made and the snapshot read.
+    let writer = {
+        let db = pg.client("store").await;
+        tokio::spawn(async move {
+            for i in 0..300 {
+                db.batch_execute(&format!(
+                    "INSERT INTO events_log VALUES ({i}, 'live {i}');                      DELETE FROM events_log WHERE ctid = (SELECT ctid FROM events_log WHERE n = {} LIMIT 1);                      UPDATE events_log SET message = 'moved' WHERE ctid = (SELECT ctid FROM events_log WHERE n = {} LIMIT 1);",
+                    i % 700,
+                    (i + 350) % 700
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    writer.await.unwrap();
     let nc = nats.client().await;
-    // The other table is snapshotted, and the keyless one's changes stream.
     wait_job_done(&nc, "keyed", Duration::from_secs(60), || tm.log()).await;
-    db.batch_execute("INSERT INTO events_log VALUES (now(), 'live')")
-        .await
-        .unwrap();
-    wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
+    wait_confirmed_end(&pg, &db).await;
     let events = read_stream(&nc, "STORE").await;
-    let types: Vec<&str> = events
+    assert_exactly_once(&events);
+    // The snapshot's rows come first, as one transaction ending in its mark.
+    let reads = events
         .iter()
-        .map(|e| e.body["type"].as_str().unwrap_or(""))
-        .collect();
+        .take_while(|e| e.body["type"] == "events_log.read")
+        .count();
+    assert_eq!(reads, 5004, "{}", tm.log());
+    assert_eq!(events[reads - 1].body["txlast"], json!(true));
+    same_rows(
+        fold_multiset(&events, "public.events_log"),
+        keyless_rows(&db).await,
+        &tm.log(),
+    );
+    let folded = fold(&events);
     assert_eq!(
-        types,
-        vec!["keyed.read", "keyed.read", "events_log.created"]
+        folded.get("public.keyed"),
+        Some(&table_rows(&db, "keyed").await)
     );
+    let mut tm = tm;
     assert!(tm.is_running(), "{}", tm.log());
-    let log = tm.log();
-    assert!(
-        log.contains("initial snapshot of this table skipped")
-            && log.contains("table public.events_log has no primary key"),
-        "{log}"
-    );
-    // With a unique key named in the mapping, a backfill reads it.
-    tm.terminate(Duration::from_secs(20));
-    db.batch_execute("ALTER TABLE events_log ADD COLUMN id serial UNIQUE NOT NULL")
-        .await
-        .unwrap();
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg).unwrap()
-            + "\n[[source.table]]\nname = \"events_log\"\nkey = [\"id\"]\n",
+}
+
+/// Killed while the keyless table's rows are being published, the next start drops
+/// the never-read slot, makes a new one and publishes every row again after a
+/// `truncated` event: the fold is still the table, and nothing of the stream before
+/// is lost or left standing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_snapshot_cut_off_by_kill_9_is_taken_again_whole() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE events_log (n int, message text);
+         ALTER TABLE events_log REPLICA IDENTITY FULL;
+         INSERT INTO events_log SELECT g % 5000, repeat('x', 80) || g FROM generate_series(1, 150000) g;",
     )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["events_log"]"#,
+            snapshot: "initial",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let nc = nats.client().await;
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    // Killed once some rows are stored and before all are.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut at_kill = 0;
+    while Instant::now() < deadline {
+        at_kill = stream_count(&nc, "STORE").await;
+        if at_kill > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tm.kill9();
+    assert!(
+        at_kill > 0 && at_kill < 150_000,
+        "killed at {at_kill} events\n{}",
+        tm.log()
+    );
+    db.batch_execute(
+        "INSERT INTO events_log VALUES (-1, 'after the kill'); DELETE FROM events_log WHERE n = 7",
+    )
+    .await
     .unwrap();
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
-    let (code, _, err) = tidemark_cmd(&[
-        "backfill",
-        "--config",
-        cfg_arg,
-        "--table",
-        "events_log",
-        "--wait",
-    ]);
-    assert_eq!(code, 0, "{err}\n{}", tm.log());
+    wait_until(
+        "the second try to be stored",
+        Duration::from_secs(120),
+        || {
+            let done = tm
+                .log()
+                .contains("consistent snapshot of the tables without a key stored");
+            async move { done }
+        },
+    )
+    .await;
+    db.batch_execute("INSERT INTO events_log VALUES (-2, 'after the restart')")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
     let events = read_stream(&nc, "STORE").await;
-    let reads: Vec<_> = events
-        .iter()
-        .filter(|e| e.body["type"] == "events_log.read")
-        .map(|e| e.body["data"]["after"]["message"].clone())
-        .collect();
-    assert_eq!(reads, vec![json!("hello"), json!("live")]);
+    assert_exactly_once(&events);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.body["type"] == "events_log.truncated"),
+        "the second try starts with a truncated event\n{}",
+        tm.log()
+    );
+    same_rows(
+        fold_multiset(&events, "public.events_log"),
+        keyless_rows(&db).await,
+        &tm.log(),
+    );
+    assert!(
+        tm.log().contains("dropping it to take the snapshot again"),
+        "{}",
+        tm.log()
+    );
+    let mut tm = tm;
+    assert!(tm.is_running(), "{}", tm.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,3 +79,21 @@ pub enum ChunkOutcome {
 
 pub type ChunkSender = mpsc::Sender<(Chunk, oneshot::Sender<ChunkOutcome>)>;
 pub type ChunkReceiver = mpsc::Receiver<(Chunk, oneshot::Sender<ChunkOutcome>)>;
+
+/// The snapshot a new slot exports, read for the tables that have no key (they cannot
+/// be paged, so DBLog's chunks cannot read them). Their rows are published as one
+/// synthetic transaction just before the slot's consistent point, before anything of
+/// the slot is streamed; the slot is consumed only once they are stored (`done`).
+///
+/// A crash before that leaves the slot unconsumed and the snapshot gone: the next
+/// start drops the slot, makes a new one and publishes again, each table's rows after
+/// a `truncated` event, so a consumer's fold discards the rows of the cut-off try.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consistent {
+    /// The slot it was taken for.
+    pub slot: String,
+    /// The slot's consistent point, once the slot exists.
+    pub at: Option<String>,
+    /// Every row stored.
+    pub done: bool,
+}

@@ -27,10 +27,12 @@ mod progress;
 mod read;
 mod worker;
 
-pub use chunk::{Chunk, ChunkOutcome, ChunkReceiver, ChunkSender, Placement, Watermark};
+pub use chunk::{
+    Chunk, ChunkOutcome, ChunkReceiver, ChunkSender, Consistent, Placement, Watermark,
+};
 pub use job::{Job, JobState};
 pub use progress::{Progress, bucket_name, stream_binding};
-pub use read::key_columns;
+pub use read::{key_columns, reader};
 pub use worker::{Resume, run_worker};
 #[allow(unused_imports)]
 use {chunk::*, job::*, progress::*, read::*};

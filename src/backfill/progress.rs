@@ -138,6 +138,27 @@ impl Progress {
         }
     }
 
+    /// The record of the consistent snapshot a new slot takes of the tables without
+    /// a key (see `Consistent`).
+    pub async fn consistent(&self) -> Result<Option<Consistent>, BackfillError> {
+        let value = self
+            .kv
+            .get("consistent")
+            .await
+            .map_err(|e| self.error("read the consistent snapshot record", e))?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub async fn put_consistent(&self, record: &Consistent) -> Result<(), BackfillError> {
+        let value = serde_json::to_vec(record)
+            .map_err(|e| self.error("encode the consistent snapshot record", e))?;
+        self.kv
+            .put("consistent", value.into())
+            .await
+            .map_err(|e| self.error("write the consistent snapshot record", e))?;
+        Ok(())
+    }
+
     /// The stream sequence `tidemark reset --purge-stream` last purged at.
     pub async fn purged_at(&self) -> Result<Option<u64>, BackfillError> {
         let value = self

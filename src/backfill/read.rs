@@ -67,7 +67,7 @@ pub async fn key_columns(
 
 /// A connection for reading chunks with the session settings the replication
 /// connection uses, so a value reads as the same text both ways.
-pub(super) async fn reader(cfg: &PostgresConfig) -> Result<Catalog, BackfillError> {
+pub async fn reader(cfg: &PostgresConfig) -> Result<Catalog, BackfillError> {
     let catalog = Catalog::connect(cfg).await?;
     catalog
         .client()

@@ -142,8 +142,9 @@ pub(super) async fn check_postgres(
                     None if !in_pub && !s.create_publication && published.is_some() => out.push((false, what, CatalogError::PublicationLacksTable { publication: s.publication.clone(), table: t.qualified() }.to_string())),
                     None => out.push((true, what, format!("replica identity {identity}, {key}{}", if in_pub { "" } else { "; will be added to the publication" }))),
                 }
-                // What `run` does with a table it cannot snapshot: says so, and
-                // streams its changes (see source::attempt).
+                // What `run` does with a table it cannot page: reads it from the new
+                // slot's snapshot (no key), or says so and streams its changes (a
+                // mapping key that cannot page it); see source::attempt.
                 let snapshotted = s.snapshot == crate::config::SnapshotMode::Initial
                     && s.snapshot_tables
                         .as_ref()
@@ -162,11 +163,13 @@ pub(super) async fn check_postgres(
                     )
                     .await
                 {
-                    out.push((
-                        true,
-                        format!("snapshot {}", t.qualified()),
-                        format!("warning: the initial snapshot skips it: {e}"),
-                    ));
+                    let line = match e {
+                        crate::backfill::BackfillError::NoKey { .. } => {
+                            "no key: a new slot reads it from its own consistent snapshot (its rows are published before the slot streams)".to_string()
+                        }
+                        e => format!("warning: the initial snapshot skips it: {e}"),
+                    };
+                    out.push((true, format!("snapshot {}", t.qualified()), line));
                 }
             }
             out.extend(plan_lines(&catalog, s, &tables).await?);

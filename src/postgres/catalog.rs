@@ -361,6 +361,15 @@ impl Catalog {
         Ok(tables)
     }
 
+    /// Drops a replication slot (it must not be in use).
+    pub async fn drop_slot(&self, name: &str) -> Result<(), CatalogError> {
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+            .map_err(q("drop the replication slot"))?;
+        Ok(())
+    }
+
     pub async fn slot(&self, name: &str) -> Result<Option<SlotInfo>, CatalogError> {
         let version = self.server_version_num().await?;
         // wal_status exists from PostgreSQL 13 on.

@@ -424,6 +424,34 @@ impl ReplicationConnection {
             .map_err(|e| ReplicationError::Protocol(format!("CREATE_REPLICATION_SLOT: {e}")))
     }
 
+    /// Creates a logical slot for pgoutput and exports the snapshot of its consistent
+    /// point: its consistent point and the snapshot's name. The snapshot can be
+    /// imported (`SET TRANSACTION SNAPSHOT`) only until this connection runs its next
+    /// command; a transaction that imported it keeps it.
+    pub async fn create_slot_exporting(
+        &mut self,
+        slot: &str,
+    ) -> Result<(Lsn, String), ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let col = |i: usize| row.get(i).cloned().flatten();
+        let (Some(lsn), Some(snapshot)) = (col(1), col(2)) else {
+            return Err(ReplicationError::Protocol(
+                "CREATE_REPLICATION_SLOT returned no consistent point or snapshot".into(),
+            ));
+        };
+        let lsn = lsn
+            .parse()
+            .map_err(|e| ReplicationError::Protocol(format!("CREATE_REPLICATION_SLOT: {e}")))?;
+        Ok((lsn, snapshot))
+    }
+
     /// Starts streaming from the slot. `start` 0/0 means "from the slot's confirmed
     /// flush LSN", which is how every restart resumes.
     pub async fn start_replication(

@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use super::consistent::ConsistentRead;
 use super::error::SourceError;
 use super::flush::FlushTracker;
 use super::pipeline::Pipeline;
@@ -83,7 +84,34 @@ pub(super) async fn run_attempt(
     // silence. Refuse, and say so. The one exception is a stream that `tidemark reset
     // --purge-stream` emptied (it records the sequence it purged at): a deliberate fresh
     // start. A stream whose events all aged out is not one.
-    if slot.is_none() && tail.last_seq > 0 {
+    // A start that made a slot for a consistent snapshot and was cut off before its
+    // rows were stored never read the slot: drop it and take the snapshot again.
+    let mut slot = slot;
+    let mut again = false;
+    if let Some(c) = progress.consistent().await?
+        && !c.done
+        && c.slot == cfg.slot
+    {
+        let at: Option<Lsn> = c.at.as_deref().and_then(|a| a.parse().ok());
+        let unread = match (&slot, at) {
+            (Some(s), Some(at)) => s.confirmed_flush.is_none_or(|f| f <= at),
+            _ => true,
+        };
+        if unread {
+            if slot.is_some() {
+                warn!(slot = %cfg.slot, "the consistent snapshot of the tables without a key was cut off before its rows were stored; the slot was never read: dropping it to take the snapshot again");
+                catalog.drop_slot(&cfg.slot).await?;
+                slot = None;
+            }
+            again = true;
+        } else {
+            warn!(slot = %cfg.slot, "the consistent snapshot record says unfinished, but the slot was read past it; leaving the slot as it is");
+            progress
+                .put_consistent(&backfill::Consistent { done: true, ..c })
+                .await?;
+        }
+    }
+    if slot.is_none() && tail.last_seq > 0 && !again {
         let purged_here =
             tail.last_event.is_none() && progress.purged_at().await? == Some(tail.last_seq);
         if !purged_here {
@@ -99,14 +127,52 @@ pub(super) async fn run_attempt(
     // Backfills: a new slot with snapshot = "initial" starts with a backfill of every
     // streamed table; the jobs are written before the slot exists, so a crash in
     // between cannot lose them.
-    if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
-        queue_initial_snapshot(&catalog, cfg, &progress, &tables).await?;
-    }
+    let keyless = if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
+        queue_initial_snapshot(&catalog, cfg, &progress, &tables).await?
+    } else {
+        Vec::new()
+    };
 
     // Replication.
     let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
-    if slot.is_none() {
+    let mut consistent = None;
+    if slot.is_none() && (!keyless.is_empty() || again) {
+        // The record first: a crash from here on is seen by the next start.
+        let mut record = backfill::Consistent {
+            slot: cfg.slot.clone(),
+            at: None,
+            done: false,
+        };
+        progress.put_consistent(&record).await?;
+        let (at, snapshot) = conn.create_slot_exporting(&cfg.slot).await?;
+        info!(lsn = %at, tables = keyless.len(), "replication slot created with a consistent snapshot for the tables without a key");
+        record.at = Some(at.to_string());
+        // Imported before the replication connection's next command, as it must be.
+        let reader = backfill::reader(&cfg.postgres).await?;
+        reader
+            .client()
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                crate::postgres::replication::quote_literal(&snapshot)
+            ))
+            .await
+            .map_err(|source| CatalogError::Query {
+                what: "import the slot's snapshot",
+                source,
+            })?;
+        progress.put_consistent(&record).await?;
+        consistent = Some((
+            ConsistentRead {
+                reader,
+                tables: keyless.clone(),
+                at,
+                again,
+                batch: cfg.snapshot_chunk_size.clamp(1, 100_000) as usize,
+            },
+            record,
+        ));
+    } else if slot.is_none() {
         let at = conn.create_slot(&cfg.slot).await?;
         info!(lsn = %at, "replication slot created");
     }
@@ -218,6 +284,16 @@ pub(super) async fn run_attempt(
         max_payload,
         sent_flush: confirmed,
     };
+    if let Some((read, record)) = consistent {
+        p.consistent_read(read, cancel).await?;
+        p.progress
+            .put_consistent(&backfill::Consistent {
+                done: true,
+                ..record
+            })
+            .await?;
+        info!("consistent snapshot of the tables without a key stored");
+    }
     p.run(cancel).await
 }
 
@@ -235,14 +311,16 @@ impl Drop for WorkerGuard {
 }
 
 /// Writes a backfill job for every table an initial snapshot reads (outbox tables
-/// excepted), unless one exists. A table without a usable key stops the start.
+/// excepted); the tables without a key (by OID) are left to the slot's consistent
+/// snapshot.
 async fn queue_initial_snapshot(
     catalog: &Catalog,
     cfg: &SourceConfig,
     progress: &backfill::Progress,
     tables: &[crate::postgres::catalog::TableInfo],
-) -> Result<(), SourceError> {
+) -> Result<Vec<u32>, SourceError> {
     let mut jobs = Vec::new();
+    let mut keyless = Vec::new();
     for t in tables {
         let wanted = match &cfg.snapshot_tables {
             Some(list) => list.contains(&(t.schema.clone(), t.name.clone())),
@@ -261,8 +339,13 @@ async fn queue_initial_snapshot(
             .await
         {
             Ok(key) => key,
-            Err(err @ (BackfillError::NoKey { .. } | BackfillError::KeyNotUnique { .. })) => {
-                error!(table = %t.qualified(), error = %err, "initial snapshot of this table skipped; its changes stream from now on; once it has a key, run `tidemark backfill` for it");
+            Err(BackfillError::NoKey { .. }) => {
+                info!(table = %t.qualified(), "no key: read from the new slot's consistent snapshot");
+                keyless.push(t.oid);
+                continue;
+            }
+            Err(err @ BackfillError::KeyNotUnique { .. }) => {
+                error!(table = %t.qualified(), error = %err, "initial snapshot of this table skipped; its changes stream from now on; once its mapping names a usable key, run `tidemark backfill` for it");
                 continue;
             }
             Err(err) => return Err(err.into()),
@@ -287,5 +370,5 @@ async fn queue_initial_snapshot(
         progress.put(&job).await?;
         info!(table = %job.qualified(), "initial snapshot queued");
     }
-    Ok(())
+    Ok(keyless)
 }

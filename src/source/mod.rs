@@ -15,6 +15,7 @@
 
 mod apply;
 mod attempt;
+mod consistent;
 mod error;
 mod flush;
 mod health;
