@@ -82,6 +82,37 @@ pub fn pg_bindir() -> PathBuf {
     );
 }
 
+/// Runs `pgbench` (it ships with PostgreSQL: a workload nobody here wrote) against a
+/// database of `pg`; panics with its output when it fails.
+pub fn pgbench(pg: &PgServer, dbname: &str, args: &[&str]) {
+    let bin = [
+        pg_bindir().join("pgbench"),
+        PathBuf::from("/usr/bin/pgbench"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("pgbench not found: it ships with the PostgreSQL server packages");
+    let out = Command::new(bin)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(args)
+        .arg(dbname)
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Where nats-server is.
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TIDEMARK_NATS_SERVER") {
