@@ -43,6 +43,7 @@ CREATE TABLE lines (o int, l int, q int NOT NULL, PRIMARY KEY (o, l));
 INSERT INTO lines SELECT 0, g, g % 7 FROM generate_series(1, 20000) g;
 CREATE TABLE log (at bigint, msg text);
 ALTER TABLE log REPLICA IDENTITY FULL;
+INSERT INTO log SELECT g, 'before ' || (g % 50) FROM generate_series(1, 3000) g;
 CREATE TABLE docs (id int PRIMARY KEY, body text);
 ";
 
