@@ -267,3 +267,136 @@ async fn a_silent_replication_connection_is_dropped_and_rebuilt() {
     assert_exactly_once(&events);
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+/// The stream emptied (purged by hand, or every event aged out) while the slot stays:
+/// the transactions stored but not yet confirmed to Postgres come again from the slot,
+/// and with nothing in the stream to compare them with they would be stored twice.
+/// The last stored event's id is kept durably before each confirmation, so they are
+/// known as stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_stream_does_not_take_stored_transactions_again() {
+    emptied_stream(false).await;
+}
+
+/// The same, once JetStream's duplicate window has forgotten the ids: the recorded
+/// tail alone says what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_stream_past_the_duplicate_window_does_not_take_them_again() {
+    emptied_stream(true).await;
+}
+
+async fn emptied_stream(past_duplicate_window: bool) {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            tables: r#"tables = ["t"]"#,
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    edit_file(
+        &cfg,
+        "status_interval_secs = 1",
+        "status_interval_secs = 3600",
+    );
+    if past_duplicate_window {
+        edit_file(
+            &cfg,
+            "[source.stream]",
+            "[source.stream]\nduplicate_window_secs = 1",
+        );
+    }
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let nc = nats.client().await;
+    let mut stored_lsn = None;
+    for round in 0..5 {
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'r{round}' FROM generate_series({}, {}) g",
+            round * 10 + 1,
+            round * 10 + 10
+        ))
+        .await
+        .unwrap();
+        stored_lsn = Some(current_lsn(&db).await);
+        wait_stream_count(
+            &nc,
+            "STORE",
+            (round as u64 + 1) * 10,
+            Duration::from_secs(30),
+            || tm.log(),
+        )
+        .await;
+    }
+    // Stored, and not confirmed (the status interval is an hour): what a crash leaves.
+    let confirmed = confirmed_flush(&db, "tidemark_store").await;
+    assert!(
+        confirmed < stored_lsn,
+        "precondition: the last transactions are not yet confirmed ({confirmed:?} vs {stored_lsn:?})"
+    );
+    let js = async_nats::jetstream::new(nc.clone());
+    if past_duplicate_window {
+        // The last stored event is recorded within a second, confirmed or not.
+        let kv = js.get_key_value("tidemark_store").await.unwrap();
+        wait_until(
+            "the stored tail to be recorded",
+            Duration::from_secs(10),
+            || {
+                let kv = kv.clone();
+                async move {
+                    kv.get("tail").await.ok().flatten().is_some_and(|v| {
+                        serde_json::from_slice::<serde_json::Value>(&v)
+                            .ok()
+                            .and_then(|v| v["seq"].as_u64())
+                            == Some(50)
+                    })
+                }
+            },
+        )
+        .await;
+    }
+    tm.kill9();
+    js.get_stream("STORE").await.unwrap().purge().await.unwrap();
+    assert_eq!(stream_count(&nc, "STORE").await, 0);
+    if past_duplicate_window {
+        // A time window, not a condition: JetStream forgets ids after it.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+
+    let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    db.batch_execute("INSERT INTO t VALUES (1000, 'after')")
+        .await
+        .unwrap();
+    // The slot sends in commit order: anything sent again comes before this row.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let events = read_stream(&nc, "STORE").await;
+        if events
+            .iter()
+            .any(|e| e.body["data"]["after"]["v"] == "after")
+        {
+            break events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new row was not streamed\n{}",
+            tm.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let after: Vec<&str> = events
+        .iter()
+        .map(|e| e.body["data"]["after"]["v"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        after,
+        vec!["after"],
+        "stored transactions came again\n{}",
+        tm.log()
+    );
+}

@@ -97,3 +97,20 @@ pub struct Consistent {
     /// Every row stored.
     pub done: bool,
 }
+
+/// The last event a source stored, kept with each confirmation to Postgres (before
+/// it), for when the stream no longer holds it: emptied by hand or aged out while the
+/// slot stays, the transactions stored but not yet confirmed come again from the slot
+/// with nothing in the stream to compare them with. Valid only for the same database
+/// system, slot and stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTail {
+    pub system_id: String,
+    pub slot: String,
+    /// The stream binding (name and creation time).
+    pub stream: Option<String>,
+    /// The last stored event: its commit LSN, index and stream sequence.
+    pub commit_lsn: String,
+    pub index: u64,
+    pub seq: u64,
+}

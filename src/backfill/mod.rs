@@ -28,7 +28,7 @@ mod read;
 mod worker;
 
 pub use chunk::{
-    Chunk, ChunkOutcome, ChunkReceiver, ChunkSender, Consistent, Placement, Watermark,
+    Chunk, ChunkOutcome, ChunkReceiver, ChunkSender, Consistent, Placement, StoredTail, Watermark,
 };
 pub use job::{Job, JobState};
 pub use progress::{Progress, bucket_name, stream_binding};

@@ -159,6 +159,32 @@ impl Progress {
         Ok(())
     }
 
+    /// The last stored event as recorded (see `StoredTail`), if it belongs to this
+    /// stream.
+    pub async fn stored_tail(&self) -> Result<Option<StoredTail>, BackfillError> {
+        let value = self
+            .kv
+            .get("tail")
+            .await
+            .map_err(|e| self.error("read the stored tail", e))?;
+        Ok(value
+            .and_then(|v| serde_json::from_slice::<StoredTail>(&v).ok())
+            .filter(|t| t.stream == self.stream))
+    }
+
+    /// Records the last stored event, bound to this stream.
+    pub async fn put_stored_tail(&self, tail: &StoredTail) -> Result<(), BackfillError> {
+        let mut tail = tail.clone();
+        tail.stream = self.stream.clone();
+        let value =
+            serde_json::to_vec(&tail).map_err(|e| self.error("encode the stored tail", e))?;
+        self.kv
+            .put("tail", value.into())
+            .await
+            .map_err(|e| self.error("write the stored tail", e))?;
+        Ok(())
+    }
+
     /// The stream sequence `tidemark reset --purge-stream` last purged at.
     pub async fn purged_at(&self) -> Result<Option<u64>, BackfillError> {
         let value = self

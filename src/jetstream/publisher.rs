@@ -161,6 +161,8 @@ pub struct Publisher {
     batch: Option<OpenBatch>,
     /// The stream's last sequence once every publish sent so far is stored.
     last_sent_seq: u64,
+    /// See `set_careful`.
+    careful: bool,
 }
 
 impl Publisher {
@@ -185,11 +187,20 @@ impl Publisher {
             unacked: 0,
             batch: None,
             last_sent_seq: tail_seq,
+            careful: false,
         }
     }
 
     pub fn has_capacity(&self) -> bool {
-        self.unacked < self.window
+        self.unacked < if self.careful { 1 } else { self.window }
+    }
+
+    /// One publish at a time until one is stored anew, and a duplicate counts as
+    /// stored: for a stream that no longer holds its last event (emptied, aged out),
+    /// where the events the slot sends again cannot be told stored by the tail, but
+    /// JetStream's duplicate window still knows their ids.
+    pub fn set_careful(&mut self) {
+        self.careful = true;
     }
 
     /// Events sent and not yet stored (an open batch's included).
@@ -372,6 +383,18 @@ impl Publisher {
             event_id: done.event_id.clone(),
             source,
         })?;
+        if ack.duplicate && self.careful && done.count == 1 && self.in_flight.is_empty() {
+            // Stored before (the duplicate window knows its id), and nothing else is
+            // in flight, so the stream's sequence is where it was.
+            self.last_sent_seq -= done.count;
+            return Ok(Acked {
+                event_id: done.event_id,
+                seq: self.last_sent_seq,
+                count: done.count,
+                sent: done.sent,
+                commit_time: done.commit_time,
+            });
+        }
         if ack.duplicate {
             return Err(PublishError::Duplicate {
                 event_id: done.event_id,
@@ -385,6 +408,7 @@ impl Publisher {
                 got: ack.sequence,
             });
         }
+        self.careful = false;
         Ok(Acked {
             event_id: done.event_id,
             seq: ack.sequence,

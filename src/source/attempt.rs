@@ -74,7 +74,7 @@ pub(super) async fn run_attempt(
     }
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
-    let tail = provision::read_tail(&mut stream, &cfg.name).await?;
+    let mut tail = provision::read_tail(&mut stream, &cfg.name).await?;
     let tail_key = provision::last_event_key(&stream, &tail).await;
     let progress = backfill::Progress::open(&js, &cfg.name, cfg.stream.replicas)
         .await?
@@ -136,6 +136,20 @@ pub(super) async fn run_attempt(
     // Replication.
     let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
+    // A stream that no longer holds its last event (emptied by hand, aged out) over a
+    // slot that stayed: the recorded tail says what was stored, so the transactions
+    // the slot sends again are not stored twice.
+    if slot.is_some()
+        && tail.last_event.is_none()
+        && let Some(rec) = progress.stored_tail().await?
+        && rec.system_id == ident.system_id
+        && rec.slot == cfg.slot
+        && rec.seq <= tail.last_seq
+        && let Ok(lsn) = rec.commit_lsn.parse::<Lsn>()
+    {
+        info!(commit_lsn = %lsn, index = rec.index, seq = rec.seq, "the stream no longer holds its last event; the recorded tail says what was stored");
+        tail.last_event = Some((lsn, rec.index));
+    }
     let mut consistent = None;
     if slot.is_none() && (!keyless.is_empty() || again) {
         // The record first: a crash from here on is seen by the next start.
@@ -256,6 +270,11 @@ pub(super) async fn run_attempt(
         cfg.publish_window,
         cfg.ack_timeout,
     );
+    let mut publisher = publisher;
+    if tail.last_event.is_none() && tail.last_seq > 0 {
+        // Emptied or aged out: what the slot sends again may be stored already.
+        publisher.set_careful();
+    }
     let mut p = Pipeline {
         tel: tel.clone(),
         label: Telemetry::label(&cfg.name),
@@ -280,6 +299,9 @@ pub(super) async fn run_attempt(
         watermark_run,
         progress,
         last_received: Instant::now(),
+        system_id: ident.system_id.clone(),
+        last_acked: None,
+        tail_recorded: None,
         skipped: 0,
         max_payload,
         sent_flush: confirmed,

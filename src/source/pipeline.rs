@@ -81,6 +81,12 @@ pub(super) struct Pipeline<'a> {
     pub(super) watermark_run: String,
     /// The source's backfill record, for chunk placements.
     pub(super) progress: crate::backfill::Progress,
+    /// The database system's identifier (IDENTIFY_SYSTEM), for the stored tail.
+    pub(super) system_id: String,
+    /// The last event stored (its id and stream sequence), and the last one recorded
+    /// as the stored tail.
+    pub(super) last_acked: Option<(EventId, u64)>,
+    pub(super) tail_recorded: Option<EventId>,
 }
 
 impl Pipeline<'_> {
@@ -107,6 +113,7 @@ impl Pipeline<'_> {
                 // 3. Periodic standby status, so Postgres can recycle WAL.
                 _ = status_tick.tick() => {
                     self.check_silence().await?;
+                    self.record_tail().await?;
                     if last_status.elapsed() >= self.cfg.status_interval {
                         self.send_status(false).await?;
                         self.observe_slot().await;
@@ -185,6 +192,7 @@ impl Pipeline<'_> {
     pub(super) fn on_ack(&mut self, ack: Acked) {
         trace!(event_id = %ack.event_id, seq = ack.seq, count = ack.count, "acked");
         self.observe(&ack);
+        self.last_acked = Some((ack.event_id.clone(), ack.seq));
         self.last_progress = Instant::now();
         if self.heartbeat_acked(&ack) {
             self.heartbeat_pending = None;
@@ -201,6 +209,8 @@ impl Pipeline<'_> {
             .flushed_lsn
             .get_or_create(&self.label)
             .set(flush.0 as i64);
+        // The last stored event is recorded before Postgres hears of it.
+        self.record_tail().await?;
         // Write is reported as the flush LSN: walsender pings an idle client only
         // while the client's write position is behind what it sent, and those pings
         // are what lets a quiet publication confirm past other tables' churn.
@@ -208,6 +218,28 @@ impl Pipeline<'_> {
         if flush != self.sent_flush {
             debug!(lsn = %flush, count = self.flush.acked_count(), "flush LSN confirmed");
             self.sent_flush = flush;
+        }
+        Ok(())
+    }
+
+    /// Records the last stored event, when it moved (see `backfill::StoredTail`): on
+    /// every status tick (at most a second apart) and before every confirmation, so a
+    /// stream emptied later still says what was stored.
+    pub(super) async fn record_tail(&mut self) -> Result<(), SourceError> {
+        if let Some((id, seq)) = &self.last_acked
+            && self.tail_recorded.as_ref() != Some(id)
+        {
+            self.progress
+                .put_stored_tail(&crate::backfill::StoredTail {
+                    system_id: self.system_id.clone(),
+                    slot: self.cfg.slot.clone(),
+                    stream: None,
+                    commit_lsn: id.commit_lsn.to_string(),
+                    index: id.index,
+                    seq: *seq,
+                })
+                .await?;
+            self.tail_recorded = Some(id.clone());
         }
         Ok(())
     }

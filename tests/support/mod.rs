@@ -818,9 +818,11 @@ pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<Store
     use futures_util::StreamExt;
     let js = async_nats::jetstream::new(client.clone());
     let mut s = js.get_stream(stream).await.expect("get stream");
-    let last = s.info().await.expect("stream info").state.last_sequence;
+    let state = s.info().await.expect("stream info").state.clone();
+    let last = state.last_sequence;
     let mut out = Vec::new();
-    if last == 0 {
+    // Empty: never written, or purged (the last sequence stays).
+    if last == 0 || state.messages == 0 {
         return out;
     }
     let consumer = s
