@@ -238,16 +238,22 @@ pub struct ReplayArgs {
     /// The source to replay (may be left out when the config has one).
     #[arg(long)]
     pub source: Option<String>,
+    /// Start at the first event committed at or after this LSN, like 0/16B3748
     #[arg(long, value_name = "LSN", group = "from")]
     pub from_lsn: Option<Lsn>,
+    /// Start at this stream sequence
     #[arg(long, value_name = "SEQ", group = "from")]
     pub from_seq: Option<u64>,
+    /// Start at the first event committed at or after this time, like 2026-11-24T10:00:00Z
     #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "from")]
     pub from_time: Option<OffsetDateTime>,
+    /// End with the last event committed at or before this LSN
     #[arg(long, value_name = "LSN", group = "to")]
     pub to_lsn: Option<Lsn>,
+    /// End at this stream sequence
     #[arg(long, value_name = "SEQ", group = "to")]
     pub to_seq: Option<u64>,
+    /// End with the last event committed at or before this time
     #[arg(long, value_name = "RFC3339", value_parser = parse_time, group = "to")]
     pub to_time: Option<OffsetDateTime>,
     /// Only events on these subjects (NATS wildcards allowed); repeatable.
@@ -269,4 +275,33 @@ pub struct ReplayArgs {
     /// capture PREFIX.>), instead of printing them.
     #[arg(long, value_name = "PREFIX")]
     pub republish: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag of every command says what it does in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "tidemark", &mut missing);
+        assert!(missing.is_empty(), "flags without help text: {missing:?}");
+    }
 }
