@@ -1,6 +1,7 @@
 //! The durable record of a source's backfills: a NATS KV bucket bound to its stream.
 
 use async_nats::jetstream;
+use serde::Serialize;
 use tracing::{debug, warn};
 
 use super::*;
@@ -138,51 +139,63 @@ impl Progress {
         }
     }
 
-    /// The record of the consistent snapshot a new slot takes of the tables without
-    /// a key (see `Consistent`).
-    pub async fn consistent(&self) -> Result<Option<Consistent>, BackfillError> {
+    /// A JSON record under `key` (`None` when absent or unreadable).
+    async fn record<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<T>, BackfillError> {
         let value = self
             .kv
-            .get("consistent")
+            .get(key)
             .await
-            .map_err(|e| self.error("read the consistent snapshot record", e))?;
+            .map_err(|e| self.error(&format!("read {what}"), e))?;
         Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
-    pub async fn put_consistent(&self, record: &Consistent) -> Result<(), BackfillError> {
-        let value = serde_json::to_vec(record)
-            .map_err(|e| self.error("encode the consistent snapshot record", e))?;
+    async fn put_record<T: Serialize>(
+        &self,
+        key: &str,
+        what: &str,
+        record: &T,
+    ) -> Result<(), BackfillError> {
+        let value =
+            serde_json::to_vec(record).map_err(|e| self.error(&format!("encode {what}"), e))?;
         self.kv
-            .put("consistent", value.into())
+            .put(key, value.into())
             .await
-            .map_err(|e| self.error("write the consistent snapshot record", e))?;
+            .map_err(|e| self.error(&format!("write {what}"), e))?;
         Ok(())
+    }
+
+    /// The record of the consistent snapshot a new slot takes of the tables without
+    /// a key (see `Consistent`).
+    pub async fn consistent(&self) -> Result<Option<Consistent>, BackfillError> {
+        self.record("consistent", "the consistent snapshot record")
+            .await
+    }
+
+    pub async fn put_consistent(&self, record: &Consistent) -> Result<(), BackfillError> {
+        self.put_record("consistent", "the consistent snapshot record", record)
+            .await
     }
 
     /// The last stored event as recorded (see `StoredTail`), if it belongs to this
     /// stream.
     pub async fn stored_tail(&self) -> Result<Option<StoredTail>, BackfillError> {
-        let value = self
-            .kv
-            .get("tail")
-            .await
-            .map_err(|e| self.error("read the stored tail", e))?;
-        Ok(value
-            .and_then(|v| serde_json::from_slice::<StoredTail>(&v).ok())
+        Ok(self
+            .record::<StoredTail>("tail", "the stored tail")
+            .await?
             .filter(|t| t.stream == self.stream))
     }
 
     /// Records the last stored event, bound to this stream.
     pub async fn put_stored_tail(&self, tail: &StoredTail) -> Result<(), BackfillError> {
-        let mut tail = tail.clone();
-        tail.stream = self.stream.clone();
-        let value =
-            serde_json::to_vec(&tail).map_err(|e| self.error("encode the stored tail", e))?;
-        self.kv
-            .put("tail", value.into())
-            .await
-            .map_err(|e| self.error("write the stored tail", e))?;
-        Ok(())
+        let tail = StoredTail {
+            stream: self.stream.clone(),
+            ..tail.clone()
+        };
+        self.put_record("tail", "the stored tail", &tail).await
     }
 
     /// The stream sequence `tidemark reset --purge-stream` last purged at.
@@ -239,13 +252,12 @@ impl Progress {
         table: &str,
         placement: &Placement,
     ) -> Result<(), BackfillError> {
-        let value =
-            serde_json::to_vec(placement).map_err(|e| self.error("encode a placement", e))?;
-        self.kv
-            .put(Self::placement_key(schema, table), value.into())
-            .await
-            .map_err(|e| self.error("write a placement", e))?;
-        Ok(())
+        self.put_record(
+            &Self::placement_key(schema, table),
+            "a placement",
+            placement,
+        )
+        .await
     }
 
     /// Where the table's last chunk went, if recorded.
@@ -254,12 +266,8 @@ impl Progress {
         schema: &str,
         table: &str,
     ) -> Result<Option<Placement>, BackfillError> {
-        let value = self
-            .kv
-            .get(Self::placement_key(schema, table))
+        self.record(&Self::placement_key(schema, table), "a placement")
             .await
-            .map_err(|e| self.error("read a placement", e))?;
-        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
     /// Every job, oldest first.
