@@ -11,6 +11,8 @@
 //!    server's store time of each event minus its commit time (commit to ack), p50/p99.
 //! 4. One big transaction (default 1,000,000 rows) through a fresh tidemark: events/s
 //!    and peak RSS, which shows memory does not grow with the transaction.
+//! 5. An initial snapshot of a table (default 1,000,000 rows): rows/s idle, then the
+//!    same while pgbench runs about 1,000 TPC-B transactions/s on the same database.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -284,9 +286,28 @@ async fn main() {
                 &nats,
                 &db,
                 dir.path(),
+                "snap",
                 args.snapshot,
                 args.chunk,
                 args.window,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    // The same under a pgbench load (TPC-B, about 1,000 transactions/s).
+    let snap_load = if args.snapshot > 0 {
+        Some(
+            snapshot_under_load(
+                &pg,
+                &nats,
+                &db,
+                dir.path(),
+                args.snapshot,
+                args.chunk,
+                args.window,
+                1_000,
             )
             .await,
         )
@@ -345,20 +366,31 @@ async fn main() {
             mib(rss)
         );
     }
+    if let Some(((rows, secs, rss), tps)) = snap_load {
+        println!(
+            "the same under pgbench ({tps:.0} TPC-B transactions/s): {:.0} rows/s ({secs:.2}s), peak RSS {:.1} MiB",
+            rows as f64 / secs,
+            mib(rss)
+        );
+    }
 }
 
-/// An initial snapshot: a table of `rows` rows, read by a new source in chunks.
+/// An initial snapshot: a table `table` of `rows` rows, read by a new source (named
+/// like the table) in chunks.
+#[allow(clippy::too_many_arguments)]
 async fn snapshot(
     pg: &PgServer,
     nats: &NatsServer,
     db: &tokio_postgres::Client,
     dir: &std::path::Path,
+    table: &str,
     rows: u64,
     chunk: u64,
     window: usize,
 ) -> (u64, f64, u64) {
     db.batch_execute(&format!(
-        "INSERT INTO snap SELECT g, g % 1000, repeat('x', 100) FROM generate_series(1, {rows}) g; ANALYZE snap;"
+        "CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, qty int, payload text);
+         INSERT INTO {table} SELECT g, g % 1000, repeat('x', 100) FROM generate_series(1, {rows}) g; ANALYZE {table};"
     ))
     .await
     .expect("snapshot table");
@@ -367,16 +399,72 @@ async fn snapshot(
         pg,
         nats,
         &SourceSpec {
-            tables: "tables = [\"snap\"]",
+            tables: &format!("tables = [\"{table}\"]"),
             snapshot: "initial",
             extra: &format!("publish_window = {window}\nsnapshot_chunk_size = {chunk}"),
-            ..SourceSpec::new("snap", "bench")
+            ..SourceSpec::new(table, "bench")
         },
     );
     let nc = nats.client().await;
-    let (elapsed, peak, mut tm) = run_until(&cfg, &dir.join("snap.log"), &nc, "SNAP", rows).await;
+    let (elapsed, peak, mut tm) = run_until(
+        &cfg,
+        &dir.join(format!("{table}.log")),
+        &nc,
+        &table.to_uppercase(),
+        rows,
+    )
+    .await;
     let _ = tm.terminate(Duration::from_secs(60));
     (rows, elapsed.as_secs_f64(), peak)
+}
+
+/// The same snapshot while pgbench runs TPC-B transactions from 4 clients at about
+/// `tps` per second on the same database; also the transactions/s pgbench reached.
+#[allow(clippy::too_many_arguments)]
+async fn snapshot_under_load(
+    pg: &PgServer,
+    nats: &NatsServer,
+    db: &tokio_postgres::Client,
+    dir: &std::path::Path,
+    rows: u64,
+    chunk: u64,
+    window: usize,
+    tps: u64,
+) -> ((u64, f64, u64), f64) {
+    pgbench(pg, "bench", &["-i", "-s", "4", "-q"]);
+    let mut load = pgbench_cmd(
+        pg,
+        "bench",
+        &[
+            "-R",
+            &tps.to_string(),
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            "3600",
+            "-n",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start pgbench");
+    let count = async || -> i64 {
+        db.query_one("SELECT count(*) FROM pgbench_history", &[])
+            .await
+            .map_or(0, |r| r.get(0))
+    };
+    // A moment for the load to settle: a time, not a condition.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = count().await;
+    let started = Instant::now();
+    let snap = snapshot(pg, nats, db, dir, "snap_load", rows, chunk, window).await;
+    let reached = (count().await - before) as f64 / started.elapsed().as_secs_f64();
+    let _ = load.kill();
+    let _ = load.wait();
+    (snap, reached)
 }
 
 /// Reads (table subject suffix, id, payload) of every event back.

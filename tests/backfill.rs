@@ -1024,21 +1024,8 @@ async fn pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table() {
         },
     );
     let bench = {
-        let port = pg.port;
-        std::thread::spawn(move || {
-            let bin = [
-                pg_bindir().join("pgbench"),
-                std::path::PathBuf::from("/usr/bin/pgbench"),
-            ]
-            .into_iter()
-            .find(|p| p.exists())
-            .unwrap();
-            std::process::Command::new(bin)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                .args(["-T", "15", "-c", "4", "-j", "2", "-n", "store"])
-                .output()
-                .unwrap()
-        })
+        let mut cmd = pgbench_cmd(&pg, "store", &["-T", "15", "-c", "4", "-j", "2", "-n"]);
+        std::thread::spawn(move || cmd.output().unwrap())
     };
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     for (i, wait) in [4u64, 5].into_iter().enumerate() {

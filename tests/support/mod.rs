@@ -85,6 +85,17 @@ pub fn pg_bindir() -> PathBuf {
 /// Runs `pgbench` (it ships with PostgreSQL: a workload nobody here wrote) against a
 /// database of `pg`; panics with its output when it fails.
 pub fn pgbench(pg: &PgServer, dbname: &str, args: &[&str]) {
+    let out = pgbench_cmd(pg, dbname, args).output().expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `pgbench` command against a database of `pg`, to run or spawn.
+pub fn pgbench_cmd(pg: &PgServer, dbname: &str, args: &[&str]) -> Command {
     let bin = [
         pg_bindir().join("pgbench"),
         PathBuf::from("/usr/bin/pgbench"),
@@ -92,25 +103,18 @@ pub fn pgbench(pg: &PgServer, dbname: &str, args: &[&str]) {
     .into_iter()
     .find(|p| p.exists())
     .expect("pgbench not found: it ships with the PostgreSQL server packages");
-    let out = Command::new(bin)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(args)
-        .arg(dbname)
-        .output()
-        .expect("run pgbench");
-    assert!(
-        out.status.success(),
-        "pgbench {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port.to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(args)
+    .arg(dbname);
+    cmd
 }
 
 /// Where nats-server is.
