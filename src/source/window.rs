@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::error::SourceError;
 use super::pipeline::Pipeline;
@@ -22,6 +22,27 @@ pub(super) struct Window {
     pub(super) key: Vec<String>,
     pub(super) changed: HashSet<Vec<Option<bytes::Bytes>>>,
     pub(super) truncated: bool,
+}
+
+/// The most keys a window notes: what memory one window may take is bounded by the
+/// chunk size, not by the transactions that commit while it is open (one UPDATE of a
+/// whole table inside a window would otherwise note every key of it).
+pub(super) fn window_max_keys(chunk_size: u64) -> usize {
+    (chunk_size as usize).saturating_mul(20).max(100_000)
+}
+
+impl Window {
+    /// Notes keys a live change touched; false when the window would hold more than
+    /// `max` of them: it is then closed, and its chunk read again (its high watermark
+    /// finds no window), which is correct and bounded.
+    pub(super) fn note(
+        &mut self,
+        keys: impl IntoIterator<Item = Vec<Option<bytes::Bytes>>>,
+        max: usize,
+    ) -> bool {
+        self.changed.extend(keys);
+        self.changed.len() <= max
+    }
 }
 
 impl Pipeline<'_> {
@@ -190,9 +211,44 @@ impl Pipeline<'_> {
                 .collect()
         };
         let keys: Vec<_> = old.into_iter().chain(new).map(key_of).collect();
-        if let Some(w) = self.window.as_mut() {
-            w.changed.extend(keys);
+        let max = window_max_keys(self.cfg.snapshot_chunk_size);
+        if let Some(w) = self.window.as_mut()
+            && !w.note(keys, max)
+        {
+            warn!(
+                chunk = w.chunk,
+                keys = max,
+                "more live changes to the table inside a backfill chunk's window than it may note; the chunk is read again"
+            );
+            self.window = None;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> Vec<Option<bytes::Bytes>> {
+        vec![Some(bytes::Bytes::from(vec![n]))]
+    }
+
+    #[test]
+    fn a_window_notes_keys_up_to_its_bound() {
+        let mut w = Window {
+            job_id: "j".into(),
+            chunk: 1,
+            relid: 1,
+            key: vec!["id".into()],
+            changed: HashSet::new(),
+            truncated: false,
+        };
+        assert!(w.note([key(1), key(2)], 3));
+        // The same key again takes no room.
+        assert!(w.note([key(2), key(3)], 3));
+        assert!(!w.note([key(4)], 3));
+        assert_eq!(window_max_keys(1_000), 100_000);
+        assert_eq!(window_max_keys(50_000), 1_000_000);
     }
 }
