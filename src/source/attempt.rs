@@ -302,6 +302,7 @@ pub(super) async fn run_attempt(
         system_id: ident.system_id.clone(),
         last_acked: None,
         tail_recorded: None,
+        tail_task: None,
         skipped: 0,
         max_payload,
         sent_flush: confirmed,

@@ -87,6 +87,9 @@ pub(super) struct Pipeline<'a> {
     /// as the stored tail.
     pub(super) last_acked: Option<(EventId, u64)>,
     pub(super) tail_recorded: Option<EventId>,
+    /// The record being written, if any.
+    pub(super) tail_task:
+        Option<tokio::task::JoinHandle<Result<(), crate::backfill::BackfillError>>>,
 }
 
 impl Pipeline<'_> {
@@ -113,7 +116,7 @@ impl Pipeline<'_> {
                 // 3. Periodic standby status, so Postgres can recycle WAL.
                 _ = status_tick.tick() => {
                     self.check_silence().await?;
-                    self.record_tail().await?;
+                    self.record_tail();
                     if last_status.elapsed() >= self.cfg.status_interval {
                         self.send_status(false).await?;
                         self.observe_slot().await;
@@ -209,8 +212,7 @@ impl Pipeline<'_> {
             .flushed_lsn
             .get_or_create(&self.label)
             .set(flush.0 as i64);
-        // The last stored event is recorded before Postgres hears of it.
-        self.record_tail().await?;
+        self.record_tail();
         // Write is reported as the flush LSN: walsender pings an idle client only
         // while the client's write position is behind what it sent, and those pings
         // are what lets a quiet publication confirm past other tables' churn.
@@ -222,26 +224,50 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// Records the last stored event, when it moved (see `backfill::StoredTail`): on
-    /// every status tick (at most a second apart) and before every confirmation, so a
-    /// stream emptied later still says what was stored.
-    pub(super) async fn record_tail(&mut self) -> Result<(), SourceError> {
-        if let Some((id, seq)) = &self.last_acked
-            && self.tail_recorded.as_ref() != Some(id)
-        {
-            self.progress
-                .put_stored_tail(&crate::backfill::StoredTail {
-                    system_id: self.system_id.clone(),
-                    slot: self.cfg.slot.clone(),
-                    stream: None,
-                    commit_lsn: id.commit_lsn.to_string(),
-                    index: id.index,
-                    seq: *seq,
-                })
-                .await?;
-            self.tail_recorded = Some(id.clone());
+    /// Records the last stored event, when it moved (see `backfill::StoredTail`), on
+    /// every status tick (at most a second apart) and with every status update. In the
+    /// background, one write at a time: NATS being slow or away never holds up the
+    /// loop (its stall alarm, its status updates); a failed write is tried again.
+    pub(super) fn record_tail(&mut self) {
+        if let Some(task) = &self.tail_task {
+            if !task.is_finished() {
+                return;
+            }
+            if let Some(task) = self.tail_task.take()
+                && !matches!(
+                    futures_util::FutureExt::now_or_never(task),
+                    Some(Ok(Ok(())))
+                )
+            {
+                debug!("could not record the stored tail; trying again");
+                self.tail_recorded = None;
+            }
         }
-        Ok(())
+        let Some(record) = self.tail_record() else {
+            return;
+        };
+        let progress = self.progress.clone();
+        self.tail_task = Some(tokio::spawn(async move {
+            progress.put_stored_tail(&record).await
+        }));
+    }
+
+    /// The stored tail to record, when it moved since the last record; marks it
+    /// recorded.
+    fn tail_record(&mut self) -> Option<crate::backfill::StoredTail> {
+        let (id, seq) = self.last_acked.as_ref()?;
+        if self.tail_recorded.as_ref() == Some(id) {
+            return None;
+        }
+        self.tail_recorded = Some(id.clone());
+        Some(crate::backfill::StoredTail {
+            system_id: self.system_id.clone(),
+            slot: self.cfg.slot.clone(),
+            stream: None,
+            commit_lsn: id.commit_lsn.to_string(),
+            index: id.index,
+            seq: *seq,
+        })
     }
 
     pub(super) async fn handle(&mut self, msg: ReplicationMessage) -> Result<(), SourceError> {
@@ -347,6 +373,22 @@ impl Pipeline<'_> {
         self.held = None;
         self.publisher.abandon_batch();
         self.settle().await?;
+        // The last record, waited for (2 s at most): a stop leaves it exact.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        if let Some(task) = self.tail_task.take()
+            && !matches!(
+                tokio::time::timeout_at(deadline, task).await,
+                Ok(Ok(Ok(())))
+            )
+        {
+            self.tail_recorded = None;
+        }
+        if let Some(record) = self.tail_record() {
+            let put = self.progress.put_stored_tail(&record);
+            if !matches!(tokio::time::timeout_at(deadline, put).await, Ok(Ok(()))) {
+                debug!("could not record the stored tail at the stop");
+            }
+        }
         info!(lsn = %self.flush.flush(), count = self.flush.sent_count(), skipped = self.skipped, "stopped; final flush LSN sent");
         Ok(())
     }
