@@ -192,7 +192,10 @@ impl Publisher {
     }
 
     pub fn has_capacity(&self) -> bool {
-        self.unacked < if self.careful { 1 } else { self.window }
+        // An open batch must be able to reach its commit: careful applies between
+        // batches only.
+        let careful = self.careful && self.batch.is_none();
+        self.unacked < if careful { 1 } else { self.window }
     }
 
     /// One publish at a time until one is stored anew, and a duplicate counts as

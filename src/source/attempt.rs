@@ -271,8 +271,9 @@ pub(super) async fn run_attempt(
         cfg.ack_timeout,
     );
     let mut publisher = publisher;
-    if tail.last_event.is_none() && tail.last_seq > 0 {
-        // Emptied or aged out: what the slot sends again may be stored already.
+    if tail.last_event.is_none() && tail.last_seq > 0 && !cfg.atomic_transactions {
+        // Emptied or aged out: what the slot sends again may be stored already. (Not
+        // in atomic mode: a batch's duplicate is not one event's.)
         publisher.set_careful();
     }
     let mut p = Pipeline {
