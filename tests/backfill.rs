@@ -385,8 +385,42 @@ async fn a_table_added_to_the_publication_is_backfilled_by_the_cli_while_streami
     assert_exactly_once(&events);
     let folded = fold(&events);
     let want = table_rows(&db, "late").await;
-    assert_eq!(folded.get("public.late"), Some(&want));
+    same_table(folded.get("public.late"), &want, &events, &tm.log());
     assert!(tm.is_running(), "{}", tm.log());
+}
+
+/// A folded table equals the table; on a difference, the differing keys and the
+/// events of the first of them.
+fn same_table(
+    got: Option<&BTreeMap<String, Value>>,
+    want: &BTreeMap<String, Value>,
+    events: &[StoredEvent],
+    log: &str,
+) {
+    let empty = BTreeMap::new();
+    let got = got.unwrap_or(&empty);
+    if got == want {
+        return;
+    }
+    let differ: Vec<&String> = want
+        .keys()
+        .chain(got.keys())
+        .filter(|k| got.get(*k) != want.get(*k))
+        .collect();
+    let first = differ.first().map(|k| k.as_str()).unwrap_or("");
+    let history: Vec<String> = events
+        .iter()
+        .filter(|e| e.body["data"]["key"].to_string() == first)
+        .map(|e| format!("{} {} {}", e.seq, e.body["type"], e.body["data"]["after"]))
+        .collect();
+    let tail: Vec<&str> = log.lines().filter(|l| l.contains("chunk") || l.contains("window")).collect();
+    panic!(
+        "{} keys differ, e.g. {first}: folded {:?}, table {:?}; its events: {history:?}\n{}",
+        differ.len(),
+        got.get(first),
+        want.get(first),
+        tail.join("\n")
+    );
 }
 
 /// A keyless table's rows as a multiset: each row's JSON text, counted.
