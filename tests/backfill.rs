@@ -410,10 +410,18 @@ fn same_table(
     let first = differ.first().map(|k| k.as_str()).unwrap_or("");
     let history: Vec<String> = events
         .iter()
-        .filter(|e| e.body["data"]["key"].to_string() == first)
+        .filter(|e| {
+            serde_json::to_string(&e.body["data"]["key"])
+                .ok()
+                .as_deref()
+                == Some(first)
+        })
         .map(|e| format!("{} {} {}", e.seq, e.body["type"], e.body["data"]["after"]))
         .collect();
-    let tail: Vec<&str> = log.lines().filter(|l| l.contains("chunk") || l.contains("window")).collect();
+    let tail: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("chunk") || l.contains("window"))
+        .collect();
     panic!(
         "{} keys differ, e.g. {first}: folded {:?}, table {:?}; its events: {history:?}\n{}",
         differ.len(),

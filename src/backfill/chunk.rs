@@ -38,6 +38,8 @@ pub struct Chunk {
     /// The key of its last row, and whether it was a full chunk (more may follow).
     pub last_key: Option<Vec<Option<String>>>,
     pub full: bool,
+    /// Transactions running (invisible) when the rows were read, by xid (low 32 bits).
+    pub in_progress: Vec<u32>,
 }
 
 /// Where a chunk's rows went in the stream, written by the pipeline before it sends

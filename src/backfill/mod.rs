@@ -98,5 +98,12 @@ mod tests {
         assert_eq!(serde_json::from_str::<Watermark>(&text).unwrap(), w);
         assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(kv_token("odd name.x"), "odd_name_x");
+        assert_eq!(snapshot_in_progress("10:20:12,15"), vec![12, 15]);
+        assert_eq!(snapshot_in_progress("10:20:"), Vec::<u32>::new());
+        // Epoch-extended xids keep their low 32 bits, as the stream names them.
+        assert_eq!(
+            snapshot_in_progress("4294967306:4294967310:4294967307"),
+            vec![11]
+        );
     }
 }

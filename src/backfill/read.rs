@@ -106,12 +106,33 @@ pub(super) async fn emit_watermark(catalog: &Catalog, wm: &Watermark) -> Result<
     Ok(())
 }
 
-/// Reads one chunk: the rows after `last_key` in key order.
+/// A chunk's rows and the transactions its read did not see though they were
+/// running (their xids, low 32 bits, as the replication stream names them).
+pub(super) struct ChunkRead {
+    pub(super) rows: Vec<Vec<Option<String>>>,
+    pub(super) in_progress: Vec<u32>,
+}
+
+/// The in-progress xids of a snapshot's text form (`xmin:xmax:xip,...`), low 32 bits.
+pub(super) fn snapshot_in_progress(text: &str) -> Vec<u32> {
+    text.rsplit(':')
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|x| x.trim().parse::<u64>().ok())
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Reads one chunk: the rows after `last_key` in key order, with the snapshot they
+/// were read in. Why the snapshot: a transaction commits in the WAL before it becomes
+/// visible, so one whose commit precedes the low watermark can still be invisible to
+/// a read after it; the pipeline tells such a chunk by these xids and reads it again.
 pub(super) async fn read_chunk(
     catalog: &Catalog,
     job: &Job,
     columns: &[(String, String)],
-) -> Result<Vec<Vec<Option<String>>>, BackfillError> {
+) -> Result<ChunkRead, BackfillError> {
     let table = format!("{}.{}", quote_ident(&job.schema), quote_ident(&job.table));
     let select: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
     let key: Vec<String> = job.key.iter().map(|k| quote_ident(k)).collect();
@@ -154,7 +175,40 @@ pub(super) async fn read_chunk(
         key.join(", "),
         job.chunk_size
     );
-    text_rows(catalog, job, &sql, columns.len()).await
+    let batch = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT txid_current_snapshot()::text; {sql}; COMMIT"
+    );
+    let messages = match catalog.client().simple_query(&batch).await {
+        Ok(m) => m,
+        Err(source) => {
+            // Leave no aborted transaction behind for the next read.
+            let _ = catalog.client().batch_execute("ROLLBACK").await;
+            return Err(BackfillError::Read {
+                table: job.qualified(),
+                source,
+            });
+        }
+    };
+    let mut read = ChunkRead {
+        rows: Vec::new(),
+        in_progress: Vec::new(),
+    };
+    let mut statement = 0;
+    for m in messages {
+        match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(_) => statement += 1,
+            tokio_postgres::SimpleQueryMessage::Row(r) if statement == 1 => {
+                read.in_progress = snapshot_in_progress(r.get(0).unwrap_or(""));
+            }
+            tokio_postgres::SimpleQueryMessage::Row(r) => read.rows.push(
+                (0..columns.len())
+                    .map(|i| r.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => {}
+        }
+    }
+    Ok(read)
 }
 
 /// The rows of a query over a job's table, each as its first `width` values in text.

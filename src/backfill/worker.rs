@@ -232,7 +232,7 @@ pub(super) async fn run_jobs(
                 run: run.to_string(),
             };
             emit_watermark(db, &mark("low")).await?;
-            let rows = read_chunk(db, &job, &columns).await?;
+            let ChunkRead { rows, in_progress } = read_chunk(db, &job, &columns).await?;
             debug!(table = %job.qualified(), chunk = chunk_no, count = rows.len(), "backfill chunk read");
             let full = rows.len() as u64 >= job.chunk_size;
             let last_key: Option<Vec<Option<String>>> = rows.last().map(|row| {
@@ -257,6 +257,7 @@ pub(super) async fn run_jobs(
                 table: job.table.clone(),
                 last_key: last_key.clone(),
                 full,
+                in_progress,
             };
             if chunks.send((chunk, done_tx)).await.is_err() {
                 return Ok(());

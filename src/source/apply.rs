@@ -70,6 +70,7 @@ impl Pipeline<'_> {
                         let _ = reply.send(outcome);
                     }
                 }
+                self.recent.record(tx.xid, tx.final_lsn);
                 self.flush.commit(c.end_lsn, tx.commit_time);
             }
             LogicalMessage::Relation(r) => {

@@ -295,6 +295,7 @@ pub(super) async fn run_attempt(
         held: None,
         chunks: chunk_rx,
         window: None,
+        recent: super::window::RecentCommits::new(100_000),
         chunk_in_tx: None,
         flush: FlushTracker::new(confirmed),
         watermark_run,

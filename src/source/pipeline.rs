@@ -10,7 +10,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::error::SourceError;
 use super::flush::FlushTracker;
-use super::window::Window;
+use super::window::{RecentCommits, Window};
 use crate::backfill::{ChunkOutcome, ChunkReceiver};
 use crate::config::SourceConfig;
 use crate::error::ErrorChain;
@@ -66,6 +66,8 @@ pub(super) struct Pipeline<'a> {
     pub(super) chunks: ChunkReceiver,
     /// The open watermark window, between a chunk's low and high watermark.
     pub(super) window: Option<Window>,
+    /// The latest transactions' commit LSNs, for chunk reads (see `RecentCommits`).
+    pub(super) recent: RecentCommits,
     /// The chunk published in the open transaction (at its high watermark).
     pub(super) chunk_in_tx: Option<ChunkReply>,
     /// Sent, acked, committed: what may be confirmed, and which chunks are stored.

@@ -2,7 +2,7 @@
 //! the keys live changes touch are noted; at the high watermark the chunk's rows that
 //! none touched are published as reads, in the transaction of the high watermark.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use tracing::{debug, warn};
 
@@ -11,6 +11,7 @@ use super::pipeline::Pipeline;
 use super::plan::catalog_relation;
 use crate::backfill::{ChunkOutcome, Placement, Watermark};
 use crate::events::mapping::Operation;
+use crate::position::Lsn;
 use crate::postgres::pgoutput;
 
 /// A backfill chunk's window: the keys of its table that live changes touched between
@@ -22,6 +23,43 @@ pub(super) struct Window {
     pub(super) key: Vec<String>,
     pub(super) changed: HashSet<Vec<Option<bytes::Bytes>>>,
     pub(super) truncated: bool,
+    /// The commit LSN of the low watermark's transaction.
+    pub(super) start: Lsn,
+}
+
+/// The commit LSNs of the latest transactions the stream carried, by xid (low 32
+/// bits), a bounded number of them: enough to tell whether a transaction a chunk's
+/// read could not see had committed before the chunk's low watermark.
+pub(super) struct RecentCommits {
+    order: VecDeque<u32>,
+    at: HashMap<u32, Lsn>,
+    cap: usize,
+}
+
+impl RecentCommits {
+    pub(super) fn new(cap: usize) -> Self {
+        RecentCommits {
+            order: VecDeque::with_capacity(cap.min(1024)),
+            at: HashMap::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    pub(super) fn record(&mut self, xid: u32, commit_lsn: Lsn) {
+        if self.at.insert(xid, commit_lsn).is_none() {
+            self.order.push_back(xid);
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.at.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `xid` committed (in the stream) before `lsn`.
+    pub(super) fn committed_before(&self, xid: u32, lsn: Lsn) -> bool {
+        self.at.get(&xid).is_some_and(|at| *at < lsn)
+    }
 }
 
 /// The most keys a window notes: what memory one window may take is bounded by the
@@ -58,6 +96,7 @@ impl Pipeline<'_> {
             return Ok(());
         }
         if wm.mark == "low" {
+            let start = self.tx.as_ref().map_or(Lsn::ZERO, |t| t.final_lsn);
             self.window = Some(Window {
                 job_id: wm.backfill,
                 chunk: wm.chunk,
@@ -65,6 +104,7 @@ impl Pipeline<'_> {
                 key: wm.key,
                 changed: HashSet::new(),
                 truncated: false,
+                start,
             });
             return Ok(());
         }
@@ -96,6 +136,20 @@ impl Pipeline<'_> {
             let _ = reply.send(ChunkOutcome::Retry("its low watermark was not seen".into()));
             return Ok(());
         };
+        // A transaction that committed before the low watermark but was not yet
+        // visible to the read: its change is before the window, and the chunk's row
+        // would stand over it. Read the chunk again.
+        if chunk
+            .in_progress
+            .iter()
+            .any(|x| self.recent.committed_before(*x, window.start))
+        {
+            let _ = reply.send(ChunkOutcome::Retry(
+                "a transaction committed before its low watermark was not yet visible to its read"
+                    .into(),
+            ));
+            return Ok(());
+        }
         if !self.relations.contains_key(&chunk.relid) {
             let relation = catalog_relation(&self.catalog, chunk.relid).await?;
             let table = self.describe(relation).await?;
@@ -243,6 +297,7 @@ mod tests {
             key: vec!["id".into()],
             changed: HashSet::new(),
             truncated: false,
+            start: Lsn(1),
         };
         assert!(w.note([key(1), key(2)], 3));
         // The same key again takes no room.
@@ -250,5 +305,19 @@ mod tests {
         assert!(!w.note([key(4)], 3));
         assert_eq!(window_max_keys(1_000), 100_000);
         assert_eq!(window_max_keys(50_000), 1_000_000);
+    }
+
+    #[test]
+    fn recent_commits_remember_a_bounded_number() {
+        let mut r = RecentCommits::new(2);
+        r.record(10, Lsn(100));
+        r.record(11, Lsn(200));
+        assert!(r.committed_before(10, Lsn(150)));
+        assert!(!r.committed_before(11, Lsn(150)));
+        assert!(!r.committed_before(12, Lsn(150)));
+        r.record(12, Lsn(300));
+        // The oldest is forgotten.
+        assert!(!r.committed_before(10, Lsn(150)));
+        assert!(r.committed_before(12, Lsn(301)));
     }
 }
