@@ -270,10 +270,13 @@ async fn a_backfill_killed_mid_way_resumes_at_the_next_chunk() {
     let done = wait_job_done(&nc, "big", Duration::from_secs(300), || tm.log()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
-    let second_run = chunks_read(&tm.log());
+    let mut second_run = chunks_read(&tm.log());
     assert!(tm.log().contains("backfill resumed"), "{}", tm.log());
+    // A chunk is read again at once when a transaction its read could not see had
+    // committed before its low watermark (the churn makes that happen now and then).
+    second_run.dedup();
     // The restart picks up at the first chunk not stored: it reads no chunk the
-    // first run had stored, and reads each later chunk once.
+    // first run had stored, and reads each later chunk once (but for such retries).
     assert_eq!(
         second_run.first(),
         Some(&done_at_kill),
