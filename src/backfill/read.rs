@@ -106,6 +106,36 @@ pub(super) async fn emit_watermark(catalog: &Catalog, wm: &Watermark) -> Result<
     Ok(())
 }
 
+/// Waits (50 ms at most) until the transactions running just after the low
+/// watermark have ended: those whose commit is already in the WAL before it become
+/// visible within moments, and the read that follows sees them. Those still running
+/// after the wait are really running (they commit after the low watermark, inside the
+/// window); the pipeline's check catches any left over.
+async fn settle_commits(catalog: &Catalog) {
+    let running = async || {
+        catalog
+            .client()
+            .query_one("SELECT txid_current_snapshot()::text", &[])
+            .await
+            .ok()
+            .map(|r| snapshot_in_progress(r.get::<_, &str>(0)))
+    };
+    let Some(first) = running().await else {
+        return;
+    };
+    let mut waiting = first;
+    for _ in 0..50 {
+        if waiting.is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let Some(now) = running().await else {
+            return;
+        };
+        waiting.retain(|x| now.contains(x));
+    }
+}
+
 /// A chunk's rows and the transactions its read did not see though they were
 /// running (their xids, low 32 bits, as the replication stream names them).
 pub(super) struct ChunkRead {
@@ -175,6 +205,7 @@ pub(super) async fn read_chunk(
         key.join(", "),
         job.chunk_size
     );
+    settle_commits(catalog).await;
     let batch = format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT txid_current_snapshot()::text; {sql}; COMMIT"
     );

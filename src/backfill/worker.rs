@@ -290,7 +290,9 @@ pub(super) async fn run_jobs(
                 Ok(ChunkOutcome::Retry(reason)) => {
                     retries += 1;
                     warn!(table = %job.qualified(), chunk = chunk_no, reason = %reason, "backfill chunk read again");
-                    if retries > 10 {
+                    // Under heavy write load a read can miss a just-committed
+                    // transaction several times in a row: give that many more tries.
+                    if retries > 100 {
                         job.state = JobState::Failed;
                         job.error = Some(format!("chunk {chunk_no} could not be placed: {reason}"));
                         progress.put(&job).await?;
