@@ -336,11 +336,24 @@ pub(super) async fn check_nats(
             .to_string()
         },
     ));
+    // The servers of the cluster the client knows (itself included): a stream or
+    // bucket with fewer replicas than the cluster could give is lost, or stops
+    // answering, with one server.
+    let servers = info
+        .connect_urls
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        .max(1);
     let js = async_nats::jetstream::new(client);
     let what = format!("stream {:?}", s.stream.name);
     match js.get_stream(&s.stream.name).await {
         Ok(mut stream) => match provision::read_tail(&mut stream, &s.name).await {
             Ok(tail) => {
+                let replicas = stream.cached_info().config.num_replicas.max(1);
+                if let Some(w) = replica_warning(replicas, servers) {
+                    out.push((true, what.clone(), w));
+                }
                 // A stream that ever stored events makes a missing slot a loss, unless
                 // `reset --purge-stream` emptied it (the same rule as `run`).
                 let purged = match crate::backfill::Progress::existing(&js, &s.name).await {
@@ -359,7 +372,12 @@ pub(super) async fn check_nats(
             Err(e) => out.push((false, what, e.to_string())),
         },
         Err(_) => match js.query_account().await {
-            Ok(_) => out.push((true, what, "will be created".into())),
+            Ok(_) => {
+                if let Some(w) = replica_warning(s.stream.replicas, servers) {
+                    out.push((true, what.clone(), w));
+                }
+                out.push((true, what, "will be created".into()))
+            }
             Err(e) => out.push((
                 false,
                 what,
@@ -367,5 +385,44 @@ pub(super) async fn check_nats(
             )),
         },
     }
+    let bucket = crate::backfill::bucket_name(&s.name);
+    if let Ok(mut kv) = js.get_stream(format!("KV_{bucket}")).await
+        && let Ok(i) = kv.info().await
+        && let Some(w) = replica_warning(i.config.num_replicas.max(1), servers)
+    {
+        out.push((true, format!("bucket {bucket:?}"), w));
+    }
     Ok(out)
+}
+
+/// A warning when `replicas` is fewer than a cluster of `servers` could give (up to
+/// 3, JetStream's usual and the most a majority needs).
+fn replica_warning(replicas: usize, servers: usize) -> Option<String> {
+    let could = servers.min(3);
+    (replicas < could).then(|| {
+        format!(
+            "warning: {replicas} replica(s) on a cluster of {servers} servers: losing one server loses or blocks it; set replicas = {could} in [source.stream] (an existing stream or bucket keeps its count: raise it with `nats stream edit --replicas {could}`)"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replica_warning;
+
+    #[test]
+    fn fewer_replicas_than_the_cluster_could_give_warn() {
+        assert_eq!(replica_warning(1, 1), None);
+        assert_eq!(replica_warning(3, 3), None);
+        assert_eq!(
+            replica_warning(3, 5),
+            None,
+            "three is enough for a majority"
+        );
+        assert_eq!(replica_warning(2, 2), None);
+        let w = replica_warning(1, 3).expect("warns");
+        assert!(w.contains("replicas = 3"), "{w}");
+        let w = replica_warning(1, 2).expect("warns");
+        assert!(w.contains("replicas = 2"), "{w}");
+    }
 }

@@ -5,6 +5,7 @@
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 
+use crate::jetstream::disruption::Disruptions;
 use crate::jetstream::params::{NatsAuth, NatsConfig, Storage, StreamConfig};
 use crate::position::{EventId, StreamTail};
 
@@ -73,10 +74,33 @@ fn js_err<E: std::error::Error + Send + Sync + 'static>(
 
 /// Connects to NATS with the configured authentication.
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, ProvisionError> {
+    connect_with(cfg, name, None).await
+}
+
+/// Connects as `connect` does, counting the connection's disruptions in `disruptions`.
+pub async fn connect_watched(
+    cfg: &NatsConfig,
+    name: &str,
+    disruptions: &Disruptions,
+) -> Result<async_nats::Client, ProvisionError> {
+    connect_with(cfg, name, Some(disruptions.clone())).await
+}
+
+async fn connect_with(
+    cfg: &NatsConfig,
+    name: &str,
+    disruptions: Option<Disruptions>,
+) -> Result<async_nats::Client, ProvisionError> {
     let mut opts = ConnectOptions::new()
         .name(name)
         .connection_timeout(cfg.connect_timeout)
         .require_tls(cfg.tls_required);
+    if let Some(d) = disruptions {
+        opts = opts.event_callback(move |event| {
+            d.on_event(&event);
+            async {}
+        });
+    }
     if let Some(ca) = &cfg.tls_ca_file {
         opts = opts.add_root_certificates(ca.clone());
     }

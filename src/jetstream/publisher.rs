@@ -25,6 +25,7 @@ use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, Context};
 
 use crate::events::mapping::DomainEvent;
+use crate::jetstream::disruption::{self, Disruptions};
 use crate::position::EventId;
 use std::str::FromStr as _;
 use tracing::warn;
@@ -57,6 +58,10 @@ pub enum PublishError {
         "JetStream reported event {event_id} as a duplicate: it was already stored, so the pipeline rebuilds from the stream's tail"
     )]
     Duplicate { event_id: EventId },
+    #[error(
+        "the ack of event {event_id} may be lost ({in_flight} publishes in flight): the NATS connection dropped or the stream got a new leader after it was sent, so the pipeline resends from the stream's tail"
+    )]
+    Disrupted { event_id: EventId, in_flight: usize },
     #[error("sending event {event_id} of an atomic batch to {subject} failed: {reason}")]
     Batch {
         event_id: EventId,
@@ -127,6 +132,8 @@ struct InFlight {
     sent: std::time::Instant,
     /// The event's commit time, Unix seconds.
     commit_time: Option<f64>,
+    /// The disruption count when it was sent.
+    epoch: u64,
 }
 
 /// An acknowledged publish.
@@ -163,6 +170,8 @@ pub struct Publisher {
     last_sent_seq: u64,
     /// See `set_careful`.
     careful: bool,
+    /// See `watch`.
+    disruptions: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl Publisher {
@@ -188,7 +197,18 @@ impl Publisher {
             batch: None,
             last_sent_seq: tail_seq,
             careful: false,
+            disruptions: None,
         }
+    }
+
+    /// Fails a publish still unanswered after a disruption counted in `d` (see
+    /// `disruption`), instead of waiting out the ack timeout.
+    pub fn watch(&mut self, d: &Disruptions) {
+        self.disruptions = Some(d.subscribe());
+    }
+
+    fn epoch(&self) -> u64 {
+        self.disruptions.as_ref().map_or(0, |rx| *rx.borrow())
     }
 
     pub fn has_capacity(&self) -> bool {
@@ -272,6 +292,8 @@ impl Publisher {
         count: u64,
         commit_time: Option<f64>,
     ) -> Result<(), PublishError> {
+        // Counted before the send: a disruption during it fails the publish.
+        let epoch = self.epoch();
         let ack = self
             .js
             .send_publish(subject.clone(), msg)
@@ -288,6 +310,7 @@ impl Publisher {
             count,
             sent: std::time::Instant::now(),
             commit_time,
+            epoch,
         });
         self.last_sent_seq += count;
         // Every message sent counts once; the ack of a batch's commit releases all.
@@ -375,7 +398,22 @@ impl Publisher {
         let Some(front) = self.in_flight.front_mut() else {
             return std::future::pending().await;
         };
-        let result = (&mut front.ack).await;
+        let result = match self.disruptions.as_mut() {
+            None => (&mut front.ack).await,
+            Some(rx) => {
+                let epoch = front.epoch;
+                tokio::select! {
+                    biased;
+                    r = &mut front.ack => r,
+                    _ = disruption::after(rx, epoch) => {
+                        return Err(PublishError::Disrupted {
+                            event_id: front.event_id.clone(),
+                            in_flight: self.unacked,
+                        });
+                    }
+                }
+            }
+        };
         // The front entry is removed only after its future completed.
         let done = self
             .in_flight

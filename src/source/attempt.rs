@@ -14,6 +14,7 @@ use super::pipeline::Pipeline;
 use super::plan::plan_tables;
 use crate::backfill::{self, BackfillError};
 use crate::config::{NatsConfig, SnapshotMode, SourceConfig};
+use crate::jetstream::disruption::{Disruptions, LeaderWatch};
 use crate::jetstream::provision::{self, ProvisionError};
 use crate::jetstream::publisher::Publisher;
 use crate::position::Lsn;
@@ -59,7 +60,9 @@ pub(super) async fn run_attempt(
     }
 
     // NATS: the stream and what it already holds.
-    let client = provision::connect(nats, &format!("tidemark-{}", cfg.name)).await?;
+    let disruptions = Disruptions::new();
+    let client =
+        provision::connect_watched(nats, &format!("tidemark-{}", cfg.name), &disruptions).await?;
     let max_payload = client.server_info().max_payload;
     if max_payload > 0 && cfg.max_event_bytes > max_payload {
         return Err(ProvisionError::PayloadLimit {
@@ -74,6 +77,7 @@ pub(super) async fn run_attempt(
     }
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = provision::ensure_stream(&js, &cfg.stream).await?;
+    let _leader_watch = LeaderWatch::start(&client, &cfg.stream.name, &disruptions).await;
     let mut tail = provision::read_tail(&mut stream, &cfg.name).await?;
     let tail_key = provision::last_event_key(&stream, &tail).await;
     let progress = backfill::Progress::open(&js, &cfg.name, cfg.stream.replicas)
@@ -271,6 +275,7 @@ pub(super) async fn run_attempt(
         cfg.ack_timeout,
     );
     let mut publisher = publisher;
+    publisher.watch(&disruptions);
     if tail.last_event.is_none() && tail.last_seq > 0 && !cfg.atomic_transactions {
         // Emptied or aged out: what the slot sends again may be stored already. (Not
         // in atomic mode: a batch's duplicate is not one event's.)

@@ -490,6 +490,100 @@ impl Drop for NatsServer {
     }
 }
 
+/// N nats-servers in one JetStream cluster (routes on loopback, free ports, one temp
+/// store each), for failover tests. Node `i` is named `n{i}`.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub async fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, cp)| {
+                let name = format!("n{i}");
+                let cluster = format!("nats://127.0.0.1:{cp}");
+                NatsServer::start_with(&[
+                    "--name",
+                    &name,
+                    "--cluster_name",
+                    "tidemark-test",
+                    "--cluster",
+                    &cluster,
+                    "--routes",
+                    &routes,
+                ])
+            })
+            .collect();
+        let c = NatsCluster { nodes };
+        c.wait_jetstream().await;
+        c
+    }
+
+    /// The client URLs of every node, as a TOML array's items.
+    pub fn servers_toml(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A client that knows every node (it fails over as tidemark's does).
+    pub async fn client(&self) -> async_nats::Client {
+        let urls: Vec<String> = self.nodes.iter().map(|n| n.url()).collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(urls)
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// Waits until the cluster has a JetStream meta leader (requests then succeed).
+    pub async fn wait_jetstream(&self) {
+        let client = self.client().await;
+        let js = async_nats::jetstream::new(client);
+        wait_until(
+            "the cluster's JetStream to answer",
+            Duration::from_secs(60),
+            || {
+                let js = js.clone();
+                async move { js.query_account().await.is_ok() }
+            },
+        )
+        .await;
+    }
+
+    /// The node that leads `stream` now, if it has a leader.
+    pub async fn stream_leader(&self, client: &async_nats::Client, stream: &str) -> Option<usize> {
+        let js = async_nats::jetstream::new(client.clone());
+        let mut s = js.get_stream(stream).await.ok()?;
+        let info = s.info().await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        leader.strip_prefix('n')?.parse().ok()
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(mut c) = node.child.take() {
+            kill(&mut c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its kept store.
+    pub fn start_again(&mut self, i: usize) {
+        self.nodes[i].start_again();
+    }
+}
+
 /// A running `tidemark` process.
 pub struct Tidemark {
     child: Option<Child>,
