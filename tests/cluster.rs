@@ -235,3 +235,172 @@ async fn a_follower_lost_and_restarted_on_its_store_changes_nothing() {
     );
     drop(tm);
 }
+
+/// Writes one row per transaction into `item` of `db` until `stop`, riding out a
+/// database that goes away (a failed insert is retried on a new connection); returns
+/// the rows written.
+fn writer(url: String, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut written = 0u64;
+        let mut client: Option<tokio_postgres::Client> = None;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        Some(c)
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+            }
+            let Some(c) = client.as_ref() else { continue };
+            let id = written as i64 + 1;
+            // The row's id is the count written so far: a failed commit is retried
+            // with the same id, and one that committed but lost its reply is skipped
+            // by ON CONFLICT (the count comes from the table at the end anyway).
+            let _ = c
+                .execute(
+                    "INSERT INTO item VALUES ($1, 'x') ON CONFLICT DO NOTHING",
+                    &[&id],
+                )
+                .await
+                .map(|_| written += 1);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        written
+    })
+}
+
+/// Joins the [[source]] sections of several single-source configs into one file.
+fn joined_config(
+    dir: &std::path::Path,
+    name: &str,
+    parts: &[&std::path::Path],
+) -> std::path::PathBuf {
+    let mut text = String::new();
+    for (i, p) in parts.iter().enumerate() {
+        let t = std::fs::read_to_string(p).unwrap();
+        let at = if i == 0 {
+            0
+        } else {
+            t.find("[[source]]").unwrap()
+        };
+        text.push_str(&t[at..]);
+        text.push('\n');
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Three sources on one cluster: two in one process (databases on two Postgres
+/// servers), one in another process. One Postgres goes down under load: its source
+/// waits and catches up when it returns; the other two never stop; every stream holds
+/// each of its table's rows once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sources_on_one_cluster_and_one_database_down() {
+    let pg1 = PgServer::start();
+    let mut pg2 = PgServer::start();
+    let cluster = NatsCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs = Vec::new();
+    for (name, pg) in [("a", &pg1), ("b", &pg1), ("c", &pg2)] {
+        let db = pg.create_db(name).await;
+        db.batch_execute("CREATE TABLE item (id bigint PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+        let cfg = write_config(
+            dir.path(),
+            pg,
+            &cluster.nodes[0],
+            &SourceSpec {
+                sections: "replicas = 3",
+                ..SourceSpec::new(name, name)
+            },
+        );
+        edit_file(
+            &cfg,
+            &format!("servers = [\"{}\"]", cluster.nodes[0].url()),
+            &format!("servers = [{}]", cluster.servers_toml()),
+        );
+        configs.push(cfg);
+    }
+    let both = joined_config(dir.path(), "ac.toml", &[&configs[0], &configs[2]]);
+    let mut p1 = Tidemark::run(&both, &dir.path().join("ac.log"));
+    let mut p2 = Tidemark::run(&configs[1], &dir.path().join("b.log"));
+    p1.wait_streaming();
+    p2.wait_streaming();
+    let nc = cluster.client().await;
+    wait_until("three streams", Duration::from_secs(60), || {
+        let nc = nc.clone();
+        async move {
+            let js = async_nats::jetstream::new(nc);
+            for s in ["A", "B", "C"] {
+                if js.get_stream(s).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = [(&pg1, "a"), (&pg1, "b"), (&pg2, "c")]
+        .into_iter()
+        .map(|(pg, db)| writer(pg.url(db), stop.clone()))
+        .collect();
+    wait_stream_count(&nc, "C", 200, Duration::from_secs(60), || p1.log()).await;
+
+    // C's database goes away; A (same process) and B (another) keep streaming.
+    pg2.stop();
+    // What C had in flight at the stop lands first; then C stands still while A (same
+    // process) and B (another process) go on.
+    let a0 = stream_count(&nc, "A").await;
+    wait_stream_count(&nc, "A", a0 + 150, Duration::from_secs(30), || p1.log()).await;
+    let c0 = stream_count(&nc, "C").await;
+    let a1 = stream_count(&nc, "A").await;
+    let b1 = stream_count(&nc, "B").await;
+    wait_stream_count(&nc, "A", a1 + 300, Duration::from_secs(30), || p1.log()).await;
+    wait_stream_count(&nc, "B", b1 + 300, Duration::from_secs(30), || p2.log()).await;
+    assert_eq!(
+        stream_count(&nc, "C").await,
+        c0,
+        "nothing new while C's database is down"
+    );
+    pg2.start_again();
+    wait_stream_count(&nc, "C", c0 + 200, Duration::from_secs(60), || p1.log()).await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    for (name, pg, tm) in [("a", &pg1, &p1), ("b", &pg1, &p2), ("c", &pg2, &p1)] {
+        let db = pg.client(name).await;
+        let rows: i64 = db
+            .query_one("SELECT count(*) FROM item", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let stream = name.to_uppercase();
+        wait_stream_count(&nc, &stream, rows as u64, Duration::from_secs(60), || {
+            tm.log()
+        })
+        .await;
+        let events = read_stream(&nc, &stream).await;
+        assert_eq!(events.len() as i64, rows, "stream {stream}");
+        assert_exactly_once(&events);
+    }
+    // The process noticed C's loss, in C's name, and went on.
+    assert!(
+        p1.log()
+            .lines()
+            .any(|l| l.contains("source=c") && l.contains("pipeline failed")),
+        "{}",
+        p1.log()
+    );
+    drop((p1, p2));
+}
