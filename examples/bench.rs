@@ -13,6 +13,8 @@
 //!    and peak RSS, which shows memory does not grow with the transaction.
 //! 5. An initial snapshot of a table (default 1,000,000 rows): rows/s idle, then the
 //!    same while pgbench runs about 1,000 TPC-B transactions/s on the same database.
+//! 6. The backlog again (default 100,000 changes) into an R3 stream on a 3-node
+//!    JetStream cluster on this machine: events/s beside the single server's.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -31,6 +33,7 @@ struct Args {
     live_secs: u64,
     live_tps: u64,
     window: usize,
+    cluster: u64,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +45,7 @@ fn parse_args() -> Args {
         live_secs: 10,
         live_tps: 200,
         window: 1024,
+        cluster: 100_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -59,6 +63,7 @@ fn parse_args() -> Args {
             "--live-secs" => a.live_secs = val(),
             "--live-tps" => a.live_tps = val().max(1),
             "--window" => a.window = val().max(1) as usize,
+            "--cluster" => a.cluster = val() / 100 * 100,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -72,7 +77,7 @@ fn usage(msg: &str) -> ! {
         eprintln!("error: {msg}");
     }
     eprintln!(
-        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--snapshot ROWS (1000000, 0 skips)] [--chunk ROWS (5000)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)]"
+        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--snapshot ROWS (1000000, 0 skips)] [--chunk ROWS (5000)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)] [--cluster CHANGES (100000, 0 skips): the backlog again on a 3-node cluster, R3]"
     );
     std::process::exit(2)
 }
@@ -267,6 +272,42 @@ async fn main() {
     let nats_secs = t.elapsed().as_secs_f64();
     let nats_rate = n as f64 / nats_secs;
 
+    // Ceiling 3: the same, chained as tidemark publishes (each publish names the
+    // sequence that must precede it).
+    let events = read_raw(&nc, "BENCH", n).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "CHAINED".into(),
+        subjects: vec!["chained.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("chained stream");
+    let t = Instant::now();
+    let mut inflight = std::collections::VecDeque::new();
+    for (k, (subject, id, payload)) in events.into_iter().enumerate() {
+        let ack = js
+            .send_publish(
+                format!("chained.{subject}"),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .message_id(id)
+                    .expected_last_sequence(k as u64),
+            )
+            .await
+            .expect("publish");
+        inflight.push_back(ack);
+        if inflight.len() >= args.window
+            && let Some(a) = inflight.pop_front()
+        {
+            a.await.expect("ack");
+        }
+    }
+    for a in inflight {
+        a.await.expect("ack");
+    }
+    let chained_secs = t.elapsed().as_secs_f64();
+    let chained_rate = n as f64 / chained_secs;
+
     // Live load: commit-to-ack latency.
     let live = live_latency(&db, &nc, args.live_secs, args.live_tps).await;
     let _ = tm.terminate(Duration::from_secs(60));
@@ -315,7 +356,14 @@ async fn main() {
         None
     };
 
-    let ceiling = pg_rate.min(nats_rate);
+    // The backlog again, into an R3 stream on a 3-node cluster.
+    let cluster = if args.cluster > 0 {
+        Some(cluster_backlog(&pg, dir.path(), args.cluster, args.window).await)
+    } else {
+        None
+    };
+
+    let ceiling = pg_rate.min(chained_rate);
     println!();
     println!(
         "== results ({} changes, publish window {}) ==",
@@ -324,14 +372,17 @@ async fn main() {
     println!("pg_recvlogical ceiling : {pg_rate:>10.0} changes/s ({pg_secs:.2}s)");
     println!("bare NATS ceiling      : {nats_rate:>10.0} events/s  ({nats_secs:.2}s)");
     println!(
+        "chained NATS ceiling   : {chained_rate:>10.0} events/s  ({chained_secs:.2}s; Nats-Msg-Id and expected last sequence, as tidemark publishes)"
+    );
+    println!(
         "tidemark               : {tm_rate:>10.0} events/s  ({tm_secs:.2}s from process start to last ack)"
     );
     println!(
         "tidemark / slower ceiling ({}): {:.0}%",
-        if pg_rate < nats_rate {
+        if pg_rate < chained_rate {
             "postgres"
         } else {
-            "nats"
+            "chained nats"
         },
         100.0 * tm_rate / ceiling
     );
@@ -363,6 +414,13 @@ async fn main() {
             "initial snapshot of a {rows}-row table (chunks of {}): {:.0} rows/s ({secs:.2}s), peak RSS {:.1} MiB",
             args.chunk,
             rows as f64 / secs,
+            mib(rss)
+        );
+    }
+    if let Some((changes, secs, rss)) = cluster {
+        println!(
+            "3-node cluster, R3 stream: {:.0} events/s ({changes} changes in {secs:.2}s; single server above: {tm_rate:.0}/s), peak RSS {:.1} MiB",
+            changes as f64 / secs,
             mib(rss)
         );
     }
@@ -585,4 +643,47 @@ async fn big_transaction(
     let (elapsed, peak, mut tm) = run_until(&cfg, &dir.join("big.log"), &nc, "BIG", rows).await;
     let _ = tm.terminate(Duration::from_secs(60));
     (rows, elapsed.as_secs_f64(), peak)
+}
+
+/// The backlog of `changes` into an R3 stream on a 3-node cluster: (changes, seconds,
+/// peak RSS).
+async fn cluster_backlog(
+    pg: &PgServer,
+    dir: &std::path::Path,
+    changes: u64,
+    window: usize,
+) -> (u64, f64, u64) {
+    let cluster = NatsCluster::start(3).await;
+    let db = pg.create_db("clustered").await;
+    db.batch_execute(SCHEMA).await.expect("schema");
+    for sql in [
+        "CREATE PUBLICATION tidemark_clustered FOR TABLE orders",
+        "SELECT pg_create_logical_replication_slot('tidemark_clustered', 'pgoutput')",
+    ] {
+        db.batch_execute(sql).await.expect("publication and slot");
+    }
+    db.batch_execute(&backlog_sql(changes / 100))
+        .await
+        .expect("backlog");
+    let cfg = write_config(
+        dir,
+        pg,
+        &cluster.nodes[0],
+        &SourceSpec {
+            tables: "tables = [\"orders\"]",
+            extra: &format!("publish_window = {window}"),
+            sections: "replicas = 3",
+            ..SourceSpec::new("clustered", "clustered")
+        },
+    );
+    edit_file(
+        &cfg,
+        &format!("servers = [\"{}\"]", cluster.nodes[0].url()),
+        &format!("servers = [{}]", cluster.servers_toml()),
+    );
+    let nc = cluster.client().await;
+    let (elapsed, peak, mut tm) =
+        run_until(&cfg, &dir.join("clustered.log"), &nc, "CLUSTERED", changes).await;
+    let _ = tm.terminate(Duration::from_secs(60));
+    (changes, elapsed.as_secs_f64(), peak)
 }

@@ -25,8 +25,28 @@ fn yaml(file: &str) -> Vec<Yaml> {
 fn the_compose_file_starts_the_reference_setup_with_a_valid_config() {
     let docs = yaml("docker-compose.yml");
     let services = &docs[0]["services"];
-    for name in ["postgres", "nats", "tidemark", "projector"] {
+    for name in [
+        "postgres",
+        "nats1",
+        "nats2",
+        "nats3",
+        "tidemark",
+        "projector",
+    ] {
         assert!(!services[name].is_badvalue(), "service {name} missing");
+    }
+    // NATS is one 3-node JetStream cluster: each node routes to all three.
+    for i in 1..=3 {
+        let cmd: Vec<&str> = services[format!("nats{i}").as_str()]["command"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(cmd.contains(&"-js"), "nats{i}: {cmd:?}");
+        let routes = cmd[cmd.iter().position(|a| *a == "--routes").unwrap() + 1];
+        assert_eq!(routes.split(',').count(), 3, "nats{i}: {routes}");
+        assert!(cmd.contains(&"--cluster_name"), "nats{i}: {cmd:?}");
     }
     let pg_command: Vec<&str> = services["postgres"]["command"]
         .as_vec()
@@ -51,6 +71,8 @@ fn the_compose_file_starts_the_reference_setup_with_a_valid_config() {
     let cfg = tidemark::config::parse(&deploy(file), &read(file), &lookup)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.sources[0].postgres.host, "postgres");
+    assert_eq!(cfg.nats.servers.len(), 3, "the client knows every node");
+    assert_eq!(cfg.sources[0].stream.replicas, 3);
     assert_eq!(cfg.projections.len(), 1);
     let port = cfg.metrics.as_ref().unwrap().listen.port();
     assert_eq!(
