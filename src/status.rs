@@ -137,6 +137,59 @@ impl SourceStatus {
     }
 }
 
+/// Gathers the status of every source, in order.
+pub async fn all_sources(
+    sources: &[SourceConfig],
+    nats: &NatsConfig,
+    projections: &[crate::config::ProjectionConfig],
+) -> Vec<SourceStatus> {
+    let mut all = Vec::new();
+    for source in sources {
+        all.push(source_status(source, nats, projections).await);
+    }
+    all
+}
+
+/// The JSON `status --json` prints and the status page reads: an array of sources,
+/// each with its `problems`, and its process's readiness under `readyz` when
+/// `readiness` knows it.
+pub fn to_json(
+    all: &[SourceStatus],
+    readiness: impl Fn(&str) -> Option<serde_json::Value>,
+) -> serde_json::Value {
+    serde_json::Value::Array(
+        all.iter()
+            .map(|s| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                v["problems"] = serde_json::json!(s.problems());
+                if let Some(r) = readiness(&s.source) {
+                    v["readyz"] = r;
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+/// A readiness value (`{ready, reasons}`) in words.
+pub fn render_readiness(v: &serde_json::Value) -> String {
+    match v["ready"].as_bool() {
+        Some(true) => "ready".to_string(),
+        Some(false) => format!(
+            "NOT READY: {}",
+            v["reasons"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "))
+                .unwrap_or_default()
+        ),
+        None => "unreachable (is `tidemark run` running?)".to_string(),
+    }
+}
+
 /// Gathers the status of one source.
 pub async fn source_status(
     s: &SourceConfig,

@@ -243,6 +243,34 @@ impl Telemetry {
         self.streaming.get_or_create(&Self::label(source)).set(0);
     }
 
+    /// One source's readiness in this process, as JSON: `{ready, reasons, streaming,
+    /// stalled, lag_seconds}` (what the status page shows of the running process).
+    pub fn source_readiness(&self, source: &str) -> serde_json::Value {
+        let reasons: Vec<String> = match self.readiness() {
+            Ok(()) => Vec::new(),
+            Err(all) => all
+                .into_iter()
+                .filter(|r| r.starts_with(&format!("source {source} ")))
+                .collect(),
+        };
+        let st = self.state.lock().ok().and_then(|s| {
+            s.get(source)
+                .map(|st| (st.streaming, st.stalled, st.lag_seconds))
+        });
+        match st {
+            None => {
+                serde_json::json!({"ready": null, "reasons": ["this process does not run the source"]})
+            }
+            Some((streaming, stalled, lag)) => serde_json::json!({
+                "ready": reasons.is_empty(),
+                "reasons": reasons,
+                "streaming": streaming,
+                "stalled": stalled,
+                "lag_seconds": lag,
+            }),
+        }
+    }
+
     /// Ready when every source streams with its lag under the limit; otherwise the
     /// reasons.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
@@ -272,10 +300,28 @@ impl Telemetry {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until `cancel` fires.
+/// Gathers what the status page shows (the JSON of `status --json`).
+pub type StatusFn = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The status page: one self-contained HTML file (inline style and script, no
+/// external assets) that polls `status.json` every second and draws each source's
+/// chain of positions. It only reads.
+pub const STATUS_PAGE: &str = include_str!("status_page.html");
+
+/// How long gathering the status may take before `/status.json` answers with an error.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Serves `/metrics`, `/healthz`, `/readyz`, and with `status` the status page (`/`)
+/// and its data (`/status.json`), on `listen` until `cancel` fires. Every route only
+/// reads.
 pub async fn serve(
     listen: std::net::SocketAddr,
     telemetry: Arc<Telemetry>,
+    status: Option<StatusFn>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -292,6 +338,7 @@ pub async fn serve(
             },
         };
         let telemetry = telemetry.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut len = 0;
@@ -312,30 +359,28 @@ pub async fn serve(
             let head = String::from_utf8_lossy(&buf[..len]);
             let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, content_type, body) = match (method, path) {
-                ("GET", "/metrics") => (
+            // The page's own query strings (none today) do not change the route.
+            let path = path.split('?').next().unwrap_or_default();
+            let (code, content_type, body) = match (method, path, &status) {
+                ("GET", "/" | "/index.html", Some(_)) => (
                     "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    telemetry.encode(),
+                    "text/html; charset=utf-8",
+                    STATUS_PAGE.to_string(),
                 ),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") => match telemetry.readiness() {
-                    Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
-                    Err(p) => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!("not ready:\n{}\n", p.join("\n")),
-                    ),
-                },
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics, /healthz or /readyz\n".into(),
-                ),
-                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+                ("GET", "/status.json", Some(gather)) => {
+                    match tokio::time::timeout(STATUS_TIMEOUT, gather()).await {
+                        Ok(v) => ("200 OK", "application/json", v.to_string()),
+                        Err(_) => (
+                            "503 Service Unavailable",
+                            "application/json",
+                            serde_json::json!({"error": format!("gathering the status took over {}s", STATUS_TIMEOUT.as_secs())}).to_string(),
+                        ),
+                    }
+                }
+                _ => route(method, path, &telemetry),
             };
             let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             if let Err(e) = conn.write_all(response.as_bytes()).await {
@@ -343,6 +388,32 @@ pub async fn serve(
             }
             let _ = conn.shutdown().await;
         });
+    }
+}
+
+/// The fixed routes: metrics and probes.
+fn route(method: &str, path: &str, telemetry: &Telemetry) -> (&'static str, &'static str, String) {
+    match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            telemetry.encode(),
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") => match telemetry.readiness() {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
+            Err(p) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready:\n{}\n", p.join("\n")),
+            ),
+        },
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /, /status.json, /metrics, /healthz or /readyz\n".into(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     }
 }
 

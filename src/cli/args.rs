@@ -190,6 +190,9 @@ pub enum Command {
         /// Print JSON (one array of sources) instead of the table.
         #[arg(long)]
         json: bool,
+        /// Redraw the chain every second until interrupted (Ctrl-C).
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
 }
 

@@ -176,7 +176,12 @@ async fn dispatch(cli: Cli) -> Outcome {
             Ok(cfg) => wait(cfg, &projection, lsn, timeout).await,
             Err(f) => Err(f),
         },
-        Command::Status { config, json } => match load(&config) {
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => match load(&config) {
+            Ok(cfg) if watch => status_watch(cfg).await,
             Ok(cfg) => status(cfg, json).await,
             Err(f) => Err(f),
         },

@@ -5,7 +5,8 @@ use super::*;
 
 pub(super) async fn run_sources(cfg: Config) -> Outcome {
     let root = CancellationToken::new();
-    let tel = match start_metrics(&cfg, &root, cfg.metrics.as_ref().map(|m| m.listen)) {
+    let page = status_page(&cfg, cfg.sources.clone(), cfg.projections.clone());
+    let tel = match start_metrics(&cfg, &root, cfg.metrics.as_ref().map(|m| m.listen), page) {
         Ok(t) => t,
         Err(f) => return Err(f),
     };
@@ -24,11 +25,55 @@ pub(super) async fn run_sources(cfg: Config) -> Outcome {
     code
 }
 
-/// The metrics of this process, served on `[metrics] listen` when configured.
+/// What the status page of this process shows: `sources` with `projections`, and
+/// this process's own readiness of each source it runs. The telemetry is filled in
+/// once it exists.
+pub(super) struct StatusPage {
+    sources: Vec<config::SourceConfig>,
+    projections: Vec<config::ProjectionConfig>,
+    nats: config::NatsConfig,
+    /// Whether this process runs the sources (then their readiness is shown).
+    runs_sources: bool,
+}
+
+pub(super) fn status_page(
+    cfg: &Config,
+    sources: Vec<config::SourceConfig>,
+    projections: Vec<config::ProjectionConfig>,
+) -> StatusPage {
+    StatusPage {
+        sources,
+        projections,
+        nats: cfg.nats.clone(),
+        runs_sources: true,
+    }
+}
+
+impl StatusPage {
+    fn gather(
+        self,
+        tel: std::sync::Arc<crate::telemetry::Telemetry>,
+    ) -> crate::telemetry::StatusFn {
+        let page = std::sync::Arc::new(self);
+        std::sync::Arc::new(move || {
+            let page = page.clone();
+            let tel = tel.clone();
+            Box::pin(async move {
+                let all =
+                    crate::status::all_sources(&page.sources, &page.nats, &page.projections).await;
+                crate::status::to_json(&all, |s| page.runs_sources.then(|| tel.source_readiness(s)))
+            })
+        })
+    }
+}
+
+/// The metrics of this process, served on `[metrics] listen` when configured, with
+/// the status page.
 pub(super) fn start_metrics(
     cfg: &Config,
     root: &CancellationToken,
     listen: Option<std::net::SocketAddr>,
+    page: StatusPage,
 ) -> Result<std::sync::Arc<crate::telemetry::Telemetry>, Failure> {
     let tel = crate::telemetry::Telemetry::new(
         cfg.metrics
@@ -46,8 +91,10 @@ pub(super) fn start_metrics(
             }
         }
         let (tel, token) = (tel.clone(), root.child_token());
+        let gather = page.gather(tel.clone());
+        info!(url = %page_url(addr), "status page");
         tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::serve(addr, tel, token).await {
+            if let Err(e) = crate::telemetry::serve(addr, tel, Some(gather), token).await {
                 error!(error = %e, address = %addr, "metrics endpoint failed");
             }
         });
@@ -120,10 +167,20 @@ pub(super) async fn project(cfg: Config, names: Vec<String>) -> Outcome {
         ));
     }
     let root = CancellationToken::new();
+    // The page shows the sources these projections read, with only them.
+    let sources = cfg
+        .sources
+        .iter()
+        .filter(|s| chosen.iter().any(|p| p.source == s.name))
+        .cloned()
+        .collect();
+    let mut page = status_page(&cfg, sources, chosen.clone());
+    page.runs_sources = false;
     let tel = match start_metrics(
         &cfg,
         &root,
         cfg.metrics.as_ref().and_then(|m| m.project_listen),
+        page,
     ) {
         Ok(t) => t,
         Err(f) => return Err(f),
@@ -187,4 +244,12 @@ pub(super) async fn rebuild(cfg: Config, name: &str) -> Outcome {
         }
         Err(e) => Err(Failure::of(&e)),
     }
+}
+
+/// The status page's address as a person types it (127.0.0.1 for all addresses).
+fn page_url(mut addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}/")
 }

@@ -3,53 +3,26 @@
 use super::*;
 
 pub(super) async fn status(cfg: Config, json: bool) -> Outcome {
-    let mut all = Vec::new();
-    for source in &cfg.sources {
-        all.push(crate::status::source_status(source, &cfg.nats, &cfg.projections).await);
-    }
+    let all = crate::status::all_sources(&cfg.sources, &cfg.nats, &cfg.projections).await;
     // The running process's own readiness, from its /readyz, so that status and the
     // probes say the same.
     let readyz = match &cfg.metrics {
         Some(m) => Some(crate::telemetry::fetch_readyz(m.listen).await),
         None => None,
     };
+    let readiness = |source: &str| {
+        readyz
+            .as_ref()
+            .map(|r| crate::telemetry::readiness_of(r, source))
+    };
     let healthy = all.iter().all(|s| s.problems().is_empty());
     if json {
-        let values: Vec<serde_json::Value> = all
-            .iter()
-            .map(|s| {
-                let mut v = serde_json::to_value(s).unwrap_or_default();
-                v["problems"] = serde_json::json!(s.problems());
-                if let Some(r) = &readyz {
-                    v["readyz"] = crate::telemetry::readiness_of(r, &s.source);
-                }
-                v
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(values));
+        println!("{}", crate::status::to_json(&all, readiness));
     } else {
         for s in &all {
             print!("{}", crate::status::render(s));
-            if let Some(r) = &readyz {
-                let v = crate::telemetry::readiness_of(r, &s.source);
-                println!(
-                    "  readyz    {}",
-                    match v["ready"].as_bool() {
-                        Some(true) => "ready".to_string(),
-                        Some(false) => format!(
-                            "NOT READY: {}",
-                            v["reasons"]
-                                .as_array()
-                                .map(|a| a
-                                    .iter()
-                                    .filter_map(|x| x.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join("; "))
-                                .unwrap_or_default()
-                        ),
-                        None => "unreachable (is `tidemark run` running?)".to_string(),
-                    }
-                );
+            if let Some(v) = readiness(&s.source) {
+                println!("  readyz    {}", crate::status::render_readiness(&v));
             }
         }
     }
@@ -58,6 +31,53 @@ pub(super) async fn status(cfg: Config, json: bool) -> Outcome {
     } else {
         Err(Failure::Reported)
     }
+}
+
+/// `status --watch`: the chain redrawn every second, until Ctrl-C.
+pub(super) async fn status_watch(cfg: Config) -> Outcome {
+    loop {
+        let all = crate::status::all_sources(&cfg.sources, &cfg.nats, &cfg.projections).await;
+        let readyz = match &cfg.metrics {
+            Some(m) => Some(crate::telemetry::fetch_readyz(m.listen).await),
+            None => None,
+        };
+        let mut screen = String::from("\x1b[2J\x1b[H");
+        screen.push_str(&format!(
+            "tidemark status, every second (Ctrl-C to stop)  {}\n\n",
+            humantime_now()
+        ));
+        for s in &all {
+            screen.push_str(&crate::status::render(s));
+            if let Some(r) = &readyz {
+                let v = crate::telemetry::readiness_of(r, &s.source);
+                screen.push_str(&format!(
+                    "  readyz    {}\n",
+                    crate::status::render_readiness(&v)
+                ));
+            }
+            screen.push('\n');
+        }
+        print!("{screen}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The wall clock as `HH:MM:SS` UTC.
+fn humantime_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Duration) -> Outcome {
