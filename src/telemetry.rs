@@ -307,6 +307,25 @@ pub type StatusFn = Arc<
         + Sync,
 >;
 
+/// Answers `GET /wait?…` (read-your-writes) with an HTTP status code and JSON.
+pub type WaitFn = Arc<
+    dyn Fn(
+            String,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = (u16, serde_json::Value)> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What the listener serves beyond metrics and probes.
+#[derive(Clone)]
+pub struct Pages {
+    /// The status page's data.
+    pub status: StatusFn,
+    /// `tidemark project`'s read-your-writes endpoint.
+    pub wait: Option<WaitFn>,
+}
+
 /// The status page: one self-contained HTML file (inline style and script, no
 /// external assets) that polls `status.json` every second and draws each source's
 /// chain of positions. It only reads.
@@ -321,7 +340,7 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 pub async fn serve(
     listen: std::net::SocketAddr,
     telemetry: Arc<Telemetry>,
-    status: Option<StatusFn>,
+    pages: Option<Pages>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -338,7 +357,7 @@ pub async fn serve(
             },
         };
         let telemetry = telemetry.clone();
-        let status = status.clone();
+        let pages = pages.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut len = 0;
@@ -359,9 +378,10 @@ pub async fn serve(
             let head = String::from_utf8_lossy(&buf[..len]);
             let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            // The page's own query strings (none today) do not change the route.
-            let path = path.split('?').next().unwrap_or_default();
-            let (code, content_type, body) = match (method, path, &status) {
+            let (path, query) = path.split_once('?').unwrap_or((path, ""));
+            let status = pages.as_ref().map(|p| &p.status);
+            let wait = pages.as_ref().and_then(|p| p.wait.as_ref());
+            let (code, content_type, body) = match (method, path, status) {
                 ("GET", "/" | "/index.html", Some(_)) => (
                     "200 OK",
                     "text/html; charset=utf-8",
@@ -377,6 +397,13 @@ pub async fn serve(
                         ),
                     }
                 }
+                ("GET", "/wait", _) if wait.is_some() => {
+                    let (code, v) = match wait {
+                        Some(w) => w(query.to_string()).await,
+                        None => (404, serde_json::json!({})),
+                    };
+                    (http_status(code), "application/json", v.to_string())
+                }
                 _ => route(method, path, &telemetry),
             };
             let response = format!(
@@ -388,6 +415,17 @@ pub async fn serve(
             }
             let _ = conn.shutdown().await;
         });
+    }
+}
+
+/// The status line of the codes `/wait` answers with.
+fn http_status(code: u16) -> &'static str {
+    match code {
+        200 => "200 OK",
+        400 => "400 Bad Request",
+        404 => "404 Not Found",
+        408 => "408 Request Timeout",
+        _ => "503 Service Unavailable",
     }
 }
 

@@ -34,6 +34,8 @@ pub(super) struct StatusPage {
     nats: config::NatsConfig,
     /// Whether this process runs the sources (then their readiness is shown).
     runs_sources: bool,
+    /// For `project`: the config `GET /wait` answers from.
+    wait: Option<std::sync::Arc<Config>>,
 }
 
 pub(super) fn status_page(
@@ -46,10 +48,25 @@ pub(super) fn status_page(
         projections,
         nats: cfg.nats.clone(),
         runs_sources: true,
+        wait: None,
     }
 }
 
 impl StatusPage {
+    fn pages(self, tel: std::sync::Arc<crate::telemetry::Telemetry>) -> crate::telemetry::Pages {
+        let wait: Option<crate::telemetry::WaitFn> = self.wait.clone().map(|cfg| {
+            let f: crate::telemetry::WaitFn = std::sync::Arc::new(move |query: String| {
+                let cfg = cfg.clone();
+                Box::pin(async move { super::status::http_wait(&cfg, &query).await })
+            });
+            f
+        });
+        crate::telemetry::Pages {
+            status: self.gather(tel),
+            wait,
+        }
+    }
+
     fn gather(
         self,
         tel: std::sync::Arc<crate::telemetry::Telemetry>,
@@ -91,10 +108,10 @@ pub(super) fn start_metrics(
             }
         }
         let (tel, token) = (tel.clone(), root.child_token());
-        let gather = page.gather(tel.clone());
+        let pages = page.pages(tel.clone());
         info!(url = %page_url(addr), "status page");
         tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::serve(addr, tel, Some(gather), token).await {
+            if let Err(e) = crate::telemetry::serve(addr, tel, Some(pages), token).await {
                 error!(error = %e, address = %addr, "metrics endpoint failed");
             }
         });
@@ -176,6 +193,7 @@ pub(super) async fn project(cfg: Config, names: Vec<String>) -> Outcome {
         .collect();
     let mut page = status_page(&cfg, sources, chosen.clone());
     page.runs_sources = false;
+    page.wait = Some(std::sync::Arc::new(cfg.clone()));
     let tel = match start_metrics(
         &cfg,
         &root,

@@ -81,42 +81,7 @@ fn humantime_now() -> String {
 }
 
 pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Duration) -> Outcome {
-    let Some(p) = cfg.projections.iter().find(|p| p.name == projection) else {
-        return Err(Failure::Usage(format!(
-            "no [[projection]] is named {projection:?}"
-        )));
-    };
-    let Some(src) = cfg.sources.iter().find(|s| s.name == p.source) else {
-        return Err(Failure::Usage(format!(
-            "projection {projection:?} names no configured source"
-        )));
-    };
-    // Something committed after `lsn` must reach the stream: a sync message.
-    match Catalog::connect(&src.postgres).await {
-        Ok(c) => {
-            if let Err(e) = c
-                .client()
-                .simple_query("SELECT pg_logical_emit_message(true, 'tidemark.sync', '')")
-                .await
-            {
-                return Err(Failure::Failed(format!(
-                    "cannot write the sync message: {}",
-                    ErrorChain(&e)
-                )));
-            }
-        }
-        Err(e) => {
-            return Err(Failure::of(&e));
-        }
-    }
-    let client = match provision::connect(&cfg.nats, "tidemark-wait").await {
-        Ok(c) => c,
-        Err(e) => {
-            return Err(Failure::of(&e));
-        }
-    };
-    let js = async_nats::jetstream::new(client);
-    match crate::projection::wait_applied(&js, projection, lsn, timeout).await {
+    match read_your_writes(&cfg, projection, lsn, timeout).await {
         Ok(a) => {
             eprintln!(
                 "projection {projection} has applied through {} (stream sequence {})",
@@ -125,10 +90,159 @@ pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Durat
             );
             Ok(())
         }
-        Err(last) => Err(Failure::Failed(format!(
-            "projection {projection} did not reach {lsn} within {timeout:?} (it has applied through {})",
-            last.and_then(|a| a.lsn)
-                .unwrap_or_else(|| "nothing yet".into())
-        ))),
+        Err(WaitError::Unknown(m)) => Err(Failure::Usage(m)),
+        Err(WaitError::Failed(m)) => Err(Failure::Failed(m)),
+        Err(WaitError::TimedOut(m)) => Err(Failure::Failed(m)),
+    }
+}
+
+/// Why a read-your-writes wait did not succeed.
+pub(super) enum WaitError {
+    /// No such projection, or it names no configured source.
+    Unknown(String),
+    /// Postgres or NATS could not be asked.
+    Failed(String),
+    /// The projection did not reach the position in time.
+    TimedOut(String),
+}
+
+/// Waits until `projection` has applied everything up to `lsn` (writing a sync
+/// message first, so a position is reached even when nothing else is written): the
+/// semantics of `tidemark wait` and of `GET /wait`.
+pub(super) async fn read_your_writes(
+    cfg: &Config,
+    projection: &str,
+    lsn: Lsn,
+    timeout: Duration,
+) -> Result<crate::projection::Applied, WaitError> {
+    let Some(p) = cfg.projections.iter().find(|p| p.name == projection) else {
+        return Err(WaitError::Unknown(format!(
+            "no [[projection]] is named {projection:?}"
+        )));
+    };
+    let Some(src) = cfg.sources.iter().find(|s| s.name == p.source) else {
+        return Err(WaitError::Unknown(format!(
+            "projection {projection:?} names no configured source"
+        )));
+    };
+    // Something committed after `lsn` must reach the stream: a sync message.
+    let catalog = Catalog::connect(&src.postgres)
+        .await
+        .map_err(|e| WaitError::Failed(ErrorChain(&e).to_string()))?;
+    catalog
+        .client()
+        .simple_query("SELECT pg_logical_emit_message(true, 'tidemark.sync', '')")
+        .await
+        .map_err(|e| {
+            WaitError::Failed(format!("cannot write the sync message: {}", ErrorChain(&e)))
+        })?;
+    let client = provision::connect(&cfg.nats, "tidemark-wait")
+        .await
+        .map_err(|e| WaitError::Failed(ErrorChain(&e).to_string()))?;
+    let js = async_nats::jetstream::new(client);
+    crate::projection::wait_applied(&js, projection, lsn, timeout)
+        .await
+        .map_err(|last| {
+            WaitError::TimedOut(format!(
+                "projection {projection} did not reach {lsn} within {timeout:?} (it has applied through {})",
+                last.and_then(|a| a.lsn)
+                    .unwrap_or_else(|| "nothing yet".into())
+            ))
+        })
+}
+
+/// `GET /wait?projection=NAME&lsn=X/Y&timeout=5s` on `project_listen`: 200 once the
+/// read model includes the position, 408 on timeout, 404 for an unknown projection,
+/// 400 for a bad query. The answer is JSON.
+pub(super) async fn http_wait(cfg: &Config, query: &str) -> (u16, serde_json::Value) {
+    let mut projection = None;
+    let mut lsn = None;
+    let mut timeout = Duration::from_secs(5);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "projection" => projection = Some(v),
+            "lsn" => match v.parse::<Lsn>() {
+                Ok(l) => lsn = Some(l),
+                Err(e) => return (400, serde_json::json!({"error": format!("lsn: {e}")})),
+            },
+            "timeout" => match super::parse_duration(&v) {
+                Ok(t) if t <= MAX_HTTP_WAIT => timeout = t,
+                Ok(_) => {
+                    return (
+                        400,
+                        serde_json::json!({"error": format!("timeout: at most {}s", MAX_HTTP_WAIT.as_secs())}),
+                    );
+                }
+                Err(e) => return (400, serde_json::json!({"error": format!("timeout: {e}")})),
+            },
+            other => {
+                return (
+                    400,
+                    serde_json::json!({"error": format!("unknown parameter {other:?}: use projection, lsn and timeout")}),
+                );
+            }
+        }
+    }
+    let (Some(projection), Some(lsn)) = (projection, lsn) else {
+        return (
+            400,
+            serde_json::json!({"error": "use /wait?projection=NAME&lsn=X/Y&timeout=5s"}),
+        );
+    };
+    match read_your_writes(cfg, &projection, lsn, timeout).await {
+        Ok(a) => (
+            200,
+            serde_json::json!({"projection": projection, "applied_lsn": a.lsn, "applied_seq": a.seq}),
+        ),
+        Err(WaitError::Unknown(m)) => (404, serde_json::json!({"error": m})),
+        Err(WaitError::Failed(m)) => (503, serde_json::json!({"error": m})),
+        Err(WaitError::TimedOut(m)) => (408, serde_json::json!({"error": m})),
+    }
+}
+
+/// The longest wait `GET /wait` accepts.
+const MAX_HTTP_WAIT: Duration = Duration::from_secs(60);
+
+/// `%2F` and friends (an LSN's slash may come encoded), and `+` as a space.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(percent_decode("0%2F16B3748"), "0/16B3748");
+        assert_eq!(percent_decode("0/16B3748"), "0/16B3748");
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%é1"), "%é1");
     }
 }
