@@ -57,6 +57,13 @@ if ! command -v nats-server >/dev/null 2>&1; then
   command -v nats-server >/dev/null 2>&1 || { echo "nats-server is not on PATH after install" >&2; exit 1; }
 fi
 
+# nats-py: the Python consumer example (examples/python) and its test.
+if ! python3 -c 'import nats.js' >/dev/null 2>&1; then
+  echo "installing nats-py (pip install nats-py), for the Python consumer example"
+  python3 -m pip install --quiet nats-py 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages nats-py
+fi
+
 # Headless Chromium: the status page test loads the page in a real browser.
 if ! command -v chromium >/dev/null 2>&1; then
   echo "installing Chromium (apt-get install chromium), for the status page test"
