@@ -64,6 +64,18 @@ if ! python3 -c 'import nats.js' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --break-system-packages nats-py
 fi
 
+# Node.js and the TypeScript consumer example's packages (the nats npm package and
+# the TypeScript compiler, pinned in its package-lock.json).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "installing Node.js (apt-get install nodejs npm), for the TypeScript consumer example"
+  apt_install nodejs npm
+fi
+ts_example="$(dirname "${BASH_SOURCE[0]}")/../examples/typescript"
+if [ ! -d "$ts_example/node_modules/nats" ] || [ ! -x "$ts_example/node_modules/.bin/tsc" ]; then
+  echo "installing the TypeScript example's packages (npm ci)"
+  (cd "$ts_example" && npm ci --no-audit --no-fund --silent)
+fi
+
 # Headless Chromium: the status page test loads the page in a real browser.
 if ! command -v chromium >/dev/null 2>&1; then
   echo "installing Chromium (apt-get install chromium), for the status page test"

@@ -1,7 +1,7 @@
-//! The consumer examples in other languages (examples/python), each run against real
-//! Postgres, nats-server and tidemark: a workload of multi-row transactions, the
-//! consumer killed -9 mid-stream and started again, and its read model compared with
-//! the store's aggregate.
+//! The consumer examples in other languages (examples/python, examples/typescript),
+//! each run against real Postgres, nats-server and tidemark: a workload of multi-row
+//! transactions, the consumer killed -9 mid-stream and started again, and its read
+//! model compared with the store's aggregate and its event count with the stream's.
 
 mod support;
 
@@ -186,6 +186,39 @@ async fn the_python_consumer_builds_the_read_model_exactly_and_resumes_after_a_k
             "store.>".into(),
         ],
         dump: vec!["python3".into(), script, "--dump".into()],
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_consumer_builds_the_read_model_exactly_and_resumes_after_a_kill() {
+    let dir = repo("examples/typescript");
+    let tsc = dir.join("node_modules/.bin/tsc");
+    assert!(
+        tsc.exists(),
+        "{} is missing: run scripts/install-deps.sh (npm ci in examples/typescript)",
+        tsc.display()
+    );
+    let built = Command::new(&tsc)
+        .args(["-p"])
+        .arg(&dir)
+        .output()
+        .expect("run tsc");
+    assert!(
+        built.status.success(),
+        "tsc: {}{}",
+        String::from_utf8_lossy(&built.stdout),
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let script = dir.join("dist/consumer.js").display().to_string();
+    an_example_builds_the_read_model_exactly(Example {
+        consume: vec![
+            "node".into(),
+            script.clone(),
+            "--subject".into(),
+            "store.>".into(),
+        ],
+        dump: vec!["node".into(), script, "--dump".into()],
     })
     .await;
 }
