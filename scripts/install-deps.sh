@@ -57,12 +57,15 @@ if ! command -v nats-server >/dev/null 2>&1; then
   command -v nats-server >/dev/null 2>&1 || { echo "nats-server is not on PATH after install" >&2; exit 1; }
 fi
 
-# nats-py: the Python consumer example (examples/python) and its test.
-if ! python3 -c 'import nats.js' >/dev/null 2>&1; then
-  echo "installing nats-py (pip install nats-py), for the Python consumer example"
-  python3 -m pip install --quiet nats-py 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages nats-py
-fi
+# nats-py: the Python consumer example (examples/python) and its test; jsonschema:
+# the standard validator the event contract test checks events with.
+for module in nats.js:nats-py jsonschema:jsonschema; do
+  if ! python3 -c "import ${module%%:*}" >/dev/null 2>&1; then
+    echo "installing ${module#*:} (pip install ${module#*:}), for the examples and contract tests"
+    python3 -m pip install --quiet "${module#*:}" 2>/dev/null \
+      || python3 -m pip install --quiet --break-system-packages "${module#*:}"
+  fi
+done
 
 # Node.js and the TypeScript consumer example's packages (the nats npm package and
 # the TypeScript compiler, pinned in its package-lock.json).

@@ -112,6 +112,23 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Write the event contract: a JSON Schema (2020-12) for every event type a
+    /// source can publish, one file per type and version, and an index.
+    ///
+    /// Derived from the live tables and the mapping (columns and their JSON forms,
+    /// renames, excluded columns, the key, rule-based types) and tidemark's marker
+    /// events. Events name their schema in the CloudEvents `dataschema` attribute.
+    Schema {
+        /// The config file.
+        #[arg(long, short, env = "TIDEMARK_CONFIG", default_value = "tidemark.toml")]
+        config: PathBuf,
+        /// The source (default: every source).
+        #[arg(long)]
+        source: Option<String>,
+        /// The directory to write the schemas into (created when missing).
+        #[arg(long, default_value = "schemas")]
+        out: PathBuf,
+    },
     /// Recover a source whose slot was dropped or invalidated, keeping its stream.
     ///
     /// Creates a new slot, appends a `tidemark.reset` event (reason "resync") that

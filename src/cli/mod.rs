@@ -26,6 +26,7 @@ mod check;
 mod outcome;
 mod replay;
 mod run;
+mod schema;
 mod slot;
 mod status;
 
@@ -35,6 +36,7 @@ use check::*;
 use outcome::{Failure, Outcome};
 use replay::*;
 use run::*;
+use schema::*;
 use slot::*;
 use status::*;
 
@@ -174,6 +176,14 @@ async fn dispatch(cli: Cli) -> Outcome {
             timeout,
         } => match load(&config) {
             Ok(cfg) => wait(cfg, &projection, lsn, timeout).await,
+            Err(f) => Err(f),
+        },
+        Command::Schema {
+            config,
+            source,
+            out,
+        } => match load(&config) {
+            Ok(cfg) => write_schemas(cfg, source.as_deref(), &out).await,
             Err(f) => Err(f),
         },
         Command::Status {

@@ -23,6 +23,9 @@ pub struct EnvelopeFields<'a, D: Serialize> {
     pub xid: u32,
     pub index: u64,
     pub schema: Option<&'a str>,
+    /// The version of the event's schema (`dataschema`): the `schemahash` for table
+    /// events, the marker format for tidemark's own; none for application payloads.
+    pub dataschema: Option<&'a str>,
     /// A row read by a backfill rather than a change.
     pub snapshot: bool,
     pub extensions: &'a [(&'a str, &'a str)],
@@ -35,6 +38,19 @@ struct SourceUri<'a>(&'a str);
 impl Serialize for SourceUri<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&format_args!("/tidemark/{}", self.0))
+    }
+}
+
+/// `urn:tidemark:<source>:<type>:<version>` (see `schema::dataschema_uri`), written
+/// without an intermediate String.
+struct DataSchemaUri<'a>(&'a str, &'a str, &'a str);
+
+impl Serialize for DataSchemaUri<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!(
+            "urn:tidemark:{}:{}:{}",
+            self.0, self.1, self.2
+        ))
     }
 }
 
@@ -53,6 +69,12 @@ impl<D: Serialize> Serialize for EnvelopeFields<'_, D> {
         m.serialize_entry("txindex", &self.index)?;
         if let Some(schema) = self.schema {
             m.serialize_entry("schemahash", schema)?;
+        }
+        if let Some(version) = self.dataschema {
+            m.serialize_entry(
+                "dataschema",
+                &DataSchemaUri(self.source, self.event_type, version),
+            )?;
         }
         if self.snapshot {
             m.serialize_entry("snapshot", &true)?;
@@ -108,6 +130,7 @@ mod tests {
             xid: 1,
             index: 0,
             schema: Some("abcd1234"),
+            dataschema: Some("abcd1234"),
             snapshot: false,
             extensions: &ext,
             data: &data,
@@ -121,5 +144,9 @@ mod tests {
         assert_eq!(v["data"]["txlast"], false);
         assert_eq!(v["note"], "\"txlast\":false");
         assert_eq!(v["schemahash"], "abcd1234");
+        assert_eq!(
+            v["dataschema"],
+            crate::events::schema::dataschema_uri("s", "\"txlast\":false", "abcd1234")
+        );
     }
 }

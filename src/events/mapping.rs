@@ -487,6 +487,12 @@ fn build<D: Serialize>(
         xid: tx.xid,
         index,
         schema,
+        // Table events carry their row shape's version; tidemark's markers their
+        // format's; outbox and message payloads are the application's.
+        dataschema: schema.or_else(|| {
+            crate::events::schema::is_marker(&event_type)
+                .then_some(crate::events::schema::MARKER_VERSION)
+        }),
         snapshot,
         extensions,
         data,

@@ -6,3 +6,4 @@ pub mod mapping;
 pub mod operation;
 pub mod reserved;
 pub mod rules;
+pub mod schema;

@@ -389,6 +389,45 @@ fn text_of(v: &ColumnValue) -> Option<&[u8]> {
 impl TablePlan {
     /// Picks the event for a change: the first rule whose conditions hold, else the
     /// operation's event.
+    /// Every event type this plan can publish, with the operations that can produce
+    /// it (rules first, then the per-operation defaults), in a stable order.
+    pub fn event_types(&self) -> Vec<(String, Vec<Operation>)> {
+        const ALL: [Operation; 5] = [
+            Operation::Insert,
+            Operation::Update,
+            Operation::Delete,
+            Operation::Truncate,
+            Operation::Read,
+        ];
+        let mut out: Vec<(String, Vec<Operation>)> = Vec::new();
+        let mut add = |ty: &str, ops: &[Operation]| {
+            let at = match out.iter().position(|(t, _)| t == ty) {
+                Some(i) => i,
+                None => {
+                    out.push((ty.to_string(), Vec::new()));
+                    out.len() - 1
+                }
+            };
+            for op in ops {
+                if !out[at].1.contains(op) {
+                    out[at].1.push(*op);
+                }
+            }
+        };
+        for rule in &self.rules {
+            if let Bound::Event { ty, .. } = &rule.bound {
+                let ops: &[Operation] = if rule.ops.is_empty() { &ALL } else { &rule.ops };
+                add(ty, ops);
+            }
+        }
+        for op in ALL {
+            if let Bound::Event { ty, .. } = &self.events[op_slot(op)] {
+                add(ty, &[op]);
+            }
+        }
+        out
+    }
+
     pub fn choose(&self, op: Operation, old: Option<&Tuple>, new: Option<&Tuple>) -> &Bound {
         for rule in &self.rules {
             if rule.holds(op, old, new) {

@@ -224,6 +224,17 @@ impl Catalog {
         .await
     }
 
+    /// The columns declared NOT NULL.
+    pub async fn not_null_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
+        self.names(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attnotnull ORDER BY attnum",
+            relid,
+            "not-null columns",
+        )
+        .await
+    }
+
     /// The columns of the table's replica identity index (REPLICA IDENTITY USING INDEX).
     pub async fn identity_columns(&self, relid: u32) -> Result<Vec<String>, CatalogError> {
         self.index_columns(relid, "indisreplident", "replica identity index")

@@ -450,6 +450,7 @@ fn insert_becomes_created_event() {
             "xid": 900,
             "txindex": 3,
             "schemahash": ev_hash(&ev),
+            "dataschema": format!("urn:tidemark:store:orders.created:{}", ev_hash(&ev)),
             "txlast": false,
             "data": {
                 "op": "insert",
