@@ -15,6 +15,8 @@
 //!    same while pgbench runs about 1,000 TPC-B transactions/s on the same database.
 //! 6. The backlog again (default 100,000 changes) into an R3 stream on a 3-node
 //!    JetStream cluster on this machine: events/s beside the single server's.
+//! 7. Restart: tidemark killed -9 a third into a backlog and started again; the time
+//!    from the restart to the first new event stored.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -356,6 +358,9 @@ async fn main() {
         None
     };
 
+    // Restart after kill -9 mid-backlog.
+    let restart = restart_after_kill(&pg, &nats, dir.path(), n.min(100_000), args.window).await;
+
     // The backlog again, into an R3 stream on a 3-node cluster.
     let cluster = if args.cluster > 0 {
         Some(cluster_backlog(&pg, dir.path(), args.cluster, args.window).await)
@@ -417,6 +422,11 @@ async fn main() {
             mib(rss)
         );
     }
+    let (stored_at_kill, first_new) = restart;
+    println!(
+        "restart after kill -9 mid-backlog (at {stored_at_kill} events): first new event stored {:.2}s after the new process started",
+        first_new.as_secs_f64()
+    );
     if let Some((changes, secs, rss)) = cluster {
         println!(
             "3-node cluster, R3 stream: {:.0} events/s ({changes} changes in {secs:.2}s; single server above: {tm_rate:.0}/s), peak RSS {:.1} MiB",
@@ -686,4 +696,65 @@ async fn cluster_backlog(
         run_until(&cfg, &dir.join("clustered.log"), &nc, "CLUSTERED", changes).await;
     let _ = tm.terminate(Duration::from_secs(60));
     (changes, elapsed.as_secs_f64(), peak)
+}
+
+/// A backlog of `changes`, tidemark killed -9 a third of the way, then started again:
+/// (events stored at the kill, time from the restart to the first new event stored).
+async fn restart_after_kill(
+    pg: &PgServer,
+    nats: &NatsServer,
+    dir: &std::path::Path,
+    changes: u64,
+    window: usize,
+) -> (u64, Duration) {
+    let db = pg.create_db("restart").await;
+    db.batch_execute(SCHEMA).await.expect("schema");
+    for sql in [
+        "CREATE PUBLICATION tidemark_restart FOR TABLE orders",
+        "SELECT pg_create_logical_replication_slot('tidemark_restart', 'pgoutput')",
+    ] {
+        db.batch_execute(sql).await.expect("publication and slot");
+    }
+    db.batch_execute(&backlog_sql(changes / 100))
+        .await
+        .expect("backlog");
+    let cfg = write_config(
+        dir,
+        pg,
+        nats,
+        &SourceSpec {
+            tables: "tables = [\"orders\"]",
+            extra: &format!("publish_window = {window}"),
+            ..SourceSpec::new("restart", "restart")
+        },
+    );
+    // The default status interval (10 s), as an operator runs it.
+    edit_file(&cfg, "status_interval_secs = 1\n", "");
+    let nc = nats.client().await;
+    let log = dir.join("restart.log");
+    let mut tm = Tidemark::run_logging(&cfg, &log, "info");
+    while stream_count(&nc, "RESTART").await < changes / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tm.kill9();
+    // Acks in flight at the kill may still land: let them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_kill = stream_count(&nc, "RESTART").await;
+    let started = Instant::now();
+    let mut tm = Tidemark::run_logging(&cfg, &log, "info");
+    loop {
+        if stream_count(&nc, "RESTART").await > at_kill {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            panic!("no new event 120 s after the restart:\n{}", tm.log());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_new = started.elapsed();
+    while stream_count(&nc, "RESTART").await < changes {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tm.terminate(Duration::from_secs(60));
+    (at_kill, first_new)
 }

@@ -123,6 +123,12 @@ impl Pipeline<'_> {
                         self.send_status(false).await?;
                         self.observe_slot().await;
                         last_status = Instant::now();
+                    } else if self.flush.flush() != self.sent_flush {
+                        // Confirmed as soon as it moves (at most once a tick, a second):
+                        // a status update is one small message, and after a crash the
+                        // slot then sends again at most a second of what the stream
+                        // holds, so a restart streams new changes within seconds.
+                        self.send_status(false).await?;
                     }
                     self.check_stall();
                 }
