@@ -502,7 +502,9 @@ async fn a_rebuild_under_steady_writes_swaps_and_the_live_model_goes_on() {
     let mut projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
     workload(pg.client("store").await, 2_000, 0).await.unwrap();
 
-    // A writer that never pauses for long: a transaction of 11 changes every 20 ms.
+    // A writer that never pauses for long: a transaction of 11 changes every 50 ms
+    // (about 200 changes/s, as the issue asks; a rebuild slower than the writes could
+    // never catch up, lock or not).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (client, stop) = (pg.client("store").await, stop.clone());
@@ -520,7 +522,7 @@ async fn a_rebuild_under_steady_writes_swaps_and_the_live_model_goes_on() {
                 sql.push_str("INSERT INTO audit (note) VALUES ('steady'); COMMIT;");
                 client.batch_execute(&sql).await.unwrap();
                 round += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             round
         })
