@@ -17,6 +17,8 @@
 //!    JetStream cluster on this machine: events/s beside the single server's.
 //! 7. Restart: tidemark killed -9 a third into a backlog and started again; the time
 //!    from the restart to the first new event stored.
+//! 8. Read models: `tidemark project` over the backlog's stream, into a Postgres read
+//!    model (an upsert and a delete handler) and into NATS KV: events/s applied.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -358,6 +360,10 @@ async fn main() {
         None
     };
 
+    // Read models over the backlog's stream.
+    let apply_pg = apply_rate(&pg, &nats, dir.path(), n, false).await;
+    let apply_kv = apply_rate(&pg, &nats, dir.path(), n, true).await;
+
     // Restart after kill -9 mid-backlog.
     let restart = restart_after_kill(&pg, &nats, dir.path(), n.min(100_000), args.window).await;
 
@@ -422,6 +428,16 @@ async fn main() {
             mib(rss)
         );
     }
+    println!(
+        "read model in Postgres (upsert/delete handlers): {:.0} events/s applied ({n} events in {:.2}s)",
+        n as f64 / apply_pg.as_secs_f64(),
+        apply_pg.as_secs_f64()
+    );
+    println!(
+        "read model in NATS KV (put/delete handlers)    : {:.0} events/s applied ({n} events in {:.2}s)",
+        n as f64 / apply_kv.as_secs_f64(),
+        apply_kv.as_secs_f64()
+    );
     let (stored_at_kill, first_new) = restart;
     println!(
         "restart after kill -9 mid-backlog (at {stored_at_kill} events): first new event stored {:.2}s after the new process started",
@@ -757,4 +773,92 @@ async fn restart_after_kill(
     }
     let _ = tm.terminate(Duration::from_secs(60));
     (at_kill, first_new)
+}
+
+/// `tidemark project` over the BENCH stream's `n` events, into Postgres (or NATS KV
+/// with `kv`): the time from start until the projection has applied them all.
+async fn apply_rate(
+    pg: &PgServer,
+    nats: &NatsServer,
+    dir: &std::path::Path,
+    n: u64,
+    kv: bool,
+) -> Duration {
+    let name = if kv { "orders_kv" } else { "orders_pg" };
+    let target = if kv {
+        "kv_bucket = \"ORDERS_VIEW\"".to_string()
+    } else {
+        let rm = pg.create_db("benchrm").await;
+        rm.batch_execute(
+            "CREATE TABLE order_view (id bigint PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL, total numeric NOT NULL)",
+        )
+        .await
+        .expect("read model");
+        format!(
+            "[projection.postgres]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"benchrm\"\nuser = \"postgres\"",
+            pg.port
+        )
+    };
+    let handlers = if kv {
+        r#"
+[[projection.on]]
+type = ["orders.created", "orders.updated"]
+kv = "put"
+key = "order.{data.after.id}"
+value = { customer = "data.after.customer_id", status = "data.after.status", total = "data.after.total" }
+
+[[projection.on]]
+type = "orders.deleted"
+kv = "delete"
+key = "order.{data.key.id}"
+"#
+    } else {
+        r#"
+[[projection.on]]
+type = ["orders.created", "orders.updated"]
+upsert = "order_view"
+key = ["id"]
+columns = { id = "data.after.id", customer_id = "data.after.customer_id", status = "data.after.status", total = "data.after.total" }
+
+[[projection.on]]
+type = "orders.deleted"
+delete = "order_view"
+key = { id = "data.key.id" }
+"#
+    };
+    let sections = format!("[[projection]]\nname = \"{name}\"\nsource = \"bench\"\n{target}\n{handlers}");
+    std::fs::create_dir_all(dir.join(name)).expect("config dir");
+    let cfg = write_config(
+        &dir.join(name),
+        pg,
+        nats,
+        &SourceSpec {
+            tables: "tables = [\"orders\", \"live\"]",
+            sections: &sections,
+            ..SourceSpec::new("bench", "bench")
+        },
+    );
+    let nc = nats.client().await;
+    let js = async_nats::jetstream::new(nc);
+    let last = {
+        let mut s = js.get_stream("BENCH").await.expect("BENCH stream");
+        s.info().await.expect("stream info").state.last_sequence
+    };
+    let started = Instant::now();
+    let mut tm = Tidemark::project(&cfg, &dir.join(format!("{name}.log")));
+    loop {
+        if tidemark::projection::applied(&js, name)
+            .await
+            .is_some_and(|a| a.seq >= last)
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            panic!("{name} did not apply {last} events in 10 minutes:\n{}", tm.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let _ = tm.terminate(Duration::from_secs(60));
+    took
 }
