@@ -361,8 +361,8 @@ async fn main() {
     };
 
     // Read models over the backlog's stream.
-    let apply_pg = apply_rate(&pg, &nats, dir.path(), n, false).await;
-    let apply_kv = apply_rate(&pg, &nats, dir.path(), n, true).await;
+    let apply_pg = apply_rate(&pg, &nats, dir.path(), false).await;
+    let apply_kv = apply_rate(&pg, &nats, dir.path(), true).await;
 
     // Restart after kill -9 mid-backlog.
     let restart = restart_after_kill(&pg, &nats, dir.path(), n.min(100_000), args.window).await;
@@ -775,13 +775,13 @@ async fn restart_after_kill(
     (at_kill, first_new)
 }
 
-/// `tidemark project` over the BENCH stream's `n` events, into Postgres (or NATS KV
-/// with `kv`): the time from start until the projection has applied them all.
+/// `tidemark project` over the BENCH stream (its `n` backlog events and the live
+/// phase's), into Postgres (or NATS KV with `kv`): the time from start until the
+/// projection has applied them all.
 async fn apply_rate(
     pg: &PgServer,
     nats: &NatsServer,
     dir: &std::path::Path,
-    n: u64,
     kv: bool,
 ) -> Duration {
     let name = if kv { "orders_kv" } else { "orders_pg" };
