@@ -826,7 +826,8 @@ delete = "order_view"
 key = { id = "data.key.id" }
 "#
     };
-    let sections = format!("[[projection]]\nname = \"{name}\"\nsource = \"bench\"\n{target}\n{handlers}");
+    let sections =
+        format!("[[projection]]\nname = \"{name}\"\nsource = \"bench\"\n{target}\n{handlers}");
     std::fs::create_dir_all(dir.join(name)).expect("config dir");
     let cfg = write_config(
         &dir.join(name),
@@ -854,7 +855,10 @@ key = { id = "data.key.id" }
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
-            panic!("{name} did not apply {last} events in 10 minutes:\n{}", tm.log());
+            panic!(
+                "{name} did not apply {last} events in 10 minutes:\n{}",
+                tm.log()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
