@@ -242,74 +242,12 @@ async fn main() {
     let tm_cpu = tm.cpu_time().unwrap_or_default().as_secs_f64();
 
     // Ceiling 2: what NATS can take: the same events, bare client, same window.
-    let events = read_raw(&nc, "BENCH", n).await;
     let js = async_nats::jetstream::new(nc.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "CEILING".into(),
-        subjects: vec!["ceiling.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("ceiling stream");
-    let t = Instant::now();
-    let mut inflight = std::collections::VecDeque::new();
-    for (subject, id, payload) in events {
-        let ack = js
-            .send_publish(
-                format!("ceiling.{subject}"),
-                async_nats::jetstream::message::PublishMessage::build()
-                    .payload(payload)
-                    .message_id(id),
-            )
-            .await
-            .expect("publish");
-        inflight.push_back(ack);
-        if inflight.len() >= args.window
-            && let Some(a) = inflight.pop_front()
-        {
-            a.await.expect("ack");
-        }
-    }
-    for a in inflight {
-        a.await.expect("ack");
-    }
-    let nats_secs = t.elapsed().as_secs_f64();
+    let nats_secs = publish_ceiling(&nc, &js, n, args.window, "ceiling", false).await;
     let nats_rate = n as f64 / nats_secs;
-
     // Ceiling 3: the same, chained as tidemark publishes (each publish names the
     // sequence that must precede it).
-    let events = read_raw(&nc, "BENCH", n).await;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "CHAINED".into(),
-        subjects: vec!["chained.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("chained stream");
-    let t = Instant::now();
-    let mut inflight = std::collections::VecDeque::new();
-    for (k, (subject, id, payload)) in events.into_iter().enumerate() {
-        let ack = js
-            .send_publish(
-                format!("chained.{subject}"),
-                async_nats::jetstream::message::PublishMessage::build()
-                    .payload(payload)
-                    .message_id(id)
-                    .expected_last_sequence(k as u64),
-            )
-            .await
-            .expect("publish");
-        inflight.push_back(ack);
-        if inflight.len() >= args.window
-            && let Some(a) = inflight.pop_front()
-        {
-            a.await.expect("ack");
-        }
-    }
-    for a in inflight {
-        a.await.expect("ack");
-    }
-    let chained_secs = t.elapsed().as_secs_f64();
+    let chained_secs = publish_ceiling(&nc, &js, n, args.window, "chained", true).await;
     let chained_rate = n as f64 / chained_secs;
 
     // Live load: commit-to-ack latency.
@@ -865,4 +803,49 @@ key = { id = "data.key.id" }
     let took = started.elapsed();
     let _ = tm.terminate(Duration::from_secs(60));
     (last, took)
+}
+
+/// Publishes the BENCH stream's `n` events again with a bare client into a new stream
+/// `<PREFIX>` (subjects `<prefix>.>`), `window` in flight, each with its `Nats-Msg-Id`
+/// and, when `chained`, the sequence that must precede it: the seconds it took.
+async fn publish_ceiling(
+    nc: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    n: u64,
+    window: usize,
+    prefix: &str,
+    chained: bool,
+) -> f64 {
+    let events = read_raw(nc, "BENCH", n).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: prefix.to_uppercase(),
+        subjects: vec![format!("{prefix}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("ceiling stream");
+    let t = Instant::now();
+    let mut inflight = std::collections::VecDeque::new();
+    for (k, (subject, id, payload)) in events.into_iter().enumerate() {
+        let mut msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(id);
+        if chained {
+            msg = msg.expected_last_sequence(k as u64);
+        }
+        let ack = js
+            .send_publish(format!("{prefix}.{subject}"), msg)
+            .await
+            .expect("publish");
+        inflight.push_back(ack);
+        if inflight.len() >= window
+            && let Some(a) = inflight.pop_front()
+        {
+            a.await.expect("ack");
+        }
+    }
+    for a in inflight {
+        a.await.expect("ack");
+    }
+    t.elapsed().as_secs_f64()
 }

@@ -86,6 +86,19 @@ sys.exit(1 if bad else 0)
     (out.status.success(), text)
 }
 
+/// `tidemark schema --config <cfg> --out <out>`, which must succeed.
+fn write_schemas(cfg: &Path, out: &Path) {
+    let (code, stdout, err) = tidemark_cmd(&[
+        "schema",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("event schemas"), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_validates_against_the_schema_it_names() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
@@ -114,15 +127,7 @@ event = "OrderShipped"
         },
     );
     let before_ddl = dir.path().join("schemas-1");
-    let (code, out, err) = tidemark_cmd(&[
-        "schema",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        before_ddl.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("event schemas"), "{out}");
+    write_schemas(&cfg, &before_ddl);
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(before_ddl.join("index.json")).unwrap())
             .unwrap();
@@ -186,14 +191,7 @@ event = "OrderShipped"
     })
     .await;
     let after_ddl = dir.path().join("schemas-2");
-    let (code, out, err) = tidemark_cmd(&[
-        "schema",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        after_ddl.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    write_schemas(&cfg, &after_ddl);
 
     let events = read_stream(&nc, "STORE").await;
     let bodies: Vec<&serde_json::Value> = events.iter().map(|e| &e.body).collect();
