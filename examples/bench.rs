@@ -618,17 +618,7 @@ async fn cluster_backlog(
     window: usize,
 ) -> (u64, f64, u64) {
     let cluster = NatsCluster::start(3).await;
-    let db = pg.create_db("clustered").await;
-    db.batch_execute(SCHEMA).await.expect("schema");
-    for sql in [
-        "CREATE PUBLICATION tidemark_clustered FOR TABLE orders",
-        "SELECT pg_create_logical_replication_slot('tidemark_clustered', 'pgoutput')",
-    ] {
-        db.batch_execute(sql).await.expect("publication and slot");
-    }
-    db.batch_execute(&backlog_sql(changes / 100))
-        .await
-        .expect("backlog");
+    orders_backlog(pg, "clustered", changes).await;
     let cfg = write_config(
         dir,
         pg,
@@ -661,17 +651,7 @@ async fn restart_after_kill(
     changes: u64,
     window: usize,
 ) -> (u64, Duration) {
-    let db = pg.create_db("restart").await;
-    db.batch_execute(SCHEMA).await.expect("schema");
-    for sql in [
-        "CREATE PUBLICATION tidemark_restart FOR TABLE orders",
-        "SELECT pg_create_logical_replication_slot('tidemark_restart', 'pgoutput')",
-    ] {
-        db.batch_execute(sql).await.expect("publication and slot");
-    }
-    db.batch_execute(&backlog_sql(changes / 100))
-        .await
-        .expect("backlog");
+    orders_backlog(pg, "restart", changes).await;
     let cfg = write_config(
         dir,
         pg,
@@ -848,4 +828,20 @@ async fn publish_ceiling(
         a.await.expect("ack");
     }
     t.elapsed().as_secs_f64()
+}
+
+/// A database `name` with the schema, a publication and a slot `tidemark_<name>` over
+/// `orders`, and a backlog of `changes` written after the slot (so the slot holds it).
+async fn orders_backlog(pg: &PgServer, name: &str, changes: u64) {
+    let db = pg.create_db(name).await;
+    db.batch_execute(SCHEMA).await.expect("schema");
+    for sql in [
+        format!("CREATE PUBLICATION tidemark_{name} FOR TABLE orders"),
+        format!("SELECT pg_create_logical_replication_slot('tidemark_{name}', 'pgoutput')"),
+    ] {
+        db.batch_execute(&sql).await.expect("publication and slot");
+    }
+    db.batch_execute(&backlog_sql(changes / 100))
+        .await
+        .expect("backlog");
 }
