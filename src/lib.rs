@@ -16,20 +16,23 @@
 //! - operations: `replay`, `status`;
 //! - `cli`: parses, calls, renders, and maps the outcome to an exit code in one place.
 //!
-//! The public API for services in Rust is `projection::Consumer` and `config::load`.
+//! The public API for services in Rust is `projection::Consumer` and `config::load`,
+//! with `position` (LSNs and event ids). `cli` is public for the binary, and
+//! `postgres::values` and `telemetry` for the property and deploy tests; every other
+//! module is private to the crate, so what is not used is reported as dead code.
 
-pub mod backfill;
+pub(crate) mod backfill;
 pub mod cli;
 pub mod config;
-pub mod error;
-pub mod events;
-pub mod jetstream;
-pub mod policy;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod jetstream;
+pub(crate) mod policy;
 pub mod position;
 pub mod postgres;
 pub mod projection;
-pub mod replay;
-pub mod secret;
-pub mod source;
-pub mod status;
+pub(crate) mod replay;
+pub(crate) mod secret;
+pub(crate) mod source;
+pub(crate) mod status;
 pub mod telemetry;

@@ -103,7 +103,6 @@ pub struct DomainEvent {
     /// `id` as text: the CloudEvents id and the `Nats-Msg-Id`.
     pub msg_id: String,
     pub subject: String,
-    pub event_type: String,
     /// The table it came from (`schema.table`), or the message prefix: for messages.
     pub origin: String,
     pub payload: Vec<u8>,
@@ -236,7 +235,7 @@ pub fn map_change(
     Ok(Some(build(
         tx,
         index,
-        event_type.to_string(),
+        event_type,
         subject,
         &table.token,
         qualified.clone(),
@@ -309,7 +308,7 @@ pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> Option<Dom
     Some(build(
         tx,
         index,
-        event_type,
+        &event_type,
         subject,
         &table.token,
         qualified.clone(),
@@ -375,7 +374,7 @@ fn map_outbox(
     let mut ev = build(
         tx,
         index,
-        event_type,
+        &event_type,
         subject,
         &aggregate_id,
         table.qualified_name(),
@@ -431,7 +430,7 @@ pub fn map_message(
     build(
         tx,
         index,
-        event_type,
+        &event_type,
         subject,
         &spec.prefix,
         spec.prefix.clone(),
@@ -462,7 +461,7 @@ struct Data<'a> {
 fn build<D: Serialize>(
     tx: &TxContext<'_>,
     index: u64,
-    event_type: String,
+    event_type: &str,
     subject: String,
     ce_subject: &str,
     origin: String,
@@ -480,7 +479,7 @@ fn build<D: Serialize>(
     let (payload, txlast_at) = envelope::encode(&EnvelopeFields {
         id: &msg_id,
         source: tx.source,
-        event_type: &event_type,
+        event_type,
         subject: ce_subject,
         time: tx.time,
         commit_lsn: tx.commit_lsn_text,
@@ -490,7 +489,7 @@ fn build<D: Serialize>(
         // Table events carry their row shape's version; tidemark's markers their
         // format's; outbox and message payloads are the application's.
         dataschema: schema.or_else(|| {
-            crate::events::schema::is_marker(&event_type)
+            crate::events::schema::is_marker(event_type)
                 .then_some(crate::events::schema::MARKER_VERSION)
         }),
         snapshot,
@@ -501,7 +500,6 @@ fn build<D: Serialize>(
         id,
         msg_id,
         subject,
-        event_type,
         origin,
         payload,
         txlast_at,

@@ -162,12 +162,6 @@ fn bind_choice(c: &Choice) -> Bound {
     }
 }
 
-/// The default plan: every column under its own name, default event types.
-pub fn default_plan(live: &LiveTable<'_>) -> TablePlan {
-    // An empty spec always binds: it names no column.
-    bind(live, None, None).unwrap_or_else(|_| unreachable!("an empty spec names no column"))
-}
-
 /// Binds the table's spec (or none: the default mapping) and outbox spec to the live
 /// table.
 pub fn bind(
@@ -477,6 +471,13 @@ impl Rule {
                 .iter()
                 .all(|(i, set)| check(old.and_then(|t| t.0.get(*i)), set))
     }
+}
+
+#[cfg(test)]
+/// The default plan: every column under its own name, default event types.
+pub fn default_plan(live: &LiveTable<'_>) -> TablePlan {
+    // An empty spec always binds: it names no column.
+    bind(live, None, None).unwrap_or_else(|_| unreachable!("an empty spec names no column"))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishError as NatsPublishError, PublishErrorKind};
+use async_nats::jetstream::context::PublishError as NatsPublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, Context};
@@ -105,17 +105,6 @@ pub fn header_bytes(event: &DomainEvent) -> usize {
         .map(|(n, v)| n.len() + v.len() + 4)
         .sum();
     FRAME + CHAIN_AND_BATCH + "Nats-Msg-Id: \r\n".len() + event.msg_id.len() + user
-}
-
-impl PublishError {
-    /// Whether the chain broke (a lost or rejected publish), as opposed to a transport
-    /// error. Both are retried by rebuilding the pipeline.
-    pub fn is_chain_break(&self) -> bool {
-        matches!(
-            self,
-            PublishError::Ack { source, .. } if source.kind() == PublishErrorKind::WrongLastSequence
-        ) || matches!(self, PublishError::OutOfSequence { .. })
-    }
 }
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, NatsPublishError>> + Send>>;

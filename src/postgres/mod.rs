@@ -2,10 +2,10 @@
 //! walsender session, `catalog` the ordinary session for checks and setup,
 //! `pgoutput` and `values` the pure decoding of what replication sends.
 
-pub mod catalog;
-pub mod params;
-pub mod pgoutput;
-pub mod replication;
-pub mod sqlstate;
-pub mod tls;
+pub(crate) mod catalog;
+pub(crate) mod params;
+pub(crate) mod pgoutput;
+pub(crate) mod replication;
+pub(crate) mod sqlstate;
+pub(crate) mod tls;
 pub mod values;

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::consistent::ConsistentRead;
 use super::error::SourceError;
@@ -140,6 +140,7 @@ pub(super) async fn run_attempt(
     // Replication.
     let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
+    debug!(system_id = %ident.system_id, timeline = ident.timeline, "replication session identified");
     // A stream that no longer holds its last event (emptied by hand, aged out) over a
     // slot that stayed: the recorded tail says what was stored, so the transactions
     // the slot sends again are not stored twice.

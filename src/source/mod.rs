@@ -33,7 +33,7 @@ use crate::error::ErrorChain;
 use crate::telemetry::Telemetry;
 
 pub use error::{Policy, Recovery, SourceError};
-pub use plan::{PlannedTable, bind_plan, plan_tables};
+pub use plan::plan_tables;
 
 /// Runs one source until `cancel` fires (Ok) or a fatal error (Err).
 pub async fn run_source(

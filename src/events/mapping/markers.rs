@@ -11,7 +11,7 @@ pub fn heartbeat_event(tx: &TxContext<'_>, index: u64) -> DomainEvent {
     build(
         tx,
         index,
-        "tidemark.heartbeat".into(),
+        "tidemark.heartbeat",
         format!("{}._tidemark.heartbeat", tx.source),
         "heartbeat",
         "heartbeat".into(),
@@ -29,7 +29,7 @@ pub fn sync_event(tx: &TxContext<'_>, index: u64) -> DomainEvent {
     build(
         tx,
         index,
-        "tidemark.sync".into(),
+        "tidemark.sync",
         format!("{}._tidemark.sync", tx.source),
         "sync",
         "sync".into(),
@@ -53,7 +53,7 @@ pub fn transaction_summary(tx: &TxContext<'_>, index: u64, events: u64) -> Domai
     let mut ev = build(
         tx,
         index,
-        "tidemark.transaction".into(),
+        "tidemark.transaction",
         format!("{}._tidemark.tx", tx.source),
         "transaction",
         "transaction".into(),
@@ -101,7 +101,7 @@ pub fn reset_marker(
     let mut ev = build(
         &tx,
         u64::MAX,
-        "tidemark.reset".into(),
+        "tidemark.reset",
         format!("{source}._tidemark.reset"),
         "tidemark",
         "tidemark".into(),

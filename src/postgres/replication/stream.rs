@@ -13,15 +13,8 @@ use super::*;
 /// One message of the replication stream.
 #[derive(Debug)]
 pub enum ReplicationMessage {
-    XLogData {
-        wal_start: Lsn,
-        wal_end: Lsn,
-        data: Bytes,
-    },
-    Keepalive {
-        wal_end: Lsn,
-        reply_requested: bool,
-    },
+    XLogData { wal_start: Lsn, data: Bytes },
+    Keepalive { wal_end: Lsn, reply_requested: bool },
 }
 
 /// The CopyBoth stream after START_REPLICATION.
@@ -44,11 +37,10 @@ impl ReplicationStream {
                     match kind {
                         b'w' if body.len() >= 24 => {
                             let wal_start = Lsn(body.get_u64());
-                            let wal_end = Lsn(body.get_u64());
+                            let _wal_end = body.get_u64();
                             let _send_time = body.get_i64();
                             return Ok(ReplicationMessage::XLogData {
                                 wal_start,
-                                wal_end,
                                 data: body,
                             });
                         }
@@ -104,14 +96,6 @@ impl ReplicationStream {
         msg.put_i64(pg_now_micros());
         msg.put_u8(u8::from(reply_requested));
         frontend::CopyData::new(&msg[..])?.write(&mut self.conn.out);
-        self.conn.flush_out().await
-    }
-
-    /// Ends the stream politely: CopyDone and Terminate. Errors are ignored by the
-    /// caller since the status was already sent; the server cleans up either way.
-    pub async fn close(mut self) -> Result<(), ReplicationError> {
-        frontend::copy_done(&mut self.conn.out);
-        frontend::terminate(&mut self.conn.out);
         self.conn.flush_out().await
     }
 }
