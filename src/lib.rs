@@ -13,7 +13,8 @@
 //! - stages: `source` (one source's pipeline, crash-only), `backfill` (snapshots),
 //!   `projection` (read models and the consumer API), `policy` (the one retry, stand by
 //!   or stop table they share);
-//! - operations: `replay`, `status`;
+//! - operations: `ops` (slot drop, reset, resync, backfill queueing, read-your-writes),
+//!   `replay`, `status`;
 //! - `cli`: parses, calls, renders, and maps the outcome to an exit code in one place.
 //!
 //! The public API for services in Rust is `projection::Consumer` and `config::load`,
@@ -27,6 +28,7 @@ pub mod config;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod jetstream;
+pub(crate) mod ops;
 pub(crate) mod policy;
 pub mod position;
 pub mod postgres;

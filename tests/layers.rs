@@ -9,7 +9,7 @@
 //! 2. config: the file, validated into the adapters' and stages' types
 //! 3. stages: the source pipeline, backfills, projections, and the one error policy
 //!    they share
-//! 4. operations: replay, status
+//! 4. operations: ops (slot, reset, resync, backfill queueing, wait), replay, status
 //! 5. cli
 //!
 //! A new module must be placed in this table, so its layer is a decision, not an
@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("source", 3),
     ("backfill", 3),
     ("projection", 3),
+    ("ops", 4),
     ("replay", 4),
     ("status", 4),
     ("cli", 5),

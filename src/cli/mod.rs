@@ -14,6 +14,7 @@ use tracing::{error, info};
 use crate::config::{self, Config, NatsConfig, SourceConfig, TableSelection};
 use crate::error::ErrorChain;
 use crate::jetstream::provision;
+use crate::ops::ResetMode;
 use crate::position::Lsn;
 use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::replay::{Filter, Position, Sink};

@@ -27,6 +27,12 @@ impl Failure {
     }
 }
 
+impl From<crate::ops::OpError> for Failure {
+    fn from(e: crate::ops::OpError) -> Failure {
+        Failure::of(&e)
+    }
+}
+
 /// Prints the failure and maps it to the exit code.
 pub(super) fn exit(outcome: Outcome) -> ExitCode {
     match outcome {

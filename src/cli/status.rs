@@ -1,6 +1,7 @@
 //! `status` (the chain of positions) and `wait` (read-your-writes).
 
 use super::*;
+use crate::ops::{WaitError, read_your_writes};
 
 pub(super) async fn status(cfg: Config, json: bool) -> Outcome {
     let all = crate::status::all_sources(&cfg.sources, &cfg.nats, &cfg.projections).await;
@@ -94,61 +95,6 @@ pub(super) async fn wait(cfg: Config, projection: &str, lsn: Lsn, timeout: Durat
         Err(WaitError::Failed(m)) => Err(Failure::Failed(m)),
         Err(WaitError::TimedOut(m)) => Err(Failure::Failed(m)),
     }
-}
-
-/// Why a read-your-writes wait did not succeed.
-pub(super) enum WaitError {
-    /// No such projection, or it names no configured source.
-    Unknown(String),
-    /// Postgres or NATS could not be asked.
-    Failed(String),
-    /// The projection did not reach the position in time.
-    TimedOut(String),
-}
-
-/// Waits until `projection` has applied everything up to `lsn` (writing a sync
-/// message first, so a position is reached even when nothing else is written): the
-/// semantics of `tidemark wait` and of `GET /wait`.
-pub(super) async fn read_your_writes(
-    cfg: &Config,
-    projection: &str,
-    lsn: Lsn,
-    timeout: Duration,
-) -> Result<crate::projection::Applied, WaitError> {
-    let Some(p) = cfg.projections.iter().find(|p| p.name == projection) else {
-        return Err(WaitError::Unknown(format!(
-            "no [[projection]] is named {projection:?}"
-        )));
-    };
-    let Some(src) = cfg.sources.iter().find(|s| s.name == p.source) else {
-        return Err(WaitError::Unknown(format!(
-            "projection {projection:?} names no configured source"
-        )));
-    };
-    // Something committed after `lsn` must reach the stream: a sync message.
-    let catalog = Catalog::connect(&src.postgres)
-        .await
-        .map_err(|e| WaitError::Failed(ErrorChain(&e).to_string()))?;
-    catalog
-        .client()
-        .simple_query("SELECT pg_logical_emit_message(true, 'tidemark.sync', '')")
-        .await
-        .map_err(|e| {
-            WaitError::Failed(format!("cannot write the sync message: {}", ErrorChain(&e)))
-        })?;
-    let client = provision::connect(&cfg.nats, "tidemark-wait")
-        .await
-        .map_err(|e| WaitError::Failed(ErrorChain(&e).to_string()))?;
-    let js = async_nats::jetstream::new(client);
-    crate::projection::wait_applied(&js, projection, lsn, timeout)
-        .await
-        .map_err(|last| {
-            WaitError::TimedOut(format!(
-                "projection {projection} did not reach {lsn} within {timeout:?} (it has applied through {})",
-                last.and_then(|a| a.lsn)
-                    .unwrap_or_else(|| "nothing yet".into())
-            ))
-        })
 }
 
 /// `GET /wait?projection=NAME&lsn=X/Y&timeout=5s` on `project_listen`: 200 once the

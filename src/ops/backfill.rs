@@ -1,0 +1,140 @@
+//! Queueing backfills: one table (`tidemark backfill`), or every published table
+//! behind a new slot (`tidemark resync`).
+
+use super::{OpError, ResetMode, ResetReport, reset};
+use crate::backfill::{Job, JobState, Progress, key_columns};
+use crate::config::{self, NatsConfig, SourceConfig};
+use crate::error::ErrorChain;
+use crate::jetstream::provision;
+use crate::postgres::catalog::Catalog;
+use crate::postgres::replication::quote_ident;
+
+/// A new slot, a gap marker, and a backfill of every published table (outbox tables
+/// aside). Everything that could refuse is checked before anything changes. Returns
+/// the reset's report and how many tables were queued.
+pub(crate) async fn resync(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    force: bool,
+) -> Result<(ResetReport, usize), OpError> {
+    let catalog = Catalog::connect(&src.postgres).await?;
+    let Some(published) = catalog.publication(&src.publication).await? else {
+        return Err(OpError::Refused(format!(
+            "publication {:?} does not exist: run `tidemark run` once to create it, or create it by hand",
+            src.publication
+        )));
+    };
+    let names: Vec<(String, String)> = published
+        .into_iter()
+        .filter(|(schema, name)| {
+            !src.outboxes
+                .iter()
+                .any(|o| &o.schema == schema && &o.table == name)
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for t in &catalog.tables(&names).await? {
+        let key = key_columns(&catalog, src, &t.schema, &t.name, &t.primary_key).await?;
+        jobs.push(Job::new(
+            &t.schema,
+            &t.name,
+            key,
+            "resync",
+            None,
+            src.snapshot_chunk_size,
+        ));
+    }
+    let progress = open_progress(src, nats, "tidemark-resync").await?;
+    let report = reset(src, nats, ResetMode::Keep, force, "resync").await?;
+    for job in &jobs {
+        progress.put(job).await?;
+    }
+    Ok((report, jobs.len()))
+}
+
+/// Queues a backfill of one published table (`schema.table` or `table`), optionally
+/// of the rows matching `filter`. Returns the queued job and the record to follow it.
+pub(crate) async fn queue_backfill(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    table: &str,
+    filter: Option<String>,
+    chunk_size: Option<u64>,
+) -> Result<(Job, Progress), OpError> {
+    let Some((schema, name)) = config::split_table(table) else {
+        return Err(OpError::Refused(format!(
+            "{table:?} is not a table name: use \"table\" or \"schema.table\""
+        )));
+    };
+    let qualified = format!("{schema}.{name}");
+    let catalog = Catalog::connect(&src.postgres).await?;
+    let Some(info) = catalog
+        .tables(&[(schema.clone(), name.clone())])
+        .await?
+        .into_iter()
+        .next()
+    else {
+        return Err(OpError::Refused(format!(
+            "table {qualified} does not exist"
+        )));
+    };
+    let published = catalog.publication(&src.publication).await?;
+    if !published.is_some_and(|list| list.contains(&(schema.clone(), name.clone()))) {
+        return Err(OpError::Refused(format!(
+            "publication {:?} does not publish {qualified}, so its changes would not follow its rows: run ALTER PUBLICATION {} ADD TABLE {} (or add it to the source's tables and restart tidemark), then backfill",
+            src.publication,
+            quote_ident(&src.publication),
+            info.qualified()
+        )));
+    }
+    let key = key_columns(&catalog, src, &schema, &name, &info.primary_key).await?;
+    if let Some(f) = &filter
+        && let Err(e) = catalog
+            .client()
+            .simple_query(&format!(
+                "EXPLAIN SELECT 1 FROM {} WHERE ({f})",
+                info.qualified()
+            ))
+            .await
+    {
+        return Err(OpError::Refused(format!(
+            "--where {f:?} is not a valid condition on {qualified}: {}",
+            ErrorChain(&e)
+        )));
+    }
+    let progress = open_progress(src, nats, "tidemark-backfill").await?;
+    if let Some(j) = progress.get(&schema, &name).await?
+        && matches!(j.state, JobState::Pending | JobState::Running)
+    {
+        return Err(OpError::Refused(format!(
+            "a backfill of {qualified} is already {} ({} rows done): wait for it, or watch it with `tidemark status`",
+            if j.state == JobState::Pending {
+                "queued"
+            } else {
+                "running"
+            },
+            j.rows_done
+        )));
+    }
+    let job = Job::new(
+        &schema,
+        &name,
+        key,
+        "backfill",
+        filter,
+        chunk_size.unwrap_or(src.snapshot_chunk_size).max(1),
+    );
+    progress.put(&job).await?;
+    Ok((job, progress))
+}
+
+/// The source's backfill record, bound to its stream, over a NATS connection of its own.
+async fn open_progress(
+    src: &SourceConfig,
+    nats: &NatsConfig,
+    client_name: &str,
+) -> Result<Progress, OpError> {
+    let client = provision::connect(nats, client_name).await?;
+    let js = async_nats::jetstream::new(client);
+    Ok(Progress::open_for_stream(&js, &src.name, &src.stream.name, src.stream.replicas).await?)
+}
