@@ -65,37 +65,6 @@ async fn table_rows(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String
     .collect()
 }
 
-/// The backfill job of a table, as stored in the source's KV bucket.
-async fn job(nc: &async_nats::Client, source: &str, table: &str) -> Option<Value> {
-    let js = async_nats::jetstream::new(nc.clone());
-    let kv = js.get_key_value(format!("tidemark_{source}")).await.ok()?;
-    let v = kv.get(format!("backfill.public.{table}")).await.ok()??;
-    serde_json::from_slice(&v).ok()
-}
-
-async fn wait_job_done(
-    nc: &async_nats::Client,
-    table: &str,
-    timeout: Duration,
-    log: impl Fn() -> String,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(j) = job(nc, "store", table).await
-            && j["state"] == "done"
-        {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backfill of {table} not done in {timeout:?}: {:?}\n{}",
-            job(nc, "store", table).await,
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Small transactions of inserts, updates and deletes on `big` until told to stop.
 fn churn(
     db: tokio_postgres::Client,
@@ -155,7 +124,7 @@ async fn an_initial_snapshot_under_concurrent_writes_folds_to_the_table() {
     tm.wait_streaming();
     let writer = churn(pg.client("store").await, stop.clone(), ROWS, ROWS);
     let nc = nats.client().await;
-    let done = wait_job_done(&nc, "big", Duration::from_secs(300), || tm.log()).await;
+    let done = wait_job_done(&nc, "store", "big", Duration::from_secs(300), || tm.log()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let changes = writer.await.unwrap();
     assert!(
@@ -247,13 +216,13 @@ async fn a_backfill_killed_mid_way_resumes_at_the_next_chunk() {
     // Kill it once a few chunks are stored.
     let deadline = Instant::now() + Duration::from_secs(120);
     let done_at_kill = loop {
-        let done = job(&nc, "store", "big")
+        let done = backfill_job(&nc, "store", "big")
             .await
             .and_then(|j| j["chunks_done"].as_u64())
             .unwrap_or(0);
         if done >= 5 {
             tm.kill9();
-            break job(&nc, "store", "big").await.unwrap()["chunks_done"]
+            break backfill_job(&nc, "store", "big").await.unwrap()["chunks_done"]
                 .as_u64()
                 .unwrap();
         }
@@ -267,7 +236,7 @@ async fn a_backfill_killed_mid_way_resumes_at_the_next_chunk() {
     let first_run = chunks_read(&std::fs::read_to_string(&log1).unwrap());
     let log2 = dir.path().join("tidemark2.log");
     let tm = Tidemark::run_logging(&cfg, &log2, "tidemark=debug");
-    let done = wait_job_done(&nc, "big", Duration::from_secs(300), || tm.log()).await;
+    let done = wait_job_done(&nc, "store", "big", Duration::from_secs(300), || tm.log()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     let mut second_run = chunks_read(&tm.log());
@@ -563,7 +532,7 @@ async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     writer.await.unwrap();
     let nc = nats.client().await;
-    wait_job_done(&nc, "keyed", Duration::from_secs(60), || tm.log()).await;
+    wait_job_done(&nc, "store", "keyed", Duration::from_secs(60), || tm.log()).await;
     wait_confirmed_end(&pg, &db).await;
     let events = read_stream(&nc, "STORE").await;
     assert_exactly_once(&events);
@@ -696,7 +665,7 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     );
     let nc = nats.client().await;
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
-    wait_job_done(&nc, "big", Duration::from_secs(60), || tm.log()).await;
+    wait_job_done(&nc, "store", "big", Duration::from_secs(60), || tm.log()).await;
     db.batch_execute("UPDATE big SET qty = -1 WHERE id <= 10")
         .await
         .unwrap();
@@ -738,7 +707,7 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     )
     .await
     .unwrap();
-    let done = wait_job_done(&nc, "big", Duration::from_secs(60), || tm.log()).await;
+    let done = wait_job_done(&nc, "store", "big", Duration::from_secs(60), || tm.log()).await;
     assert_eq!(done["reason"], "resync");
     wait_confirmed_end(&pg, &db).await;
     let events = read_stream(&nc, "STORE").await;
@@ -863,7 +832,7 @@ async fn a_new_slot_and_stream_snapshot_every_row_whatever_the_old_jobs_said() {
     // Stop it part-way through the snapshot.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let done = job(&nc, "store", "big")
+        let done = backfill_job(&nc, "store", "big")
             .await
             .and_then(|j| j["chunks_done"].as_u64())
             .unwrap_or(0);
@@ -874,7 +843,7 @@ async fn a_new_slot_and_stream_snapshot_every_row_whatever_the_old_jobs_said() {
         assert!(Instant::now() < deadline, "{}", tm.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = job(&nc, "store", "big").await.unwrap()["chunks_done"]
+    let left = backfill_job(&nc, "store", "big").await.unwrap()["chunks_done"]
         .as_u64()
         .unwrap();
     assert!(
@@ -888,7 +857,7 @@ async fn a_new_slot_and_stream_snapshot_every_row_whatever_the_old_jobs_said() {
     let js = async_nats::jetstream::new(nc.clone());
     js.delete_stream("STORE").await.unwrap();
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
-    wait_job_done(&nc, "big", Duration::from_secs(120), || tm.log()).await;
+    wait_job_done(&nc, "store", "big", Duration::from_secs(120), || tm.log()).await;
     wait_stream_count(&nc, "STORE", ROWS as u64, Duration::from_secs(60), || {
         tm.log()
     })
@@ -957,7 +926,7 @@ async fn snapshot_rows_are_stored_once_through_kills_mid_chunk() {
         }
         tm = Tidemark::run(&cfg, &log);
     }
-    wait_job_done(&nc, "big", Duration::from_secs(180), || tm.log()).await;
+    wait_job_done(&nc, "store", "big", Duration::from_secs(180), || tm.log()).await;
     wait_stream_count(&nc, "STORE", ROWS as u64, Duration::from_secs(60), || {
         tm.log()
     })
@@ -1088,7 +1057,7 @@ async fn pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table() {
     );
     let nc = nats.client().await;
     for table in ["pgbench_accounts", "pgbench_tellers", "pgbench_branches"] {
-        wait_job_done(&nc, table, Duration::from_secs(120), || tm.log()).await;
+        wait_job_done(&nc, "store", table, Duration::from_secs(120), || tm.log()).await;
     }
     wait_confirmed_end(&pg, &db).await;
     let events = read_stream(&nc, "STORE").await;

@@ -3,14 +3,19 @@
 //! (the seed is printed first), `SOAK_SECS` sets how long the workload runs.
 //! `scripts/soak.sh [--seed N] [--minutes M]` runs it; `scripts/test.sh` runs a short one.
 //!
-//! Workload: a keyed table with an initial snapshot and a non-idempotent read model
-//! (a counter and a running sum), a composite-key table with now and then a large
-//! transaction, a keyless insert-only table (REPLICA IDENTITY FULL), a table with
-//! TOASTed values, multi-table TRUNCATEs and DDL. Faults: kill -9 of `run` and of
-//! `project`, SIGTERM with an immediate restart, nats-server restart, Postgres restart.
-//! Checks: the stream folds to the tables (keyless as multisets), event ids unique and
-//! rising, each snapshot row read once, the read model equals the SQL aggregate, and
-//! every SIGTERM ended the process in time.
+//! Workload: a keyed table with an initial snapshot, a non-idempotent Postgres read
+//! model (a counter and a running sum) and a NATS KV read model over it; a
+//! composite-key table with now and then a large transaction; a keyless insert-only
+//! table (REPLICA IDENTITY FULL); a table with TOASTed values, DDL on it (add, drop,
+//! retype a column) and one `tidemark backfill` of it under writes; outbox rows and
+//! `pg_logical_emit_message` in the same transactions; multi-table TRUNCATEs and
+//! `TRUNCATE ... CASCADE`; pgbench's TPC-B script as a concurrent writer (its history
+//! table has no key). Faults: kill -9 of `run` and of `project`, SIGTERM with an
+//! immediate restart, nats-server restart, Postgres fast and immediate restart, TCP
+//! cuts and stalls of the source's Postgres and NATS connections through a proxy.
+//! Checks: the stream folds to every table (keyless ones as multisets), event ids
+//! unique and rising, each snapshot row read once, each outbox row and message once,
+//! both read models equal the store, and every SIGTERM ended the process in time.
 
 mod support;
 
@@ -45,11 +50,39 @@ CREATE TABLE log (at bigint, msg text);
 ALTER TABLE log REPLICA IDENTITY FULL;
 INSERT INTO log SELECT g, 'before ' || (g % 50) FROM generate_series(1, 3000) g;
 CREATE TABLE docs (id int PRIMARY KEY, body text);
+CREATE TABLE pings (n int PRIMARY KEY);
+CREATE TABLE outbox (id bigserial PRIMARY KEY, aggregate_type text NOT NULL,
+  aggregate_id text NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL);
+CREATE TABLE parent (id int PRIMARY KEY);
+CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));
 ";
 
-fn projection(pg: &PgServer) -> String {
+/// Every published table the fold is compared with; the keyless ones as multisets.
+const TABLES: &[&str] = &[
+    "acct",
+    "lines",
+    "log",
+    "docs",
+    "pings",
+    "parent",
+    "child",
+    "pgbench_accounts",
+    "pgbench_tellers",
+    "pgbench_branches",
+    "pgbench_history",
+];
+const KEYLESS: &[&str] = &["public.log", "public.pgbench_history"];
+
+fn sections(pg: &PgServer) -> String {
     format!(
         r#"
+[[source.outbox]]
+table = "outbox"
+
+[[source.message]]
+prefix = "soak"
+type_field = "type"
+
 [[projection]]
 name = "stats"
 source = "soak"
@@ -78,6 +111,22 @@ params = ["data.before.bal"]
 [[projection.on]]
 type = "acct.truncated"
 sql = "UPDATE stats SET n = 0, total = 0"
+
+[[projection]]
+name = "acct_kv"
+source = "soak"
+kv_bucket = "ACCT_VIEW"
+
+[[projection.on]]
+type = ["acct.created", "acct.read", "acct.updated"]
+kv = "put"
+key = "acct.{{data.after.id}}"
+value = {{ bal = "data.after.bal" }}
+
+[[projection.on]]
+type = "acct.deleted"
+kv = "delete"
+key = "acct.{{data.key.id}}"
 "#,
         port = pg.port
     )
@@ -92,12 +141,12 @@ fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, i64>> {
         let Some(table) = data["table"].as_str() else {
             continue;
         };
-        let keyless = table == "public.log";
+        let keyless = KEYLESS.contains(&table);
         let rows = keyed.entry(table.to_string()).or_default();
         let bag = tables.entry(table.to_string()).or_default();
         match data["op"].as_str() {
             Some("insert" | "update" | "read") if keyless => {
-                *bag.entry(without_nulls(&data["after"])).or_default() += 1;
+                *bag.entry(shape(&data["after"])).or_default() += 1;
             }
             Some("insert" | "update" | "read") => {
                 let key = data["key"].to_string();
@@ -114,7 +163,7 @@ fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, i64>> {
                 rows.insert(key, after);
             }
             Some("delete") if keyless => {
-                *bag.entry(without_nulls(&data["before"])).or_default() -= 1;
+                *bag.entry(shape(&data["before"])).or_default() -= 1;
             }
             Some("delete") => {
                 rows.remove(&data["key"].to_string());
@@ -127,13 +176,13 @@ fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, i64>> {
         }
     }
     for (table, rows) in keyed {
-        if table == "public.log" {
+        if KEYLESS.contains(&table.as_str()) {
             continue;
         }
         let bag = tables.entry(table).or_default();
         bag.clear();
         for row in rows.values() {
-            *bag.entry(without_nulls(row)).or_default() += 1;
+            *bag.entry(shape(row)).or_default() += 1;
         }
     }
     for bag in tables.values_mut() {
@@ -142,14 +191,15 @@ fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, i64>> {
     tables
 }
 
-/// A row as JSON text without its NULL columns: a column added mid-stream is NULL in
-/// rows written before it, which their events do not list.
-fn without_nulls(row: &Value) -> String {
+/// A row as JSON text without its NULL columns (a column added mid-stream is NULL in
+/// rows written before it, which their events do not list) and without pgbench's
+/// `mtime` (a timestamp, whose JSON text differs from `row_to_json`'s).
+fn shape(row: &Value) -> String {
     match row.as_object() {
         Some(m) => {
             let kept: serde_json::Map<String, Value> = m
                 .iter()
-                .filter(|(_, v)| !v.is_null())
+                .filter(|(k, v)| !v.is_null() && *k != "mtime")
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             Value::Object(kept).to_string()
@@ -168,7 +218,7 @@ async fn rows(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String, i64>
         .unwrap()
     {
         let v: Value = serde_json::from_str(&r.get::<_, String>(0)).unwrap();
-        *out.entry(without_nulls(&v)).or_default() += 1;
+        *out.entry(shape(&v)).or_default() += 1;
     }
     out
 }
@@ -198,22 +248,44 @@ async fn seeded_soak_keeps_every_promise() {
         db,
     } = Rig::start().await;
     db.batch_execute(STORE).await.unwrap();
+    // pgbench's tables (20,000 of its 100,000 accounts, so the debug build's snapshot
+    // stays short; its updates of the others change nothing, and its keyless history
+    // grows all the same) join the initial snapshot.
+    pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
+    db.batch_execute("DELETE FROM pgbench_accounts WHERE aid > 20000; ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
     let rm = pg.create_db("rm").await;
     rm.batch_execute("CREATE TABLE stats (n bigint NOT NULL, total bigint NOT NULL); INSERT INTO stats VALUES (0, 0);")
         .await
         .unwrap();
-    let sections = projection(&pg);
+    let sections = sections(&pg);
     let cfg = write_config(
         dir.path(),
         &pg,
         &nats,
         &SourceSpec {
             snapshot: "initial",
-            extra: "snapshot_chunk_size = 500\npublish_window = 64",
+            extra: "snapshot_chunk_size = 500\npublish_window = 64\nreplication_timeout_secs = 4",
             sections: &sections,
             ..SourceSpec::new("soak", "store")
         },
     );
+    // The source's Postgres and every NATS connection go through proxies that cut and
+    // stall on the schedule; the read model's database and the checks go direct.
+    let pg_proxy = std::sync::Arc::new(Proxy::start(pg.port).await);
+    let nats_proxy = std::sync::Arc::new(Proxy::start(nats.port).await);
+    edit_file(
+        &cfg,
+        &format!("port = {}\ndbname = \"store\"", pg.port),
+        &format!("port = {}\ndbname = \"store\"", pg_proxy.port),
+    );
+    edit_file(
+        &cfg,
+        &nats.url(),
+        &format!("nats://127.0.0.1:{}", nats_proxy.port),
+    );
+    let cfg_arg = cfg.to_str().unwrap().to_string();
     let slog = dir.path().join("run.log");
     let plog = dir.path().join("project.log");
     let mut run = Tidemark::run(&cfg, &slog);
@@ -224,45 +296,58 @@ async fn seeded_soak_keeps_every_promise() {
     // through a snapshot under writes to the same rows. The workload on `acct` starts
     // once its snapshot is done; `lines` is snapshotted under writes all along.
     let nc = nats.client().await;
-    let js = async_nats::jetstream::new(nc.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let state = match js.get_key_value("tidemark_soak").await {
-            Ok(kv) => kv
-                .get("backfill.public.acct")
-                .await
-                .ok()
-                .flatten()
-                .and_then(|v| serde_json::from_slice::<Value>(&v).ok())
-                .map(|j| j["state"].clone()),
-            Err(_) => None,
-        };
-        if state.as_ref().and_then(|s| s.as_str()) == Some("done") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "seed {seed}: acct snapshot not done\n{}",
-            run.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_job_done(&nc, "soak", "acct", Duration::from_secs(180), || {
+        format!("seed {seed}: acct snapshot\n{}", run.log())
+    })
+    .await;
     let started = Instant::now();
     let mut step = 0u64;
     let mut next_id = 100_000i64;
     let mut next_order = 0i64;
+    let mut next_ping = 0i64;
+    let mut next_parent = 0i64;
     let mut columns = 0;
     let mut db = db;
     let mut reconnect = false;
+    let mut pgbench_run: Option<std::process::Child> = None;
+    // One CLI backfill of `docs` at a random moment (so each of its rows may be read
+    // once), retried at a later step when it could not be queued.
+    let backfill_at = rng.below(secs.max(1) * 2 / 3);
+    let mut backfilled = false;
     while started.elapsed() < Duration::from_secs(secs) {
         step += 1;
         if reconnect {
             db = pg.client("store").await;
             reconnect = false;
         }
+        if !backfilled && started.elapsed() >= Duration::from_secs(backfill_at) {
+            match tidemark_cmd_within(
+                &[
+                    "backfill",
+                    "--config",
+                    &cfg_arg,
+                    "--table",
+                    "docs",
+                    "--no-wait",
+                ],
+                Duration::from_secs(60),
+            ) {
+                Some((0, _, _)) => {
+                    eprintln!("step {step}: backfill of docs queued");
+                    backfilled = true;
+                }
+                other => eprintln!("step {step}: backfill not queued: {other:?}"),
+            }
+        }
+        if pgbench_run
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+        {
+            pgbench_run = None;
+        }
         let what = rng.below(100);
         let sql = match what {
-            0..=29 => {
+            0..=24 => {
                 let n = 1 + rng.below(5);
                 let mut s = String::from("BEGIN;");
                 for _ in 0..n {
@@ -288,7 +373,7 @@ async fn seeded_soak_keeps_every_promise() {
                 s.push_str("COMMIT;");
                 s
             }
-            30..=49 => {
+            25..=39 => {
                 next_order += 1;
                 let rows = if rng.below(40) == 0 {
                     10_000 + rng.below(10_000)
@@ -299,11 +384,11 @@ async fn seeded_soak_keeps_every_promise() {
                     "INSERT INTO lines SELECT {next_order}, g, g % 7 FROM generate_series(1, {rows}) g"
                 )
             }
-            50..=64 => format!(
+            40..=49 => format!(
                 "INSERT INTO log SELECT {step}, 'm' || (g % 3) FROM generate_series(1, {}) g",
                 1 + rng.below(4)
             ),
-            65..=79 => {
+            50..=59 => {
                 // Hex of md5s compresses only to about half: past 2 kB it is stored
                 // out of line (TOAST), so updates that leave it alone send it unchanged.
                 let id = rng.below(50);
@@ -313,14 +398,57 @@ async fn seeded_soak_keeps_every_promise() {
                     "INSERT INTO docs (id, body) VALUES ({id}, (SELECT string_agg(md5(x::text || '{salt}'), '') FROM generate_series(1, {n}) AS s(x))) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body"
                 )
             }
-            80..=82 => "TRUNCATE lines, log".to_string(),
-            83 => {
-                columns += 1;
-                format!("ALTER TABLE docs ADD COLUMN c{columns} int")
+            60..=61 => "TRUNCATE lines, log".to_string(),
+            62 => "TRUNCATE parent CASCADE".to_string(),
+            63 => {
+                // Added columns stay NULL, so a dropped one leaves nothing behind in
+                // the fold.
+                match (columns, rng.below(3)) {
+                    (0, _) | (_, 0) => {
+                        columns += 1;
+                        format!("ALTER TABLE docs ADD COLUMN c{columns} int")
+                    }
+                    (_, 1) => format!("ALTER TABLE docs ALTER COLUMN c{columns} TYPE bigint"),
+                    _ => {
+                        columns -= 1;
+                        format!("ALTER TABLE docs DROP COLUMN c{}", columns + 1)
+                    }
+                }
             }
-            84..=86 => "UPDATE docs SET id = id WHERE id < 5".to_string(),
-            87..=89 => {
-                let fault = rng.below(6);
+            64..=65 => "UPDATE docs SET id = id WHERE id < 5".to_string(),
+            66..=69 => {
+                // An outbox row and a message in the transaction that records them.
+                next_ping += 1;
+                format!(
+                    "BEGIN; INSERT INTO pings VALUES ({next_ping}); \
+                     INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     VALUES ('ping', '{next_ping}', 'PingRecorded', '{{\"n\": {next_ping}}}'); \
+                     SELECT pg_logical_emit_message(true, 'soak', '{{\"type\": \"Pinged\", \"n\": {next_ping}}}'); \
+                     COMMIT;"
+                )
+            }
+            70..=72 => {
+                next_parent += 1;
+                format!(
+                    "BEGIN; INSERT INTO parent VALUES ({next_parent}); \
+                     INSERT INTO child SELECT {next_parent} * 10 + g, {next_parent} FROM generate_series(1, {}) g; COMMIT;",
+                    1 + rng.below(3)
+                )
+            }
+            73..=74 => {
+                if pgbench_run.is_none() {
+                    let t = (1 + rng.below(3)).to_string();
+                    let c = (1 + rng.below(3)).to_string();
+                    pgbench_run = pgbench_cmd(&pg, "store", &["-T", &t, "-c", &c, "-n"])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .ok();
+                }
+                continue;
+            }
+            75..=78 => {
+                let fault = rng.below(10);
                 eprintln!("step {step}: fault {fault}");
                 match fault {
                     0 => {
@@ -355,6 +483,28 @@ async fn seeded_soak_keeps_every_promise() {
                         pg.restart();
                         reconnect = true;
                     }
+                    5 => {
+                        pg.restart_immediate();
+                        reconnect = true;
+                    }
+                    6 => pg_proxy.cut(),
+                    7 => nats_proxy.cut(),
+                    8 => {
+                        // A stall of one side for 0.5 to 8 s, lifted in the background
+                        // while the workload goes on (past replication_timeout_secs and
+                        // ack_timeout_secs now and then).
+                        let proxy = if rng.below(2) == 0 {
+                            pg_proxy.clone()
+                        } else {
+                            nats_proxy.clone()
+                        };
+                        let ms = 500 + rng.below(7_500);
+                        proxy.stall();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            proxy.resume();
+                        });
+                    }
                     _ => {
                         project.kill9();
                         run.kill9();
@@ -380,10 +530,33 @@ async fn seeded_soak_keeps_every_promise() {
             reconnect = true;
         }
     }
+    pg_proxy.resume();
+    nats_proxy.resume();
+    if let Some(mut c) = pgbench_run.take()
+        && wait_exit(&mut c, Duration::from_secs(60)).is_none()
+    {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     if reconnect {
         db = pg.client("store").await;
     }
     eprintln!("soak seed {seed}: {step} steps; checking");
+    let nc = nats.client().await;
+    // Every snapshot and backfill ends (done; a failed one fails the soak).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let open = open_jobs(&nc).await;
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && !open.iter().any(|j| j["state"] == "failed"),
+            "seed {seed}: backfills not done: {open:?}\n{}",
+            run.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Everything committed is stored once the slot confirms the current end of WAL.
     let end = current_lsn(&db).await;
@@ -393,23 +566,38 @@ async fn seeded_soak_keeps_every_promise() {
         "tidemark_soak",
         end,
         Duration::from_secs(300),
-        || run.log(),
+        || format!("seed {seed}\n{}", run.log()),
     )
     .await;
-    let nc = nats.client().await;
     let events = read_stream(&nc, "SOAK").await;
-    assert!(
-        events.iter().any(|e| e.body["type"] == "lines.read"),
-        "seed {seed}: no snapshot of lines"
-    );
+    // The workload leaves acct alone until its snapshot is done: its 3,000 rows are
+    // each read once (the check below), and none is missing.
+    let acct_reads = events
+        .iter()
+        .filter(|e| e.body["type"] == "acct.read")
+        .count();
+    if acct_reads != 3000 {
+        let mut types: BTreeMap<String, u64> = BTreeMap::new();
+        for e in &events {
+            *types.entry(e.body["type"].to_string()).or_default() += 1;
+        }
+        panic!(
+            "seed {seed}: {acct_reads} acct.read events for 3,000 rows; the stream's {} events by type: {types:?}",
+            events.len()
+        );
+    }
     assert_exactly_once(&events);
-    // Snapshot rows: each read at most once.
+    // Snapshot rows of keyed tables: each read at most once (one snapshot or backfill
+    // per table in this schedule).
     let mut reads: BTreeMap<String, u32> = BTreeMap::new();
     for e in events
         .iter()
-        .filter(|e| e.body["type"] == "acct.read" || e.body["type"] == "lines.read")
+        .filter(|e| e.body["data"]["op"] == "read" && !e.body["data"]["key"].is_null())
     {
-        *reads.entry(e.body["data"]["key"].to_string()).or_default() += 1;
+        let d = &e.body["data"];
+        *reads
+            .entry(format!("{} {}", d["table"], d["key"]))
+            .or_default() += 1;
     }
     let twice: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).take(3).collect();
     assert!(
@@ -417,7 +605,7 @@ async fn seeded_soak_keeps_every_promise() {
         "seed {seed}: snapshot rows stored twice, e.g. {twice:?}"
     );
     let folded = fold(&events);
-    for table in ["acct", "lines", "log", "docs"] {
+    for table in TABLES {
         let want = rows(&db, table).await;
         let got = folded
             .get(&format!("public.{table}"))
@@ -441,7 +629,42 @@ async fn seeded_soak_keeps_every_promise() {
             );
         }
     }
-    // The read model equals the same aggregate from the store (on a new connection:
+    // Each committed outbox row and message once: the tables record which committed.
+    let mut outbox: BTreeMap<String, u32> = BTreeMap::new();
+    let mut pinged: BTreeMap<i64, u32> = BTreeMap::new();
+    for e in &events {
+        if let Some(id) = e.body["outboxid"].as_str() {
+            *outbox.entry(id.to_string()).or_default() += 1;
+        }
+        if e.body["type"] == "Pinged" {
+            *pinged
+                .entry(e.body["data"]["n"].as_i64().unwrap_or(-1))
+                .or_default() += 1;
+        }
+    }
+    let want_outbox: BTreeMap<String, u32> = db
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), 1))
+        .collect();
+    assert_eq!(
+        outbox, want_outbox,
+        "seed {seed}: outbox events (by outboxid) differ from the outbox table"
+    );
+    let want_pinged: BTreeMap<i64, u32> = db
+        .query("SELECT n::bigint FROM pings", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), 1))
+        .collect();
+    assert_eq!(
+        pinged, want_pinged,
+        "seed {seed}: emitted messages differ from the pings table"
+    );
+    // The read models equal the same aggregate from the store (on a new connection:
     // Postgres restarts ended the first).
     let rm = pg.client("rm").await;
     let want = db
@@ -468,6 +691,40 @@ async fn seeded_soak_keeps_every_promise() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let want_kv: BTreeMap<String, i64> = db
+        .query("SELECT id, bal FROM acct", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (format!("acct.{}", r.get::<_, i32>(0)), r.get::<_, i64>(1)))
+        .collect();
+    let js = async_nats::jetstream::new(nc.clone());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let got = kv_balances(&js).await;
+        if got == want_kv {
+            break;
+        }
+        if Instant::now() > deadline {
+            let first = want_kv
+                .iter()
+                .find(|(k, v)| got.get(*k) != Some(v))
+                .map(|(k, v)| format!("{k}: store {v}, KV {:?}", got.get(k)))
+                .or_else(|| {
+                    got.keys()
+                        .find(|k| !want_kv.contains_key(*k))
+                        .map(|k| format!("{k}: in KV only"))
+                });
+            panic!(
+                "seed {seed}: the KV read model ({} keys) never equalled acct ({} rows): first difference: {}\n{}",
+                got.len(),
+                want_kv.len(),
+                first.unwrap_or_default(),
+                project.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert!(run.is_running(), "seed {seed}: run stopped\n{}", run.log());
     assert!(
         project.is_running(),
@@ -476,4 +733,55 @@ async fn seeded_soak_keeps_every_promise() {
     );
     let st = run.terminate(Duration::from_secs(30));
     assert!(st.success(), "seed {seed}: {}", run.log());
+}
+
+/// The soak source's backfill records that are not done.
+async fn open_jobs(nc: &async_nats::Client) -> Vec<Value> {
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(nc.clone());
+    let Ok(kv) = js.get_key_value("tidemark_soak").await else {
+        return vec![Value::String("no tidemark_soak bucket".into())];
+    };
+    let Ok(mut keys) = kv.keys().await else {
+        return vec![Value::String("cannot list tidemark_soak".into())];
+    };
+    let mut names = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        names.push(k);
+    }
+    let mut open = Vec::new();
+    for k in names.iter().filter(|k| k.starts_with("backfill.")) {
+        if let Ok(Some(v)) = kv.get(k).await
+            && let Ok(j) = serde_json::from_slice::<Value>(&v)
+            && j["state"] != "done"
+        {
+            open.push(j);
+        }
+    }
+    open
+}
+
+/// The KV read model: key to `bal`.
+async fn kv_balances(js: &async_nats::jetstream::Context) -> BTreeMap<String, i64> {
+    use futures_util::StreamExt;
+    let mut out = BTreeMap::new();
+    let Ok(kv) = js.get_key_value("ACCT_VIEW").await else {
+        return out;
+    };
+    let Ok(mut keys) = kv.keys().await else {
+        return out;
+    };
+    let mut names = Vec::new();
+    while let Some(Ok(k)) = keys.next().await {
+        names.push(k);
+    }
+    for k in names {
+        if let Ok(Some(v)) = kv.get(&k).await
+            && let Ok(j) = serde_json::from_slice::<Value>(&v)
+            && let Some(bal) = j["bal"].as_i64()
+        {
+            out.insert(k, bal);
+        }
+    }
+    out
 }

@@ -161,7 +161,7 @@ fn kill(child: &mut Child, signal: i32) {
     }
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -336,6 +336,19 @@ impl PgServer {
 
     pub fn restart(&mut self) {
         self.stop();
+        self.start_again();
+    }
+
+    /// An immediate shutdown (SIGQUIT: no checkpoint, crash recovery at the next
+    /// start), then a start on the same data directory and port.
+    pub fn restart_immediate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, libc::SIGQUIT);
+            if wait_exit(&mut c, Duration::from_secs(15)).is_none() {
+                kill(&mut c, libc::SIGKILL);
+                let _ = c.wait();
+            }
+        }
         self.start_again();
     }
 
@@ -1210,6 +1223,44 @@ where
     let deadline = Instant::now() + timeout;
     while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A source's backfill record of `public.<table>` (its JSON), if there is one.
+pub async fn backfill_job(
+    nc: &async_nats::Client,
+    source: &str,
+    table: &str,
+) -> Option<serde_json::Value> {
+    let js = async_nats::jetstream::new(nc.clone());
+    let kv = js.get_key_value(format!("tidemark_{source}")).await.ok()?;
+    let v = kv.get(format!("backfill.public.{table}")).await.ok()??;
+    serde_json::from_slice(&v).ok()
+}
+
+/// Waits for the backfill of `public.<table>` to be done and returns its record; fails
+/// with the record and `log` after `timeout`, or at once when the job failed.
+pub async fn wait_job_done(
+    nc: &async_nats::Client,
+    source: &str,
+    table: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let job = backfill_job(nc, source, table).await;
+        match job.as_ref().map(|j| j["state"].clone()) {
+            Some(s) if s == "done" => return job.unwrap_or_default(),
+            Some(s) if s == "failed" => panic!("backfill of {table} failed: {job:?}\n{}", log()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill of {table} not done in {timeout:?}: {job:?}\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
