@@ -1138,3 +1138,95 @@ async fn pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table() {
     same_rows(history_folded, want_history, &tm.log());
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+/// Postgres shut down (immediate) while a chunk is being read, twice, and a column
+/// dropped mid-backfill: the job pauses and resumes each time, never marked failed,
+/// and each row is read once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_during_a_chunk_read_and_a_dropped_column_only_pause_a_backfill() {
+    let Rig {
+        mut pg,
+        nats,
+        dir,
+        db,
+    } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text, extra int);
+         INSERT INTO big SELECT g, g, 'n' || g, g FROM generate_series(1, 2000) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec {
+            extra: "snapshot_chunk_size = 200",
+            ..SourceSpec::new("store", "store")
+        },
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    // A condition that sleeps per row makes each chunk's read take a while, so the
+    // shutdowns and the column drop below land inside one.
+    let (code, _, err) = tidemark_cmd(&[
+        "backfill",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--table",
+        "big",
+        "--where",
+        "pg_sleep(0.001) IS NOT NULL",
+        "--no-wait",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let nc = nats.client().await;
+    for round in 0..2 {
+        let admin = pg.client("store").await;
+        wait_chunk_read(&admin).await;
+        drop(admin);
+        pg.restart_immediate();
+        let job = backfill_job(&nc, "store", "big").await.unwrap_or_default();
+        assert_ne!(job["state"], "failed", "round {round}: {job}\n{}", tm.log());
+    }
+    // The drop waits for the chunk read in progress; the next read names a column
+    // that is gone.
+    let db = pg.client("store").await;
+    wait_chunk_read(&db).await;
+    db.batch_execute("ALTER TABLE big DROP COLUMN extra")
+        .await
+        .unwrap();
+    let done = wait_job_done(&nc, "store", "big", Duration::from_secs(120), || tm.log()).await;
+    assert_eq!(done["rows_done"], 2000, "{done}");
+    assert!(
+        tm.log()
+            .contains("the table's columns changed under the backfill"),
+        "{}",
+        tm.log()
+    );
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let mut reads: BTreeMap<i64, u32> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.body["type"] == "big.read") {
+        *reads
+            .entry(e.body["data"]["key"]["id"].as_i64().unwrap_or(-1))
+            .or_default() += 1;
+    }
+    assert_eq!(reads.len(), 2000, "rows read");
+    assert!(reads.values().all(|n| *n == 1), "a row read twice");
+    assert!(tm.log().contains("backfill resumed"), "{}", tm.log());
+}
+
+/// Waits until a backfill chunk read of the test above runs.
+async fn wait_chunk_read(db: &tokio_postgres::Client) {
+    wait_until("a chunk read in progress", Duration::from_secs(60), || async {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep(0.001)%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, i64>(0) > 0)
+    })
+    .await;
+}

@@ -312,31 +312,40 @@ async fn seeded_soak_keeps_every_promise() {
     let mut pgbench_run: Option<std::process::Child> = None;
     // One CLI backfill of `docs` at a random moment (so each of its rows may be read
     // once), retried at a later step when it could not be queued.
-    let backfill_at = rng.below(secs.max(1) * 2 / 3);
-    let mut backfilled = false;
+    let mut backfill_next = started + Duration::from_secs(rng.below(secs.max(1) * 2 / 3));
+    let mut backfill_split: Option<u64> = None;
     while started.elapsed() < Duration::from_secs(secs) {
         step += 1;
         if reconnect {
             db = pg.client("store").await;
             reconnect = false;
         }
-        if !backfilled && started.elapsed() >= Duration::from_secs(backfill_at) {
-            match tidemark_cmd_within(
-                &[
-                    "backfill",
-                    "--config",
-                    &cfg_arg,
-                    "--table",
-                    "docs",
-                    "--no-wait",
-                ],
-                Duration::from_secs(60),
-            ) {
-                Some((0, _, _)) => {
-                    eprintln!("step {step}: backfill of docs queued");
-                    backfilled = true;
+        if backfill_split.is_none() && Instant::now() >= backfill_next {
+            // Every read of the initial snapshot's job of docs is stored before that job
+            // is done, and a new job is refused until then: so the reads up to this
+            // sequence are the first job's, those after it the CLI backfill's.
+            let before = stream_last_seq(&nc, "SOAK").await;
+            match (before > 0).then(|| {
+                tidemark_cmd_within(
+                    &[
+                        "backfill",
+                        "--config",
+                        &cfg_arg,
+                        "--table",
+                        "docs",
+                        "--no-wait",
+                    ],
+                    Duration::from_secs(60),
+                )
+            }) {
+                Some(Some((0, _, _))) => {
+                    eprintln!("step {step}: backfill of docs queued after sequence {before}");
+                    backfill_split = Some(before);
                 }
-                other => eprintln!("step {step}: backfill not queued: {other:?}"),
+                other => {
+                    eprintln!("step {step}: backfill not queued: {other:?}");
+                    backfill_next = Instant::now() + Duration::from_secs(2);
+                }
             }
         }
         if pgbench_run
@@ -733,6 +742,15 @@ async fn seeded_soak_keeps_every_promise() {
     );
     let st = run.terminate(Duration::from_secs(30));
     assert!(st.success(), "seed {seed}: {}", run.log());
+}
+
+/// The stream's last sequence (0 when it cannot be read).
+async fn stream_last_seq(nc: &async_nats::Client, stream: &str) -> u64 {
+    let js = async_nats::jetstream::new(nc.clone());
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map_or(0, |i| i.state.last_sequence),
+        Err(_) => 0,
+    }
 }
 
 /// The soak source's backfill records that are not done.

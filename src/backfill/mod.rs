@@ -67,6 +67,24 @@ pub enum BackfillError {
         source: tokio_postgres::Error,
     },
 }
+impl BackfillError {
+    /// Whether the job itself cannot go on (its table is gone, its key no longer pages
+    /// it, its statement fails by its own doing), so it is marked failed for the
+    /// operator; anything else (a lost connection, a server shutting down or
+    /// restarting, NATS away) pauses the worker and the job resumes where it was.
+    pub fn fails_the_job(&self) -> bool {
+        match self {
+            BackfillError::NoKey { .. }
+            | BackfillError::KeyNotUnique { .. }
+            | BackfillError::Catalog(CatalogError::TableMissing { .. }) => true,
+            BackfillError::Read { source, .. } => source
+                .code()
+                .is_some_and(|c| !crate::postgres::sqlstate::is_transient(c.code())),
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

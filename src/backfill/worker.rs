@@ -8,7 +8,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::SourceConfig;
 use crate::position::{Lsn, StreamTail};
-use crate::postgres::catalog::{Catalog, CatalogError};
+use crate::postgres::catalog::Catalog;
+use tokio_postgres::error::SqlState;
 
 use super::*;
 
@@ -40,13 +41,7 @@ pub async fn run_worker(
         };
         // A problem with the job itself (its table is gone, its key or condition no
         // longer works) fails the job, said loudly; anything else pauses and retries.
-        let permanent = matches!(
-            &err,
-            BackfillError::Read { .. }
-                | BackfillError::NoKey { .. }
-                | BackfillError::KeyNotUnique { .. }
-                | BackfillError::Catalog(CatalogError::TableMissing { .. })
-        );
+        let permanent = err.fails_the_job();
         match current {
             Some(job) if permanent => {
                 let mut job = progress
@@ -186,7 +181,7 @@ pub(super) async fn run_jobs(
             catalog = Some(reader(&cfg.postgres).await?);
         }
         let Some(db) = catalog.as_ref() else { continue };
-        let (relid, columns, estimate) =
+        let (relid, mut columns, estimate) =
             table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table).await?;
         if job.state == JobState::Pending {
             job.state = JobState::Running;
@@ -232,7 +227,22 @@ pub(super) async fn run_jobs(
                 run: run.to_string(),
             };
             emit_watermark(db, &mark("low")).await?;
-            let ChunkRead { rows, in_progress } = read_chunk(db, &job, &columns).await?;
+            let ChunkRead { rows, in_progress } = match read_chunk(db, &job, &columns).await {
+                Ok(read) => read,
+                // A column dropped since the columns were looked up: look again and
+                // read the chunk again (a new low watermark replaces this one's window).
+                Err(BackfillError::Read { source, .. })
+                    if source.code() == Some(&SqlState::UNDEFINED_COLUMN) && retries < 100 =>
+                {
+                    retries += 1;
+                    warn!(table = %job.qualified(), chunk = chunk_no, error = %source, "the table's columns changed under the backfill; reading the chunk again");
+                    columns = table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table)
+                        .await?
+                        .1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             debug!(table = %job.qualified(), chunk = chunk_no, count = rows.len(), "backfill chunk read");
             let full = rows.len() as u64 >= job.chunk_size;
             let last_key: Option<Vec<Option<String>>> = rows.last().map(|row| {
