@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The seeded fault soak: a random mix of workload and faults (kill -9 of run and
-# project, SIGTERM and restart, nats-server and Postgres restarts) against real
-# Postgres and nats-server, then every promise checked at once (the stream folds to
-# the tables, ids unique and rising, snapshot rows read once, the read model equals the
-# store's aggregate). Prints its seed first; the same seed replays the same schedule.
+# The seeded fault soak: a random mix of workload (tables with and without keys, large
+# transactions, TRUNCATE, DDL, outbox rows and messages, pgbench, a CLI backfill, two
+# read models) and faults (kill -9 of run and project, SIGTERM and restart, nats-server
+# and Postgres restarts, TCP cuts and stalls) against real Postgres and nats-server,
+# then every promise checked at once (the stream folds to the tables, ids unique and
+# rising, snapshot rows read once, outbox rows and messages once, the read models equal
+# the store). Prints its seed first; the same seed replays the same schedule.
 #   scripts/soak.sh [--seed N] [--minutes M | --seconds S]
 set -euo pipefail
 cd "$(dirname "$0")/.."

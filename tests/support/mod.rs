@@ -606,8 +606,13 @@ pub struct Tidemark {
 impl Tidemark {
     /// Path of the tidemark binary under test.
     pub fn bin() -> PathBuf {
-        // Integration tests get the path from cargo; examples (demo, benchmark) find the
-        // binary beside their own directory in the same target profile.
+        // TIDEMARK_BIN first (a long soak runs a copy, so rebuilding the tree meanwhile
+        // does not change the binary under test); then integration tests get the path
+        // from cargo, and examples (demo, benchmark) find the binary beside their own
+        // directory in the same target profile.
+        if let Some(p) = std::env::var_os("TIDEMARK_BIN") {
+            return PathBuf::from(p);
+        }
         match option_env!("CARGO_BIN_EXE_tidemark") {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe()
