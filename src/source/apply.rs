@@ -96,7 +96,7 @@ impl Pipeline<'_> {
                     if let Some(w) = self.window.as_mut()
                         && w.relid == rel
                     {
-                        w.truncated = true;
+                        w.note_truncate();
                     }
                     let (_, index) = self.next_index()?;
                     if let Some(event) =

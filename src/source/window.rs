@@ -15,7 +15,8 @@ use crate::position::Lsn;
 use crate::postgres::pgoutput;
 
 /// A backfill chunk's window: the keys of its table that live changes touched between
-/// the chunk's low and high watermarks.
+/// the chunk's low and high watermarks. Pure: the pipeline feeds it the changes in
+/// stream order and asks, at the high watermark, which of the chunk's rows to publish.
 pub(super) struct Window {
     pub(super) job_id: String,
     pub(super) chunk: u64,
@@ -69,15 +70,45 @@ pub(super) fn window_max_keys(chunk_size: u64) -> usize {
     (chunk_size as usize).saturating_mul(20).max(100_000)
 }
 
+/// A row's key as the window compares it: the key columns' text, NULL as `None`.
+pub(super) type RowKey = Vec<Option<bytes::Bytes>>;
+
 impl Window {
+    /// The window a low watermark opens; `start` is its transaction's commit LSN.
+    pub(super) fn open(
+        job_id: String,
+        chunk: u64,
+        relid: u32,
+        key: Vec<String>,
+        start: Lsn,
+    ) -> Self {
+        Window {
+            job_id,
+            chunk,
+            relid,
+            key,
+            changed: HashSet::new(),
+            truncated: false,
+            start,
+        }
+    }
+
+    /// A TRUNCATE of the window's table: no row of the chunk may be published.
+    pub(super) fn note_truncate(&mut self) {
+        self.truncated = true;
+    }
+
+    /// Whether the chunk's row with this key is published at the high watermark: only
+    /// when no live change inside the window touched it (the change, newer, stands for
+    /// it) and the table was not truncated meanwhile.
+    pub(super) fn keeps(&self, key: &RowKey) -> bool {
+        !(self.truncated || self.changed.contains(key))
+    }
+
     /// Notes keys a live change touched; false when the window would hold more than
     /// `max` of them: it is then closed, and its chunk read again (its high watermark
     /// finds no window), which is correct and bounded.
-    pub(super) fn note(
-        &mut self,
-        keys: impl IntoIterator<Item = Vec<Option<bytes::Bytes>>>,
-        max: usize,
-    ) -> bool {
+    pub(super) fn note(&mut self, keys: impl IntoIterator<Item = RowKey>, max: usize) -> bool {
         self.changed.extend(keys);
         self.changed.len() <= max
     }
@@ -97,15 +128,7 @@ impl Pipeline<'_> {
         }
         if wm.mark == "low" {
             let start = self.tx.as_ref().map_or(Lsn::ZERO, |t| t.final_lsn);
-            self.window = Some(Window {
-                job_id: wm.backfill,
-                chunk: wm.chunk,
-                relid: wm.relid,
-                key: wm.key,
-                changed: HashSet::new(),
-                truncated: false,
-                start,
-            });
+            self.window = Some(Window::open(wm.backfill, wm.chunk, wm.relid, wm.key, start));
             return Ok(());
         }
         // Find the chunk; chunks of other windows are stale: have them read again.
@@ -176,14 +199,14 @@ impl Pipeline<'_> {
             .rows
             .iter()
             .map(|row| {
-                let key: Vec<Option<bytes::Bytes>> = key_idx
+                let key: RowKey = key_idx
                     .iter()
                     .map(|i| {
                         i.and_then(|i| row.get(i).cloned().flatten())
                             .map(bytes::Bytes::from)
                     })
                     .collect();
-                !(window.truncated || window.changed.contains(&key))
+                window.keeps(&key)
             })
             .collect();
         // Where the rows go, durably, before any of them is sent (see
@@ -256,7 +279,7 @@ impl Pipeline<'_> {
             .iter()
             .map(|k| table.columns.iter().position(|c| &c.name == k))
             .collect();
-        let key_of = |t: &pgoutput::Tuple| -> Vec<Option<bytes::Bytes>> {
+        let key_of = |t: &pgoutput::Tuple| -> RowKey {
             idx.iter()
                 .map(|i| match i.and_then(|i| t.0.get(i)) {
                     Some(pgoutput::ColumnValue::Text(b)) => Some(b.clone()),
@@ -284,21 +307,13 @@ impl Pipeline<'_> {
 mod tests {
     use super::*;
 
-    fn key(n: u8) -> Vec<Option<bytes::Bytes>> {
+    fn key(n: u8) -> RowKey {
         vec![Some(bytes::Bytes::from(vec![n]))]
     }
 
     #[test]
     fn a_window_notes_keys_up_to_its_bound() {
-        let mut w = Window {
-            job_id: "j".into(),
-            chunk: 1,
-            relid: 1,
-            key: vec!["id".into()],
-            changed: HashSet::new(),
-            truncated: false,
-            start: Lsn(1),
-        };
+        let mut w = Window::open("j".into(), 1, 1, vec!["id".into()], Lsn(1));
         assert!(w.note([key(1), key(2)], 3));
         // The same key again takes no room.
         assert!(w.note([key(2), key(3)], 3));
@@ -319,5 +334,143 @@ mod tests {
         // The oldest is forgotten.
         assert!(!r.committed_before(10, Lsn(150)));
         assert!(r.committed_before(12, Lsn(301)));
+    }
+
+    /// A live change in the model below: the keys it touches and what it does.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Upsert(u8, u16),
+        Delete(u8),
+        /// An UPDATE of the key: the old and the new key are both touched.
+        Rekey(u8, u8),
+        Truncate,
+    }
+
+    /// What the stream carries, folded by a consumer.
+    #[derive(Debug)]
+    enum Event {
+        Set(u8, u16),
+        Del(u8),
+        Clear,
+    }
+
+    fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0u8..24, any::<u16>()).prop_map(|(k, v)| Change::Upsert(k, v)),
+            3 => (0u8..24).prop_map(Change::Delete),
+            2 => (0u8..24, 0u8..24).prop_map(|(a, b)| Change::Rekey(a, b)),
+            1 => Just(Change::Truncate),
+        ]
+    }
+
+    /// Commits one change: the table moves, the stream gets its events, the open
+    /// window (if any) notes its keys; a window past its bound closes.
+    fn commit(
+        c: &Change,
+        table: &mut std::collections::BTreeMap<u8, u16>,
+        stream: &mut Vec<Event>,
+        window: &mut Option<Window>,
+        max: usize,
+    ) {
+        let touched: Vec<u8> = match *c {
+            Change::Upsert(k, v) => {
+                table.insert(k, v);
+                stream.push(Event::Set(k, v));
+                vec![k]
+            }
+            Change::Delete(k) => {
+                if table.remove(&k).is_some() {
+                    stream.push(Event::Del(k));
+                }
+                vec![k]
+            }
+            Change::Rekey(a, b) => match table.get(&a).copied() {
+                // Only when the new key is free (a primary key).
+                Some(v) if a != b && !table.contains_key(&b) => {
+                    table.remove(&a);
+                    table.insert(b, v);
+                    stream.push(Event::Del(a));
+                    stream.push(Event::Set(b, v));
+                    vec![a, b]
+                }
+                _ => vec![],
+            },
+            Change::Truncate => {
+                table.clear();
+                stream.push(Event::Clear);
+                if let Some(w) = window.as_mut() {
+                    w.note_truncate();
+                }
+                vec![]
+            }
+        };
+        if let Some(w) = window.as_mut()
+            && !w.note(touched.iter().map(|k| key(*k)), max)
+        {
+            *window = None;
+        }
+    }
+
+    proptest::proptest! {
+        /// DBLog with the real window: chunks of the key space are read between their
+        /// low and high watermarks while live changes commit before, inside (before and
+        /// after the read) and after each window; a window that closes (past its
+        /// bound) has its chunk read again. The stream always folds to the table.
+        #[test]
+        fn chunks_and_live_changes_fold_to_the_table(
+            initial in proptest::collection::btree_map(0u8..24, proptest::prelude::any::<u16>(), 0..24),
+            changes in proptest::collection::vec(change(), 0..80),
+            gaps in proptest::collection::vec((0usize..3, 0usize..4, 0usize..4), 1..40),
+            chunk in 1u8..9,
+            max in 1usize..12,
+        ) {
+            let mut table = initial.clone();
+            let mut stream: Vec<Event> = Vec::new();
+            let mut changes = changes.into_iter();
+            let mut gaps = gaps.into_iter().cycle();
+            let mut lo = 0u8;
+            let mut tries = 0;
+            while lo < 24 {
+                tries += 1;
+                proptest::prop_assert!(tries < 10_000, "the backfill never ended");
+                let hi = lo.saturating_add(chunk).min(24);
+                let (before, inside, after) = gaps.next().unwrap_or((0, 0, 0));
+                let mut none: Option<Window> = None;
+                for c in changes.by_ref().take(before) {
+                    commit(&c, &mut table, &mut stream, &mut none, max);
+                }
+                let mut window = Some(Window::open("j".into(), u64::from(lo), 1, vec!["k".into()], Lsn(1)));
+                for c in changes.by_ref().take(inside) {
+                    commit(&c, &mut table, &mut stream, &mut window, max);
+                }
+                let rows: Vec<(u8, u16)> = table.range(lo..hi).map(|(k, v)| (*k, *v)).collect();
+                for c in changes.by_ref().take(after) {
+                    commit(&c, &mut table, &mut stream, &mut window, max);
+                }
+                // The high watermark: no window means the chunk is read again.
+                let Some(w) = window else { continue };
+                for (k, v) in rows {
+                    if w.keeps(&key(k)) {
+                        stream.push(Event::Set(k, v));
+                    }
+                }
+                lo = hi;
+            }
+            let mut none: Option<Window> = None;
+            for c in changes {
+                commit(&c, &mut table, &mut stream, &mut none, max);
+            }
+            // A consumer that started with the snapshot folds the stream.
+            let mut folded = std::collections::BTreeMap::new();
+            for e in &stream {
+                match *e {
+                    Event::Set(k, v) => { folded.insert(k, v); }
+                    Event::Del(k) => { folded.remove(&k); }
+                    Event::Clear => folded.clear(),
+                }
+            }
+            proptest::prop_assert_eq!(folded, table);
+        }
     }
 }
