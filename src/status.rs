@@ -137,17 +137,106 @@ impl SourceStatus {
     }
 }
 
-/// Gathers the status of every source, in order.
+/// The connections status is read over, kept from one read to the next (the status
+/// page reads every second): one NATS client for every source, one catalog session
+/// per source, each made again only when it was lost.
+pub struct Probe {
+    nats: NatsConfig,
+    js: tokio::sync::Mutex<Option<async_nats::Client>>,
+    catalogs: tokio::sync::Mutex<std::collections::HashMap<String, Catalog>>,
+}
+
+impl Probe {
+    pub fn new(nats: &NatsConfig) -> Probe {
+        Probe {
+            nats: nats.clone(),
+            js: tokio::sync::Mutex::new(None),
+            catalogs: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The NATS client, connected anew when there is none or it lost its server.
+    async fn jetstream(&self) -> Result<async_nats::jetstream::Context, String> {
+        let mut slot = self.js.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.connection_state() == async_nats::connection::State::Connected
+        {
+            return Ok(async_nats::jetstream::new(c.clone()));
+        }
+        let client = provision::connect(&self.nats, "tidemark-status")
+            .await
+            .map_err(|e| ErrorChain(&e).to_string())?;
+        *slot = Some(client.clone());
+        Ok(async_nats::jetstream::new(client))
+    }
+
+    /// Gathers the status of every source, in order.
+    pub async fn all_sources(
+        &self,
+        sources: &[SourceConfig],
+        projections: &[crate::config::ProjectionConfig],
+    ) -> Vec<SourceStatus> {
+        let js = self.jetstream().await;
+        let mut all = Vec::new();
+        for source in sources {
+            all.push(self.source_status(source, js.as_ref(), projections).await);
+        }
+        all
+    }
+
+    async fn source_status(
+        &self,
+        s: &SourceConfig,
+        js: Result<&async_nats::jetstream::Context, &String>,
+        projections: &[crate::config::ProjectionConfig],
+    ) -> SourceStatus {
+        let stream = match js {
+            Ok(js) => stream_status(s, js).await,
+            Err(e) => Err(e.clone()),
+        };
+        let last_seq = stream.as_ref().ok().map(|st| st.last_seq);
+        SourceStatus {
+            source: s.name.clone(),
+            slot_name: s.slot.clone(),
+            stream_name: s.stream.name.clone(),
+            postgres: self.pg_status(s).await,
+            stream,
+            backfills: match js {
+                Ok(js) => backfill_status(s, js).await,
+                Err(_) => Vec::new(),
+            },
+            projections: projection_status(s, js.ok(), projections, last_seq).await,
+        }
+    }
+
+    /// The source's Postgres status over its kept session (made again when closed or
+    /// when a query on it fails).
+    async fn pg_status(&self, s: &SourceConfig) -> Result<PgStatus, String> {
+        let mut catalogs = self.catalogs.lock().await;
+        if catalogs.get(&s.name).is_none_or(|c| c.client().is_closed()) {
+            let catalog = Catalog::connect(&s.postgres)
+                .await
+                .map_err(|e| ErrorChain(&e).to_string())?;
+            catalogs.insert(s.name.clone(), catalog);
+        }
+        let Some(catalog) = catalogs.get(&s.name) else {
+            return Err("no catalog session".into());
+        };
+        let status = pg_status(s, catalog).await;
+        if status.is_err() {
+            catalogs.remove(&s.name);
+        }
+        status
+    }
+}
+
+/// Gathers the status of every source once, over connections of its own.
 pub async fn all_sources(
     sources: &[SourceConfig],
     nats: &NatsConfig,
     projections: &[crate::config::ProjectionConfig],
 ) -> Vec<SourceStatus> {
-    let mut all = Vec::new();
-    for source in sources {
-        all.push(source_status(source, nats, projections).await);
-    }
-    all
+    Probe::new(nats).all_sources(sources, projections).await
 }
 
 /// The JSON `status --json` prints and the status page reads: an array of sources,
@@ -190,42 +279,16 @@ pub fn render_readiness(v: &serde_json::Value) -> String {
     }
 }
 
-/// Gathers the status of one source.
-pub async fn source_status(
-    s: &SourceConfig,
-    nats: &NatsConfig,
-    projections: &[crate::config::ProjectionConfig],
-) -> SourceStatus {
-    let stream = stream_status(s, nats).await;
-    let last_seq = stream.as_ref().ok().map(|st| st.last_seq);
-    SourceStatus {
-        source: s.name.clone(),
-        slot_name: s.slot.clone(),
-        stream_name: s.stream.name.clone(),
-        postgres: pg_status(s).await,
-        stream,
-        backfills: backfill_status(s, nats).await,
-        projections: projection_status(s, nats, projections, last_seq).await,
-    }
-}
-
 async fn projection_status(
     s: &SourceConfig,
-    nats: &NatsConfig,
+    js: Option<&async_nats::jetstream::Context>,
     projections: &[crate::config::ProjectionConfig],
     last_seq: Option<u64>,
 ) -> Vec<ProjectionStatus> {
     let mine: Vec<_> = projections.iter().filter(|p| p.source == s.name).collect();
-    if mine.is_empty() {
-        return Vec::new();
-    }
-    let js = match provision::connect(nats, "tidemark-status").await {
-        Ok(c) => Some(async_nats::jetstream::new(c)),
-        Err(_) => None,
-    };
     let mut out = Vec::new();
     for p in mine {
-        let applied = match &js {
+        let applied = match js {
             Some(js) => crate::projection::applied(js, &p.name).await,
             None => None,
         };
@@ -243,12 +306,11 @@ async fn projection_status(
     out
 }
 
-async fn backfill_status(s: &SourceConfig, nats: &NatsConfig) -> Vec<BackfillStatus> {
-    let Ok(client) = provision::connect(nats, "tidemark-status").await else {
-        return Vec::new();
-    };
-    let js = async_nats::jetstream::new(client);
-    let Some(progress) = crate::backfill::Progress::existing(&js, &s.name).await else {
+async fn backfill_status(
+    s: &SourceConfig,
+    js: &async_nats::jetstream::Context,
+) -> Vec<BackfillStatus> {
+    let Some(progress) = crate::backfill::Progress::existing(js, &s.name).await else {
         return Vec::new();
     };
     progress
@@ -276,10 +338,7 @@ async fn backfill_status(s: &SourceConfig, nats: &NatsConfig) -> Vec<BackfillSta
         .collect()
 }
 
-async fn pg_status(s: &SourceConfig) -> Result<PgStatus, String> {
-    let catalog = Catalog::connect(&s.postgres)
-        .await
-        .map_err(|e| ErrorChain(&e).to_string())?;
+async fn pg_status(s: &SourceConfig, catalog: &Catalog) -> Result<PgStatus, String> {
     let c = catalog.client();
     let err = |e: tokio_postgres::Error| ErrorChain(&e).to_string();
     let current: String = c
@@ -320,11 +379,10 @@ async fn pg_status(s: &SourceConfig) -> Result<PgStatus, String> {
     })
 }
 
-async fn stream_status(s: &SourceConfig, nats: &NatsConfig) -> Result<StreamStatus, String> {
-    let client = provision::connect(nats, "tidemark-status")
-        .await
-        .map_err(|e| ErrorChain(&e).to_string())?;
-    let js = async_nats::jetstream::new(client);
+async fn stream_status(
+    s: &SourceConfig,
+    js: &async_nats::jetstream::Context,
+) -> Result<StreamStatus, String> {
     let mut stream = js
         .get_stream(&s.stream.name)
         .await

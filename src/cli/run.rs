@@ -71,13 +71,16 @@ impl StatusPage {
         self,
         tel: std::sync::Arc<crate::telemetry::Telemetry>,
     ) -> crate::telemetry::StatusFn {
+        // One probe for the page's life: the page reads every second, over kept
+        // connections.
+        let probe = std::sync::Arc::new(crate::status::Probe::new(&self.nats));
         let page = std::sync::Arc::new(self);
         std::sync::Arc::new(move || {
             let page = page.clone();
+            let probe = probe.clone();
             let tel = tel.clone();
             Box::pin(async move {
-                let all =
-                    crate::status::all_sources(&page.sources, &page.nats, &page.projections).await;
+                let all = probe.all_sources(&page.sources, &page.projections).await;
                 crate::status::to_json(&all, |s| page.runs_sources.then(|| tel.source_readiness(s)))
             })
         })

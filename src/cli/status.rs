@@ -36,8 +36,9 @@ pub(super) async fn status(cfg: Config, json: bool) -> Outcome {
 
 /// `status --watch`: the chain redrawn every second, until Ctrl-C.
 pub(super) async fn status_watch(cfg: Config) -> Outcome {
+    let probe = crate::status::Probe::new(&cfg.nats);
     loop {
-        let all = crate::status::all_sources(&cfg.sources, &cfg.nats, &cfg.projections).await;
+        let all = probe.all_sources(&cfg.sources, &cfg.projections).await;
         let readyz = match &cfg.metrics {
             Some(m) => Some(crate::telemetry::fetch_readyz(m.listen).await),
             None => None,
