@@ -476,3 +476,37 @@ async fn pgbench_initialised_while_streaming_folds_to_its_tables() {
         .count() as i64;
     assert_eq!(streamed, history, "history rows");
 }
+
+/// Postgres behind a TCP proxy (pgbouncer, HAProxy, a Kubernetes service) that closes
+/// connections it cannot serve: a TLS negotiation (sslmode prefer) that ends early is a
+/// network failure, tried again, not a TLS problem for the operator. While every second
+/// connection is closed at once (the catalog session passes, the replication session
+/// meets the closed one), the source keeps trying; then it streams again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_closes_connections_is_retried_not_fatal() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(pg.port).await;
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    edit_file(
+        &cfg,
+        &format!("port = {}", pg.port),
+        &format!("port = {}", proxy.port),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
+    tm.wait_streaming();
+    proxy.flaky(true);
+    proxy.cut();
+    // Several attempts meet the closed connections.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(tm.is_running(), "{}", tm.log());
+    proxy.flaky(false);
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 100, Duration::from_secs(60), || tm.log()).await;
+    assert!(tm.is_running(), "{}", tm.log());
+}

@@ -68,10 +68,22 @@ async fn negotiate_tls(
         return Ok(Socket::Tcp(tcp));
     };
     let mode = cfg.sslmode.as_str();
-    let io_err = |source| ReplicationError::Tls {
-        target: target.to_string(),
-        mode,
-        source,
+    // A connection that ends or breaks while TLS is negotiated (a server restarting,
+    // a proxy cut) is a network failure, tried again; only what TLS itself refuses (a
+    // certificate that does not verify, no common protocol) needs the operator.
+    let io_err = |source: io::Error| {
+        if crate::postgres::tls::is_tls_protocol_error(&source) {
+            ReplicationError::Tls {
+                target: target.to_string(),
+                mode,
+                source,
+            }
+        } else {
+            ReplicationError::Connect {
+                target: target.to_string(),
+                source,
+            }
+        }
     };
     let mut req = BytesMut::new();
     frontend::ssl_request(&mut req);

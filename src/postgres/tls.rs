@@ -228,7 +228,13 @@ where
             let tls = tokio_rustls::TlsConnector::from(self.config)
                 .connect(self.name, stream)
                 .await
-                .map_err(|e| io::Error::other(HandshakeFailed(e)))?;
+                .map_err(|e| {
+                    if is_tls_protocol_error(&e) {
+                        io::Error::other(HandshakeFailed(e))
+                    } else {
+                        e
+                    }
+                })?;
             Ok(RustlsStream(tls))
         })
     }
@@ -247,6 +253,13 @@ impl std::fmt::Display for HandshakeFailed {
 }
 
 impl std::error::Error for HandshakeFailed {}
+
+/// Whether an I/O error from a TLS handshake is TLS refusing (rustls reports its
+/// errors, a certificate that does not verify or no common protocol, as invalid
+/// data), rather than the connection ending or breaking under it.
+pub fn is_tls_protocol_error(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidData || e.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+}
 
 /// Whether an error's chain holds a failed TLS handshake.
 pub fn is_handshake_failure(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -296,5 +309,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
         ChannelBinding::none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_refusals_are_told_from_connections_that_end() {
+        let refused = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(is_tls_protocol_error(&refused));
+        for kind in [
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionAborted,
+        ] {
+            assert!(!is_tls_protocol_error(&io::Error::from(kind)), "{kind:?}");
+        }
     }
 }

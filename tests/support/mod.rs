@@ -1046,6 +1046,9 @@ pub fn assert_exactly_once(events: &[StoredEvent]) {
 pub struct Proxy {
     pub port: u16,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While set, every second new connection is closed at once (its server is
+    /// "down"), the others pass.
+    flaky: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -1058,12 +1061,19 @@ impl Proxy {
             .expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flaky = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
             Default::default();
         let accept = {
-            let (stalled, conns) = (stalled.clone(), conns.clone());
+            let (stalled, conns, flaky) = (stalled.clone(), conns.clone(), flaky.clone());
             tokio::spawn(async move {
+                let mut accepted = 0u64;
                 while let Ok((client, _)) = listener.accept().await {
+                    accepted += 1;
+                    if flaky.load(Ordering::Relaxed) && accepted % 2 == 0 {
+                        drop(client);
+                        continue;
+                    }
                     let Ok(server) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                     else {
@@ -1107,9 +1117,15 @@ impl Proxy {
         Proxy {
             port,
             stalled,
+            flaky,
             conns,
             accept,
         }
+    }
+
+    /// Closes every second new connection at once while `on` (see `flaky`).
+    pub fn flaky(&self, on: bool) {
+        self.flaky.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Closes every connection through the proxy; new ones are accepted again.
