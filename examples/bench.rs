@@ -38,6 +38,8 @@ struct Args {
     live_tps: u64,
     window: usize,
     cluster: u64,
+    /// Read models and the restart phase (`--extras 0` skips them).
+    extras: bool,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +52,7 @@ fn parse_args() -> Args {
         live_tps: 200,
         window: 1024,
         cluster: 100_000,
+        extras: true,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -68,6 +71,7 @@ fn parse_args() -> Args {
             "--live-tps" => a.live_tps = val().max(1),
             "--window" => a.window = val().max(1) as usize,
             "--cluster" => a.cluster = val() / 100 * 100,
+            "--extras" => a.extras = val() > 0,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -81,7 +85,7 @@ fn usage(msg: &str) -> ! {
         eprintln!("error: {msg}");
     }
     eprintln!(
-        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--snapshot ROWS (1000000, 0 skips)] [--chunk ROWS (5000)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)] [--cluster CHANGES (100000, 0 skips): the backlog again on a 3-node cluster, R3]"
+        "usage: bench [--changes N (200000)] [--big-tx ROWS (1000000, 0 skips)] [--snapshot ROWS (1000000, 0 skips)] [--chunk ROWS (5000)] [--live-secs S (10)] [--live-tps T (200)] [--window W (1024)] [--cluster CHANGES (100000, 0 skips): the backlog again on a 3-node cluster, R3] [--extras 0|1 (1): the read models' apply rates and the restart after kill -9]"
     );
     std::process::exit(2)
 }
@@ -299,11 +303,21 @@ async fn main() {
     };
 
     // Read models over the backlog's stream.
-    let apply_pg = apply_rate(&pg, &nats, dir.path(), false).await;
-    let apply_kv = apply_rate(&pg, &nats, dir.path(), true).await;
+    let apply = if args.extras {
+        Some((
+            apply_rate(&pg, &nats, dir.path(), false).await,
+            apply_rate(&pg, &nats, dir.path(), true).await,
+        ))
+    } else {
+        None
+    };
 
     // Restart after kill -9 mid-backlog.
-    let restart = restart_after_kill(&pg, &nats, dir.path(), n.min(100_000), args.window).await;
+    let restart = if args.extras {
+        Some(restart_after_kill(&pg, &nats, dir.path(), n.min(100_000), args.window).await)
+    } else {
+        None
+    };
 
     // The backlog again, into an R3 stream on a 3-node cluster.
     let cluster = if args.cluster > 0 {
@@ -366,21 +380,24 @@ async fn main() {
             mib(rss)
         );
     }
-    for (what, (events, took)) in [
-        ("Postgres (upsert/delete handlers)", apply_pg),
-        ("NATS KV (put/delete handlers)    ", apply_kv),
-    ] {
+    for (what, (events, took)) in apply.into_iter().flat_map(|(apply_pg, apply_kv)| {
+        [
+            ("Postgres (upsert/delete handlers)", apply_pg),
+            ("NATS KV (put/delete handlers)    ", apply_kv),
+        ]
+    }) {
         println!(
             "read model in {what}: {:.0} events/s applied ({events} events in {:.2}s)",
             events as f64 / took.as_secs_f64(),
             took.as_secs_f64()
         );
     }
-    let (stored_at_kill, first_new) = restart;
-    println!(
-        "restart after kill -9 mid-backlog (at {stored_at_kill} events): first new event stored {:.2}s after the new process started",
-        first_new.as_secs_f64()
-    );
+    if let Some((stored_at_kill, first_new)) = restart {
+        println!(
+            "restart after kill -9 mid-backlog (at {stored_at_kill} events): first new event stored {:.2}s after the new process started",
+            first_new.as_secs_f64()
+        );
+    }
     if let Some((changes, secs, rss)) = cluster {
         println!(
             "3-node cluster, R3 stream: {:.0} events/s ({changes} changes in {secs:.2}s; single server above: {tm_rate:.0}/s), peak RSS {:.1} MiB",
