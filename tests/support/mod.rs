@@ -1070,7 +1070,7 @@ impl Proxy {
                 let mut accepted = 0u64;
                 while let Ok((client, _)) = listener.accept().await {
                     accepted += 1;
-                    if flaky.load(Ordering::Relaxed) && accepted % 2 == 0 {
+                    if flaky.load(Ordering::Relaxed) && accepted.is_multiple_of(2) {
                         drop(client);
                         continue;
                     }
