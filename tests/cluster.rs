@@ -78,6 +78,20 @@ async fn cluster_rig(
     tokio_postgres::Client,
     std::path::PathBuf,
 ) {
+    cluster_rig_with(name, "").await
+}
+
+/// `cluster_rig` with more TOML after the stream's settings (projections).
+async fn cluster_rig_with(
+    name: &str,
+    sections: &str,
+) -> (
+    PgServer,
+    NatsCluster,
+    tempfile::TempDir,
+    tokio_postgres::Client,
+    std::path::PathBuf,
+) {
     let pg = PgServer::start();
     let cluster = NatsCluster::start(3).await;
     let dir = tempfile::tempdir().unwrap();
@@ -90,7 +104,7 @@ async fn cluster_rig(
         &pg,
         &cluster.nodes[0],
         &SourceSpec {
-            sections: "replicas = 3",
+            sections: &format!("replicas = 3\n{sections}"),
             ..SourceSpec::new(name, "store")
         },
     );
@@ -100,6 +114,98 @@ async fn cluster_rig(
         &format!("servers = [{}]", cluster.servers_toml()),
     );
     (pg, cluster, dir, db, cfg)
+}
+
+/// A read model whose handler is not idempotent (a counter), fed while the stream's
+/// leader is killed -9: `tidemark project` reads on through the election and applies
+/// each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_applies_each_event_once_across_a_leader_loss() {
+    const ROWS: i64 = 30_000;
+    let pg_port_marker = "__RM_PORT__";
+    let sections = format!(
+        r#"
+[[projection]]
+name = "count"
+source = "proj"
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {pg_port_marker}
+dbname = "rm"
+user = "postgres"
+
+[[projection.on]]
+type = "item.created"
+sql = "UPDATE stats SET n = n + 1"
+"#
+    );
+    let (pg, mut cluster, dir, db, cfg) = cluster_rig_with("proj", &sections).await;
+    edit_file(&cfg, pg_port_marker, &pg.port.to_string());
+    let rm = pg.create_db("rm").await;
+    rm.batch_execute("CREATE TABLE stats (n bigint NOT NULL); INSERT INTO stats VALUES (0);")
+        .await
+        .unwrap();
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
+    let mut project = Tidemark::project(&cfg, &dir.path().join("project.log"));
+    tm.wait_streaming();
+    for t in 0..30 {
+        db.batch_execute(&format!(
+            "INSERT INTO item SELECT g, md5(g::text) FROM generate_series({} + 1, {} + 1000) g",
+            t * 1000,
+            t * 1000
+        ))
+        .await
+        .unwrap();
+    }
+    let applied = || async {
+        rm.query_one("SELECT n FROM stats", &[])
+            .await
+            .map_or(-1, |r| r.get::<_, i64>(0))
+    };
+    wait_until(
+        "the read model under way",
+        Duration::from_secs(120),
+        || async { applied().await >= 3_000 },
+    )
+    .await;
+    let nc = cluster.client().await;
+    let leader = cluster
+        .stream_leader(&nc, "PROJ")
+        .await
+        .expect("the stream has a leader");
+    cluster.kill9(leader);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let n = applied().await;
+        if n == ROWS {
+            break;
+        }
+        assert!(
+            n < ROWS,
+            "the counter passed the rows: {n}\n{}",
+            project.log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the read model stopped at {n} of {ROWS}\n{}",
+            project.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One more row: the read model applies in stream order, so once it counts this
+    // one, a second application of anything before it would show.
+    db.batch_execute("INSERT INTO item VALUES (0, 'last')")
+        .await
+        .unwrap();
+    wait_until("the last row applied", Duration::from_secs(60), || async {
+        applied().await > ROWS
+    })
+    .await;
+    assert_eq!(applied().await, ROWS + 1, "{}", project.log());
+    assert!(project.is_running(), "{}", project.log());
+    assert!(tm.is_running(), "{}", tm.log());
+    cluster.start_again(leader);
 }
 
 /// The stream's leader killed -9 mid-backlog: the cluster elects another, tidemark
