@@ -1074,9 +1074,9 @@ async fn a_source_killed_mid_transaction_and_back_later_applies_each_event_once(
     source.kill9();
     let stored = stream_count(&nc, "STORE").await;
     assert!(stored < 60_000, "killed too late: {stored} stored");
-    // Longer than a durable consumer's 30 s ack wait: nothing may be redelivered into
+    // 60 s, twice a durable consumer's 30 s ack wait: nothing may be redelivered into
     // the open transaction meanwhile.
-    tokio::time::sleep(Duration::from_secs(35)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(
         items(&rm).await,
         (0, 0),
