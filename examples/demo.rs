@@ -248,12 +248,11 @@ async fn main() {
         .expect("restock");
 
     // Wait until the slot confirms everything written, then check the stream.
-    let end = current_lsn(&db).await;
-    wait_confirmed(
+    wait_caught_up(
         &pg,
+        &db,
         "store",
         "tidemark_store",
-        end,
         Duration::from_secs(60),
         || tm.log(),
     )

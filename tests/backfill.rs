@@ -175,12 +175,11 @@ fn chunks_read(log: &str) -> Vec<u64> {
 }
 
 async fn wait_confirmed_end(pg: &PgServer, db: &tokio_postgres::Client) {
-    let end = current_lsn(db).await;
-    wait_confirmed(
+    wait_caught_up(
         pg,
+        db,
         "store",
         "tidemark_store",
-        end,
         Duration::from_secs(120),
         String::new,
     )

@@ -251,11 +251,7 @@ async fn backlog_survives(disruption: Disruption) {
     let pg_proxy = Proxy::start(pg.port).await;
     let nats_port: u16 = nats.url().rsplit(':').next().unwrap().parse().unwrap();
     let nats_proxy = Proxy::start(nats_port).await;
-    edit_file(
-        &cfg,
-        &format!("port = {}", pg.port),
-        &format!("port = {}", pg_proxy.port),
-    );
+    through_proxy(&cfg, &pg, &pg_proxy);
     edit_file(
         &cfg,
         &nats.url(),

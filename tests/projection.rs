@@ -973,7 +973,7 @@ async fn counter(rm: &tokio_postgres::Client) -> (i64, i64) {
 /// Regression (issue 15): one source transaction larger than the durable consumer's
 /// unacked limit stalled the read model forever, in silence, and one slower than the
 /// ack wait applied its redelivered part twice. A 25,000-row transaction and a
-/// 200,000-row one each apply exactly once, atomically, with bounded memory.
+/// 1,000,000-row one each apply exactly once, atomically, with bounded memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_source_transactions_apply_once_and_whole() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
@@ -1004,11 +1004,11 @@ async fn large_source_transactions_apply_once_and_whole() {
     .await;
     // The read model never shows part of a transaction: a reader polling while the
     // next large one applies sees either all of it or none.
-    db.batch_execute("INSERT INTO u SELECT g, 2 FROM generate_series(1, 200000) g")
+    db.batch_execute("INSERT INTO u SELECT g, 2 FROM generate_series(1, 1000000) g")
         .await
         .unwrap();
-    let want = (200_000, 400_000);
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let want = (1_000_000, 2_000_000);
+    let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         let got = items(&rm).await;
         assert!(
@@ -1028,7 +1028,7 @@ async fn large_source_transactions_apply_once_and_whole() {
     }
     let rss = projector.peak_rss_bytes().unwrap_or(0);
     println!(
-        "projection peak RSS over a 200,000-row transaction: {} MiB",
+        "projection peak RSS over a 1,000,000-row transaction: {} MiB",
         rss / (1 << 20)
     );
     assert!(rss > 0 && rss < 200 << 20, "peak RSS {rss}");

@@ -275,11 +275,7 @@ async fn seeded_soak_keeps_every_promise() {
     // stall on the schedule; the read model's database and the checks go direct.
     let pg_proxy = std::sync::Arc::new(Proxy::start(pg.port).await);
     let nats_proxy = std::sync::Arc::new(Proxy::start(nats.port).await);
-    edit_file(
-        &cfg,
-        &format!("port = {}\ndbname = \"store\"", pg.port),
-        &format!("port = {}\ndbname = \"store\"", pg_proxy.port),
-    );
+    through_proxy(&cfg, &pg, &pg_proxy);
     edit_file(
         &cfg,
         &nats.url(),
@@ -568,12 +564,11 @@ async fn seeded_soak_keeps_every_promise() {
     }
 
     // Everything committed is stored once the slot confirms the current end of WAL.
-    let end = current_lsn(&db).await;
-    wait_confirmed(
+    wait_caught_up(
         &pg,
+        &db,
         "store",
         "tidemark_soak",
-        end,
         Duration::from_secs(300),
         || format!("seed {seed}\n{}", run.log()),
     )

@@ -238,11 +238,7 @@ async fn a_silent_replication_connection_is_dropped_and_rebuilt() {
             ..SourceSpec::new("store", "store")
         },
     );
-    edit_file(
-        &cfg,
-        &format!("port = {}", pg.port),
-        &format!("port = {}", proxy.port),
-    );
+    through_proxy(&cfg, &pg, &proxy);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
@@ -413,12 +409,11 @@ async fn pgbench_initialised_while_streaming_folds_to_its_tables() {
     tm.wait_streaming();
     pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
     pgbench(&pg, "store", &["-T", "2", "-c", "2", "-n"]);
-    let end = current_lsn(&db).await;
-    wait_confirmed(
+    wait_caught_up(
         &pg,
+        &db,
         "store",
         "tidemark_store",
-        end,
         Duration::from_secs(180),
         || tm.log(),
     )
@@ -490,11 +485,7 @@ async fn a_proxy_that_closes_connections_is_retried_not_fatal() {
         .unwrap();
     let proxy = Proxy::start(pg.port).await;
     let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
-    edit_file(
-        &cfg,
-        &format!("port = {}", pg.port),
-        &format!("port = {}", proxy.port),
-    );
+    through_proxy(&cfg, &pg, &proxy);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
     proxy.flaky(true);

@@ -1211,6 +1211,30 @@ pub async fn wait_confirmed(
     }
 }
 
+/// Waits until `slot` (in database `dbname`) confirms everything written so far: the
+/// current end of WAL, read on `db`. Then every committed change is stored.
+pub async fn wait_caught_up(
+    pg: &PgServer,
+    db: &tokio_postgres::Client,
+    dbname: &str,
+    slot: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) {
+    let end = current_lsn(db).await;
+    wait_confirmed(pg, dbname, slot, end, timeout, log).await;
+}
+
+/// Points a written config's source at `proxy` instead of `pg` (the source's
+/// Postgres only: a read model's database keeps its own port line).
+pub fn through_proxy(cfg: &Path, pg: &PgServer, proxy: &Proxy) {
+    edit_file(
+        cfg,
+        &format!("port = {}\ndbname = \"store\"", pg.port),
+        &format!("port = {}\ndbname = \"store\"", proxy.port),
+    );
+}
+
 /// GET `path` from a local HTTP endpoint: (status code, body); (0, "") when nothing
 /// listens.
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
