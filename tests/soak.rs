@@ -476,7 +476,7 @@ async fn seeded_soak_keeps_every_promise() {
                             ended && t.elapsed() < Duration::from_secs(30),
                             "seed {seed}, step {step}: SIGTERM did not end run in time ({:?}, {st:?})\n{}",
                             t.elapsed(),
-                            run.log()
+                            tail(&run.log(), 200)
                         );
                         run = Tidemark::run(&cfg, &slog);
                     }
@@ -548,8 +548,16 @@ async fn seeded_soak_keeps_every_promise() {
     }
     eprintln!("soak seed {seed}: {step} steps; checking");
     let nc = nats.client().await;
-    // Every snapshot and backfill ends (done; a failed one fails the soak).
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // First the backlog the faults left (a long soak leaves a long one for a debug
+    // build), then every snapshot and backfill to its end (done; a failed one fails
+    // the soak), then what their chunks added: everything committed is stored once the
+    // slot confirms the current end of WAL.
+    let grace = Duration::from_secs(300 + secs / 2);
+    wait_caught_up(&pg, &db, "store", "tidemark_soak", grace, || {
+        format!("seed {seed}\n{}", tail(&run.log(), 200))
+    })
+    .await;
+    let deadline = Instant::now() + grace;
     loop {
         let open = open_jobs(&nc).await;
         if open.is_empty() {
@@ -558,20 +566,13 @@ async fn seeded_soak_keeps_every_promise() {
         assert!(
             Instant::now() < deadline && !open.iter().any(|j| j["state"] == "failed"),
             "seed {seed}: backfills not done: {open:?}\n{}",
-            run.log()
+            tail(&run.log(), 200)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-
-    // Everything committed is stored once the slot confirms the current end of WAL.
-    wait_caught_up(
-        &pg,
-        &db,
-        "store",
-        "tidemark_soak",
-        Duration::from_secs(300),
-        || format!("seed {seed}\n{}", run.log()),
-    )
+    wait_caught_up(&pg, &db, "store", "tidemark_soak", grace, || {
+        format!("seed {seed}\n{}", tail(&run.log(), 200))
+    })
     .await;
     let events = read_stream(&nc, "SOAK").await;
     // The workload leaves acct alone until its snapshot is done: its 3,000 rows are
@@ -691,7 +692,7 @@ async fn seeded_soak_keeps_every_promise() {
         assert!(
             Instant::now() < deadline,
             "seed {seed}: the read model {got:?} never equalled the store's aggregate {want:?}\n{}",
-            project.log()
+            tail(&project.log(), 200)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -724,19 +725,29 @@ async fn seeded_soak_keeps_every_promise() {
                 got.len(),
                 want_kv.len(),
                 first.unwrap_or_default(),
-                project.log()
+                tail(&project.log(), 200)
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(run.is_running(), "seed {seed}: run stopped\n{}", run.log());
+    assert!(
+        run.is_running(),
+        "seed {seed}: run stopped\n{}",
+        tail(&run.log(), 200)
+    );
     assert!(
         project.is_running(),
         "seed {seed}: project stopped\n{}",
         project.log()
     );
     let st = run.terminate(Duration::from_secs(30));
-    assert!(st.success(), "seed {seed}: {}", run.log());
+    assert!(st.success(), "seed {seed}: {}", tail(&run.log(), 200));
+}
+
+/// The last `n` lines of a log (a long soak's whole log is too long to read).
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The stream's last sequence (0 when it cannot be read).
