@@ -1008,7 +1008,7 @@ async fn large_source_transactions_apply_once_and_whole() {
         .await
         .unwrap();
     let want = (1_000_000, 2_000_000);
-    let deadline = Instant::now() + Duration::from_secs(900);
+    let deadline = Instant::now() + Duration::from_secs(1500);
     loop {
         let got = items(&rm).await;
         assert!(
