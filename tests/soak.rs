@@ -316,6 +316,24 @@ async fn seeded_soak_keeps_every_promise() {
             db = pg.client("store").await;
             reconnect = false;
         }
+        // Pace: the workload may not outrun the source for good (a debug build on a
+        // loaded machine drains less than it writes), or a long soak tests a backlog,
+        // not the mix. Past 64 MiB of unconfirmed WAL, writes and faults wait until the
+        // source is within 16 MiB (it must get there in a while: that is checked too).
+        if step.is_multiple_of(100) && slot_lag(&db).await > 64 << 20 {
+            eprintln!(
+                "step {step}: the source is behind by more than 64 MiB; pausing the workload"
+            );
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while slot_lag(&db).await > 16 << 20 {
+                assert!(
+                    Instant::now() < deadline,
+                    "seed {seed}, step {step}: the source did not catch up within 600 s\n{}",
+                    tail(&run.log(), 200)
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         if backfill_split.is_none() && Instant::now() >= backfill_next {
             // Every read of the initial snapshot's job of docs is stored before that job
             // is done, and a new job is refused until then: so the reads up to this
@@ -742,6 +760,17 @@ async fn seeded_soak_keeps_every_promise() {
     );
     let st = run.terminate(Duration::from_secs(30));
     assert!(st.success(), "seed {seed}: {}", tail(&run.log(), 200));
+}
+
+/// Bytes of WAL the soak's slot has not confirmed (0 when it cannot be read: Postgres
+/// restarting).
+async fn slot_lag(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 'tidemark_soak'",
+        &[],
+    )
+    .await
+    .map_or(0, |r| r.get(0))
 }
 
 /// The last `n` lines of a log (a long soak's whole log is too long to read).
