@@ -182,11 +182,9 @@ async fn main() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: "tables = [\"orders\", \"live\"]",
-            extra: &format!("publish_window = {}", args.window),
-            ..SourceSpec::new("bench", "bench")
-        },
+        &SourceSpec::new("bench", "bench")
+            .tables(&["orders", "live"])
+            .set("publish_window", args.window),
     );
     // write_config names the publication after the source; the slot likewise.
 
@@ -437,12 +435,11 @@ async fn snapshot(
         dir,
         pg,
         nats,
-        &SourceSpec {
-            tables: &format!("tables = [\"{table}\"]"),
-            snapshot: "initial",
-            extra: &format!("publish_window = {window}\nsnapshot_chunk_size = {chunk}"),
-            ..SourceSpec::new(table, "bench")
-        },
+        &SourceSpec::new(table, "bench")
+            .tables(&[table])
+            .snapshot("initial")
+            .set("publish_window", window)
+            .set("snapshot_chunk_size", chunk),
     );
     let nc = nats.client().await;
     let (elapsed, peak, mut tm) = run_until(
@@ -614,11 +611,9 @@ async fn big_transaction(
         dir,
         pg,
         nats,
-        &SourceSpec {
-            tables: "tables = [\"big\"]",
-            extra: &format!("publish_window = {window}"),
-            ..SourceSpec::new("big", "bench")
-        },
+        &SourceSpec::new("big", "bench")
+            .tables(&["big"])
+            .set("publish_window", window),
     );
     let nc = nats.client().await;
     let (elapsed, peak, mut tm) = run_until(&cfg, &dir.join("big.log"), &nc, "BIG", rows).await;
@@ -640,17 +635,11 @@ async fn cluster_backlog(
         dir,
         pg,
         &cluster.nodes[0],
-        &SourceSpec {
-            tables: "tables = [\"orders\"]",
-            extra: &format!("publish_window = {window}"),
-            sections: "replicas = 3",
-            ..SourceSpec::new("clustered", "clustered")
-        },
-    );
-    edit_file(
-        &cfg,
-        &format!("servers = [\"{}\"]", cluster.nodes[0].url()),
-        &format!("servers = [{}]", cluster.servers_toml()),
+        &SourceSpec::new("clustered", "clustered")
+            .tables(&["orders"])
+            .set("publish_window", window)
+            .stream("replicas", 3)
+            .nats_servers(cluster.servers()),
     );
     let nc = cluster.client().await;
     let (elapsed, peak, mut tm) =
@@ -673,14 +662,12 @@ async fn restart_after_kill(
         dir,
         pg,
         nats,
-        &SourceSpec {
-            tables: "tables = [\"orders\"]",
-            extra: &format!("publish_window = {window}"),
-            ..SourceSpec::new("restart", "restart")
-        },
+        // The default status interval (10 s), as an operator runs it.
+        &SourceSpec::new("restart", "restart")
+            .tables(&["orders"])
+            .set("publish_window", window)
+            .unset("status_interval_secs"),
     );
-    // The default status interval (10 s), as an operator runs it.
-    edit_file(&cfg, "status_interval_secs = 1\n", "");
     let nc = nats.client().await;
     let log = dir.join("restart.log");
     let mut tm = Tidemark::run_logging(&cfg, &log, "info");
@@ -768,11 +755,9 @@ key = { id = "data.key.id" }
         &dir.join(name),
         pg,
         nats,
-        &SourceSpec {
-            tables: "tables = [\"orders\", \"live\"]",
-            sections: &sections,
-            ..SourceSpec::new("bench", "bench")
-        },
+        &SourceSpec::new("bench", "bench")
+            .tables(&["orders", "live"])
+            .sections(&sections),
     );
     let nc = nats.client().await;
     let js = async_nats::jetstream::new(nc);

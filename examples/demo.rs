@@ -128,13 +128,11 @@ async fn main() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: "tables = [\"customers\", \"inventory\", \"orders\", \"order_items\"]",
-            sections: &sections,
-            // The rows the store already holds come first, as inventory.read events.
-            snapshot: "initial",
-            ..SourceSpec::new("store", "store")
-        },
+        // The rows the store already holds come first, as inventory.read events.
+        &SourceSpec::new("store", "store")
+            .tables(&["customers", "inventory", "orders", "order_items"])
+            .sections(&sections)
+            .snapshot("initial"),
     );
     println!(
         "\n-- config {} --\n{}",

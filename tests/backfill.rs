@@ -112,12 +112,10 @@ async fn an_initial_snapshot_under_concurrent_writes_folds_to_the_table() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["big"]"#,
-            snapshot: "initial",
-            extra: "snapshot_chunk_size = 2000",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["big"])
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 2000),
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
@@ -200,12 +198,10 @@ async fn a_backfill_killed_mid_way_resumes_at_the_next_chunk() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["big"]"#,
-            snapshot: "initial",
-            extra: "snapshot_chunk_size = 500",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["big"])
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 500),
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = churn(pg.client("store").await, stop.clone(), ROWS, ROWS);
@@ -278,11 +274,9 @@ async fn a_table_added_to_the_publication_is_backfilled_by_the_cli_while_streami
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["live"]"#,
-            extra: "snapshot_chunk_size = 700",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["live"])
+            .set("snapshot_chunk_size", 700),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -499,11 +493,9 @@ async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["events_log", "keyed"]"#,
-            snapshot: "initial",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["events_log", "keyed"])
+            .snapshot("initial"),
     );
     let cfg_arg = cfg.to_str().unwrap();
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
@@ -574,11 +566,9 @@ async fn a_consistent_snapshot_cut_off_by_kill_9_is_taken_again_whole() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["events_log"]"#,
-            snapshot: "initial",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["events_log"])
+            .snapshot("initial"),
     );
     let nc = nats.client().await;
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
@@ -655,12 +645,10 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["big"]"#,
-            snapshot: "initial",
-            extra: "snapshot_chunk_size = 400",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["big"])
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 400),
     );
     let nc = nats.client().await;
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
@@ -732,12 +720,10 @@ async fn a_missing_slot_over_an_aged_out_stream_is_refused_but_a_purged_one_star
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t"]"#,
-            // In [source.stream]: events age out after a second.
-            sections: "max_age_secs = 1",
-            ..SourceSpec::new("store", "store")
-        },
+        // Events age out after a second.
+        &SourceSpec::new("store", "store")
+            .tables(&["t"])
+            .stream("max_age_secs", 1),
     );
     let nc = nats.client().await;
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
@@ -819,12 +805,10 @@ async fn a_new_slot_and_stream_snapshot_every_row_whatever_the_old_jobs_said() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["big"]"#,
-            snapshot: "initial",
-            extra: "snapshot_chunk_size = 500",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["big"])
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 500),
     );
     let nc = nats.client().await;
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark1.log"));
@@ -894,17 +878,15 @@ async fn snapshot_rows_are_stored_once_through_kills_mid_chunk() {
     .await
     .unwrap();
     // A small window, so a chunk takes a while to store.
-    let extra = format!("snapshot_chunk_size = {CHUNK}\npublish_window = 8");
     let cfg = write_config(
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["big"]"#,
-            snapshot: "initial",
-            extra: &extra,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["big"])
+            .snapshot("initial")
+            .set("snapshot_chunk_size", CHUNK)
+            .set("publish_window", 8),
     );
     let nc = nats.client().await;
     let log = dir.path().join("tidemark.log");
@@ -973,16 +955,10 @@ async fn a_mapping_key_that_cannot_page_the_table_is_refused_with_the_fix() {
         .await
         .unwrap();
         let sections = format!("[[source.table]]\nname = \"items\"\nkey = [\"{key}\"]\n");
-        let cfg = write_config(
-            dir.path(),
-            &pg,
-            &nats,
-            &SourceSpec {
-                tables: r#"tables = ["items"]"#,
-                sections: &sections,
-                ..SourceSpec::new(&name, "store")
-            },
-        );
+        let spec = SourceSpec::new(&name, "store")
+            .tables(&["items"])
+            .sections(&sections);
+        let cfg = write_config(dir.path(), &pg, &nats, &spec);
         let cfg_arg = cfg.to_str().unwrap();
         let (code, out, err) = tidemark_cmd(&["backfill", "--config", cfg_arg, "--table", "items"]);
         if ok {
@@ -999,7 +975,7 @@ async fn a_mapping_key_that_cannot_page_the_table_is_refused_with_the_fix() {
         // check warns when an initial snapshot would read the table, as run skips it.
         let (_, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
         assert!(!out.contains("snapshot public.items"), "{out}");
-        edit_file(&cfg, "snapshot = \"never\"", "snapshot = \"initial\"");
+        write_config(dir.path(), &pg, &nats, &spec.snapshot("initial"));
         let (_, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
         assert!(
             out.contains("warning: the initial snapshot skips it: the key") && out.contains(reason),
@@ -1030,11 +1006,14 @@ async fn pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["pgbench_accounts", "pgbench_tellers", "pgbench_branches", "pgbench_history"]"#,
-            snapshot: "initial",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&[
+                "pgbench_accounts",
+                "pgbench_tellers",
+                "pgbench_branches",
+                "pgbench_history",
+            ])
+            .snapshot("initial"),
     );
     let bench = {
         let mut cmd = pgbench_cmd(&pg, "store", &["-T", "15", "-c", "4", "-j", "2", "-n"]);
@@ -1159,10 +1138,7 @@ async fn a_postgres_restart_during_a_chunk_read_and_a_dropped_column_only_pause_
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            extra: "snapshot_chunk_size = 200",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").set("snapshot_chunk_size", 200),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();

@@ -237,25 +237,19 @@ async fn backlog_survives(disruption: Disruption) {
     db.batch_execute("CREATE TABLE items (id int PRIMARY KEY, qty int, note text)")
         .await
         .unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            tables: "tables = [\"items\"]",
-            extra: "publish_window = 256",
-            ..SourceSpec::new("store", "store")
-        },
-    );
     // Both servers are reached through proxies that can cut or stall connections.
     let pg_proxy = Proxy::start(pg.port).await;
     let nats_port: u16 = nats.url().rsplit(':').next().unwrap().parse().unwrap();
     let nats_proxy = Proxy::start(nats_port).await;
-    through_proxy(&cfg, &pg, &pg_proxy);
-    edit_file(
-        &cfg,
-        &nats.url(),
-        &format!("nats://127.0.0.1:{}", nats_proxy.port),
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["items"])
+            .set("publish_window", 256)
+            .through_pg_proxy(&pg_proxy)
+            .through_nats_proxy(&nats_proxy),
     );
 
     // First run creates the slot and the stream; stop it to build a backlog.
@@ -392,10 +386,7 @@ async fn quiet_published_tables_do_not_pin_wal_while_others_churn() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: "tables = [\"quiet\"]",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").tables(&["quiet"]),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -521,13 +512,11 @@ async fn scram_md5_and_cleartext_logins_stream_and_a_wrong_password_is_named() {
             dir.path(),
             &pg,
             &nats,
-            &SourceSpec {
-                tables: "tables = [\"t\"]",
-                postgres_extra: &format!("password_file = \"{name}.pw\""),
-                ..SourceSpec::new(&name, "store")
-            },
+            &SourceSpec::new(&name, "store")
+                .tables(&["t"])
+                .postgres("user", *user)
+                .postgres("password_file", format!("{name}.pw")),
         );
-        edit_file(&cfg, "user = \"postgres\"", &format!("user = \"{user}\""));
         let mut tm = Tidemark::run(&cfg, &dir.path().join(format!("{name}.log")));
         wait_for(
             &format!("{user} to stream"),
@@ -557,13 +546,11 @@ async fn scram_md5_and_cleartext_logins_stream_and_a_wrong_password_is_named() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: "tables = [\"t\"]",
-            postgres_extra: "password_file = \"bad.pw\"",
-            ..SourceSpec::new("bad", "store")
-        },
+        &SourceSpec::new("bad", "store")
+            .tables(&["t"])
+            .postgres("user", "pw_scram")
+            .postgres("password_file", "bad.pw"),
     );
-    edit_file(&cfg, "user = \"postgres\"", "user = \"pw_scram\"");
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -643,10 +630,7 @@ async fn missing_publication_with_creation_disabled_is_refused() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            extra: "create_publication = false",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").set("create_publication", false),
     );
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
@@ -675,15 +659,8 @@ async fn unreachable_database_and_table_without_replica_identity_are_explained()
         .unwrap();
 
     // A table whose UPDATEs Postgres would reject once published.
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            tables: "tables = [\"no_key\"]",
-            ..SourceSpec::new("store", "store")
-        },
-    );
+    let spec = SourceSpec::new("store", "store").tables(&["no_key"]);
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -701,11 +678,7 @@ async fn unreachable_database_and_table_without_replica_identity_are_explained()
         .expect("the application's UPDATEs keep working");
 
     // Nothing listens on this port.
-    edit_file(
-        &cfg,
-        &format!("port = {}", pg.port),
-        &format!("port = {}", free_port()),
-    );
+    let cfg = write_config(dir.path(), &pg, &nats, &spec.postgres("port", free_port()));
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -724,10 +697,7 @@ async fn check_reports_a_ready_source_and_changes_nothing() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: "tables = [\"orders\"]",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").tables(&["orders"]),
     );
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
@@ -765,15 +735,8 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
     db.batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
         .await
         .unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            extra: "max_event_bytes = 2048",
-            ..SourceSpec::new("store", "store")
-        },
-    );
+    let spec = SourceSpec::new("store", "store").set("max_event_bytes", 2048);
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
     db.batch_execute("INSERT INTO notes VALUES (1, 'small')")
@@ -808,7 +771,7 @@ async fn oversized_row_stops_the_source_naming_table_and_key_and_skips_nothing()
         confirmed <= before_big,
         "confirmed {confirmed} past the oversized row at {before_big}"
     );
-    edit_file(&cfg, "max_event_bytes = 2048", "max_event_bytes = 100000");
+    write_config(dir.path(), &pg, &nats, &spec.set("max_event_bytes", 100000));
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
     wait_stream_count(&nc, "STORE", 3, Duration::from_secs(30), || tm.log()).await;
     let events = read_stream(&nc, "STORE").await;
@@ -827,11 +790,11 @@ async fn sigterm_drains_confirms_the_last_transaction_and_exits_0() {
         .await
         .unwrap();
     // A long status interval: the final status update on SIGTERM is what confirms.
-    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
-    edit_file(
-        &cfg,
-        "status_interval_secs = 1",
-        "status_interval_secs = 3600",
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store").set("status_interval_secs", 3600),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -861,12 +824,12 @@ async fn connects_over_a_unix_socket() {
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
-    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
     let socket_dir = pg.data_dir().parent().unwrap().to_path_buf();
-    edit_file(
-        &cfg,
-        "host = \"127.0.0.1\"",
-        &format!("host = \"{}\"", socket_dir.display()),
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store").postgres("host", socket_dir.as_path()),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -885,11 +848,9 @@ async fn a_second_instance_stands_by_and_takes_over_exactly_once() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: "tables = [\"items\"]",
-            extra: "publish_window = 256",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["items"])
+            .set("publish_window", 256),
     );
     let mut first = Tidemark::run(&cfg, &dir.path().join("first.log"));
     wait_for(
@@ -949,7 +910,8 @@ async fn conflicting_stream_and_unreachable_nats_are_explained() {
         })
         .await
         .unwrap();
-    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let spec = SourceSpec::new("store", "store");
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     assert_eq!(
         tm.wait_exit(Duration::from_secs(30)).code(),
@@ -963,11 +925,8 @@ async fn conflicting_stream_and_unreachable_nats_are_explained() {
         tm.log()
     );
 
-    edit_file(
-        &cfg,
-        &nats.url(),
-        &format!("nats://127.0.0.1:{}", free_port()),
-    );
+    let spec = spec.nats_servers(vec![format!("nats://127.0.0.1:{}", free_port())]);
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(

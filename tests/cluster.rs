@@ -78,13 +78,13 @@ async fn cluster_rig(
     tokio_postgres::Client,
     std::path::PathBuf,
 ) {
-    cluster_rig_with(name, "").await
+    cluster_rig_with(name, |spec, _| spec).await
 }
 
-/// `cluster_rig` with more TOML after the stream's settings (projections).
+/// `cluster_rig` with the source's config changed by `adjust` (given the Postgres).
 async fn cluster_rig_with(
     name: &str,
-    sections: &str,
+    adjust: impl FnOnce(SourceSpec, &PgServer) -> SourceSpec,
 ) -> (
     PgServer,
     NatsCluster,
@@ -99,20 +99,10 @@ async fn cluster_rig_with(
     db.batch_execute("CREATE TABLE item (id bigint PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &cluster.nodes[0],
-        &SourceSpec {
-            sections: &format!("replicas = 3\n{sections}"),
-            ..SourceSpec::new(name, "store")
-        },
-    );
-    edit_file(
-        &cfg,
-        &format!("servers = [\"{}\"]", cluster.nodes[0].url()),
-        &format!("servers = [{}]", cluster.servers_toml()),
-    );
+    let spec = SourceSpec::new(name, "store")
+        .stream("replicas", 3)
+        .nats_servers(cluster.servers());
+    let cfg = write_config(dir.path(), &pg, &cluster.nodes[0], &adjust(spec, &pg));
     (pg, cluster, dir, db, cfg)
 }
 
@@ -122,26 +112,28 @@ async fn cluster_rig_with(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_applies_each_event_once_across_a_leader_loss() {
     const ROWS: i64 = 30_000;
-    let pg_port_marker = "__RM_PORT__";
-    let sections = format!(
-        r#"
+    let sections = |pg: &PgServer| {
+        format!(
+            r#"
 [[projection]]
 name = "count"
 source = "proj"
 
 [projection.postgres]
 host = "127.0.0.1"
-port = {pg_port_marker}
+port = {}
 dbname = "rm"
 user = "postgres"
 
 [[projection.on]]
 type = "item.created"
 sql = "UPDATE stats SET n = n + 1"
-"#
-    );
-    let (pg, mut cluster, dir, db, cfg) = cluster_rig_with("proj", &sections).await;
-    edit_file(&cfg, pg_port_marker, &pg.port.to_string());
+"#,
+            pg.port
+        )
+    };
+    let (pg, mut cluster, dir, db, cfg) =
+        cluster_rig_with("proj", |spec, pg| spec.sections(&sections(pg))).await;
     let rm = pg.create_db("rm").await;
     rm.batch_execute("CREATE TABLE stats (n bigint NOT NULL); INSERT INTO stats VALUES (0);")
         .await
@@ -213,9 +205,9 @@ sql = "UPDATE stats SET n = n + 1"
 /// the pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_leader_killed_mid_backlog_fails_over_in_seconds() {
-    let (_pg, mut cluster, dir, db, cfg) = cluster_rig("lead").await;
     // The default ack timeout: what an operator gets.
-    edit_file(&cfg, "ack_timeout_secs = 5\n", "");
+    let (_pg, mut cluster, dir, db, cfg) =
+        cluster_rig_with("lead", |spec, _| spec.unset("ack_timeout_secs")).await;
     const ROWS: u64 = 60_000;
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
@@ -422,15 +414,9 @@ async fn three_sources_on_one_cluster_and_one_database_down() {
             dir.path(),
             pg,
             &cluster.nodes[0],
-            &SourceSpec {
-                sections: "replicas = 3",
-                ..SourceSpec::new(name, name)
-            },
-        );
-        edit_file(
-            &cfg,
-            &format!("servers = [\"{}\"]", cluster.nodes[0].url()),
-            &format!("servers = [{}]", cluster.servers_toml()),
+            &SourceSpec::new(name, name)
+                .stream("replicas", 3)
+                .nats_servers(cluster.servers()),
         );
         configs.push(cfg);
     }

@@ -113,10 +113,7 @@ async fn an_example_builds_the_read_model_exactly(example: Example) {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders"]"#,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").tables(&["orders"]),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();

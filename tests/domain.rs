@@ -124,11 +124,9 @@ async fn an_online_store_maps_to_domain_events_in_commit_order_with_transaction_
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["customers", "orders", "order_items", "inventory"]"#,
-            sections: STORE_MAPPING,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["customers", "orders", "order_items", "inventory"])
+            .sections(STORE_MAPPING),
     );
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
@@ -247,11 +245,9 @@ async fn a_rule_naming_a_missing_column_is_refused_at_start_by_check_and_run() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["customers", "orders", "order_items", "inventory"]"#,
-            sections: &mapping,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["customers", "orders", "order_items", "inventory"])
+            .sections(&mapping),
     );
     let line = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -306,12 +302,11 @@ async fn outbox_rows_and_emitted_messages_arrive_once_each_across_a_kill_9() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["outbox", "stock"]"#,
-            extra: "publish_window = 64\ntransaction_events = true",
-            sections: OUTBOX_SECTIONS,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["outbox", "stock"])
+            .set("publish_window", 64)
+            .set("transaction_events", true)
+            .sections(OUTBOX_SECTIONS),
     );
     let log = dir.path().join("tidemark.log");
     let mut tm = Tidemark::run(&cfg, &log);
@@ -434,16 +429,10 @@ changed = ["status"]
 new = { status = "delivered" }
 event = "ParcelDelivered"
 "#;
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            tables: r#"tables = ["parcels"]"#,
-            sections,
-            ..SourceSpec::new("store", "store")
-        },
-    );
+    let spec = SourceSpec::new("store", "store")
+        .tables(&["parcels"])
+        .sections(sections);
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
     db.batch_execute(
@@ -522,12 +511,18 @@ event = "ParcelDelivered"
     );
     assert_eq!(stream_count(&nc, "STORE").await, 5);
     // The operator removes the rule; the change arrives.
-    edit_file(
-        &cfg,
-        "changed = [\"status\"]\nnew = { status = \"delivered\" }\n",
-        "",
+    let spec = spec.sections(
+        r#"
+[[source.table]]
+name = "parcels"
+insert = "ParcelRegistered"
+
+[[source.table.rule]]
+on = "update"
+drop = true
+"#,
     );
-    edit_file(&cfg, "event = \"ParcelDelivered\"", "drop = true");
+    write_config(dir.path(), &pg, &nats, &spec);
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
     wait_stream_count(&nc, "STORE", 6, Duration::from_secs(30), || tm.log()).await;
     let events = read_stream(&nc, "STORE").await;
@@ -760,13 +755,13 @@ async fn atomic_batches_store_a_transaction_whole_across_a_kill_9() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["ticks", "lines"]"#,
-            // One batch in flight at a time keeps the big transaction in flight long
-            // enough to be killed in the middle of it.
-            extra: "atomic_transactions = true\natomic_batch_max = 50\npublish_window = 50",
-            ..SourceSpec::new("store", "store")
-        },
+        // One batch in flight at a time keeps the big transaction in flight long
+        // enough to be killed in the middle of it.
+        &SourceSpec::new("store", "store")
+            .tables(&["ticks", "lines"])
+            .set("atomic_transactions", true)
+            .set("atomic_batch_max", 50)
+            .set("publish_window", 50),
     );
     let log = dir.path().join("tidemark.log");
     let mut tm = Tidemark::run(&cfg, &log);
@@ -914,12 +909,10 @@ oversized_columns = ["blob"]
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["notes", "attachments"]"#,
-            extra: "max_event_bytes = 4096",
-            sections,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["notes", "attachments"])
+            .set("max_event_bytes", 4096)
+            .sections(sections),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();

@@ -32,11 +32,9 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t"]"#,
-            sections: &sections,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["t"])
+            .sections(&sections),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -151,13 +149,11 @@ async fn a_role_without_replication_or_select_is_told_which_grant_is_missing() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t"]"#,
-            extra: "create_publication = false",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["t"])
+            .set("create_publication", false)
+            .postgres("user", "weak"),
     );
-    edit_file(&cfg, "user = \"postgres\"", "user = \"weak\"");
     let cfg_arg = cfg.to_str().unwrap();
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 1, "{out}");
@@ -213,12 +209,11 @@ async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["quiet"]"#,
-            extra: "heartbeat_interval_secs = 1\nstall_after_secs = 2",
-            sections: &sections,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["quiet"])
+            .set("heartbeat_interval_secs", 1)
+            .set("stall_after_secs", 2)
+            .sections(&sections),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -343,26 +338,12 @@ async fn tls_to_postgres_and_nats_verifies_certificates_and_names_a_wrong_ca() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let pg_tls = format!(
-        "sslmode = \"verify-full\"\nsslrootcert = \"{}\"",
-        certs.path("ca.pem")
-    );
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t"]"#,
-            postgres_extra: &pg_tls,
-            ..SourceSpec::new("store", "store")
-        },
-    );
-    let servers = format!("servers = [\"{}\"]", nats.url());
-    edit_file(
-        &cfg,
-        &servers,
-        &format!("{servers}\ntls_ca_file = \"{}\"", certs.path("ca.pem")),
-    );
+    let spec = SourceSpec::new("store", "store")
+        .tables(&["t"])
+        .postgres("sslmode", "verify-full")
+        .postgres("sslrootcert", certs.path("ca.pem"))
+        .nats("tls_ca_file", certs.path("ca.pem"));
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let cfg_arg = cfg.to_str().unwrap();
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 0, "{out}{err}");
@@ -391,11 +372,10 @@ async fn tls_to_postgres_and_nats_verifies_certificates_and_names_a_wrong_ca() {
     assert!(tm.terminate(Duration::from_secs(30)).success());
 
     // The wrong CA for Postgres: check and run say so, and run stops.
-    edit_file(
-        &cfg,
-        &format!("sslrootcert = \"{}\"", certs.path("ca.pem")),
-        &format!("sslrootcert = \"{}\"", certs.path("other-ca.pem")),
-    );
+    let wrong_pg_ca = spec
+        .clone()
+        .postgres("sslrootcert", certs.path("other-ca.pem"));
+    write_config(dir.path(), &pg, &nats, &wrong_pg_ca);
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -412,16 +392,8 @@ async fn tls_to_postgres_and_nats_verifies_certificates_and_names_a_wrong_ca() {
     assert!(tm.log().contains("UnknownIssuer"), "{}", tm.log());
 
     // The wrong CA for NATS.
-    edit_file(
-        &cfg,
-        &format!("sslrootcert = \"{}\"", certs.path("other-ca.pem")),
-        &format!("sslrootcert = \"{}\"", certs.path("ca.pem")),
-    );
-    edit_file(
-        &cfg,
-        &format!("tls_ca_file = \"{}\"", certs.path("ca.pem")),
-        &format!("tls_ca_file = \"{}\"", certs.path("other-ca.pem")),
-    );
+    let wrong_nats_ca = spec.nats("tls_ca_file", certs.path("other-ca.pem"));
+    write_config(dir.path(), &pg, &nats, &wrong_nats_ca);
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -449,15 +421,8 @@ async fn an_nkey_authenticates_to_nats_and_its_seed_never_shows() {
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t"]"#,
-            ..SourceSpec::new("store", "store")
-        },
-    );
+    let spec = SourceSpec::new("store", "store").tables(&["t"]);
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let cfg_arg = cfg.to_str().unwrap();
     // No credentials: refused.
     let (code, out, _) = tidemark_cmd(&["check", "--config", cfg_arg]);
@@ -466,11 +431,11 @@ async fn an_nkey_authenticates_to_nats_and_its_seed_never_shows() {
     // The seed from a file: connected, and the seed appears nowhere in the output.
     let seed = user.seed().unwrap();
     std::fs::write(dir.path().join("nats.nk"), &seed).unwrap();
-    let servers = format!("servers = [\"{}\"]", nats.url());
-    edit_file(
-        &cfg,
-        &servers,
-        &format!("{servers}\nnkey_seed_file = \"nats.nk\""),
+    write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &spec.nats("nkey_seed_file", "nats.nk"),
     );
     let (code, out, err) = tidemark_cmd(&["check", "--config", cfg_arg]);
     assert_eq!(code, 0, "{out}{err}");

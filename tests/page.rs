@@ -171,11 +171,9 @@ params = []
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t", "big"]"#,
-            sections: &sections,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["t", "big"])
+            .sections(&sections),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("run.log"));
     tm.wait_streaming();

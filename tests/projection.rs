@@ -166,11 +166,9 @@ async fn a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders", "audit"]"#,
-            sections: &sections,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["orders", "audit"])
+            .sections(&sections),
     );
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
     source.wait_streaming();
@@ -276,11 +274,9 @@ async fn a_poison_event_stops_the_projection_or_goes_to_the_dead_letter_subject(
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders", "audit"]"#,
-            sections: &projection_toml(&pg, ""),
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["orders", "audit"])
+            .sections(&projection_toml(&pg, "")),
     );
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
     source.wait_streaming();
@@ -329,12 +325,12 @@ async fn a_poison_event_stops_the_projection_or_goes_to_the_dead_letter_subject(
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            name: "store",
-            tables: r#"tables = ["orders", "audit"]"#,
-            sections: &projection_toml(&pg, "dead_letter = \"deadletter.customer_stats\""),
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["orders", "audit"])
+            .sections(&projection_toml(
+                &pg,
+                "dead_letter = \"deadletter.customer_stats\"",
+            )),
     );
     let projector = Tidemark::project(&cfg2, &dir.path().join("p2.log"));
     wait_stream_count(&nc, "DEAD", 1, Duration::from_secs(60), || projector.log()).await;
@@ -383,11 +379,12 @@ async fn a_rebuild_swaps_in_an_identical_model_that_readers_never_see_partial() 
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders", "audit"]"#,
-            sections: &projection_toml(&pg, "tables = [\"customer_stats\", \"order_view\"]"),
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["orders", "audit"])
+            .sections(&projection_toml(
+                &pg,
+                "tables = [\"customer_stats\", \"order_view\"]",
+            )),
     );
     let cfg_arg = cfg.to_str().unwrap().to_string();
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
@@ -490,11 +487,12 @@ async fn a_rebuild_under_steady_writes_swaps_and_the_live_model_goes_on() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders", "audit"]"#,
-            sections: &projection_toml(&pg, "tables = [\"customer_stats\", \"order_view\"]"),
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["orders", "audit"])
+            .sections(&projection_toml(
+                &pg,
+                "tables = [\"customer_stats\", \"order_view\"]",
+            )),
     );
     let cfg_arg = cfg.to_str().unwrap().to_string();
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
@@ -640,10 +638,7 @@ async fn the_rust_consumer_api_applies_exactly_once_across_restarts() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders", "audit"]"#,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").tables(&["orders", "audit"]),
     );
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
     source.wait_streaming();
@@ -772,11 +767,9 @@ key = "order.{data.key.id}"
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["orders", "audit"]"#,
-            sections,
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .tables(&["orders", "audit"])
+            .sections(sections),
     );
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
     source.wait_streaming();
@@ -984,10 +977,7 @@ async fn large_source_transactions_apply_once_and_whole() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            sections: &counter_toml(&pg),
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").sections(&counter_toml(&pg)),
     );
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
     source.wait_streaming();
@@ -1053,11 +1043,9 @@ async fn a_source_killed_mid_transaction_and_back_later_applies_each_event_once(
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            sections: &counter_toml(&pg),
-            extra: "publish_window = 16",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .sections(&counter_toml(&pg))
+            .set("publish_window", 16),
     );
     let slog = dir.path().join("source.log");
     let mut source = Tidemark::run(&cfg, &slog);
@@ -1111,10 +1099,7 @@ async fn a_malformed_event_stops_the_projection_named() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            sections: &counter_toml(&pg),
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").sections(&counter_toml(&pg)),
     );
     let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
     source.wait_streaming();

@@ -107,10 +107,12 @@ async fn every_event_validates_against_the_schema_it_names() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            tables: r#"tables = ["everything", "orders"]"#,
-            extra: "transaction_events = true\nheartbeat_interval_secs = 1",
-            sections: r#"
+        &SourceSpec::new("store", "store")
+            .tables(&["everything", "orders"])
+            .set("transaction_events", true)
+            .set("heartbeat_interval_secs", 1)
+            .sections(
+                r#"
 [[source.table]]
 name = "orders"
 insert = "OrderPlaced"
@@ -123,8 +125,7 @@ on = "update"
 new = { status = "shipped" }
 event = "OrderShipped"
 "#,
-            ..SourceSpec::new("store", "store")
-        },
+            ),
     );
     let before_ddl = dir.path().join("schemas-1");
     write_schemas(&cfg, &before_ddl);

@@ -259,27 +259,22 @@ async fn seeded_soak_keeps_every_promise() {
     rm.batch_execute("CREATE TABLE stats (n bigint NOT NULL, total bigint NOT NULL); INSERT INTO stats VALUES (0, 0);")
         .await
         .unwrap();
-    let sections = sections(&pg);
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            snapshot: "initial",
-            extra: "snapshot_chunk_size = 500\npublish_window = 64\nreplication_timeout_secs = 4",
-            sections: &sections,
-            ..SourceSpec::new("soak", "store")
-        },
-    );
     // The source's Postgres and every NATS connection go through proxies that cut and
     // stall on the schedule; the read model's database and the checks go direct.
     let pg_proxy = std::sync::Arc::new(Proxy::start(pg.port).await);
     let nats_proxy = std::sync::Arc::new(Proxy::start(nats.port).await);
-    through_proxy(&cfg, &pg, &pg_proxy);
-    edit_file(
-        &cfg,
-        &nats.url(),
-        &format!("nats://127.0.0.1:{}", nats_proxy.port),
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("soak", "store")
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 500)
+            .set("publish_window", 64)
+            .set("replication_timeout_secs", 4)
+            .sections(&sections(&pg))
+            .through_pg_proxy(&pg_proxy)
+            .through_nats_proxy(&nats_proxy),
     );
     let cfg_arg = cfg.to_str().unwrap().to_string();
     let slog = dir.path().join("run.log");

@@ -24,15 +24,11 @@ async fn a_multi_table_truncate_streams_everything_whatever_the_window() {
         )
         .await
         .unwrap();
-        let extra = format!("publish_window = {window}");
         let cfg = write_config(
             dir.path(),
             &pg,
             &nats,
-            &SourceSpec {
-                extra: &extra,
-                ..SourceSpec::new(&name, &name)
-            },
+            &SourceSpec::new(&name, &name).set("publish_window", window),
         );
         let mut tm = Tidemark::run(&cfg, &dir.path().join(format!("{name}.log")));
         tm.wait_streaming();
@@ -88,10 +84,7 @@ async fn a_transaction_with_its_summary_ends_once() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            extra: "transaction_events = true",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").set("transaction_events", true),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
@@ -144,10 +137,7 @@ async fn an_event_over_the_servers_limit_with_its_headers_stops_the_source_named
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            extra: "max_event_bytes = 4096",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").set("max_event_bytes", 4096),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
@@ -188,10 +178,7 @@ async fn sigterm_while_stalled_ends_within_the_drain_timeout() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            extra: "publish_window = 4",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store").set("publish_window", 4),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
@@ -233,12 +220,10 @@ async fn a_silent_replication_connection_is_dropped_and_rebuilt() {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec {
-            extra: "replication_timeout_secs = 4",
-            ..SourceSpec::new("store", "store")
-        },
+        &SourceSpec::new("store", "store")
+            .set("replication_timeout_secs", 4)
+            .through_pg_proxy(&proxy),
     );
-    through_proxy(&cfg, &pg, &proxy);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
@@ -286,27 +271,13 @@ async fn emptied_stream(past_duplicate_window: bool) {
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &SourceSpec {
-            tables: r#"tables = ["t"]"#,
-            ..SourceSpec::new("store", "store")
-        },
-    );
-    edit_file(
-        &cfg,
-        "status_interval_secs = 1",
-        "status_interval_secs = 3600",
-    );
+    let mut spec = SourceSpec::new("store", "store")
+        .tables(&["t"])
+        .set("status_interval_secs", 3600);
     if past_duplicate_window {
-        edit_file(
-            &cfg,
-            "[source.stream]",
-            "[source.stream]\nduplicate_window_secs = 1",
-        );
+        spec = spec.stream("duplicate_window_secs", 1);
     }
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
     let nc = nats.client().await;
@@ -484,8 +455,12 @@ async fn a_proxy_that_closes_connections_is_retried_not_fatal() {
         .await
         .unwrap();
     let proxy = Proxy::start(pg.port).await;
-    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
-    through_proxy(&cfg, &pg, &proxy);
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store").through_pg_proxy(&proxy),
+    );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
     proxy.flaky(true);
