@@ -9,6 +9,7 @@ use tracing::{debug, info, warn};
 use crate::config::SourceConfig;
 use crate::position::{Lsn, StreamTail};
 use crate::postgres::catalog::Catalog;
+use crate::postgres::replication::quote_ident;
 use tokio_postgres::error::SqlState;
 
 use super::*;
@@ -71,12 +72,13 @@ pub async fn run_worker(
 }
 
 /// Moves a job past what an earlier process stored of its chunk `placed` (see
-/// `Placement`): the whole chunk, a prefix of it, or nothing.
+/// `Placement`): the whole chunk, a prefix of it, or nothing. `tail_key` is the text of
+/// the stream's last event's key (`stored_key_text`), to go on after a stored prefix.
 pub(super) fn settle_placed(
     job: &mut Job,
     placed: &Placement,
     resume: &Resume,
-    columns: &[(String, String)],
+    tail_key: Option<Vec<Option<String>>>,
 ) {
     let Ok(lsn) = placed.commit_lsn.parse::<Lsn>() else {
         return;
@@ -103,10 +105,8 @@ pub(super) fn settle_placed(
     }
     // A prefix is stored, and the stream's last event is its last row: go on after
     // that row's key.
-    let key = match (tail.last_event, &resume.tail_key) {
-        (Some((l, index)), Some(key)) if l == lsn => {
-            key_text(key, &job.key, columns).map(|k| (k, index - placed.first_index + 1))
-        }
+    let key = match (tail.last_event, tail_key) {
+        (Some((l, index)), Some(key)) if l == lsn => Some((key, index - placed.first_index + 1)),
         _ => None,
     };
     match key {
@@ -121,6 +121,77 @@ pub(super) fn settle_placed(
             warn!(table = %job.qualified(), chunk = placed.chunk, "backfill chunk partly stored before the restart, and the key of its last stored row cannot be read back: the chunk is read again, so some of its rows are sent twice")
         }
     }
+}
+
+/// The text of a stored event's key (its `data.key`), as the chunk reads compare it:
+/// directly for the types whose JSON is their text; otherwise Postgres reads the JSON
+/// back into the table's row type (bytea from base64 first), and the result counts
+/// only if a row with exactly that key is in the table, so a value that did not come
+/// back exactly is never used (the chunk is then read again, as before).
+pub(super) async fn stored_key_text(
+    db: &Catalog,
+    job: &Job,
+    columns: &[(String, String)],
+    key: &serde_json::Value,
+) -> Option<Vec<Option<String>>> {
+    if let Some(text) = key_text(key, &job.key, columns) {
+        return Some(text);
+    }
+    let mut record = serde_json::Map::new();
+    for name in &job.key {
+        let ty = columns.iter().find(|(n, _)| n == name)?.1.as_str();
+        let value = match (ty, key.get(name)?) {
+            ("bytea", serde_json::Value::String(b64)) => {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+                let mut hex = String::with_capacity(2 + bytes.len() * 2);
+                hex.push_str("\\x");
+                for b in bytes {
+                    hex.push_str(&format!("{b:02x}"));
+                }
+                serde_json::Value::String(hex)
+            }
+            (_, v) => v.clone(),
+        };
+        record.insert(name.clone(), value);
+    }
+    let table = format!("{}.{}", quote_ident(&job.schema), quote_ident(&job.table));
+    let of_record: Vec<String> = job
+        .key
+        .iter()
+        .map(|k| format!("(x.r).{}", quote_ident(k)))
+        .collect();
+    let of_table: Vec<String> = job
+        .key
+        .iter()
+        .map(|k| format!("t.{}", quote_ident(k)))
+        .collect();
+    let sql = format!(
+        "SELECT {}, EXISTS (SELECT 1 FROM {table} t WHERE ({}) = ({})) \
+         FROM (SELECT json_populate_record(NULL::{table}, $1::text::json) AS r) x",
+        of_record
+            .iter()
+            .map(|c| format!("{c}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        of_table.join(", "),
+        of_record.join(", "),
+    );
+    let json = serde_json::Value::Object(record).to_string();
+    let row = match db.client().query_one(&sql, &[&json]).await {
+        Ok(row) => row,
+        Err(e) => {
+            debug!(table = %job.qualified(), error = %e, "the stored key could not be read back");
+            return None;
+        }
+    };
+    let found: bool = row.try_get(job.key.len()).ok()?;
+    if !found {
+        return None;
+    }
+    (0..job.key.len())
+        .map(|i| row.try_get::<_, Option<String>>(i).ok())
+        .collect()
 }
 
 /// A key's JSON form (an event's `data.key`) as the text Postgres reads it, for the
@@ -203,7 +274,11 @@ pub(super) async fn run_jobs(
                 && placed.chunk == job.chunks_done
                 && placed.run != run
             {
-                settle_placed(&mut job, &placed, resume, &columns);
+                let tail_key = match &resume.tail_key {
+                    Some(key) => stored_key_text(db, &job, &columns, key).await,
+                    None => None,
+                };
+                settle_placed(&mut job, &placed, resume, tail_key);
                 progress.put(&job).await?;
                 if job.state == JobState::Done {
                     info!(table = %job.qualified(), rows = job.rows_done, "backfill done (its last chunk was stored before the restart)");
