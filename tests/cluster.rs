@@ -452,19 +452,19 @@ async fn three_sources_on_one_cluster_and_one_database_down() {
     // What C had in flight at the stop lands first; then C stands still while A (same
     // process) and B (another process) go on.
     let a0 = stream_count(&nc, "A").await;
-    wait_stream_count(&nc, "A", a0 + 150, Duration::from_secs(30), || p1.log()).await;
+    wait_stream_count(&nc, "A", a0 + 150, Duration::from_secs(90), || p1.log()).await;
     let c0 = stream_count(&nc, "C").await;
     let a1 = stream_count(&nc, "A").await;
     let b1 = stream_count(&nc, "B").await;
-    wait_stream_count(&nc, "A", a1 + 300, Duration::from_secs(30), || p1.log()).await;
-    wait_stream_count(&nc, "B", b1 + 300, Duration::from_secs(30), || p2.log()).await;
+    wait_stream_count(&nc, "A", a1 + 300, Duration::from_secs(90), || p1.log()).await;
+    wait_stream_count(&nc, "B", b1 + 300, Duration::from_secs(90), || p2.log()).await;
     assert_eq!(
         stream_count(&nc, "C").await,
         c0,
         "nothing new while C's database is down"
     );
     pg2.start_again();
-    wait_stream_count(&nc, "C", c0 + 200, Duration::from_secs(60), || p1.log()).await;
+    wait_stream_count(&nc, "C", c0 + 200, Duration::from_secs(120), || p1.log()).await;
 
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for w in writers {
