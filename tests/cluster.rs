@@ -69,15 +69,17 @@ impl Drop for Progress {
     }
 }
 
-async fn cluster_rig(
-    name: &str,
-) -> (
+/// A Postgres with a table `item` in database `store`, a 3-node cluster, a temporary
+/// directory, a client of `store`, and the config of source `name` (an R3 stream).
+type ClusterRig = (
     PgServer,
     NatsCluster,
     tempfile::TempDir,
     tokio_postgres::Client,
     std::path::PathBuf,
-) {
+);
+
+async fn cluster_rig(name: &str) -> ClusterRig {
     cluster_rig_with(name, |spec, _| spec).await
 }
 
@@ -85,13 +87,7 @@ async fn cluster_rig(
 async fn cluster_rig_with(
     name: &str,
     adjust: impl FnOnce(SourceSpec, &PgServer) -> SourceSpec,
-) -> (
-    PgServer,
-    NatsCluster,
-    tempfile::TempDir,
-    tokio_postgres::Client,
-    std::path::PathBuf,
-) {
+) -> ClusterRig {
     let pg = PgServer::start();
     let cluster = NatsCluster::start(3).await;
     let dir = tempfile::tempdir().unwrap();
