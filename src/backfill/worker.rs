@@ -375,6 +375,11 @@ pub(super) async fn run_jobs(
                 Ok(ChunkOutcome::Retry(reason)) => {
                     retries += 1;
                     warn!(table = %job.qualified(), chunk = chunk_no, reason = %reason, "backfill chunk read again");
+                    // The read may have missed a column added (or retyped) since the
+                    // columns were looked up: look again, or every read misses it.
+                    columns = table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table)
+                        .await?
+                        .1;
                     // Under heavy write load a read can miss a just-committed
                     // transaction several times in a row: give that many more tries.
                     if retries > 100 {
