@@ -137,7 +137,7 @@ pub async fn ensure_stream(
         Storage::File => stream::StorageType::File,
         Storage::Memory => stream::StorageType::Memory,
     };
-    match js.get_stream(&cfg.name).await {
+    match get_stream_through_election(js, &cfg.name).await {
         Ok(mut s) => {
             let info = s.info().await.map_err(js_err("stream info"))?;
             let existing = &info.config;
@@ -210,6 +210,49 @@ pub async fn ensure_stream(
         }
         Err(e) => Err(js_err("get stream")(e)),
     }
+}
+
+/// How long one stream-info request may wait for an answer while the stream has no
+/// leader, and how long such requests are tried again in all.
+const LEADERLESS_TRY: std::time::Duration = std::time::Duration::from_secs(1);
+const LEADERLESS_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `get_stream`, asked again each second while it goes unanswered. A clustered
+/// stream whose leader was just lost answers nothing until the next is elected; one
+/// request waiting out the client's 10 s request timeout would keep the source down
+/// up to 10 s after the election. Any answer, and any other failure (no responders:
+/// JetStream is off), returns at once.
+async fn get_stream_through_election(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<stream::Stream, jetstream::context::GetStreamError> {
+    let mut quick = js.clone();
+    quick.set_timeout(LEADERLESS_TRY);
+    let started = std::time::Instant::now();
+    loop {
+        match quick.get_stream(name).await {
+            Err(e) if timed_out(&e) && started.elapsed() < LEADERLESS_BUDGET => {
+                tracing::debug!(stream = %name, "the stream did not answer within a second (no leader yet?); asking again");
+            }
+            Ok(s) => {
+                // The handle keeps the context it came from: later calls on it
+                // (info, message reads) get the caller's timeout, not the short one.
+                return js.get_stream(name).await.or(Ok(s));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn timed_out(e: &jetstream::context::GetStreamError) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<jetstream::context::RequestError>() {
+            return r.kind() == jetstream::context::RequestErrorKind::TimedOut;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Whether stream subject `have` captures every subject `want` can match.
