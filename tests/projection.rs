@@ -736,6 +736,107 @@ async fn the_rust_consumer_api_applies_exactly_once_across_restarts() {
     assert_eq!(got, want);
 }
 
+/// A KV read model applies a batch of events at once (different keys concurrently),
+/// yet an event whose key cannot be made stops it with nothing after that event
+/// written; with a dead-letter subject it is set aside and every other event applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_poison_event_in_a_batch_stops_before_anything_after_it() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(STORE).await.unwrap();
+    let sections = |extra: &str| {
+        format!(
+            r#"
+[[projection]]
+name = "status_kv"
+source = "store"
+kv_bucket = "BY_STATUS"
+{extra}
+
+[[projection.on]]
+type = "orders.created"
+kv = "put"
+key = "order.{{data.after.status}}"
+value = {{ id = "data.after.id" }}
+"#
+        )
+    };
+    let spec = SourceSpec::new("store", "store").tables(&["orders", "audit"]);
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &spec.clone().sections(&sections("")),
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    // One transaction of 400 orders; the 200th's status is no valid key.
+    db.batch_execute(
+        "INSERT INTO orders SELECT g, 1, CASE WHEN g = 200 THEN 'bad key' ELSE 's' || g END, 1 \
+         FROM generate_series(1, 400) g",
+    )
+    .await
+    .unwrap();
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 400, Duration::from_secs(60), || source.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    let poison = events
+        .iter()
+        .find(|e| e.body["data"]["after"]["id"] == 200)
+        .expect("the 200th order's event");
+    let poison_id = poison.body["id"].as_str().unwrap().to_string();
+    let js = async_nats::jetstream::new(nc.clone());
+    let keys = async || -> std::collections::BTreeSet<String> {
+        let Ok(kv) = js.get_key_value("BY_STATUS").await else {
+            return Default::default();
+        };
+        let Ok(keys) = kv.keys().await else {
+            return Default::default();
+        };
+        use futures_util::StreamExt;
+        keys.filter_map(|k| async move { k.ok() }).collect().await
+    };
+    let want = |ids: &mut dyn Iterator<Item = u32>| -> std::collections::BTreeSet<String> {
+        ids.map(|g| format!("order.s{g}")).collect()
+    };
+
+    let mut projector = Tidemark::project(&cfg, &dir.path().join("p1.log"));
+    let status = projector.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", projector.log());
+    let log = projector.log();
+    assert!(
+        log.contains(&format!("cannot apply event {poison_id}")) && log.contains("bad key"),
+        "{log}"
+    );
+    assert_eq!(keys().await, want(&mut (1..200)), "{log}");
+
+    let dead = async_nats::jetstream::new(nc.clone());
+    dead.create_stream(async_nats::jetstream::stream::Config {
+        name: "DEAD".into(),
+        subjects: vec!["deadletter.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &spec.sections(&sections("dead_letter = \"deadletter.status_kv\"")),
+    );
+    let projector = Tidemark::project(&cfg, &dir.path().join("p2.log"));
+    let all = want(&mut (1..=400).filter(|g| *g != 200));
+    wait_until(
+        "every other order written",
+        Duration::from_secs(60),
+        || async { keys().await == all },
+    )
+    .await;
+    let dl = read_stream(&nc, "DEAD").await;
+    assert_eq!(dl.len(), 1, "{}", projector.log());
+    assert_eq!(dl[0].body["id"], poison_id.as_str());
+    drop(source);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kv_read_model_stays_exact_through_kill_9s() {
     let Rig { pg, nats, dir, db } = Rig::start().await;

@@ -171,41 +171,34 @@ pub(super) async fn attempt_kv(
     // The end of the last whole source transaction applied and not yet recorded.
     let mut unrecorded: Option<(u64, Option<String>)> = None;
     let mut since_recorded = 0usize;
+    // Events read while more were waiting: applied together, each key's writes in
+    // stream order and different keys' at once (each write waits for its answer).
+    let mut batch: Vec<KvEvent> = Vec::with_capacity(KV_BATCH);
     loop {
         let msg = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
             m = next_message(&mut messages, &cfg.name) => m?,
         };
-        let pending = match &msg {
-            None => 0,
-            Some(msg) => {
-                let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
-                let (seq, pending) = (info.stream_sequence, info.pending);
-                if seq <= checkpoint {
-                    continue;
-                }
-                let wanted = reads(&cfg.subjects, &msg.subject);
-                let (event, event_id, event_type) = match parse_event(&msg.payload) {
-                    Ok(parsed) => parsed,
-                    Err(_) if !wanted => (serde_json::Value::Null, String::new(), String::new()),
-                    Err(reason) => {
-                        kv_refuse(cfg, &js, msg, "(unreadable)".into(), seq, reason).await?;
-                        (serde_json::Value::Null, String::new(), String::new())
-                    }
-                };
-                if wanted {
-                    for reason in apply_kv_handlers(cfg, &kv, &event, &event_type, seq).await? {
-                        kv_refuse(cfg, &js, msg, event_id.clone(), seq, reason).await?;
-                    }
-                }
-                since_recorded += 1;
-                if event["txlast"].as_bool().unwrap_or(true) {
-                    unrecorded = Some((seq, event["commitlsn"].as_str().map(str::to_string)));
-                }
-                pending
+        let mut pending = 0;
+        if let Some(msg) = msg {
+            let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
+            let seq = info.stream_sequence;
+            pending = info.pending;
+            if seq <= checkpoint {
+                continue;
             }
-        };
+            batch.push(KvEvent::read(cfg, msg, seq));
+            if pending > 0 && batch.len() < KV_BATCH {
+                continue;
+            }
+        }
+        for e in apply_kv_batch(cfg, &js, &kv, std::mem::take(&mut batch)).await? {
+            since_recorded += 1;
+            if e.event["txlast"].as_bool().unwrap_or(true) {
+                unrecorded = Some((e.seq, e.event["commitlsn"].as_str().map(str::to_string)));
+            }
+        }
         // Record the position once caught up, or after a good number of events.
         if pending > 0 && since_recorded < COMMIT_EVERY {
             continue;
@@ -229,6 +222,146 @@ pub(super) async fn attempt_kv(
             }
         }
     }
+}
+
+/// One event of a live KV batch.
+pub(super) struct KvEvent {
+    msg: jetstream::Message,
+    seq: u64,
+    event_id: String,
+    event: serde_json::Value,
+    event_type: String,
+    /// Whether the projection reads its subject.
+    wanted: bool,
+    /// Why a wanted event cannot be read at all.
+    unreadable: Option<String>,
+}
+
+impl KvEvent {
+    fn read(cfg: &ProjectionConfig, msg: jetstream::Message, seq: u64) -> KvEvent {
+        let wanted = reads(&cfg.subjects, &msg.subject);
+        let (parsed, unreadable) = match parse_event(&msg.payload) {
+            Ok(parsed) => (parsed, None),
+            Err(reason) => (
+                (serde_json::Value::Null, String::new(), String::new()),
+                // An event this projection does not read need not parse.
+                wanted.then_some(reason),
+            ),
+        };
+        let (event, event_id, event_type) = parsed;
+        KvEvent {
+            msg,
+            seq,
+            event_id,
+            event,
+            event_type,
+            wanted,
+            unreadable,
+        }
+    }
+}
+
+/// Events in one live batch, at most, and keys written at once.
+const KV_BATCH: usize = 256;
+const KV_KEYS_AT_ONCE: usize = 64;
+
+/// Applies a batch of events, each key's writes in stream order and different keys'
+/// concurrently, and returns the events applied (or set aside), in order. An event
+/// that fails by its own doing goes to the dead-letter subject, or stops the
+/// projection naming it; with no dead-letter subject the batch is cut before an event
+/// known to fail (unreadable, or a key that cannot be made), so nothing after it is
+/// written. A write that fails only when tried may leave later events of other keys
+/// of the batch written; the position stays before it, and the sequence each value
+/// keeps makes their writes on the next attempt no-ops.
+async fn apply_kv_batch(
+    cfg: &ProjectionConfig,
+    js: &jetstream::Context,
+    kv: &jetstream::kv::Store,
+    mut batch: Vec<KvEvent>,
+) -> Result<Vec<KvEvent>, ProjectionError> {
+    // Each key's writes, in stream order, keys in the order first written.
+    let mut keys: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut writes: Vec<(String, Vec<(usize, KvOp, &[(String, EventPath)])>)> = Vec::new();
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    let mut cut = batch.len();
+    for (i, e) in batch.iter().enumerate() {
+        if let Some(reason) = &e.unreadable {
+            failed.push((i, reason.clone()));
+        }
+        if e.wanted {
+            for h in cfg
+                .handlers
+                .iter()
+                .filter(|h| h.types.iter().any(|t| *t == e.event_type))
+            {
+                let Action::Kv { op, key, value } = &h.action else {
+                    continue;
+                };
+                match render_key(key, &e.event) {
+                    Ok(k) => {
+                        let slot = *keys.entry(k.clone()).or_insert_with(|| {
+                            writes.push((k, Vec::new()));
+                            writes.len() - 1
+                        });
+                        writes[slot].1.push((i, *op, value.as_slice()));
+                    }
+                    Err(reason) => failed.push((i, reason)),
+                }
+            }
+        }
+        if cfg.dead_letter.is_none() && failed.iter().any(|(f, _)| *f == i) {
+            cut = i;
+            break;
+        }
+    }
+    type KeyWrites<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<(usize, String)>, String>> + Send + 'a>,
+    >;
+    let mut per_key: Vec<KeyWrites<'_>> = Vec::with_capacity(writes.len());
+    for (key, ops) in writes {
+        let batch = &batch;
+        per_key.push(Box::pin(async move {
+            let mut failed = Vec::new();
+            for (i, op, fields) in ops.into_iter().filter(|(i, ..)| *i < cut) {
+                let e = &batch[i];
+                match apply_kv(kv, op, &key, fields, &e.event, e.seq).await {
+                    Ok(()) => {}
+                    Err(KvFailure::Event(reason)) => {
+                        failed.push((i, reason));
+                        // Later writes of this key wait for the verdict on this one.
+                        if cfg.dead_letter.is_none() {
+                            break;
+                        }
+                    }
+                    Err(KvFailure::Nats(reason)) => return Err(reason),
+                }
+            }
+            Ok(failed)
+        }));
+    }
+    let answers: Vec<Result<Vec<(usize, String)>, String>> = futures_util::stream::iter(per_key)
+        .buffer_unordered(KV_KEYS_AT_ONCE)
+        .collect()
+        .await;
+    for answer in answers {
+        match answer {
+            Ok(f) => failed.extend(f),
+            Err(reason) => {
+                return Err(nats_error(&cfg.name, "write the KV read model")(
+                    reason.into(),
+                ));
+            }
+        }
+    }
+    // In stream order: without a dead-letter subject the first one stops the
+    // projection, named.
+    failed.sort_by_key(|(i, _)| *i);
+    for (i, reason) in failed {
+        let e = &batch[i];
+        kv_refuse(cfg, js, &e.msg, e.event_id.clone(), e.seq, reason).await?;
+    }
+    batch.truncate(cut);
+    Ok(batch)
 }
 
 /// Applies the KV handlers of `event_type` to one event, live or in a rebuild; the

@@ -330,7 +330,7 @@ const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS tidemark_checkpoints (
     updated_at timestamptz NOT NULL DEFAULT now())";
 
 /// Events applied between commits, at most (a source transaction is never split).
-const COMMIT_EVERY: usize = 500;
+const COMMIT_EVERY: usize = 5000;
 
 /// The event a failure is about: enough to name it, and to set it aside.
 struct Origin {
