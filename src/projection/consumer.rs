@@ -117,13 +117,7 @@ impl Consumer {
             .map_err(|e| nats(&e))?;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
-                deliver_policy: if checkpoint == 0 {
-                    jetstream::consumer::DeliverPolicy::All
-                } else {
-                    jetstream::consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: checkpoint + 1,
-                    }
-                },
+                deliver_policy: after(checkpoint),
                 ..Default::default()
             })
             .await
@@ -179,9 +173,7 @@ impl Consumer {
                                 .unwrap_or_default()
                         });
                         tx.execute(
-                            "INSERT INTO tidemark_checkpoints (projection, stream, stream_seq, commit_lsn, updated_at) \
-                             VALUES ($1, $2, $3, $4, now()) ON CONFLICT (projection) DO UPDATE \
-                             SET stream_seq = EXCLUDED.stream_seq, commit_lsn = EXCLUDED.commit_lsn, updated_at = now()",
+                            &upsert_checkpoint("tidemark_checkpoints"),
                             &[&self.name, &self.stream, &seq, &lsn],
                         )
                         .await?;
