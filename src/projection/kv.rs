@@ -261,6 +261,9 @@ impl KvEvent {
     }
 }
 
+/// One write of a key: the event's index in its batch, the operation and its fields.
+type KeyWrite<'a> = (usize, KvOp, &'a [(String, EventPath)]);
+
 /// Events in one live batch, at most, and keys written at once.
 const KV_BATCH: usize = 256;
 const KV_KEYS_AT_ONCE: usize = 64;
@@ -281,7 +284,7 @@ async fn apply_kv_batch(
 ) -> Result<Vec<KvEvent>, ProjectionError> {
     // Each key's writes, in stream order, keys in the order first written.
     let mut keys: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    let mut writes: Vec<(String, Vec<(usize, KvOp, &[(String, EventPath)])>)> = Vec::new();
+    let mut writes: Vec<(String, Vec<KeyWrite<'_>>)> = Vec::new();
     let mut failed: Vec<(usize, String)> = Vec::new();
     let mut cut = batch.len();
     for (i, e) in batch.iter().enumerate() {
@@ -292,7 +295,7 @@ async fn apply_kv_batch(
             for h in cfg
                 .handlers
                 .iter()
-                .filter(|h| h.types.iter().any(|t| *t == e.event_type))
+                .filter(|h| h.types.contains(&e.event_type))
             {
                 let Action::Kv { op, key, value } = &h.action else {
                     continue;
