@@ -560,6 +560,18 @@ async fn seeded_soak_keeps_every_promise() {
         db = pg.client("store").await;
     }
     eprintln!("soak seed {seed}: {step} steps; checking");
+    // Every fault is followed by a restart: a process that is gone now stopped on its
+    // own, and nothing it should have sent will come.
+    assert!(
+        run.is_running(),
+        "seed {seed}: `tidemark run` stopped on its own during the workload (before step {step}'s checks):\n{}",
+        tail(&run.log(), 60)
+    );
+    assert!(
+        project.is_running(),
+        "seed {seed}: `tidemark project` stopped on its own during the workload (before step {step}'s checks):\n{}",
+        tail(&project.log(), 60)
+    );
     let nc = nats.client().await;
     // First the backlog the faults left (a long soak leaves a long one for a debug
     // build), then every snapshot and backfill to its end (done; a failed one fails
