@@ -19,6 +19,18 @@ CREATE TABLE customer_stats (customer_id int PRIMARY KEY, orders int NOT NULL DE
 CREATE TABLE order_view (id int PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL, total numeric NOT NULL CHECK (total >= 0));
 ";
 
+/// The stream `DEAD` that captures the dead-letter subjects `deadletter.>`.
+async fn dead_letter_stream(nc: &async_nats::Client) {
+    async_nats::jetstream::new(nc.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "DEAD".into(),
+            subjects: vec!["deadletter.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 fn projection_toml(pg: &PgServer, extra: &str) -> String {
     format!(
         r#"
@@ -313,14 +325,7 @@ async fn a_poison_event_stops_the_projection_or_goes_to_the_dead_letter_subject(
     assert_eq!(n, 1);
 
     // With a dead-letter subject: set aside with the reason, and the rest applies.
-    let dead = async_nats::jetstream::new(nc.clone());
-    dead.create_stream(async_nats::jetstream::stream::Config {
-        name: "DEAD".into(),
-        subjects: vec!["deadletter.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    dead_letter_stream(&nc).await;
     let cfg2 = write_config(
         dir.path(),
         &pg,
@@ -809,14 +814,7 @@ value = {{ id = "data.after.id" }}
     );
     assert_eq!(keys().await, want(&mut (1..200)), "{log}");
 
-    let dead = async_nats::jetstream::new(nc.clone());
-    dead.create_stream(async_nats::jetstream::stream::Config {
-        name: "DEAD".into(),
-        subjects: vec!["deadletter.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    dead_letter_stream(&nc).await;
     let cfg = write_config(
         dir.path(),
         &pg,
