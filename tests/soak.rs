@@ -562,16 +562,9 @@ async fn seeded_soak_keeps_every_promise() {
     eprintln!("soak seed {seed}: {step} steps; checking");
     // Every fault is followed by a restart: a process that is gone now stopped on its
     // own, and nothing it should have sent will come.
-    assert!(
-        run.is_running(),
-        "seed {seed}: `tidemark run` stopped on its own during the workload (before step {step}'s checks):\n{}",
-        tail(&run.log(), 60)
-    );
-    assert!(
-        project.is_running(),
-        "seed {seed}: `tidemark project` stopped on its own during the workload (before step {step}'s checks):\n{}",
-        tail(&project.log(), 60)
-    );
+    let when = format!("during the workload (before step {step}'s checks)");
+    still_running(&mut run, "run", seed, &when);
+    still_running(&mut project, "project", seed, &when);
     let nc = nats.client().await;
     // First the backlog the faults left (a long soak leaves a long one for a debug
     // build), then every snapshot and backfill to its end (done; a failed one fails
@@ -762,16 +755,8 @@ async fn seeded_soak_keeps_every_promise() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(
-        run.is_running(),
-        "seed {seed}: run stopped\n{}",
-        tail(&run.log(), 200)
-    );
-    assert!(
-        project.is_running(),
-        "seed {seed}: project stopped\n{}",
-        project.log()
-    );
+    still_running(&mut run, "run", seed, "during the checks");
+    still_running(&mut project, "project", seed, "during the checks");
     let st = run.terminate(Duration::from_secs(30));
     assert!(st.success(), "seed {seed}: {}", tail(&run.log(), 200));
 }
@@ -788,6 +773,16 @@ async fn slot_lag(db: &tokio_postgres::Client) -> i64 {
 }
 
 /// The last `n` lines of a log (a long soak's whole log is too long to read).
+/// Fails the soak, naming the process and showing its log's tail, when `process`
+/// stopped on its own (every fault is followed by a restart).
+fn still_running(process: &mut Tidemark, name: &str, seed: u64, when: &str) {
+    assert!(
+        process.is_running(),
+        "seed {seed}: `tidemark {name}` stopped on its own {when}:\n{}",
+        tail(&process.log(), 200)
+    );
+}
+
 fn tail(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
