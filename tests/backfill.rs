@@ -1229,3 +1229,74 @@ async fn wait_chunk_read(db: &tokio_postgres::Client) {
     })
     .await;
 }
+
+/// A column added (or dropped) with no row written since: the source's description of
+/// the table is older than the columns a backfill reads (Postgres sends a table's new
+/// description only before its next change). The chunk is placed with the columns it
+/// was read with, and the stream folds to the table, new column included. Found by the
+/// soak (seed 991): the job read its chunk again 100 times and failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_after_a_column_change_with_no_write_since_reads_the_new_columns() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, qty int, gone int);
+         INSERT INTO docs SELECT g, g, g FROM generate_series(1, 40) g;",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store").tables(&["docs"]),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    // A change, so the source holds the table's description from the stream.
+    db.batch_execute("UPDATE docs SET qty = 0 WHERE id = 1")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    db.batch_execute(
+        "ALTER TABLE docs ADD COLUMN note text NOT NULL DEFAULT 'fresh';
+         ALTER TABLE docs DROP COLUMN gone;",
+    )
+    .await
+    .unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, err) =
+        tidemark_cmd(&["backfill", "--config", cfg_arg, "--table", "docs", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", tm.log());
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nats.client().await, "STORE").await;
+    assert_exactly_once(&events);
+    let reads: Vec<&StoredEvent> = events
+        .iter()
+        .filter(|e| e.body["type"] == "docs.read")
+        .collect();
+    assert_eq!(reads.len(), 40, "{}", tm.log());
+    for e in reads {
+        let after = &e.body["data"]["after"];
+        assert_eq!(after["note"], "fresh", "{after}");
+        assert!(after.get("gone").is_none(), "{after}");
+    }
+    same_table(
+        fold(&events).get("public.docs"),
+        &table_rows(&db, "docs").await,
+        &events,
+        &tm.log(),
+    );
+    // Live changes after it still map with the table's description from the stream.
+    db.batch_execute("UPDATE docs SET note = 'later' WHERE id = 2")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nats.client().await, "STORE").await;
+    same_table(
+        fold(&events).get("public.docs"),
+        &table_rows(&db, "docs").await,
+        &events,
+        &tm.log(),
+    );
+    assert!(tm.is_running(), "{}", tm.log());
+}

@@ -10,7 +10,7 @@ use super::error::SourceError;
 use super::pipeline::Pipeline;
 use super::plan::catalog_relation;
 use crate::backfill::{ChunkOutcome, Placement, Watermark};
-use crate::events::mapping::Operation;
+use crate::events::mapping::{Operation, Table};
 use crate::position::Lsn;
 use crate::postgres::pgoutput;
 
@@ -114,6 +114,19 @@ impl Window {
     }
 }
 
+/// Where each of a table's columns is among a chunk's columns; None when they are
+/// not the same columns.
+fn column_order(table: &Table, columns: &[String]) -> Option<Vec<usize>> {
+    if table.columns.len() != columns.len() {
+        return None;
+    }
+    table
+        .columns
+        .iter()
+        .map(|c| columns.iter().position(|n| n == &c.name))
+        .collect()
+}
+
 impl Pipeline<'_> {
     /// A backfill watermark: the low one opens the chunk's window, the high one
     /// publishes the chunk's rows that no live change touched inside it.
@@ -178,13 +191,28 @@ impl Pipeline<'_> {
             let table = self.describe(relation).await?;
             self.relations.insert(table.relation_id, table);
         }
-        let table = self.table(chunk.relid)?;
-        let order: Option<Vec<usize>> = table
-            .columns
-            .iter()
-            .map(|c| chunk.columns.iter().position(|n| n == &c.name))
-            .collect();
-        let (Some(order), true) = (order, table.columns.len() == chunk.columns.len()) else {
+        // The stream's description of the table can be older than the columns the
+        // chunk was read with: Postgres sends a table's new description only before
+        // its next change, so a column added or dropped with no write since is not in
+        // it. The read saw the change, so it committed before this high watermark, and
+        // the catalog's description (when it names the chunk's columns) is the one at
+        // this point of the stream. The chunk's rows are mapped with it; the stream's
+        // is kept for the changes that follow, which Postgres describes itself.
+        let mut order = column_order(self.table(chunk.relid)?, &chunk.columns);
+        let mut kept_description = None;
+        if order.is_none() {
+            let relation = catalog_relation(&self.catalog, chunk.relid).await?;
+            let fresh = self.describe(relation).await?;
+            order = column_order(&fresh, &chunk.columns);
+            if order.is_some() {
+                debug!(
+                    chunk = wm.chunk,
+                    "the chunk's rows are mapped with the catalog's description of the table"
+                );
+                kept_description = self.relations.insert(chunk.relid, fresh);
+            }
+        }
+        let Some(order) = order else {
             let _ = reply.send(ChunkOutcome::Retry("the table's columns changed".into()));
             return Ok(());
         };
@@ -254,6 +282,9 @@ impl Pipeline<'_> {
             } else {
                 skipped += 1;
             }
+        }
+        if let Some(described) = kept_description {
+            self.relations.insert(chunk.relid, described);
         }
         debug!(
             chunk = wm.chunk,
