@@ -637,7 +637,10 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     let Rig { pg, nats, dir, db } = Rig::start().await;
     db.batch_execute(
         "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
-         INSERT INTO big SELECT g, g, 'row ' || g FROM generate_series(1, 3000) g;",
+         INSERT INTO big SELECT g, g, 'row ' || g FROM generate_series(1, 3000) g;
+         CREATE TABLE nokey (qty int, note text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;
+         INSERT INTO nokey VALUES (1, 'before');",
     )
     .await
     .unwrap();
@@ -646,7 +649,7 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
         &pg,
         &nats,
         &SourceSpec::new("store", "store")
-            .tables(&["big"])
+            .tables(&["big", "nokey"])
             .snapshot("initial")
             .set("snapshot_chunk_size", 400),
     );
@@ -683,14 +686,23 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     let cfg_arg = cfg.to_str().unwrap();
     let (code, _, err) = tidemark_cmd(&["resync", "--config", cfg_arg]);
     assert_eq!(code, 2, "{err}");
+    // A published table without a key cannot be paged: it is named with the fix, and
+    // every other table is resynced all the same.
     let (code, out, err) = tidemark_cmd(&["resync", "--config", cfg_arg, "--yes"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queued a backfill of 1 table(s)"), "{out}");
+    assert!(
+        err.contains("warning: table public.nokey has no primary key")
+            && err.contains("NOT sent after the marker")
+            && err.contains("tidemark backfill --table public.nokey"),
+        "{err}"
+    );
 
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark3.log"));
     // Live changes during the resync's backfill.
     db.batch_execute(
-        "UPDATE big SET qty = qty + 1 WHERE id % 97 = 0; DELETE FROM big WHERE id = 3000;",
+        "UPDATE big SET qty = qty + 1 WHERE id % 97 = 0; DELETE FROM big WHERE id = 3000;
+         INSERT INTO nokey VALUES (2, 'after');",
     )
     .await
     .unwrap();
@@ -708,6 +720,14 @@ async fn a_lost_slot_stops_the_source_and_resync_brings_the_stream_back_to_the_t
     let folded = fold(&events);
     let want = table_rows(&db, "big").await;
     assert_eq!(folded.get("public.big"), Some(&want));
+    // The keyless table's changes from the new slot on are streamed.
+    assert!(
+        events.iter().any(
+            |e| e.body["type"] == "nokey.created" && e.body["data"]["after"]["note"] == "after"
+        ),
+        "{}",
+        tm.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

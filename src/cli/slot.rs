@@ -45,15 +45,21 @@ pub(super) async fn resync(
             src.slot, src.stream.name
         )));
     }
-    let (report, tables) = ops::resync(src, nats, force).await?;
-    tell_reset(src, &report);
+    let report = ops::resync(src, nats, force).await?;
+    tell_reset(src, &report.reset);
     println!(
         "source {:?} reset: the next run streams changes from the new slot on",
         src.name
     );
     println!(
-        "queued a backfill of {tables} table(s): the next `tidemark run` streams from the new slot and sends every table's rows after the marker"
+        "queued a backfill of {} table(s): the next `tidemark run` streams from the new slot and sends every table's rows after the marker",
+        report.queued
     );
+    for table in &report.unread {
+        eprintln!(
+            "warning: table {table} has no primary key, so a backfill cannot page it: its rows from before the gap are NOT sent after the marker (its changes from the new slot on are). Give it a key, or name a unique NOT NULL key in its mapping ([[source.table]] name = \"{table}\", key = [\"...\"]), then run `tidemark backfill --table {table}`"
+        );
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! behind a new slot (`tidemark resync`).
 
 use super::{OpError, ResetMode, ResetReport, reset};
-use crate::backfill::{Job, JobState, Progress, key_columns};
+use crate::backfill::{BackfillError, Job, JobState, Progress, key_columns};
 use crate::config::{self, NatsConfig, SourceConfig};
 use crate::error::ErrorChain;
 use crate::jetstream::provision;
@@ -10,13 +10,13 @@ use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::quote_ident;
 
 /// A new slot, a gap marker, and a backfill of every published table (outbox tables
-/// aside). Everything that could refuse is checked before anything changes. Returns
-/// the reset's report and how many tables were queued.
+/// aside; tables without a key are reported, not read). Everything that could refuse
+/// is checked before anything changes.
 pub(crate) async fn resync(
     src: &SourceConfig,
     nats: &NatsConfig,
     force: bool,
-) -> Result<(ResetReport, usize), OpError> {
+) -> Result<ResyncReport, OpError> {
     let catalog = Catalog::connect(&src.postgres).await?;
     let Some(published) = catalog.publication(&src.publication).await? else {
         return Err(OpError::Refused(format!(
@@ -33,8 +33,18 @@ pub(crate) async fn resync(
         })
         .collect();
     let mut jobs = Vec::new();
+    let mut unread = Vec::new();
     for t in &catalog.tables(&names).await? {
-        let key = key_columns(&catalog, src, &t.schema, &t.name, &t.primary_key).await?;
+        let key = match key_columns(&catalog, src, &t.schema, &t.name, &t.primary_key).await {
+            Ok(key) => key,
+            // A table without a key cannot be paged by a backfill: it loses only its
+            // own rows (reported), never the resync of every other table.
+            Err(BackfillError::NoKey { .. }) => {
+                unread.push(format!("{}.{}", t.schema, t.name));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         jobs.push(Job::new(
             &t.schema,
             &t.name,
@@ -49,7 +59,22 @@ pub(crate) async fn resync(
     for job in &jobs {
         progress.put(job).await?;
     }
-    Ok((report, jobs.len()))
+    Ok(ResyncReport {
+        reset: report,
+        queued: jobs.len(),
+        unread,
+    })
+}
+
+/// What a resync did.
+#[derive(Debug)]
+pub(crate) struct ResyncReport {
+    pub reset: ResetReport,
+    /// Tables queued for a backfill.
+    pub queued: usize,
+    /// Published tables without a key, which a backfill cannot page: their rows from
+    /// before the gap are not sent again (their changes from the new slot on are).
+    pub unread: Vec<String>,
 }
 
 /// Queues a backfill of one published table (`schema.table` or `table`), optionally
