@@ -87,6 +87,10 @@ pub enum ProjectionError {
     /// failure is met with everything before it committed.
     #[error("event at sequence {0} failed; applying again one transaction at a time")]
     Isolate(u64),
+    /// The Rust consumer API's application failed, or its applier is gone; the
+    /// consumer reports the application's own error.
+    #[error("the consumer's apply function failed")]
+    Handler,
     /// The checkpoint moved under us (a rebuild was swapped in): start again from it.
     #[error("the checkpoint moved to stream sequence {0} (a rebuild was swapped in)")]
     Moved(u64),
@@ -97,7 +101,9 @@ impl Policy for ProjectionError {
     fn recovery(&self) -> Recovery {
         match self {
             // An event no retry applies, or a dead-letter subject that takes nothing.
-            ProjectionError::Poison { .. } | ProjectionError::DeadLetter { .. } => Recovery::Fatal,
+            ProjectionError::Poison { .. }
+            | ProjectionError::DeadLetter { .. }
+            | ProjectionError::Handler => Recovery::Fatal,
             ProjectionError::Catalog(e) => e.recovery(),
             ProjectionError::Provision(e) => e.recovery(),
             // A lost read-model connection or NATS outage; and the restarts the loop
@@ -112,6 +118,7 @@ impl Policy for ProjectionError {
 }
 
 mod consumer;
+mod engine;
 mod kv;
 mod postgres;
 mod read;
@@ -329,9 +336,6 @@ const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS tidemark_checkpoints (
     commit_lsn text,
     updated_at timestamptz NOT NULL DEFAULT now())";
 
-/// Events applied between commits, at most (a source transaction is never split).
-const COMMIT_EVERY: usize = 5000;
-
 /// The event a failure is about: enough to name it, and to set it aside.
 struct Origin {
     seq: u64,
@@ -341,9 +345,9 @@ struct Origin {
 }
 
 impl Origin {
-    fn poison(self, cfg: &ProjectionConfig, reason: String) -> ProjectionError {
+    fn poison(self, projection: &str, reason: String) -> ProjectionError {
         ProjectionError::Poison {
-            projection: cfg.name.clone(),
+            projection: projection.to_string(),
             event_id: self.event_id,
             subject: self.subject,
             seq: self.seq,
@@ -366,20 +370,20 @@ async fn publish_position(kv: &jetstream::kv::Store, name: &str, seq: u64, lsn: 
 
 async fn dead_letter(
     js: &jetstream::Context,
-    cfg: &ProjectionConfig,
+    projection: &str,
     subject: &str,
     origin: &Origin,
     reason: &str,
 ) -> Result<(), ProjectionError> {
     let (event_id, seq) = (origin.event_id.as_str(), origin.seq);
     let fail = |r: String| ProjectionError::DeadLetter {
-        projection: cfg.name.clone(),
+        projection: projection.to_string(),
         event_id: event_id.to_string(),
         subject: subject.to_string(),
         reason: r,
     };
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Tidemark-Projection", cfg.name.as_str());
+    headers.insert("Tidemark-Projection", projection);
     headers.insert(
         "Tidemark-Reason",
         reason.replace(['\r', '\n'], " ").as_str(),
@@ -388,13 +392,56 @@ async fn dead_letter(
     headers.insert("Tidemark-Stream-Sequence", seq.to_string().as_str());
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
-        format!("{event_id}:dead:{}", cfg.name).as_str(),
+        format!("{event_id}:dead:{projection}").as_str(),
     );
     let ack = js
         .publish_with_headers(subject.to_string(), headers, origin.payload.clone())
         .await
         .map_err(|e| fail(e.to_string()))?;
     ack.await.map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+/// One attempt of a live projection: its target opened at its checkpoint, then the
+/// engine until cancelled or an error.
+async fn attempt(
+    cfg: &ProjectionConfig,
+    nats: &NatsConfig,
+    cancel: &CancellationToken,
+    set_aside: &mut HashSet<u64>,
+    careful_until: u64,
+    tel: &crate::telemetry::Telemetry,
+) -> Result<(), ProjectionError> {
+    let nats_err = |what: &str| nats_error(&cfg.name, what);
+    let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
+    let js = jetstream::new(nc);
+    let spec = engine::Spec::from(cfg);
+    let mode = engine::Mode::Live(engine::Live {
+        cancel,
+        set_aside,
+        careful_until,
+        tel: Some(tel),
+    });
+    match &cfg.target {
+        Target::Kv { bucket } => {
+            let mut target = KvTarget::live(cfg, &js, bucket).await?;
+            engine::run(&spec, &js, &mut target, mode).await?;
+        }
+        Target::Postgres(pg) => {
+            let client = catalog::connect_client(pg, "tidemark-projection").await?;
+            let checkpoint = read_checkpoint(&client, &cfg.name).await?;
+            let positions = positions(&js, &cfg.stream)
+                .await
+                .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
+            info!(seq = checkpoint.seq, lsn = ?checkpoint.lsn, "projecting");
+            let role = postgres::Role::Live {
+                positions: Box::new(positions),
+                last_published: Instant::now() - Duration::from_secs(1),
+            };
+            let mut target = PgTarget::new(cfg, client, checkpoint, role).await?;
+            engine::run(&spec, &js, &mut target, mode).await?;
+        }
+    }
     Ok(())
 }
 

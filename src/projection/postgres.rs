@@ -1,233 +1,360 @@
-//! The live Postgres projection: source transactions streamed into database
-//! transactions with the checkpoint, statements pipelined, failures isolated, set
-//! aside or named.
+//! The Postgres target: events applied with the handlers' statements, pipelined, in
+//! database transactions that also write the checkpoint. Live, into the read model's
+//! tables under the projection's lock; rebuilding, into shadow tables swapped in at
+//! the end (see `rebuild.rs`).
 
+use super::engine::{Incoming, Position, Refused, Target, Tx};
 use super::*;
 
-pub(super) async fn attempt(
-    cfg: &ProjectionConfig,
-    nats: &NatsConfig,
-    cancel: &CancellationToken,
-    set_aside: &mut HashSet<u64>,
-    careful_until: u64,
-    tel: &crate::telemetry::Telemetry,
-) -> Result<(), ProjectionError> {
-    let label = crate::telemetry::ProjectionLabel {
-        projection: cfg.name.clone(),
-    };
-    let db_err = |what: &str| db_error(&cfg.name, what);
-    let nats_err = |what: &str| nats_error(&cfg.name, what);
-    let target = match &cfg.target {
-        Target::Postgres(pg) => pg,
-        Target::Kv { bucket } => return attempt_kv(cfg, nats, cancel, bucket).await,
-    };
-    let client = catalog::connect_client(target, "tidemark-projection").await?;
+/// A handler's event types, prepared statement and parameters.
+type Prepared = (Vec<String>, tokio_postgres::Statement, Vec<EventPath>);
+
+pub(super) struct PgTarget {
+    client: tokio_postgres::Client,
+    name: String,
+    stream: String,
+    handlers: Vec<Prepared>,
+    checkpoint: Position,
+    role: Role,
+}
+
+/// What a Postgres target is for.
+pub(super) enum Role {
+    /// The read model itself: each commit writes the checkpoint, and the applied
+    /// position is published to the positions bucket for readers.
+    Live {
+        positions: Box<jetstream::kv::Store>,
+        last_published: Instant,
+    },
+    /// A rebuild's shadow schema, swapped in at the end.
+    Shadow(Box<Shadow>),
+}
+
+pub(super) struct Shadow {
+    /// The live checkpoint table, qualified (the search path points at the shadow).
+    pub(super) checkpoints: String,
+    /// The tables to swap: (schema, name).
+    pub(super) tables: Vec<(String, String)>,
+    pub(super) shadow: String,
+    pub(super) old: String,
+    /// Events the live projection set aside (a dead-letter subject is set) are passed
+    /// over: each runs in a savepoint, and one that fails is rolled back alone.
+    pub(super) savepoints: bool,
+    pub(super) js: jetstream::Context,
+}
+
+impl PgTarget {
+    /// A target over `client`, its handlers prepared. A handler that does not fit the
+    /// read model fails here, before anything is applied.
+    pub(super) async fn new(
+        cfg: &ProjectionConfig,
+        client: tokio_postgres::Client,
+        checkpoint: Position,
+        role: Role,
+    ) -> Result<PgTarget, ProjectionError> {
+        let mut handlers = Vec::new();
+        for h in &cfg.handlers {
+            let (sql, params) = handler_sql(&h.action);
+            let stmt = client.prepare(&sql).await.map_err(|e| {
+                if !is_event_failure(&e) {
+                    // A lost connection is no verdict on the handler.
+                    return db_error(&cfg.name, "prepare a handler")(e);
+                }
+                ProjectionError::Poison {
+                    projection: cfg.name.clone(),
+                    event_id: "-".into(),
+                    subject: "-".into(),
+                    seq: 0,
+                    reason: format!(
+                        "handler for {:?} does not fit the read model: {}: {sql}",
+                        h.types,
+                        ErrorChain(&e)
+                    ),
+                }
+            })?;
+            handlers.push((h.types.clone(), stmt, params));
+        }
+        Ok(PgTarget {
+            client,
+            name: cfg.name.clone(),
+            stream: cfg.stream.clone(),
+            handlers,
+            checkpoint,
+            role,
+        })
+    }
+}
+
+/// A projection's checkpoint in `tidemark_checkpoints` (0 when it has none).
+pub(super) async fn read_checkpoint(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<Position, ProjectionError> {
     client
         .batch_execute(CHECKPOINTS)
         .await
-        .map_err(db_err("create tidemark_checkpoints"))?;
+        .map_err(db_error(name, "create tidemark_checkpoints"))?;
     let row = client
         .query_opt(
             "SELECT stream_seq, commit_lsn FROM tidemark_checkpoints WHERE projection = $1",
-            &[&cfg.name],
+            &[&name],
         )
         .await
-        .map_err(db_err("read the checkpoint"))?;
-    let mut checkpoint: u64 = row.as_ref().map_or(0, |r| r.get::<_, i64>(0) as u64);
-    let mut checkpoint_lsn: Option<String> = row.and_then(|r| r.get(1));
-    // Prepare every handler's statement: a handler that does not fit the read model
-    // fails here, before anything is applied.
-    let mut handlers = Vec::new();
-    for h in &cfg.handlers {
-        let (sql, params) = handler_sql(&h.action);
-        let stmt = client.prepare(&sql).await.map_err(|e| {
-            if !is_event_failure(&e) {
-                // A lost connection is no verdict on the handler.
-                return db_error(&cfg.name, "prepare a handler")(e);
-            }
-            ProjectionError::Poison {
-                projection: cfg.name.clone(),
-                event_id: "-".into(),
-                subject: "-".into(),
-                seq: 0,
-                reason: format!(
-                    "handler for {:?} does not fit the read model: {}: {sql}",
-                    h.types,
-                    ErrorChain(&e)
-                ),
-            }
-        })?;
-        handlers.push((h.types.clone(), stmt, params));
+        .map_err(db_error(name, "read the checkpoint"))?;
+    Ok(Position {
+        seq: row.as_ref().map_or(0, |r| r.get::<_, i64>(0) as u64),
+        lsn: row.and_then(|r| r.get(1)),
+    })
+}
+
+impl Target for PgTarget {
+    const ATOMIC: bool = true;
+    type Tx<'a> = PgTx<'a>;
+
+    fn checkpoint(&self) -> Position {
+        self.checkpoint.clone()
     }
 
-    let nc = provision::connect(nats, &format!("tidemark-projection-{}", cfg.name)).await?;
-    let js = jetstream::new(nc);
-    let kv = positions(&js, &cfg.stream)
-        .await
-        .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
-    // The consumer starts after the checkpoint every time: the database, not the
-    // consumer, says what is applied.
-    let mut messages = read_after(&js, cfg, checkpoint)
-        .await
-        .map_err(nats_err("read the stream"))?;
-    info!(seq = checkpoint, lsn = ?checkpoint_lsn, "projecting");
-
-    // The open database transaction (BEGIN sent), and the events applied in it. A
-    // dropped connection rolls an open transaction back. A source transaction of any
-    // size streams into it event by event; nothing is buffered here.
-    let mut open = false;
-    let mut in_tx = 0usize;
-    // Complete source transactions in the open database transaction.
-    let mut whole_txs = 0usize;
-    let mut last_published = Instant::now() - Duration::from_secs(1);
-    let mut inflight: futures_util::stream::FuturesOrdered<Answer<'_>> =
-        futures_util::stream::FuturesOrdered::new();
-    loop {
-        let msg = tokio::select! {
-            biased;
-            // An open transaction is rolled back: it is applied again on the next start.
-            _ = cancel.cancelled() => return Ok(()),
-            m = next_message(&mut messages, &cfg.name) => m?,
-        };
-        let Some(msg) = msg else {
-            // Caught up and quiet: say where the read model stands.
-            if !open && last_published.elapsed() > Duration::from_millis(100) {
-                publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
-                last_published = Instant::now() + Duration::from_secs(5);
-            }
-            continue;
-        };
-        let info = msg.info().map_err(|e| nats_err("read message info")(e))?;
-        let seq = info.stream_sequence;
-        let pending = info.pending;
-        if seq <= checkpoint {
-            continue;
-        }
-        if !open {
-            client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(db_err("begin"))?;
+    async fn begin(&mut self) -> Result<PgTx<'_>, ProjectionError> {
+        let db_err = |what: &str| db_error(&self.name, what);
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(db_err("begin"))?;
+        if let Role::Live { .. } = self.role {
             // The projection's lock (a rebuild's swap takes it too), then the
             // checkpoint under it: a swap may have moved it. Two statements: in READ
             // COMMITTED a statement sees what was committed when it began, so a
             // checkpoint read in the statement that waited for the lock would miss
             // the swap that held it.
-            client
-                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&cfg.name])
+            self.client
+                .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.name])
                 .await
                 .map_err(db_err("take the projection's lock"))?;
-            let row = client
+            let row = self
+                .client
                 .query_opt(
                     "SELECT stream_seq FROM tidemark_checkpoints WHERE projection = $1",
-                    &[&cfg.name],
+                    &[&self.name],
                 )
                 .await
                 .map_err(db_err("read the checkpoint"))?;
             let stored = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
-            if stored != checkpoint {
-                client
+            if stored != self.checkpoint.seq {
+                self.client
                     .batch_execute("ROLLBACK")
                     .await
                     .map_err(db_err("roll back"))?;
                 return Err(ProjectionError::Moved(stored));
             }
-            open = true;
-            in_tx = 0;
-            whole_txs = 0;
         }
-        let wanted = reads(&cfg.subjects, &msg.subject) && !set_aside.contains(&seq);
-        let parsed = parse_event(&msg.payload);
-        let origin = |event_id: String| Origin {
-            seq,
-            event_id,
-            subject: msg.subject.to_string(),
-            payload: msg.payload.clone(),
-        };
-        let (event, event_id, event_type) = match &parsed {
-            Ok((event, id, ty)) => (event, id.clone(), ty.as_str()),
-            // An event this projection does not read need not parse.
-            Err(_) if !wanted => (&serde_json::Value::Null, String::new(), ""),
-            Err(reason) => {
-                let failed = settle_answers(&mut inflight, 0, &cfg.name)
-                    .await?
-                    .unwrap_or((
-                        Sent {
-                            origin: origin("(unreadable)".into()),
-                            whole_txs,
-                        },
-                        reason.clone(),
-                    ));
-                drop(inflight);
-                return refuse(cfg, &js, &client, failed.0, failed.1, set_aside).await;
-            }
-        };
-        if wanted {
-            for (types, stmt, paths) in &handlers {
-                if !types.iter().any(|t| t == event_type) {
+        let savepoints = matches!(&self.role, Role::Shadow(s) if s.savepoints);
+        Ok(PgTx {
+            client: &self.client,
+            name: &self.name,
+            stream: &self.stream,
+            handlers: &self.handlers,
+            checkpoint: &mut self.checkpoint,
+            role: &mut self.role,
+            inflight: futures_util::stream::FuturesOrdered::new(),
+            whole_txs: 0,
+            savepoints,
+        })
+    }
+
+    async fn idle(&mut self) {
+        // Caught up and quiet: say where the read model stands, now and then.
+        if let Role::Live {
+            positions,
+            last_published,
+        } = &mut self.role
+            && last_published.elapsed() > Duration::from_millis(100)
+        {
+            let at = &self.checkpoint;
+            publish_position(positions, &self.name, at.seq, at.lsn.clone()).await;
+            *last_published = Instant::now() + Duration::from_secs(5);
+        }
+    }
+}
+
+/// An open database transaction (BEGIN sent). A source transaction of any size
+/// streams into it event by event; nothing is buffered but the statements in flight.
+/// A dropped connection rolls it back.
+pub(super) struct PgTx<'a> {
+    client: &'a tokio_postgres::Client,
+    name: &'a str,
+    stream: &'a str,
+    handlers: &'a [Prepared],
+    checkpoint: &'a mut Position,
+    role: &'a mut Role,
+    inflight: futures_util::stream::FuturesOrdered<Answer<'a>>,
+    whole_txs: usize,
+    savepoints: bool,
+}
+
+impl PgTx<'_> {
+    fn db_err(&self, what: &str) -> impl FnOnce(tokio_postgres::Error) -> ProjectionError + use<> {
+        db_error(self.name, what)
+    }
+}
+
+/// Runs one statement in a savepoint; a failure of the event's doing is rolled back
+/// alone (it was set aside by the live projection).
+async fn apply_in_savepoint(
+    client: &tokio_postgres::Client,
+    name: &str,
+    stmt: &tokio_postgres::Statement,
+    params: &[TextParam],
+    seq: u64,
+) -> Result<(), ProjectionError> {
+    client
+        .batch_execute("SAVEPOINT tidemark_event")
+        .await
+        .map_err(db_error(name, "savepoint"))?;
+    let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
+    match client.execute_raw(stmt, refs).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_event_failure(&e) => {
+            debug!(seq, error = %ErrorChain(&e), "passed over (the live projection set it aside)");
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT tidemark_event")
+                .await
+                .map_err(db_error(name, "roll back to the savepoint"))
+        }
+        // The read model's state (a lost connection, a shutdown), not the event.
+        Err(e) => Err(db_error(name, "apply an event")(e)),
+    }
+}
+
+impl<'a> Tx for PgTx<'a> {
+    async fn apply(&mut self, event: Incoming) -> Result<Vec<Refused>, ProjectionError> {
+        let mut refused = Vec::new();
+        if event.wanted {
+            let handlers: &'a [Prepared] = self.handlers;
+            for (types, stmt, paths) in handlers {
+                if !types.contains(&event.event_type) {
                     continue;
                 }
-                let params: Vec<TextParam> = paths.iter().map(|p| param(event, p)).collect();
+                let params: Vec<TextParam> = paths.iter().map(|p| param(&event.event, p)).collect();
+                if self.savepoints {
+                    apply_in_savepoint(self.client, self.name, stmt, &params, event.seq).await?;
+                    continue;
+                }
                 let sent = Sent {
-                    origin: origin(event_id.clone()),
-                    whole_txs,
+                    origin: event.origin(),
+                    whole_txs: self.whole_txs,
                 };
-                let client = &client;
-                inflight.push_back(Box::pin(async move {
+                let client: &'a tokio_postgres::Client = self.client;
+                self.inflight.push_back(Box::pin(async move {
                     let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
                     (sent, client.execute_raw(stmt, refs).await)
                 }));
             }
-            if let Some((failed, reason)) =
-                settle_answers(&mut inflight, PIPELINE, &cfg.name).await?
-            {
-                drop(inflight);
-                return refuse(cfg, &js, &client, failed, reason, set_aside).await;
-            }
+            refused = settle_answers(&mut self.inflight, PIPELINE, self.name).await?;
         }
-        in_tx += 1;
-        let lsn = event["commitlsn"].as_str().map(str::to_string);
-        // Commit only at the end of a source transaction (events without the mark
-        // count as whole transactions), once caught up or after a good number.
-        let tx_end = event["txlast"].as_bool().unwrap_or(true);
-        if tx_end {
-            whole_txs += 1;
+        if event.txlast() {
+            self.whole_txs += 1;
         }
-        if tx_end && (pending == 0 || in_tx >= COMMIT_EVERY || seq <= careful_until) {
-            if let Some((failed, reason)) = settle_answers(&mut inflight, 0, &cfg.name).await? {
-                drop(inflight);
-                return refuse(cfg, &js, &client, failed, reason, set_aside).await;
-            }
-            client
+        Ok(refused)
+    }
+
+    async fn settle(&mut self) -> Result<Vec<Refused>, ProjectionError> {
+        settle_answers(&mut self.inflight, 0, self.name).await
+    }
+
+    fn whole_txs(&self) -> usize {
+        self.whole_txs
+    }
+
+    async fn commit(mut self, at: &Position, urgent: bool) -> Result<(), ProjectionError> {
+        if let Role::Live { .. } = self.role {
+            self.client
                 .execute(
                     &upsert_checkpoint("tidemark_checkpoints"),
-                    &[&cfg.name, &cfg.stream, &(seq as i64), &lsn],
+                    &[&self.name, &self.stream, &(at.seq as i64), &at.lsn],
                 )
                 .await
-                .map_err(db_err("write the checkpoint"))?;
-            client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(db_err("commit"))?;
-            open = false;
-            checkpoint = seq;
-            checkpoint_lsn = lsn;
-            set_aside.retain(|s| *s > seq);
-            tel.projection_applied_seq
-                .get_or_create(&label)
-                .set(seq as i64);
-            tel.projection_behind
-                .get_or_create(&label)
-                .set(pending as i64);
-            tel.projection_events
-                .get_or_create(&label)
-                .inc_by(in_tx as u64);
-            let synced = event_type == "tidemark.sync";
-            if synced || pending == 0 || last_published.elapsed() > Duration::from_millis(100) {
-                publish_position(&kv, &cfg.name, checkpoint, checkpoint_lsn.clone()).await;
-                last_published = Instant::now();
-            }
+                .map_err(self.db_err("write the checkpoint"))?;
         }
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(self.db_err("commit"))?;
+        *self.checkpoint = at.clone();
+        if let Role::Live {
+            positions,
+            last_published,
+        } = &mut self.role
+            && (urgent || last_published.elapsed() > Duration::from_millis(100))
+        {
+            publish_position(positions, self.name, at.seq, at.lsn.clone()).await;
+            *last_published = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn abort(&mut self) -> Result<(), ProjectionError> {
+        // Later statements only say the transaction is aborted: their answers are
+        // dropped.
+        self.inflight = futures_util::stream::FuturesOrdered::new();
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(self.db_err("roll back"))
+    }
+
+    async fn lock(&mut self) -> Result<bool, ProjectionError> {
+        if !matches!(self.role, Role::Shadow(_)) {
+            return Ok(false);
+        }
+        self.client
+            .batch_execute("COMMIT; BEGIN")
+            .await
+            .map_err(self.db_err("begin the swap"))?;
+        self.client
+            .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&self.name])
+            .await
+            .map_err(self.db_err("take the projection's lock"))?;
+        Ok(true)
+    }
+
+    /// Holding the lock, with everything stored applied: swaps the tables and the
+    /// checkpoint in one transaction.
+    async fn swap(&mut self, at: &Position, events: u64) -> Result<bool, ProjectionError> {
+        let Role::Shadow(s) = &*self.role else {
+            return Ok(false);
+        };
+        let (shadow, old) = (&s.shadow, &s.old);
+        let mut swap = format!("CREATE SCHEMA {old};");
+        for (schema, name) in &s.tables {
+            swap.push_str(&format!(
+                "ALTER TABLE {s}.{n} SET SCHEMA {old}; ALTER TABLE {shadow}.{n} SET SCHEMA {s};",
+                s = quote_ident(schema),
+                n = quote_ident(name)
+            ));
+        }
+        self.client
+            .batch_execute(&swap)
+            .await
+            .map_err(self.db_err("swap the tables"))?;
+        self.client
+            .execute(
+                &upsert_checkpoint(&s.checkpoints),
+                &[&self.name, &self.stream, &(at.seq as i64), &at.lsn],
+            )
+            .await
+            .map_err(self.db_err("write the checkpoint"))?;
+        self.client
+            .batch_execute(&format!(
+                "DROP SCHEMA {old} CASCADE; DROP SCHEMA {shadow} CASCADE; COMMIT"
+            ))
+            .await
+            .map_err(self.db_err("commit the swap"))?;
+        if let Ok(kv) = positions(&s.js, self.stream).await {
+            publish_position(&kv, self.name, at.seq, at.lsn.clone()).await;
+        }
+        info!(projection = %self.name, events, seq = at.seq, "rebuilt and swapped in");
+        Ok(true)
     }
 }
 
@@ -253,7 +380,7 @@ pub(super) async fn settle_answers(
     inflight: &mut futures_util::stream::FuturesOrdered<Answer<'_>>,
     keep: usize,
     projection: &str,
-) -> Result<Option<(Sent, String)>, ProjectionError> {
+) -> Result<Vec<Refused>, ProjectionError> {
     while inflight.len() > keep {
         let Some((sent, result)) = inflight.next().await else {
             break;
@@ -261,14 +388,18 @@ pub(super) async fn settle_answers(
         match result {
             Ok(_) => {}
             Err(e) if is_event_failure(&e) => {
-                return Ok(Some((sent, ErrorChain(&e).to_string())));
+                return Ok(vec![Refused {
+                    origin: sent.origin,
+                    reason: ErrorChain(&e).to_string(),
+                    whole_txs: sent.whole_txs,
+                }]);
             }
             // The connection, not the event: roll back and start again from the
             // checkpoint (setting the event aside would lose it).
             Err(e) => return Err(db_error(projection, "apply a handler")(e)),
         }
     }
-    Ok(None)
+    Ok(Vec::new())
 }
 
 /// Whether a failed statement is the event's doing (a constraint, a type, a missing
@@ -280,33 +411,4 @@ pub(super) fn is_event_failure(e: &tokio_postgres::Error) -> bool {
         return false;
     };
     !crate::postgres::sqlstate::is_transient(db.code().code())
-}
-
-/// Rolls the open transaction back and decides what a failed event means: applied
-/// again one source transaction at a time when complete ones shared its database
-/// transaction (so it is met with everything before it committed), else set aside to
-/// the dead-letter subject, else the projection stops naming it.
-pub(super) async fn refuse(
-    cfg: &ProjectionConfig,
-    js: &jetstream::Context,
-    client: &tokio_postgres::Client,
-    failed: Sent,
-    reason: String,
-    set_aside: &mut HashSet<u64>,
-) -> Result<(), ProjectionError> {
-    client
-        .batch_execute("ROLLBACK")
-        .await
-        .map_err(db_error(&cfg.name, "roll back"))?;
-    let Sent { origin, whole_txs } = failed;
-    if whole_txs > 0 {
-        return Err(ProjectionError::Isolate(origin.seq));
-    }
-    let Some(subject) = &cfg.dead_letter else {
-        return Err(origin.poison(cfg, reason));
-    };
-    dead_letter(js, cfg, subject, &origin, &reason).await?;
-    warn!(event_id = %origin.event_id, seq = origin.seq, dead_letter = %subject, reason = %reason, "event set aside to the dead-letter subject");
-    set_aside.insert(origin.seq);
-    Err(ProjectionError::SetAside(origin.seq))
 }

@@ -1,5 +1,5 @@
-//! Reading the stream: an ordered consumer from just after a checkpoint, the next
-//! message with an idle bound, and an event's envelope parsed or refused.
+//! Reading the stream: an ordered consumer from just after a checkpoint, and an
+//! event's envelope parsed or refused.
 
 use super::*;
 
@@ -17,11 +17,12 @@ use super::*;
 /// by an older tidemark (`tidemark_<projection>`) is removed, so it holds nothing back.
 pub(super) async fn read_after(
     js: &jetstream::Context,
-    cfg: &ProjectionConfig,
+    stream: &str,
+    projection: &str,
     checkpoint: u64,
 ) -> Result<pull::Ordered, Box<dyn std::error::Error + Send + Sync>> {
-    let stream = js.get_stream(&cfg.stream).await?;
-    let legacy = format!("tidemark_{}", cfg.name);
+    let stream = js.get_stream(stream).await?;
+    let legacy = format!("tidemark_{projection}");
     if stream.consumer_info(&legacy).await.is_ok() {
         stream.delete_consumer(&legacy).await?;
         info!(consumer = %legacy, "removed the projection's old durable consumer: projections read with ordered consumers now");
@@ -46,49 +47,10 @@ pub(super) fn after(checkpoint: u64) -> jetstream::consumer::DeliverPolicy {
     }
 }
 
-/// An event as a rebuild reads it. What the live projection could not read went to the
-/// dead-letter subject (when set) and is passed over again; otherwise it stops the
-/// rebuild, named, as it stopped the live projection.
-pub(super) fn rebuild_parse(
-    cfg: &ProjectionConfig,
-    msg: &jetstream::Message,
-    seq: u64,
-    wanted: bool,
-) -> Result<(serde_json::Value, String, String), ProjectionError> {
-    match parse_event(&msg.payload) {
-        Ok(parsed) => Ok(parsed),
-        Err(_) if !wanted || cfg.dead_letter.is_some() => {
-            Ok((serde_json::Value::Null, String::new(), String::new()))
-        }
-        Err(reason) => Err(ProjectionError::Poison {
-            projection: cfg.name.clone(),
-            event_id: "(unreadable)".into(),
-            subject: msg.subject.to_string(),
-            seq,
-            reason,
-        }),
-    }
-}
-
-/// How long the live loops wait for the next event before they count as caught up.
+/// How long the engine waits for the next event before it counts as caught up.
 pub(super) const IDLE: Duration = Duration::from_millis(500);
 
-/// The next message of an ordered read, `None` when nothing came within `IDLE`.
-pub(super) async fn next_message(
-    messages: &mut pull::Ordered,
-    projection: &str,
-) -> Result<Option<jetstream::Message>, ProjectionError> {
-    match tokio::time::timeout(IDLE, messages.next()).await {
-        Err(_) => Ok(None),
-        Ok(Some(Ok(m))) => Ok(Some(m)),
-        Ok(Some(Err(e))) => Err(nats_error(projection, "read events")(Box::new(e))),
-        Ok(None) => Err(nats_error(projection, "read events")(
-            "the stream's consumer ended".into(),
-        )),
-    }
-}
-
-/// An event's envelope as the live loops need it. A payload that is not a tidemark
+/// An event's envelope as the engine needs it. A payload that is not a tidemark
 /// event (not JSON, or without `id` and `type`) is refused with the reason, never
 /// applied as an empty event or skipped in silence.
 pub(super) fn parse_event(payload: &[u8]) -> Result<(serde_json::Value, String, String), String> {
