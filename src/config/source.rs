@@ -4,6 +4,26 @@
 use super::*;
 
 impl Validator<'_> {
+    /// A section about a table the source does not stream: says so, with `fix`.
+    fn unlisted(
+        &mut self,
+        tables: &TableSelection,
+        (schema, table): (&str, &str),
+        at: &Spanned<String>,
+        key: String,
+        fix: &str,
+    ) {
+        if let TableSelection::Listed(list) = tables
+            && !list.iter().any(|(s, t)| s == schema && t == table)
+        {
+            self.issue(
+                at,
+                key,
+                format!("{schema}.{table} is not in this source's tables: {fix}"),
+            );
+        }
+    }
+
     pub(super) fn nats(&mut self, raw: Spanned<RawNats>) -> NatsConfig {
         let n = raw.get_ref();
         if n.servers.get_ref().is_empty() {
@@ -169,18 +189,13 @@ impl Validator<'_> {
                         "this table already has a mapping: merge the two",
                     );
                 }
-                if let TableSelection::Listed(list) = &tables
-                    && !list.contains(&(spec.schema.clone(), spec.table.clone()))
-                {
-                    self.issue(
-                        &t.get_ref().name,
-                        format!("{prefix}.table[{i}].name"),
-                        format!(
-                            "{}.{} is not in this source's tables: add it there, or remove the mapping",
-                            spec.schema, spec.table
-                        ),
-                    );
-                }
+                self.unlisted(
+                    &tables,
+                    (&spec.schema, &spec.table),
+                    &t.get_ref().name,
+                    format!("{prefix}.table[{i}].name"),
+                    "add it there, or remove the mapping",
+                );
                 mappings.push(spec);
             }
         }
@@ -197,18 +212,13 @@ impl Validator<'_> {
                         "this table also has a [[source.table]] mapping: an outbox table's rows are published verbatim, so remove one",
                     );
                 }
-                if let TableSelection::Listed(list) = &tables
-                    && !list.contains(&(spec.schema.clone(), spec.table.clone()))
-                {
-                    self.issue(
-                        &o.get_ref().table,
-                        format!("{prefix}.outbox[{i}].table"),
-                        format!(
-                            "{}.{} is not in this source's tables: add it there",
-                            spec.schema, spec.table
-                        ),
-                    );
-                }
+                self.unlisted(
+                    &tables,
+                    (&spec.schema, &spec.table),
+                    &o.get_ref().table,
+                    format!("{prefix}.outbox[{i}].table"),
+                    "add it there",
+                );
                 outboxes.push(spec);
             }
         }

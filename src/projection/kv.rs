@@ -167,15 +167,7 @@ impl KvTarget {
         let name = start.bucket.clone().unwrap_or_else(|| bucket.to_string());
         let kv = match js.get_key_value(&name).await {
             Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: name.clone(),
-                    history: 1,
-                    num_replicas: stream_replicas(js, &cfg.stream).await,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| nats_err("create the bucket")(Box::new(e)))?,
+            Err(_) => create_bucket(js, cfg, &name, "create the bucket").await?,
         };
         info!(seq = start.seq, bucket = %name, "projecting into KV");
         Ok(KvTarget {
@@ -201,15 +193,7 @@ impl KvTarget {
         let nats_err = |what: &str| nats_error(&cfg.name, what);
         let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
         let bucket = format!("{configured}_{stamp}");
-        let kv = js
-            .create_key_value(jetstream::kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                num_replicas: stream_replicas(js, &cfg.stream).await,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("create the new bucket")(Box::new(e)))?;
+        let kv = create_bucket(js, cfg, &bucket, "create the new bucket").await?;
         let positions = positions(js, &cfg.stream)
             .await
             .map_err(|e| nats_err("open the positions bucket")(e.into()))?;
@@ -223,6 +207,23 @@ impl KvTarget {
             rebuilding: Some(configured.to_string()),
         })
     }
+}
+
+/// A read model's bucket, with the replicas of the stream it is built from.
+async fn create_bucket(
+    js: &jetstream::Context,
+    cfg: &ProjectionConfig,
+    bucket: &str,
+    what: &str,
+) -> Result<jetstream::kv::Store, ProjectionError> {
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.to_string(),
+        history: 1,
+        num_replicas: stream_replicas(js, &cfg.stream).await,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_error(&cfg.name, what)(Box::new(e)))
 }
 
 impl Target for KvTarget {
