@@ -169,6 +169,11 @@ pub(super) const CATCH_UP: u64 = 500;
 /// Events applied between commits, at most (a source transaction is never split).
 pub(super) const COMMIT_EVERY: usize = 5000;
 
+/// How long a live transaction stays open at most while catching up (committed at the
+/// next source transaction's end): a read model behind the stream still moves on to
+/// its readers every second, not only every `COMMIT_EVERY` events.
+pub(super) const COMMIT_AFTER: Duration = Duration::from_secs(1);
+
 enum Next {
     Message(Box<jetstream::Message>),
     Idle,
@@ -259,6 +264,7 @@ impl Engine<'_, '_> {
                 continue;
             }
             let mut tx = target.begin().await?;
+            let opened = Instant::now();
             let mut next = Some(msg);
             // The last event applied, when it ended its source transaction.
             let mut last_end: Option<Position> = None;
@@ -317,7 +323,10 @@ impl Engine<'_, '_> {
                 let Some(at) = end else {
                     continue;
                 };
-                match self.at_tx_end::<T>(&mut tx, &at, pending, in_tx).await? {
+                match self
+                    .at_tx_end::<T>(&mut tx, &at, pending, in_tx, opened)
+                    .await?
+                {
                     Then::Go => {}
                     Then::Swapped => return Ok(Some(self.stats())),
                     Then::Committed => {
@@ -338,11 +347,13 @@ impl Engine<'_, '_> {
         at: &Position,
         pending: u64,
         in_tx: usize,
+        opened: Instant,
     ) -> Result<Then, ProjectionError> {
         match &self.mode {
             Mode::Live(live) => {
                 let careful = at.seq <= live.careful_until;
-                if pending == 0 || in_tx >= COMMIT_EVERY || careful {
+                let old = opened.elapsed() >= COMMIT_AFTER;
+                if pending == 0 || in_tx >= COMMIT_EVERY || careful || old {
                     let refused = tx.settle().await?;
                     self.refused::<T, _>(tx, refused).await?;
                     return Ok(Then::Committed);
