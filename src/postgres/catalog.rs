@@ -337,28 +337,31 @@ impl Catalog {
                 });
             }
         }
+        let listed = || {
+            missing
+                .iter()
+                .map(|t| t.qualified())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let sql = match (&existing, selection) {
             (None, TableSelection::All) => {
                 format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name))
             }
-            (None, TableSelection::Listed(_)) => format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(name),
-                missing
-                    .iter()
-                    .map(|t| t.qualified())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            (Some(_), _) => format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                quote_ident(name),
-                missing
-                    .iter()
-                    .map(|t| t.qualified())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            (None, TableSelection::Listed(_)) => {
+                format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(name),
+                    listed()
+                )
+            }
+            (Some(_), _) => {
+                format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote_ident(name),
+                    listed()
+                )
+            }
         };
         self.client
             .batch_execute(&sql)

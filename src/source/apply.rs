@@ -259,6 +259,22 @@ impl Pipeline<'_> {
         self.emit(event).await
     }
 
+    /// The mapper's view of a table as the catalog has it now (for a table the
+    /// stream has not described yet, or described before its columns changed).
+    pub(super) async fn describe_from_catalog(&mut self, relid: u32) -> Result<Table, SourceError> {
+        let relation = super::plan::catalog_relation(&self.catalog, relid).await?;
+        self.describe(relation).await
+    }
+
+    /// Makes sure a table the stream has not described yet is known, from the catalog.
+    pub(super) async fn ensure_described(&mut self, relid: u32) -> Result<(), SourceError> {
+        if !self.relations.contains_key(&relid) {
+            let table = self.describe_from_catalog(relid).await?;
+            self.relations.insert(table.relation_id, table);
+        }
+        Ok(())
+    }
+
     /// Builds the mapper's view of a table from a RELATION message and the catalog.
     pub(super) async fn describe(&mut self, r: pgoutput::Relation) -> Result<Table, SourceError> {
         for c in &r.columns {

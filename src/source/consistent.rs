@@ -13,7 +13,6 @@ use tracing::info;
 
 use super::error::SourceError;
 use super::pipeline::{OpenTx, Pipeline};
-use super::plan::catalog_relation;
 use crate::backfill::BackfillError;
 use crate::events::mapping::{self, Operation};
 use crate::position::Lsn;
@@ -66,11 +65,7 @@ impl Pipeline<'_> {
         let client = read.reader.client();
         let mut last_status = Instant::now();
         for relid in read.tables {
-            if !self.relations.contains_key(&relid) {
-                let relation = catalog_relation(&self.catalog, relid).await?;
-                let table = self.describe(relation).await?;
-                self.relations.insert(table.relation_id, table);
-            }
+            self.ensure_described(relid).await?;
             let table = self.table(relid)?;
             let (schema, name) = (table.schema.clone(), table.name.clone());
             let qualified = format!("{schema}.{name}");

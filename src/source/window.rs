@@ -8,7 +8,6 @@ use tracing::{debug, warn};
 
 use super::error::SourceError;
 use super::pipeline::Pipeline;
-use super::plan::catalog_relation;
 use crate::backfill::{ChunkOutcome, Placement, Watermark};
 use crate::events::mapping::{Operation, Table};
 use crate::position::Lsn;
@@ -186,11 +185,7 @@ impl Pipeline<'_> {
             ));
             return Ok(());
         }
-        if !self.relations.contains_key(&chunk.relid) {
-            let relation = catalog_relation(&self.catalog, chunk.relid).await?;
-            let table = self.describe(relation).await?;
-            self.relations.insert(table.relation_id, table);
-        }
+        self.ensure_described(chunk.relid).await?;
         // The stream's description of the table can be older than the columns the
         // chunk was read with: Postgres sends a table's new description only before
         // its next change, so a column added or dropped with no write since is not in
@@ -201,8 +196,7 @@ impl Pipeline<'_> {
         let mut order = column_order(self.table(chunk.relid)?, &chunk.columns);
         let mut kept_description = None;
         if order.is_none() {
-            let relation = catalog_relation(&self.catalog, chunk.relid).await?;
-            let fresh = self.describe(relation).await?;
+            let fresh = self.describe_from_catalog(chunk.relid).await?;
             order = column_order(&fresh, &chunk.columns);
             if order.is_some() {
                 debug!(
