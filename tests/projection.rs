@@ -76,29 +76,9 @@ key = {{ id = "data.key.id" }}
     )
 }
 
-/// The read model's customer rows, and the same computed from the store.
+/// The read model's customer rows and order view, and the same computed from the store.
 async fn compare(store: &tokio_postgres::Client, rm: &tokio_postgres::Client) {
-    let want: BTreeMap<i32, (i64, String)> = store
-        .query(
-            "SELECT customer_id, count(*), sum(total)::text FROM orders GROUP BY customer_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    let got: BTreeMap<i32, (i64, String)> = rm
-        .query(
-            "SELECT customer_id, orders::bigint, spent::numeric(12,2)::text FROM customer_stats WHERE orders > 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    assert_eq!(got, want, "per-customer order count and total spent");
+    compare_customer_stats(store, rm).await;
     let want_orders: Vec<(i32, String, String)> = store
         .query(
             "SELECT id, status, total::text FROM orders ORDER BY id",
@@ -121,6 +101,31 @@ async fn compare(store: &tokio_postgres::Client, rm: &tokio_postgres::Client) {
         .collect();
     assert_eq!(got_orders.len(), want_orders.len());
     assert_eq!(got_orders, want_orders);
+}
+
+/// The read model's customer rows, and the same computed from the store.
+async fn compare_customer_stats(store: &tokio_postgres::Client, rm: &tokio_postgres::Client) {
+    let want: BTreeMap<i32, (i64, String)> = store
+        .query(
+            "SELECT customer_id, count(*), sum(total)::text FROM orders GROUP BY customer_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let got: BTreeMap<i32, (i64, String)> = rm
+        .query(
+            "SELECT customer_id, orders::bigint, spent::numeric(12,2)::text FROM customer_stats WHERE orders > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(got, want, "per-customer order count and total spent");
 }
 
 /// Transactions of ten order changes: inserts, total updates and deletes.
@@ -723,27 +728,7 @@ async fn the_rust_consumer_api_applies_exactly_once_across_restarts() {
     }
     cancel.cancel();
     task.await.unwrap().unwrap();
-    let want: BTreeMap<i32, (i64, String)> = db
-        .query(
-            "SELECT customer_id, count(*), sum(total)::text FROM orders GROUP BY customer_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    let got: BTreeMap<i32, (i64, String)> = rm
-        .query(
-            "SELECT customer_id, orders::bigint, spent::numeric(12,2)::text FROM customer_stats WHERE orders > 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-    assert_eq!(got, want);
+    compare_customer_stats(&db, &rm).await;
 }
 
 /// A KV read model applies a batch of events at once (different keys concurrently),
