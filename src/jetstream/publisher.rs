@@ -12,6 +12,26 @@
 //! impossible, but the sequence check is the stricter (it also catches any foreign
 //! write) and does not depend on the server remembering the last message id.
 //!
+//! DESIGN: not every publish asks for an ack. Because of the chain, an ack that says
+//! "stored at sequence s, as expected" proves that every publish before it was stored
+//! at its own expected sequence: one that was refused (or taken as a duplicate) leaves
+//! the stream short, and every later publish is refused for the wrong last sequence.
+//! So a run of publishes needs only its last one to carry a reply subject. The server
+//! then builds and sends one ack per run, and the client keeps one ack future per run,
+//! instead of one per event (on a backlog, that was a third of the server's work and
+//! most of the client's per-event bookkeeping). A publish asks for its ack when:
+//! - it is the `group`-th without one, so acks keep flowing under a backlog;
+//! - it fills the window, so the window can always be freed by an ack that will come;
+//! - the publisher is careful (one at a time, see `set_careful`);
+//! - or nothing follows it for now. For that, the newest publish is held back
+//!   (`deferred`) until the next one is sent, or until the caller says the input is
+//!   idle (`flush`), or needs acks (`make_room`, settling): then it goes out with a
+//!   reply subject. Holding one publish back costs no latency: the source loop flushes
+//!   as soon as nothing else is ready.
+//! A refused publish without a reply subject is reported by the next ack (the wrong
+//! last sequence), which fails the whole run, and the pipeline rebuilds from the
+//! stream's tail, as for any refused publish.
+//!
 //! The publisher neither spawns nor reads signals; the pipeline drives it.
 
 use std::collections::VecDeque;
@@ -62,8 +82,9 @@ pub enum PublishError {
         "the ack of event {event_id} may be lost ({in_flight} publishes in flight): the NATS connection dropped or the stream got a new leader after it was sent, so the pipeline resends from the stream's tail"
     )]
     Disrupted { event_id: EventId, in_flight: usize },
-    #[error("sending event {event_id} of an atomic batch to {subject} failed: {reason}")]
-    Batch {
+    /// A publish that asks for no ack (a run's, or an atomic batch's message).
+    #[error("sending event {event_id} to {subject} failed: {reason}")]
+    Unanswered {
         event_id: EventId,
         subject: String,
         reason: String,
@@ -109,7 +130,8 @@ pub fn header_bytes(event: &DomainEvent) -> usize {
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, NatsPublishError>> + Send>>;
 
-/// One publish awaiting its ack: a single event, or a committed atomic batch.
+/// One publish awaiting its ack, with the publishes before it that asked for none: a
+/// run of events, or a committed atomic batch.
 struct InFlight {
     ack: AckFuture,
     /// The event the ack is for (a batch's commit message).
@@ -118,6 +140,7 @@ struct InFlight {
     expected_seq: u64,
     /// Events it stores.
     count: u64,
+    /// When the run's first publish was sent.
     sent: std::time::Instant,
     /// The event's commit time, Unix seconds.
     commit_time: Option<f64>,
@@ -130,9 +153,9 @@ struct InFlight {
 pub struct Acked {
     pub event_id: EventId,
     pub seq: u64,
-    /// Events stored by it: 1, or a batch's size.
+    /// Events stored by it: 1, a run's or a batch's size.
     pub count: u64,
-    /// When it was sent.
+    /// When its first event was sent.
     pub sent: std::time::Instant,
     /// Its (last) event's commit time, Unix seconds.
     pub commit_time: Option<f64>,
@@ -146,12 +169,31 @@ struct OpenBatch {
     count: u64,
 }
 
+/// The newest publish, held back until it is known whether it should ask for an ack.
+struct Deferred {
+    event_id: EventId,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    commit_time: Option<f64>,
+}
+
+/// Publishes sent without a reply subject since the last one with it.
+struct Unreplied {
+    count: u64,
+    first_sent: std::time::Instant,
+}
+
 pub struct Publisher {
     js: Context,
     client: async_nats::Client,
     stream: String,
     window: usize,
+    /// At most this many publishes in a row go without a reply subject.
+    group: u64,
     in_flight: VecDeque<InFlight>,
+    deferred: Option<Deferred>,
+    unreplied: Option<Unreplied>,
     /// Events sent and not yet acked, open batch included.
     unacked: usize,
     batch: Option<OpenBatch>,
@@ -181,7 +223,10 @@ impl Publisher {
             client,
             stream,
             window: window.max(1),
+            group: (window as u64 / 4).clamp(1, 256),
             in_flight: VecDeque::with_capacity(window),
+            deferred: None,
+            unreplied: None,
             unacked: 0,
             batch: None,
             last_sent_seq: tail_seq,
@@ -220,9 +265,25 @@ impl Publisher {
         self.unacked
     }
 
-    /// Publishes whose ack is still to come (an open batch has none yet).
+    /// Publishes whose ack is still to come (an open batch and publishes that asked
+    /// for no ack have none yet: `flush` sends what makes one come).
     pub fn awaiting_acks(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Whether a publish is held back (see `flush`).
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.is_some()
+    }
+
+    /// Sends the publish held back, asking for its ack, so that everything sent so
+    /// far will be acked: for when no further publish follows for now, and before
+    /// waiting for acks.
+    pub async fn flush(&mut self) -> Result<(), PublishError> {
+        match self.deferred.take() {
+            Some(d) => self.send_deferred(d, true).await,
+            None => Ok(()),
+        }
     }
 
     /// Messages in the open atomic batch.
@@ -262,17 +323,77 @@ impl Publisher {
         headers
     }
 
-    /// Sends one event without waiting for its ack.
+    /// Sends one event without waiting for its ack. It is held back until the next
+    /// publish or `flush` (see the module's DESIGN note); it counts as in flight.
     pub async fn publish(&mut self, event: DomainEvent) -> Result<(), PublishError> {
-        let msg = PublishMessage::build()
-            .headers(Self::user_headers(&event))
-            .payload(event.payload.into())
-            .message_id(&event.msg_id)
-            .expected_last_sequence(self.last_sent_seq);
-        self.send(event.id, event.subject, msg, 1, event.commit_time)
-            .await
+        let mut headers = Self::user_headers(&event);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.msg_id);
+        let next = Deferred {
+            event_id: event.id,
+            subject: event.subject,
+            headers,
+            payload: event.payload.into(),
+            commit_time: event.commit_time,
+        };
+        self.unacked += 1;
+        if let Some(d) = self.deferred.replace(next) {
+            // It fills the window (counting the one just deferred): it must ask for
+            // its ack, or the window could only be freed by `flush`.
+            let reply = self.careful
+                || self.unacked >= self.window
+                || self.unreplied.as_ref().map_or(0, |u| u.count) + 1 >= self.group;
+            self.send_deferred(d, reply).await?;
+        }
+        if self.careful {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
+    /// Sends the held-back publish, chained to the one before it; with a reply
+    /// subject when `reply`, covering every publish sent without one before it.
+    async fn send_deferred(&mut self, d: Deferred, reply: bool) -> Result<(), PublishError> {
+        let mut headers = d.headers;
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+            async_nats::HeaderValue::from(self.last_sent_seq),
+        );
+        if reply {
+            let (count, first_sent) = match self.unreplied.take() {
+                Some(u) => (u.count + 1, u.first_sent),
+                None => (1, std::time::Instant::now()),
+            };
+            let msg = PublishMessage::build()
+                .headers(headers)
+                .payload(d.payload);
+            // `send` counts the message as unacked again; it was counted when deferred.
+            self.unacked -= 1;
+            return self
+                .send_counted(d.event_id, d.subject, msg, (count, 1), d.commit_time, first_sent)
+                .await;
+        }
+        self.client
+            .publish_with_headers(d.subject.clone(), headers, d.payload)
+            .await
+            .map_err(|e| PublishError::Unanswered {
+                event_id: d.event_id.clone(),
+                subject: d.subject,
+                reason: e.to_string(),
+            })?;
+        self.last_sent_seq += 1;
+        match &mut self.unreplied {
+            Some(u) => u.count += 1,
+            None => {
+                self.unreplied = Some(Unreplied {
+                    count: 1,
+                    first_sent: std::time::Instant::now(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a batch's commit message, which stores `count` events.
     async fn send(
         &mut self,
         event_id: EventId,
@@ -280,6 +401,24 @@ impl Publisher {
         msg: PublishMessage,
         count: u64,
         commit_time: Option<f64>,
+    ) -> Result<(), PublishError> {
+        let now = std::time::Instant::now();
+        // A batch's messages are chained by its first: the stream moves by all at once.
+        self.send_counted(event_id, subject, msg, (count, count), commit_time, now)
+            .await
+    }
+
+    /// Sends a message with a reply subject whose ack stores `count` events: it and
+    /// the ones before it that asked for no ack (or its batch); the stream's last
+    /// sequence moves by `advance` with it.
+    async fn send_counted(
+        &mut self,
+        event_id: EventId,
+        subject: String,
+        msg: PublishMessage,
+        (count, advance): (u64, u64),
+        commit_time: Option<f64>,
+        first_sent: std::time::Instant,
     ) -> Result<(), PublishError> {
         // Counted before the send: a disruption during it fails the publish.
         let epoch = self.epoch();
@@ -295,14 +434,15 @@ impl Publisher {
         self.in_flight.push_back(InFlight {
             ack: ack.into_future(),
             event_id,
-            expected_seq: self.last_sent_seq + count,
+            expected_seq: self.last_sent_seq + advance,
             count,
-            sent: std::time::Instant::now(),
+            sent: first_sent,
             commit_time,
             epoch,
         });
-        self.last_sent_seq += count;
-        // Every message sent counts once; the ack of a batch's commit releases all.
+        self.last_sent_seq += advance;
+        // Every message sent counts once; the ack of a batch's commit or of a run's
+        // last message releases all.
         self.unacked += 1;
         Ok(())
     }
@@ -315,6 +455,8 @@ impl Publisher {
         event: DomainEvent,
         commit: bool,
     ) -> Result<(), PublishError> {
+        // What was published before the batch goes first, asking for its ack.
+        self.flush().await?;
         let (id, seq) = match &mut self.batch {
             Some(b) => {
                 b.count += 1;
@@ -371,7 +513,7 @@ impl Publisher {
                 .publish_with_headers(event.subject.clone(), headers, event.payload.into())
                 .await
         };
-        sent.map_err(|e| PublishError::Batch {
+        sent.map_err(|e| PublishError::Unanswered {
             event_id: event.id.clone(),
             subject: event.subject,
             reason: e.to_string(),

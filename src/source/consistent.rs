@@ -148,6 +148,7 @@ impl Pipeline<'_> {
             last.mark_last();
             self.send(last, true).await?;
         }
+        self.publisher.flush().await?;
         while self.publisher.awaiting_acks() > 0 {
             let ack = self.publisher.next_ack().await?;
             self.on_ack(ack);

@@ -163,6 +163,11 @@ impl Pipeline<'_> {
                         return Err(err);
                     }
                 }
+                // 5. Nothing else is ready: the publish held back goes out asking for
+                // its ack (see the publisher's DESIGN note).
+                _ = std::future::ready(()), if self.publisher.has_deferred() => {
+                    self.publisher.flush().await?;
+                }
             }
         }
     }
@@ -191,6 +196,10 @@ impl Pipeline<'_> {
     }
 
     pub(super) async fn make_room(&mut self) -> Result<(), SourceError> {
+        if !self.publisher.has_capacity() {
+            // Every publish then asks for an ack that will come.
+            self.publisher.flush().await?;
+        }
         while !self.publisher.has_capacity() && self.publisher.awaiting_acks() > 0 {
             let ack = self.publisher.next_ack().await?;
             self.on_ack(ack);
@@ -405,6 +414,9 @@ impl Pipeline<'_> {
     /// transaction they complete, and sends a status update.
     pub(super) async fn settle(&mut self) -> Result<(), SourceError> {
         let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
+        if let Err(e) = self.publisher.flush().await {
+            warn!(error = %ErrorChain(&e), "publish failed while settling; the rest will be resent on the next start");
+        }
         while self.publisher.awaiting_acks() > 0 {
             match tokio::time::timeout_at(deadline, self.publisher.next_ack()).await {
                 Ok(Ok(ack)) => self.on_ack(ack),
