@@ -113,7 +113,7 @@ impl Telemetry {
         );
         registry.register(
             "publish_latency_seconds",
-            "From publish to JetStream ack",
+            "From a publish to the JetStream ack that covers it: one per ack, and one ack covers a run of publishes (timed from its first)",
             t.publish_latency.clone(),
         );
         registry.register(

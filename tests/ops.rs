@@ -73,13 +73,13 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
         .unwrap()
             > 300.0 * 100.0
     );
-    assert_eq!(
-        metric(
-            &body,
-            &format!("tidemark_publish_latency_seconds_count{label}")
-        ),
-        Some(300.0)
-    );
+    // One observation per ack, and one ack covers a run of publishes.
+    let acks = metric(
+        &body,
+        &format!("tidemark_publish_latency_seconds_count{label}"),
+    )
+    .unwrap_or(0.0);
+    assert!((1.0..=300.0).contains(&acks), "{acks} acks for 300 events");
     assert_eq!(
         metric(&body, &format!("tidemark_streaming{label}")),
         Some(1.0)
