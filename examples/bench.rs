@@ -830,7 +830,11 @@ async fn publish_ceiling(
     })
     .await
     .expect("ceiling stream");
-    let run = if chain == Chain::AckRuns { ack_run(window) } else { 1 };
+    let run = if chain == Chain::AckRuns {
+        ack_run(window)
+    } else {
+        1
+    };
     let total = events.len();
     let t = Instant::now();
     // Acks awaited, each with the publishes it covers.

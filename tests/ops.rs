@@ -266,6 +266,78 @@ async fn heartbeats_prove_progress_and_a_stall_is_said_loudly() {
     assert!(tm.is_running(), "{}", tm.log());
 }
 
+/// A backlog is stored with one ack per run of publishes, not one per event (the
+/// sequence chain makes the ack of a run's last publish cover the run: see the
+/// publisher's DESIGN note), and every change is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_stored_with_one_ack_per_run() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let port = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["t"])
+            .sections(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n")),
+    );
+    // The slot exists from the first start; the backlog is written while stopped.
+    let log = dir.path().join("tidemark.log");
+    let mut tm = Tidemark::run(&cfg, &log);
+    tm.wait_streaming();
+    assert!(
+        tm.terminate(Duration::from_secs(20)).success(),
+        "{}",
+        tm.log()
+    );
+    let sql: String = (0..100)
+        .map(|i| {
+            format!(
+                "INSERT INTO t SELECT g, 'x' FROM generate_series({}, {}) g;",
+                i * 100,
+                i * 100 + 99
+            )
+        })
+        .collect();
+    db.batch_execute(&sql).await.unwrap();
+    let mut tm = Tidemark::run(&cfg, &log);
+    let nc = nats.client().await;
+    wait_stream_count(&nc, "STORE", 10_000, Duration::from_secs(60), || tm.log()).await;
+    let label = "{source=\"store\"}";
+    wait_until(
+        "the counter to reach the stream",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = http_get(port, "/metrics").await;
+            metric(&body, &format!("tidemark_events_published_total{label}")) == Some(10_000.0)
+        },
+    )
+    .await;
+    let (_, body) = http_get(port, "/metrics").await;
+    let acks = metric(
+        &body,
+        &format!("tidemark_publish_latency_seconds_count{label}"),
+    )
+    .unwrap_or(0.0);
+    // One per event would be 10,000; runs of up to 256 need about 40, and each
+    // moment the source finds nothing more to read adds one.
+    assert!(
+        (1.0..=1_000.0).contains(&acks),
+        "{acks} acks for 10,000 events"
+    );
+    let events = read_stream(&nc, "STORE").await;
+    assert_eq!(events.len(), 10_000);
+    assert_exactly_once(&events);
+    assert!(
+        tm.terminate(Duration::from_secs(20)).success(),
+        "{}",
+        tm.log()
+    );
+}
+
 /// A CA, a server certificate it signs (for localhost and 127.0.0.1), and a second,
 /// unrelated CA, written as PEM files the servers (running as the test user or
 /// nobody) can read.

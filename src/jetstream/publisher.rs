@@ -363,13 +363,18 @@ impl Publisher {
                 Some(u) => (u.count + 1, u.first_sent),
                 None => (1, std::time::Instant::now()),
             };
-            let msg = PublishMessage::build()
-                .headers(headers)
-                .payload(d.payload);
+            let msg = PublishMessage::build().headers(headers).payload(d.payload);
             // `send` counts the message as unacked again; it was counted when deferred.
             self.unacked -= 1;
             return self
-                .send_counted(d.event_id, d.subject, msg, (count, 1), d.commit_time, first_sent)
+                .send_counted(
+                    d.event_id,
+                    d.subject,
+                    msg,
+                    (count, 1),
+                    d.commit_time,
+                    first_sent,
+                )
                 .await;
         }
         self.client
