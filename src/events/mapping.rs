@@ -47,7 +47,11 @@ pub struct Table {
 
 impl Table {
     pub fn qualified_name(&self) -> String {
-        format!("{}.{}", self.schema, self.name)
+        let mut s = String::with_capacity(self.schema.len() + self.name.len() + 1);
+        s.push_str(&self.schema);
+        s.push('.');
+        s.push_str(&self.name);
+        s
     }
 }
 
@@ -59,20 +63,16 @@ pub fn table_token(schema: &str, name: &str) -> String {
     } else {
         format!("{schema}_{name}")
     };
-    token(&raw)
+    token(&raw).into_owned()
 }
 
 /// `raw` as one subject token.
-pub fn token(raw: &str) -> String {
-    raw.chars()
-        .map(|c| {
-            if c.is_whitespace() || matches!(c, '.' | '*' | '>') || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect()
+pub fn token(raw: &str) -> std::borrow::Cow<'_, str> {
+    let odd = |c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>') || c.is_control();
+    if !raw.chars().any(odd) {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    raw.chars().map(|c| if odd(c) { '_' } else { c }).collect()
 }
 
 /// One row change as decoded, borrowing the tuples.
@@ -259,8 +259,13 @@ fn subject_for(
 ) -> String {
     match &table.plan.subject {
         None => {
-            let mut s = format!("{}.{}.", tx.source, table.token);
-            s.push_str(&token(event_name));
+            let name = token(event_name);
+            let mut s = String::with_capacity(tx.source.len() + table.token.len() + name.len() + 2);
+            s.push_str(tx.source);
+            s.push('.');
+            s.push_str(&table.token);
+            s.push('.');
+            s.push_str(&name);
             s
         }
         Some(t) => t.render(|var, out| match var {
@@ -475,7 +480,14 @@ fn build<D: Serialize>(
         commit_lsn: tx.commit_lsn,
         index,
     };
-    let msg_id = id.to_string();
+    // `id.to_string()`, from the texts at hand (the hot path: no formatter).
+    let mut msg_id = String::with_capacity(tx.source.len() + tx.commit_lsn_text.len() + 22);
+    msg_id.push_str(tx.source);
+    msg_id.push(':');
+    msg_id.push_str(tx.commit_lsn_text);
+    msg_id.push(':');
+    msg_id.push_str(itoa::Buffer::new().format(index));
+    debug_assert_eq!(msg_id, id.to_string());
     let (payload, txlast_at) = envelope::encode(&EnvelopeFields {
         id: &msg_id,
         source: tx.source,

@@ -28,6 +28,7 @@
 //!   idle (`flush`), or needs acks (`make_room`, settling): then it goes out with a
 //!   reply subject. Holding one publish back costs no latency: the source loop flushes
 //!   as soon as nothing else is ready.
+//!
 //! A refused publish without a reply subject is reported by the next ack (the wrong
 //! last sequence), which fails the whole run, and the pipeline rebuilds from the
 //! stream's tail, as for any refused publish.
@@ -356,7 +357,7 @@ impl Publisher {
         let mut headers = d.headers;
         headers.insert(
             async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
-            async_nats::HeaderValue::from(self.last_sent_seq),
+            itoa::Buffer::new().format(self.last_sent_seq),
         );
         if reply {
             let (count, first_sent) = match self.unreplied.take() {
@@ -377,12 +378,14 @@ impl Publisher {
                 )
                 .await;
         }
+        // A `Subject` shares its bytes: the clone kept for an error costs no copy.
+        let subject = async_nats::Subject::from(d.subject);
         self.client
-            .publish_with_headers(d.subject.clone(), headers, d.payload)
+            .publish_with_headers(subject.clone(), headers, d.payload)
             .await
             .map_err(|e| PublishError::Unanswered {
                 event_id: d.event_id.clone(),
-                subject: d.subject,
+                subject: subject.to_string(),
                 reason: e.to_string(),
             })?;
         self.last_sent_seq += 1;

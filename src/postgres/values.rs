@@ -181,6 +181,14 @@ impl serde::Serialize for JsonText<'_> {
             | TypeKind::Date
             | TypeKind::Time
             | TypeKind::Unknown => s.serialize_str(&text()),
+            TypeKind::Timestamp | TypeKind::Timestamptz => {
+                let tz = matches!(self.kind, TypeKind::Timestamptz);
+                let mut buf = [0u8; 48];
+                match iso_timestamp_in(self.text, tz, &mut buf) {
+                    Some(iso) => s.serialize_str(iso),
+                    None => text_to_json(self.kind, self.text).serialize(s),
+                }
+            }
             TypeKind::Json => {
                 match serde_json::from_slice::<&serde_json::value::RawValue>(self.text) {
                     Ok(raw) => raw.serialize(s),
@@ -353,6 +361,44 @@ fn iso_timestamp(s: &str, with_offset: bool) -> String {
     }
     let t = format!("{}T{}", &s[..10], &s[11..]);
     if with_offset { rfc3339_offset(&t) } else { t }
+}
+
+/// `iso_timestamp` for the common case, in `buf` without allocating: a UTF-8 text
+/// `YYYY-MM-DD hh:mm:ss[.f][offset]` that fits. None for anything else (the caller
+/// takes `iso_timestamp`, which gives the same result for what this takes).
+fn iso_timestamp_in<'b>(text: &[u8], with_offset: bool, buf: &'b mut [u8; 48]) -> Option<&'b str> {
+    if text.len() < 19 || text.len() + 3 > buf.len() || text.get(10) != Some(&b' ') {
+        return None;
+    }
+    if !text.is_ascii() || text.ends_with(b" BC") {
+        return None;
+    }
+    let mut len = text.len();
+    buf[..len].copy_from_slice(text);
+    buf[10] = b'T';
+    if with_offset {
+        // The sign after the first `T` (see `rfc3339_offset`).
+        let start = buf[..len].iter().position(|b| *b == b'T')? + 1;
+        let Some(rel) = buf[start..len]
+            .iter()
+            .rposition(|b| matches!(b, b'+' | b'-'))
+        else {
+            return std::str::from_utf8(&buf[..len]).ok();
+        };
+        let at = start + rel;
+        match &text[at..] {
+            b"+00" | b"+00:00" | b"-00" => {
+                buf[at] = b'Z';
+                len = at + 1;
+            }
+            offset if offset.len() == 3 => {
+                buf[len..len + 3].copy_from_slice(b":00");
+                len += 3;
+            }
+            _ => {}
+        }
+    }
+    std::str::from_utf8(&buf[..len]).ok()
 }
 
 /// Rewrites a trailing Postgres offset (`+00`, `-05`, `+05:30`) in RFC 3339 form
@@ -727,8 +773,15 @@ mod tests {
 
         #[test]
         fn direct_serialization_matches_value_conversion(
-            oid in proptest::sample::select(vec![16u32, 20, 23, 25, 114, 1700, 2950, 3802, 701, 1007, 1184]),
-            s in proptest::prop_oneof![".{0,20}", "-?[0-9]{1,19}", Just("t".to_string()), Just("{\"a\": [1, null]}".to_string())],
+            oid in proptest::sample::select(vec![16u32, 20, 23, 25, 114, 1700, 2950, 3802, 701, 1007, 1114, 1184]),
+            s in proptest::prop_oneof![
+                ".{0,20}",
+                "-?[0-9]{1,19}",
+                Just("t".to_string()),
+                Just("{\"a\": [1, null]}".to_string()),
+                "[0-9T]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?([+-][0-9]{2}(:[0-9]{2})?)?( BC)?",
+                ".{8,12} .{8,40}",
+            ],
         ) {
             let reg = TypeRegistry::default();
             let kind = reg.kind(oid);

@@ -285,6 +285,10 @@ pub(super) async fn run_attempt(
     let mut p = Pipeline {
         tel: tel.clone(),
         label: Telemetry::label(&cfg.name),
+        bytes_sent: tel
+            .bytes
+            .get_or_create(&Telemetry::label(&cfg.name))
+            .clone(),
         last_progress: Instant::now(),
         heartbeat_pending: None,
         heartbeat_ids: VecDeque::new(),

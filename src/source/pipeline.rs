@@ -43,6 +43,8 @@ pub(super) struct OpenTx {
 pub(super) struct Pipeline<'a> {
     pub(super) tel: std::sync::Arc<Telemetry>,
     pub(super) label: SourceLabel,
+    /// `tel.bytes` for this source, looked up once (it counts every event sent).
+    pub(super) bytes_sent: prometheus_client::metrics::counter::Counter,
     /// When something was last stored.
     pub(super) last_progress: Instant,
     /// When the oldest unanswered heartbeat was written.
@@ -368,10 +370,7 @@ impl Pipeline<'_> {
         // a full window, where it would wait on acks only this task reads.
         self.make_room().await?;
         trace!(event_id = %event.id, subject = %event.subject, "publish");
-        self.tel
-            .bytes
-            .get_or_create(&self.label)
-            .inc_by(event.payload.len() as u64);
+        self.bytes_sent.inc_by(event.payload.len() as u64);
         let open = self.publisher.open_batch_len();
         if self.cfg.atomic_transactions && (open > 0 || !last) {
             let commit = last || open + 1 >= self.cfg.atomic_batch_max as u64;
