@@ -108,11 +108,15 @@ impl Pipeline<'_> {
                 .unwrap_or(Duration::from_secs(3600)),
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One shutdown future for the whole loop: made anew for each message, it cost
+        // a registration and a drop each time.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
                 biased;
                 // 1. Shutdown: stop reading WAL and drain.
-                _ = cancel.cancelled() => return self.drain().await,
+                _ = &mut cancelled => return self.drain().await,
                 // 2. Acks: free window room and move the flush LSN.
                 ack = self.publisher.next_ack(), if self.publisher.awaiting_acks() > 0 => {
                     self.on_ack(ack?);
@@ -148,7 +152,7 @@ impl Pipeline<'_> {
                         // was not recorded, so nothing of it is confirmed.
                         Ok(msg) => tokio::select! {
                             biased;
-                            _ = cancel.cancelled() => None,
+                            _ = &mut cancelled => None,
                             handled = self.handle(msg) => Some(handled),
                         },
                         Err(e) => Some(Err(e.into())),

@@ -253,15 +253,16 @@ impl Pipeline<'_> {
             .put_placement(&chunk.schema, &chunk.table, &placement)
             .await?;
         let (mut published, mut skipped) = (0, 0);
-        for (row, keep) in chunk.rows.into_iter().zip(keep) {
+        for (mut row, keep) in chunk.rows.into_iter().zip(keep) {
             if !keep {
                 skipped += 1;
                 continue;
             }
+            // Each value is taken, not copied (`order` names each column once).
             let tuple = pgoutput::Tuple(
                 order
                     .iter()
-                    .map(|&i| match row.get(i).cloned().flatten() {
+                    .map(|&i| match row.get_mut(i).and_then(Option::take) {
                         Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
                         None => pgoutput::ColumnValue::Null,
                     })
