@@ -15,6 +15,19 @@ fn metric(body: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The metrics page once the source's published-events counter (`label` is its
+/// label set) reached `events`.
+async fn metrics_once_published(port: u16, label: &str, events: u64) -> String {
+    let counter = format!("tidemark_events_published_total{label}");
+    wait_until(
+        "the counter to reach the stream",
+        Duration::from_secs(10),
+        || async { metric(&http_get(port, "/metrics").await.1, &counter) == Some(events as f64) },
+    )
+    .await;
+    http_get(port, "/metrics").await.1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() {
     let Rig {
@@ -54,16 +67,7 @@ async fn metrics_count_what_the_stream_holds_and_readyz_follows_a_nats_outage() 
     let nc = nats.client().await;
     wait_stream_count(&nc, "STORE", 300, Duration::from_secs(30), || tm.log()).await;
     let label = "{source=\"store\"}";
-    wait_until(
-        "the counter to reach the stream",
-        Duration::from_secs(10),
-        || async {
-            let (_, body) = http_get(port, "/metrics").await;
-            metric(&body, &format!("tidemark_events_published_total{label}")) == Some(300.0)
-        },
-    )
-    .await;
-    let (_, body) = http_get(port, "/metrics").await;
+    let body = metrics_once_published(port, label, 300).await;
     assert_eq!(stream_count(&nc, "STORE").await, 300);
     assert!(
         metric(
@@ -307,16 +311,7 @@ async fn a_backlog_is_stored_with_one_ack_per_run() {
     let nc = nats.client().await;
     wait_stream_count(&nc, "STORE", 10_000, Duration::from_secs(60), || tm.log()).await;
     let label = "{source=\"store\"}";
-    wait_until(
-        "the counter to reach the stream",
-        Duration::from_secs(10),
-        || async {
-            let (_, body) = http_get(port, "/metrics").await;
-            metric(&body, &format!("tidemark_events_published_total{label}")) == Some(10_000.0)
-        },
-    )
-    .await;
-    let (_, body) = http_get(port, "/metrics").await;
+    let body = metrics_once_published(port, label, 10_000).await;
     let acks = metric(
         &body,
         &format!("tidemark_publish_latency_seconds_count{label}"),

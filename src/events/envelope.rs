@@ -52,14 +52,20 @@ pub fn encode<D: Serialize>(f: &EnvelopeFields<'_, D>) -> (Vec<u8>, Option<usize
     json_str(&mut out, f.id);
     out.extend_from_slice(b",\"source\":\"/tidemark/");
     json_str_contents(&mut out, f.source);
-    out.extend_from_slice(b"\",\"type\":");
-    json_str(&mut out, f.event_type);
-    out.extend_from_slice(b",\"subject\":");
-    json_str(&mut out, f.subject);
-    out.extend_from_slice(b",\"time\":");
-    json_str(&mut out, f.time);
-    out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"commitlsn\":");
-    json_str(&mut out, f.commit_lsn);
+    out.push(b'"');
+    let strings: [(&[u8], &str); 4] = [
+        (b",\"type\":", f.event_type),
+        (b",\"subject\":", f.subject),
+        (b",\"time\":", f.time),
+        (
+            b",\"datacontenttype\":\"application/json\",\"commitlsn\":",
+            f.commit_lsn,
+        ),
+    ];
+    for (key, value) in strings {
+        out.extend_from_slice(key);
+        json_str(&mut out, value);
+    }
     out.extend_from_slice(b",\"xid\":");
     out.extend_from_slice(itoa::Buffer::new().format(f.xid).as_bytes());
     out.extend_from_slice(b",\"txindex\":");
