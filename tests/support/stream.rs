@@ -28,10 +28,22 @@ pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<Store
     if last == 0 || state.messages == 0 {
         return out;
     }
-    let consumer = s
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
+    // On a cluster a replica that just came back can keep the consumer's creation
+    // from being answered for a while: ask again, for up to a minute.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let consumer = loop {
+        match s
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("creating an ordered consumer on {stream} failed ({e}); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("ordered consumer on {stream}: {e}"),
+        }
+    };
     let mut messages = consumer.messages().await.expect("consume");
     while let Some(m) = tokio::time::timeout(Duration::from_secs(30), messages.next())
         .await
