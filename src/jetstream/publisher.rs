@@ -338,8 +338,9 @@ impl Publisher {
         };
         self.unacked += 1;
         if let Some(d) = self.deferred.replace(next) {
-            // It fills the window (counting the one just deferred): it must ask for
-            // its ack, or the window could only be freed by `flush`.
+            // The one before asks for its ack when careful, when it ends a run, or
+            // when the window is full counting the one just deferred (else only
+            // `flush` could free the window).
             let reply = self.careful
                 || self.unacked >= self.window
                 || self.unreplied.as_ref().map_or(0, |u| u.count) + 1 >= self.group;
