@@ -282,13 +282,11 @@ pub(super) async fn run_attempt(
         // in atomic mode: a batch's duplicate is not one event's.)
         publisher.set_careful();
     }
+    let label = Telemetry::label(&cfg.name);
     let mut p = Pipeline {
         tel: tel.clone(),
-        label: Telemetry::label(&cfg.name),
-        bytes_sent: tel
-            .bytes
-            .get_or_create(&Telemetry::label(&cfg.name))
-            .clone(),
+        bytes_sent: tel.bytes.get_or_create(&label).clone(),
+        label,
         last_progress: Instant::now(),
         heartbeat_pending: None,
         heartbeat_ids: VecDeque::new(),
