@@ -7,10 +7,22 @@
 //! event of its transaction), `schemahash` (a short fingerprint of a table event's
 //! row shape) and whatever the mapping adds (static attributes, outbox fields).
 
-use serde::Serialize;
+use crate::events::json::{str as json_str, str_contents as json_str_contents};
+
+/// An event's `data`, written as JSON into its envelope.
+pub trait JsonData {
+    fn write_json(&self, out: &mut Vec<u8>);
+}
+
+/// tidemark's own markers build their data as a `Value` (they are rare).
+impl JsonData for serde_json::Value {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        crate::events::json::value(out, self);
+    }
+}
 
 /// The facts an envelope is built from.
-pub struct EnvelopeFields<'a, D: Serialize> {
+pub struct EnvelopeFields<'a, D: JsonData + ?Sized> {
     pub id: &'a str,
     pub source: &'a str,
     pub event_type: &'a str,
@@ -42,10 +54,10 @@ thread_local! {
 /// transaction.
 ///
 /// The envelope's own attributes are written by hand (each string escaped as
-/// serde_json escapes it), and only `data` goes through serde: this is the hot path
+/// serde_json escapes it, see `json`), and so is a row's `data`: this is the hot path
 /// of every event, and the generic map serializer, `format_args!` for the URIs and a
 /// search for the `txlast` key afterwards cost more than the row's own JSON.
-pub fn encode<D: Serialize>(f: &EnvelopeFields<'_, D>) -> (Vec<u8>, Option<usize>) {
+pub fn encode<D: JsonData + ?Sized>(f: &EnvelopeFields<'_, D>) -> (Vec<u8>, usize) {
     let hint = LAST_SIZE.with(|c| c.get());
     let mut out = Vec::with_capacity(hint + hint / 8);
     out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
@@ -98,66 +110,11 @@ pub fn encode<D: Serialize>(f: &EnvelopeFields<'_, D>) -> (Vec<u8>, Option<usize
     out.extend_from_slice(b",\"txlast\":");
     let at = out.len();
     out.extend_from_slice(b"false,\"data\":");
-    // Writing into a Vec cannot fail with an I/O error, and the data types tidemark
-    // passes serialize only string-keyed maps, which serde_json always accepts.
-    if serde_json::to_writer(&mut out, f.data).is_err() {
-        return (b"{}".to_vec(), None);
-    }
+    f.data.write_json(&mut out);
     out.push(b'}');
     LAST_SIZE.with(|c| c.set(out.len()));
-    (out, Some(at))
+    (out, at)
 }
-
-/// `s` as a JSON string, quoted.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    json_str_contents(out, s);
-    out.push(b'"');
-}
-
-/// `s` escaped for a JSON string, as serde_json escapes it: `"` and `\\`, and the
-/// control characters below U+0020 (short forms where JSON has them, else `\u00XX`).
-fn json_str_contents(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = ESCAPE[b as usize];
-        if short == 0 {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        start = i + 1;
-        if short == b'u' {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 0xf) as usize]);
-        } else {
-            out.push(b'\\');
-            out.push(short);
-        }
-    }
-    out.extend_from_slice(&bytes[start..]);
-}
-
-/// For each byte, 0 when it stands as is in a JSON string, else the letter after the
-/// backslash that escapes it (`u` for `\u00XX`).
-const ESCAPE: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        t[b] = b'u';
-        b += 1;
-    }
-    t[0x08] = b'b';
-    t[0x09] = b't';
-    t[0x0a] = b'n';
-    t[0x0c] = b'f';
-    t[0x0d] = b'r';
-    t[b'"' as usize] = b'"';
-    t[b'\\' as usize] = b'\\';
-    t
-};
 
 #[cfg(test)]
 mod tests {
@@ -182,7 +139,6 @@ mod tests {
             extensions: &ext,
             data: &data,
         });
-        let at = at.unwrap();
         assert_eq!(&bytes[at..at + 5], b"false");
         let mut patched = bytes.clone();
         patched[at..at + 5].copy_from_slice(b"true ");
@@ -198,14 +154,6 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Strings are escaped exactly as serde_json escapes them.
-        #[test]
-        fn strings_are_escaped_as_serde_json_does(s in "\\PC*|[\"\\\\\u{0}-\u{1f}a\u{7f}\u{e9}]*") {
-            let mut out = Vec::new();
-            json_str(&mut out, &s);
-            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
-        }
-
         /// Whatever the attributes hold, the envelope is one JSON object with each of
         /// them, and the offset points at `txlast`'s value.
         #[test]
@@ -222,7 +170,6 @@ mod tests {
                 schema: schema.as_deref(), dataschema: schema.as_deref(), snapshot,
                 extensions: &ext, data: &data,
             });
-            let at = at.unwrap();
             proptest::prop_assert_eq!(&bytes[at..at + 5], b"false");
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
             proptest::prop_assert_eq!(&v["id"], &serde_json::json!(id));

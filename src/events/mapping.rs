@@ -10,9 +10,10 @@
 //! logical messages with a configured prefix become events (`map_message`).
 
 pub use crate::events::operation::Operation;
-use serde::Serialize;
+use std::sync::Arc;
 
-use crate::events::envelope::{self, EnvelopeFields};
+use crate::events::envelope::{self, EnvelopeFields, JsonData};
+use crate::events::json;
 use crate::events::rules::{Bound, MessageSpec, OversizedPlan, TablePlan};
 use crate::position::{EventId, Lsn};
 use crate::postgres::pgoutput::{ColumnValue, OldKind, ReplicaIdentity, Tuple};
@@ -37,6 +38,8 @@ pub struct Table {
     pub relation_id: u32,
     pub schema: String,
     pub name: String,
+    /// `schema.table`, shared with each of its events (`DomainEvent::origin`).
+    pub qualified: Arc<str>,
     pub replica_identity: ReplicaIdentity,
     pub columns: Vec<TableColumn>,
     /// The table's token in event types and subjects.
@@ -45,14 +48,13 @@ pub struct Table {
     pub plan: TablePlan,
 }
 
-impl Table {
-    pub fn qualified_name(&self) -> String {
-        let mut s = String::with_capacity(self.schema.len() + self.name.len() + 1);
-        s.push_str(&self.schema);
-        s.push('.');
-        s.push_str(&self.name);
-        s
-    }
+/// `schema.table`, as `Table::qualified` holds it.
+pub fn qualified_name(schema: &str, name: &str) -> Arc<str> {
+    let mut s = String::with_capacity(schema.len() + name.len() + 1);
+    s.push_str(schema);
+    s.push('.');
+    s.push_str(name);
+    s.into()
 }
 
 /// The subject token for a table: `<table>` in `public`, `<schema>_<table>` elsewhere.
@@ -104,7 +106,7 @@ pub struct DomainEvent {
     pub msg_id: String,
     pub subject: String,
     /// The table it came from (`schema.table`), or the message prefix: for messages.
-    pub origin: String,
+    pub origin: Arc<str>,
     pub payload: Vec<u8>,
     /// Where the `txlast` value sits in `payload`, to mark the transaction's last event.
     pub txlast_at: Option<usize>,
@@ -158,7 +160,7 @@ pub fn map_change(
     for tuple in change.new.into_iter().chain(change.old.map(|(_, t)| t)) {
         if tuple.0.len() != table.columns.len() {
             return Err(MapError::Shape {
-                table: table.qualified_name(),
+                table: table.qualified.to_string(),
                 expected: table.columns.len(),
                 got: tuple.0.len(),
             });
@@ -220,10 +222,9 @@ pub fn map_change(
         }
         None => (Vec::new(), Vec::new()),
     };
-    let qualified = table.qualified_name();
     let data = Data {
         op: change.op.as_str(),
-        table: &qualified,
+        table: &table.qualified,
         key,
         before,
         after,
@@ -238,7 +239,7 @@ pub fn map_change(
         event_type,
         subject,
         &table.token,
-        qualified.clone(),
+        table.qualified.clone(),
         Some(&plan.fingerprint),
         change.op == Operation::Read,
         &attrs(&plan.attributes),
@@ -298,10 +299,9 @@ pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> Option<Dom
         Bound::Drop => return None,
         Bound::Event { ty, name } => (ty.clone(), name.clone()),
     };
-    let qualified = table.qualified_name();
     let data = Data {
         op: Operation::Truncate.as_str(),
-        table: &qualified,
+        table: &table.qualified,
         key: None,
         before: None,
         after: None,
@@ -316,7 +316,7 @@ pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> Option<Dom
         &event_type,
         subject,
         &table.token,
-        qualified.clone(),
+        table.qualified.clone(),
         Some(&table.plan.fingerprint),
         false,
         &attrs(&table.plan.attributes),
@@ -382,7 +382,7 @@ fn map_outbox(
         &event_type,
         subject,
         &aggregate_id,
-        table.qualified_name(),
+        table.qualified.clone(),
         None,
         false,
         &ext,
@@ -399,14 +399,14 @@ enum Payload<'a> {
     Null,
 }
 
-impl Serialize for Payload<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl JsonData for Payload<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
         match self {
             Payload::Raw(b) => match serde_json::from_slice::<&serde_json::value::RawValue>(b) {
-                Ok(raw) => raw.serialize(s),
-                Err(_) => s.serialize_str(&String::from_utf8_lossy(b)),
+                Ok(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                Err(_) => json::text(out, b),
             },
-            Payload::Null => s.serialize_unit(),
+            Payload::Null => out.extend_from_slice(b"null"),
         }
     }
 }
@@ -438,7 +438,7 @@ pub fn map_message(
         &event_type,
         subject,
         &spec.prefix,
-        spec.prefix.clone(),
+        spec.prefix.as_str().into(),
         None,
         false,
         &ext,
@@ -447,29 +447,66 @@ pub fn map_message(
 }
 
 /// The `data` of a row event.
-#[derive(Serialize)]
 struct Data<'a> {
     op: &'static str,
     table: &'a str,
     key: Option<RowJson<'a>>,
     before: Option<RowJson<'a>>,
     after: Option<RowJson<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// The lists below are left out when empty.
     unchanged_toast: Vec<&'a str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     omitted: Vec<&'a str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     truncated: Vec<&'a str>,
 }
 
+impl JsonData for Data<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"op\":");
+        json::str(out, self.op);
+        out.extend_from_slice(b",\"table\":");
+        json::str(out, self.table);
+        let rows: [(&[u8], &Option<RowJson<'_>>); 3] = [
+            (b",\"key\":", &self.key),
+            (b",\"before\":", &self.before),
+            (b",\"after\":", &self.after),
+        ];
+        for (name, row) in rows {
+            out.extend_from_slice(name);
+            match row {
+                Some(row) => row.write_json(out),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        let lists: [(&[u8], &[&str]); 3] = [
+            (b",\"unchanged_toast\":[", &self.unchanged_toast),
+            (b",\"omitted\":[", &self.omitted),
+            (b",\"truncated\":[", &self.truncated),
+        ];
+        for (name, list) in lists {
+            if list.is_empty() {
+                continue;
+            }
+            out.extend_from_slice(name);
+            for (k, item) in list.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                json::str(out, item);
+            }
+            out.push(b']');
+        }
+        out.push(b'}');
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn build<D: Serialize>(
+fn build<D: JsonData + ?Sized>(
     tx: &TxContext<'_>,
     index: u64,
     event_type: &str,
     subject: String,
     ce_subject: &str,
-    origin: String,
+    origin: Arc<str>,
     schema: Option<&str>,
     snapshot: bool,
     extensions: &[(&str, &str)],
@@ -488,7 +525,7 @@ fn build<D: Serialize>(
     msg_id.push(':');
     msg_id.push_str(itoa::Buffer::new().format(index));
     debug_assert_eq!(msg_id, id.to_string());
-    let (payload, txlast_at) = envelope::encode(&EnvelopeFields {
+    let (payload, txlast) = envelope::encode(&EnvelopeFields {
         id: &msg_id,
         source: tx.source,
         event_type,
@@ -514,7 +551,7 @@ fn build<D: Serialize>(
         subject,
         origin,
         payload,
-        txlast_at,
+        txlast_at: Some(txlast),
         headers: Vec::new(),
         commit_time: None,
     }

@@ -2,6 +2,7 @@
 //! (`envelope`). Pure code: no I/O, no clocks.
 
 pub mod envelope;
+pub mod json;
 pub mod mapping;
 pub mod operation;
 pub mod reserved;

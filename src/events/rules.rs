@@ -58,6 +58,21 @@ pub enum BindError {
 pub struct OutColumn {
     pub index: usize,
     pub name: String,
+    /// `"name":`, escaped once here rather than for every row.
+    pub json_key: Box<[u8]>,
+}
+
+impl OutColumn {
+    pub fn new(index: usize, name: String) -> Self {
+        let mut json_key = Vec::with_capacity(name.len() + 3);
+        crate::events::json::str(&mut json_key, &name);
+        json_key.push(b':');
+        OutColumn {
+            index,
+            name,
+            json_key: json_key.into_boxed_slice(),
+        }
+    }
 }
 
 /// A bound rule: column names resolved to tuple indices.

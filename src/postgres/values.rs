@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use crate::events::json;
 use base64::Engine as _;
 use serde_json::{Number, Value};
 
@@ -151,7 +152,7 @@ impl TypeRegistry {
     }
 }
 
-/// One value's text output, serialized as JSON without an intermediate `Value` for the
+/// One value's text output, written as JSON without an intermediate `Value` for the
 /// common types (the per-column hot path); others go through `text_to_json`. Both give
 /// the same JSON.
 pub struct JsonText<'a> {
@@ -159,43 +160,44 @@ pub struct JsonText<'a> {
     pub text: &'a [u8],
 }
 
-impl serde::Serialize for JsonText<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let text = || String::from_utf8_lossy(self.text);
+impl JsonText<'_> {
+    /// Writes the value as JSON into `out`: the JSON `text_to_json` gives.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let converted = || text_to_json(self.kind, self.text);
         match self.kind {
             TypeKind::Int => match std::str::from_utf8(self.text)
                 .ok()
                 .and_then(|t| t.parse::<i64>().ok())
             {
-                Some(i) => s.serialize_i64(i),
-                None => text_to_json(self.kind, self.text).serialize(s),
+                Some(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
+                None => json::value(out, &converted()),
             },
             TypeKind::Bool => match self.text {
-                b"t" => s.serialize_bool(true),
-                b"f" => s.serialize_bool(false),
-                _ => s.serialize_str(&text()),
+                b"t" => out.extend_from_slice(b"true"),
+                b"f" => out.extend_from_slice(b"false"),
+                _ => json::text(out, self.text),
             },
             TypeKind::Text
             | TypeKind::Numeric
             | TypeKind::Uuid
             | TypeKind::Date
             | TypeKind::Time
-            | TypeKind::Unknown => s.serialize_str(&text()),
+            | TypeKind::Unknown => json::text(out, self.text),
             TypeKind::Timestamp | TypeKind::Timestamptz => {
                 let tz = matches!(self.kind, TypeKind::Timestamptz);
                 let mut buf = [0u8; 48];
                 match iso_timestamp_in(self.text, tz, &mut buf) {
-                    Some(iso) => s.serialize_str(iso),
-                    None => text_to_json(self.kind, self.text).serialize(s),
+                    Some(iso) => json::str(out, iso),
+                    None => json::value(out, &converted()),
                 }
             }
             TypeKind::Json => {
                 match serde_json::from_slice::<&serde_json::value::RawValue>(self.text) {
-                    Ok(raw) => raw.serialize(s),
-                    Err(_) => s.serialize_str(&text()),
+                    Ok(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                    Err(_) => json::text(out, self.text),
                 }
             }
-            _ => text_to_json(self.kind, self.text).serialize(s),
+            _ => json::value(out, &converted()),
         }
     }
 }
@@ -785,7 +787,9 @@ mod tests {
         ) {
             let reg = TypeRegistry::default();
             let kind = reg.kind(oid);
-            let direct: Value = serde_json::to_value(JsonText { kind: &kind, text: s.as_bytes() }).unwrap();
+            let mut out = Vec::new();
+            JsonText { kind: &kind, text: s.as_bytes() }.write_json(&mut out);
+            let direct: Value = serde_json::from_slice(&out).unwrap();
             prop_assert_eq!(direct, text_to_json(&kind, s.as_bytes()));
         }
 

@@ -297,7 +297,7 @@ impl Pipeline<'_> {
                 .collect()
         };
         let token = mapping::table_token(&r.namespace, &r.name);
-        let qualified = format!("{}.{}", r.namespace, r.name);
+        let qualified = mapping::qualified_name(&r.namespace, &r.name);
         let cols: Vec<(String, u32)> = r
             .columns
             .iter()
@@ -318,6 +318,7 @@ impl Pipeline<'_> {
         debug!(table = %qualified, count = r.columns.len(), schema = %plan.fingerprint, "relation");
         Ok(Table {
             relation_id: r.id,
+            qualified,
             token,
             schema: r.namespace,
             name: r.name,

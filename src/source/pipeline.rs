@@ -337,7 +337,7 @@ impl Pipeline<'_> {
         }
         if event.payload.len() > self.cfg.max_event_bytes {
             return Err(PublishError::Oversized {
-                table: event.origin.clone(),
+                table: event.origin.to_string(),
                 key: event_key(&event),
                 size: event.payload.len(),
                 limit: self.cfg.max_event_bytes,
@@ -350,7 +350,7 @@ impl Pipeline<'_> {
         let headers = header_bytes(&event);
         if self.max_payload > 0 && event.payload.len() + headers > self.max_payload {
             return Err(PublishError::OversizedOnWire {
-                table: event.origin.clone(),
+                table: event.origin.to_string(),
                 key: event_key(&event),
                 size: event.payload.len(),
                 headers,

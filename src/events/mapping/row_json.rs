@@ -1,13 +1,11 @@
-//! A tuple's columns as a JSON object, serialized straight from the wire bytes.
-
-use serde::Serialize;
+//! A tuple's columns as a JSON object, written straight from the wire bytes.
 
 use super::*;
 use crate::events::rules::{OutColumn, OversizedPlan};
 use crate::postgres::pgoutput::{ColumnValue, Tuple};
 use crate::postgres::values::{JsonText, TypeKind};
 
-/// The columns of a tuple, serialized as a JSON object straight from the wire bytes.
+/// The columns of a tuple, written as a JSON object straight from the wire bytes.
 /// `cols` says which columns under which names; `fill_from` supplies unchanged TOAST
 /// values from a full old row. Unchanged TOAST values that cannot be filled are left
 /// out of the object and named in `unchanged_toast`, so a consumer never mistakes them
@@ -80,39 +78,49 @@ pub(super) fn cut(b: &[u8], n: usize) -> &[u8] {
     &b[..end]
 }
 
-impl Serialize for RowJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(None)?;
+impl RowJson<'_> {
+    /// The row as a JSON object: `{"column": value, ...}` in the plan's order.
+    pub(super) fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        let mut first = true;
         for c in self.cols {
-            let col = &self.table.columns[c.index];
             let value = self.value(c.index);
-            let text = match (value, self.shrink_of(c.index, value)) {
-                (_, Some(None)) => continue,
-                (ColumnValue::Text(b), Some(Some(n))) => cut(b, n),
-                (ColumnValue::Text(b), None) => b,
-                (ColumnValue::Null, _) => {
-                    map.serialize_entry(&c.name, &())?;
-                    continue;
+            let shrink = self.shrink_of(c.index, value);
+            if matches!(shrink, Some(None)) || matches!(value, ColumnValue::UnchangedToast) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(&c.json_key);
+            match value {
+                ColumnValue::Text(b) => {
+                    let text = match shrink {
+                        Some(Some(n)) => cut(b, n),
+                        _ => b,
+                    };
+                    JsonText {
+                        kind: &self.table.columns[c.index].kind,
+                        text,
+                    }
+                    .write_json(out);
                 }
-                (ColumnValue::Binary(b), _) => {
+                ColumnValue::Null => out.extend_from_slice(b"null"),
+                ColumnValue::Binary(b) => {
                     use base64::Engine as _;
-                    map.serialize_entry(
-                        &c.name,
-                        &base64::engine::general_purpose::STANDARD.encode(b),
-                    )?;
-                    continue;
+                    // The base64 alphabet needs no escaping.
+                    out.push(b'"');
+                    out.extend_from_slice(
+                        base64::engine::general_purpose::STANDARD
+                            .encode(b)
+                            .as_bytes(),
+                    );
+                    out.push(b'"');
                 }
-                (ColumnValue::UnchangedToast, _) => continue,
-            };
-            map.serialize_entry(
-                &c.name,
-                &JsonText {
-                    kind: &col.kind,
-                    text,
-                },
-            )?;
+                ColumnValue::UnchangedToast => {}
+            }
         }
-        map.end()
+        out.push(b'}');
     }
 }

@@ -88,10 +88,7 @@ pub fn bind(
     };
     let columns: Vec<OutColumn> = included
         .iter()
-        .map(|&i| OutColumn {
-            index: i,
-            name: out_name(i),
-        })
+        .map(|&i| OutColumn::new(i, out_name(i)))
         .collect();
     for (n, c) in columns.iter().enumerate() {
         if columns[..n].iter().any(|o| o.name == c.name) {
@@ -104,10 +101,7 @@ pub fn bind(
     }
     let key: Vec<OutColumn> = key
         .into_iter()
-        .map(|i| OutColumn {
-            index: i,
-            name: out_name(i),
-        })
+        .map(|i| OutColumn::new(i, out_name(i)))
         .collect();
 
     let ops = [
