@@ -50,10 +50,12 @@ pub fn str_contents(out: &mut Vec<u8>, s: &str) {
 fn escape(out: &mut Vec<u8>, bytes: &[u8]) {
     let clean = match bytes.last_chunk::<8>() {
         Some(last) => {
-            bytes.chunks_exact(8).all(|w| {
-                w.first_chunk::<8>()
-                    .is_some_and(|w| !needs_escape(u64::from_le_bytes(*w)))
-            }) && !needs_escape(u64::from_le_bytes(*last))
+            let words = bytes.chunks_exact(8).fold(0, |acc, w| {
+                acc | w
+                    .first_chunk::<8>()
+                    .map_or(HIGH, |w| escapes(u64::from_le_bytes(*w)))
+            });
+            words | escapes(u64::from_le_bytes(*last)) == 0
         }
         None => bytes.iter().all(|&b| ESCAPE[b as usize] == 0),
     };
@@ -82,18 +84,16 @@ fn escape(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&bytes[start..]);
 }
 
-/// Whether any of the eight bytes of `w` is below 0x20, `"` or `\\`. Exact as a
-/// whole (a borrow can only mark bytes above one that truly matches), which is all
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// Nonzero when any of the eight bytes of `w` is below 0x20, `"` or `\\`. Exact as
+/// a whole (a borrow can only mark bytes above one that truly matches), which is all
 /// the caller asks.
-fn needs_escape(w: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
+fn escapes(w: u64) -> u64 {
     let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    (below_space
-        | zero_byte(w ^ (ONES * u64::from(b'"')))
-        | zero_byte(w ^ (ONES * u64::from(b'\\'))))
-        != 0
+    below_space | zero_byte(w ^ (ONES * u64::from(b'"'))) | zero_byte(w ^ (ONES * u64::from(b'\\')))
 }
 
 /// For each byte, 0 when it stands as is in a JSON string, else the letter after the
@@ -142,7 +142,7 @@ mod tests {
                 let mut w = *b"aaaaaaaa";
                 w[pos] = b;
                 assert_eq!(
-                    needs_escape(u64::from_le_bytes(w)),
+                    escapes(u64::from_le_bytes(w)) != 0,
                     ESCAPE[b as usize] != 0,
                     "byte {b:#x} at {pos}"
                 );

@@ -107,14 +107,22 @@ impl Tidemark {
 
     /// CPU time the process has used so far (user + system), from /proc.
     pub fn cpu_time(&self) -> Option<Duration> {
+        let (user, sys) = self.cpu_times()?;
+        Some(user + sys)
+    }
+
+    /// The CPU time used so far: (user, system).
+    pub fn cpu_times(&self) -> Option<(Duration, Duration)> {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
         // Fields after the command name (which is in parentheses and may hold spaces).
         let rest = &stat[stat.rfind(')')? + 2..];
         let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        let user: u64 = f.get(11)?.parse().ok()?;
+        let sys: u64 = f.get(12)?.parse().ok()?;
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Some(Duration::from_millis(ticks * 1000 / hz))
+        let time = |ticks: u64| Duration::from_millis(ticks * 1000 / hz);
+        Some((time(user), time(sys)))
     }
 
     pub fn kill9(&mut self) {
