@@ -108,7 +108,7 @@ impl Telemetry {
         );
         registry.register(
             "event_bytes_published",
-            "Bytes of events JetStream stored",
+            "Bytes of event payloads sent to JetStream (counted when sent: a pipeline rebuilt after a failure may send some again)",
             t.bytes.clone(),
         );
         registry.register(
