@@ -113,10 +113,14 @@ impl Pipeline<'_> {
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
         loop {
+            // 1. Shutdown: stop reading WAL and drain. Checked here first (an atomic
+            // load); the future below only wakes the loop when nothing else is ready,
+            // so it is not polled for every message.
+            if cancel.is_cancelled() {
+                return self.drain().await;
+            }
             tokio::select! {
                 biased;
-                // 1. Shutdown: stop reading WAL and drain.
-                _ = &mut cancelled => return self.drain().await,
                 // 2. Acks: free window room and move the flush LSN.
                 ack = self.publisher.next_ack(), if self.publisher.awaiting_acks() > 0 => {
                     self.on_ack(ack?);
@@ -152,8 +156,10 @@ impl Pipeline<'_> {
                         // was not recorded, so nothing of it is confirmed.
                         Ok(msg) => tokio::select! {
                             biased;
-                            _ = &mut cancelled => None,
+                            // Most messages are handled in one poll; shutdown is
+                            // looked at only when one waits.
                             handled = self.handle(msg) => Some(handled),
+                            _ = &mut cancelled => None,
                         },
                         Err(e) => Some(Err(e.into())),
                     };
@@ -169,6 +175,8 @@ impl Pipeline<'_> {
                         return Err(err);
                     }
                 }
+                // Shutdown, when the loop would otherwise sleep (see 1).
+                _ = &mut cancelled => return self.drain().await,
                 // 5. Nothing else is ready: the publish held back goes out asking for
                 // its ack (see the publisher's DESIGN note).
                 _ = std::future::ready(()), if self.publisher.has_deferred() => {
