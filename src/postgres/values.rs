@@ -165,6 +165,8 @@ impl JsonText<'_> {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let converted = || text_to_json(self.kind, self.text);
         match self.kind {
+            // Postgres prints integers canonically: such a text is its own JSON.
+            TypeKind::Int if canonical_int(self.text) => out.extend_from_slice(self.text),
             TypeKind::Int => match std::str::from_utf8(self.text)
                 .ok()
                 .and_then(|t| t.parse::<i64>().ok())
@@ -200,6 +202,16 @@ impl JsonText<'_> {
             _ => json::value(out, &converted()),
         }
     }
+}
+
+/// `0`, or an optional `-` and 1 to 18 digits without a leading zero: the decimal an
+/// i64 prints as, for every value this short (so well inside the i64 range).
+fn canonical_int(text: &[u8]) -> bool {
+    let digits = text.strip_prefix(b"-").unwrap_or(text);
+    text == b"0"
+        || (matches!(digits.first(), Some(b'1'..=b'9'))
+            && digits.len() <= 18
+            && digits.iter().all(u8::is_ascii_digit))
 }
 
 /// Converts one value's text output to JSON.
@@ -746,6 +758,43 @@ mod tests {
             })
             .collect();
         format!("{{{}}}", parts.join(","))
+    }
+
+    #[test]
+    fn integer_texts_are_written_as_their_value() {
+        let reg = TypeRegistry::default();
+        for oid in [20u32, 21, 23] {
+            let kind = reg.kind(oid);
+            for text in [
+                "0",
+                "-0",
+                "7",
+                "-7",
+                "007",
+                "-007",
+                "123456789012345678",
+                "1234567890123456789",
+                "9223372036854775807",
+                "-9223372036854775808",
+                "9223372036854775808",
+                "99999999999999999999",
+                "-",
+                "",
+                "1e5",
+                " 1",
+            ] {
+                let mut out = Vec::new();
+                JsonText {
+                    kind: &kind,
+                    text: text.as_bytes(),
+                }
+                .write_json(&mut out);
+                let written: Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                    panic!("{text:?} wrote {:?}: {e}", String::from_utf8_lossy(&out))
+                });
+                assert_eq!(written, text_to_json(&kind, text.as_bytes()), "{text:?}");
+            }
+        }
     }
 
     proptest! {
