@@ -29,15 +29,15 @@
 //!   reply subject. Holding one publish back costs no latency: the source loop flushes
 //!   as soon as nothing else is ready.
 //!
-//! A refused publish without a reply subject is reported by the next ack (the wrong
-//! last sequence), which fails the whole run, and the pipeline rebuilds from the
-//! stream's tail, as for any refused publish.
+//! A refused publish without a reply subject fails the next ack (wrong last sequence),
+//! and with it the run: the pipeline rebuilds from the stream's tail, as for any other.
 //!
 //! The publisher neither spawns nor reads signals; the pipeline drives it.
 
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishError as NatsPublishError;
@@ -48,7 +48,6 @@ use async_nats::jetstream::{self, Context};
 use crate::events::mapping::DomainEvent;
 use crate::jetstream::disruption::{self, Disruptions};
 use crate::position::EventId;
-use std::str::FromStr as _;
 use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]

@@ -124,3 +124,59 @@ impl RowJson<'_> {
         out.push(b'}');
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{change, decode, orders, tx};
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    proptest::proptest! {
+        /// Whatever bytes a row holds, the written `data` is valid JSON whose values are
+        /// what `text_to_json` makes of each column (the reference conversion).
+        #[test]
+        fn any_row_bytes_are_written_as_the_reference_conversion(
+            values in proptest::collection::vec(
+                proptest::option::of(proptest::prop_oneof![
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..24),
+                    "-?[0-9]{1,20}".prop_map(String::into_bytes),
+                    "[\"\\\\\u{0}-\u{1f}a-z\u{e9}]{0,24}".prop_map(String::into_bytes),
+                ]),
+                6,
+            ),
+        ) {
+            let table = {
+                let mut t = orders();
+                t.replica_identity = ReplicaIdentity::Full;
+                t
+            };
+            let tuple = |vals: &[Option<Vec<u8>>]| {
+                Tuple(vals.iter().map(|v| match v {
+                    Some(b) => ColumnValue::Text(Bytes::copy_from_slice(b)),
+                    None => ColumnValue::Null,
+                }).collect())
+            };
+            let (old, new) = (tuple(&values[..3]), tuple(&values[3..]));
+            let ev = map_change(&tx(), 0, &table, &change(Operation::Update, Some(&old), Some(&new)), None)
+                .unwrap()
+                .unwrap();
+            let data = decode(&ev)["data"].clone();
+            let expect = |vals: &[Option<Vec<u8>>]| {
+                let mut m = serde_json::Map::new();
+                for (col, v) in table.columns.iter().zip(vals) {
+                    let v = match v {
+                        Some(b) => crate::postgres::values::text_to_json(&col.kind, b),
+                        None => Value::Null,
+                    };
+                    m.insert(col.name.clone(), v);
+                }
+                Value::Object(m)
+            };
+            prop_assert_eq!(&data["before"], &expect(&values[..3]));
+            prop_assert_eq!(&data["after"], &expect(&values[3..]));
+            prop_assert_eq!(&data["op"], &json!("update"));
+        }
+    }
+}
