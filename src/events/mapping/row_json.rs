@@ -82,46 +82,40 @@ impl RowJson<'_> {
     /// The row as a JSON object: `{"column": value, ...}` in the plan's order.
     pub(super) fn write_json(&self, out: &mut Vec<u8>) {
         out.push(b'{');
-        let mut first = true;
         for c in self.cols {
             let value = self.value(c.index);
-            let shrink = self.shrink_of(c.index, value);
-            if matches!(shrink, Some(None)) || matches!(value, ColumnValue::UnchangedToast) {
-                continue;
-            }
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(&c.json_key);
-            match value {
-                ColumnValue::Text(b) => {
+            match (value, self.shrink_of(c.index, value)) {
+                (_, Some(None)) | (ColumnValue::UnchangedToast, _) => continue,
+                (ColumnValue::Text(b), shrink) => {
+                    out.extend_from_slice(&c.json_key);
                     let text = match shrink {
                         Some(Some(n)) => cut(b, n),
                         _ => b,
                     };
-                    JsonText {
-                        kind: &self.table.columns[c.index].kind,
-                        text,
-                    }
-                    .write_json(out);
+                    let kind = &self.table.columns[c.index].kind;
+                    JsonText { kind, text }.write_json(out);
                 }
-                ColumnValue::Null => out.extend_from_slice(b"null"),
-                ColumnValue::Binary(b) => {
+                (ColumnValue::Null, _) => {
+                    out.extend_from_slice(&c.json_key);
+                    out.extend_from_slice(b"null");
+                }
+                (ColumnValue::Binary(b), _) => {
                     use base64::Engine as _;
+                    out.extend_from_slice(&c.json_key);
                     // The base64 alphabet needs no escaping.
                     out.push(b'"');
-                    out.extend_from_slice(
-                        base64::engine::general_purpose::STANDARD
-                            .encode(b)
-                            .as_bytes(),
-                    );
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(b);
+                    out.extend_from_slice(encoded.as_bytes());
                     out.push(b'"');
                 }
-                ColumnValue::UnchangedToast => {}
             }
+            out.push(b',');
         }
-        out.push(b'}');
+        // The comma after the last column closes the object instead.
+        match out.last_mut() {
+            Some(last) if *last == b',' => *last = b'}',
+            _ => out.push(b'}'),
+        }
     }
 }
 
