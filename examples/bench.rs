@@ -19,6 +19,10 @@
 //!    from the restart to the first new event stored.
 //! 8. Read models: `tidemark project` over the backlog's stream, into a Postgres read
 //!    model (an upsert and a delete handler) and into NATS KV: events/s applied.
+//!
+//! `BENCH_LOG` sets the log filter of the tidemark runs (default `info`; e.g.
+//! `info,tidemark=debug` logs each snapshot chunk's read and placement with its time),
+//! and `BENCH_KEEP_LOG=DIR` copies the snapshot runs' logs into DIR.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -137,7 +141,8 @@ async fn run_until(
     n: u64,
 ) -> (Duration, u64, Tidemark) {
     let start = Instant::now();
-    let tm = Tidemark::run_logging(cfg, log, "info");
+    let level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into());
+    let tm = Tidemark::run_logging(cfg, log, &level);
     let mut peak = 0;
     loop {
         peak = peak.max(tm.peak_rss_bytes().unwrap_or(0));
@@ -460,6 +465,12 @@ async fn snapshot(
     )
     .await;
     let _ = tm.terminate(Duration::from_secs(60));
+    if let Ok(keep) = std::env::var("BENCH_KEEP_LOG") {
+        let _ = std::fs::copy(
+            dir.join(format!("{table}.log")),
+            format!("{keep}/{table}.log"),
+        );
+    }
     (rows, elapsed.as_secs_f64(), peak)
 }
 

@@ -651,6 +651,180 @@ async fn missing_publication_with_creation_disabled_is_refused() {
     assert!(slots.is_empty());
 }
 
+/// A partitioned table (orders split by region) as a legacy store has it: its
+/// snapshot and its live changes are the table's events (subject, `table`, key),
+/// never its partitions', whatever partition a row is in or moves to, partitions
+/// added later included; a restart streams on. A publication the operator made
+/// that sends the partitions' names is refused with the fix, by `check` and `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_streams_as_itself_never_as_its_partitions() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE orders (id bigint, region text NOT NULL, total int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu');
+         CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us');
+         INSERT INTO orders SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g FROM generate_series(1, 6) g;
+         CREATE PUBLICATION tidemark_store FOR TABLE orders;",
+    )
+    .await
+    .unwrap();
+    let spec = SourceSpec::new("store", "store")
+        .tables(&["orders"])
+        .snapshot("initial");
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &spec.clone().set("create_publication", false),
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL [store] table \"public\".\"orders\": publication \"tidemark_store\" sends the changes of partitioned table \"public\".\"orders\" under each partition's name"), "{out}");
+    assert!(
+        out.contains(
+            "ALTER PUBLICATION \"tidemark_store\" SET (publish_via_partition_root = true)"
+        ),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("refused.log"));
+    assert_eq!(tm.wait_exit(Duration::from_secs(30)).code(), Some(1));
+    assert!(
+        tm.log().contains("publish_via_partition_root = true"),
+        "{}",
+        tm.log()
+    );
+
+    // Managed by tidemark (the default), the publication is set to publish via the root.
+    let cfg = write_config(dir.path(), &pg, &nats, &spec);
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("will be set to publish_via_partition_root = true"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    let nc = nats.client().await;
+    // The snapshot first, so that the order of the events below is known.
+    wait_stream_count(&nc, "STORE", 6, Duration::from_secs(30), || tm.log()).await;
+    db.batch_execute(
+        "INSERT INTO orders VALUES (7, 'eu', 7);
+         UPDATE orders SET total = 0 WHERE id = 2;
+         UPDATE orders SET region = 'us' WHERE id = 4;
+         DELETE FROM orders WHERE id = 6;
+         CREATE TABLE orders_apac PARTITION OF orders FOR VALUES IN ('apac');
+         INSERT INTO orders VALUES (8, 'apac', 8);",
+    )
+    .await
+    .unwrap();
+    wait_stream_count(&nc, "STORE", 12, Duration::from_secs(30), || tm.log()).await;
+    let status = tm.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", tm.log());
+    // A restart finds the table published (it looped on ALTER PUBLICATION ADD TABLE
+    // when the publication listed the partitions).
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute("UPDATE orders SET total = 9 WHERE id = 8; TRUNCATE orders;")
+        .await
+        .unwrap();
+    wait_stream_count(&nc, "STORE", 14, Duration::from_secs(30), || tm.log()).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let got: Vec<(String, String, Value)> = summarize(&events)
+        .into_iter()
+        .map(|(subject, _, data)| (subject, data["table"].to_string(), data["key"].clone()))
+        .collect();
+    let table = json!("public.orders").to_string();
+    let key = |id: i64, region: &str| json!({"id": id, "region": region});
+    let mut expected: Vec<(String, String, Value)> = (1..=6)
+        .map(|g| {
+            let region = if g % 2 == 0 { "eu" } else { "us" };
+            (
+                "store.orders.read".to_string(),
+                table.clone(),
+                key(g, region),
+            )
+        })
+        .collect();
+    for (op, k) in [
+        ("created", key(7, "eu")),
+        ("updated", key(2, "eu")),
+        // A row moving to another partition: deleted from one, inserted in the other.
+        ("deleted", key(4, "eu")),
+        ("created", key(4, "us")),
+        ("deleted", key(6, "eu")),
+        ("created", key(8, "apac")),
+        ("updated", key(8, "apac")),
+        ("truncated", Value::Null),
+    ] {
+        expected.push((format!("store.orders.{op}"), table.clone(), k));
+    }
+    assert_eq!(got, expected, "{}", tm.log());
+    let status = tm.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", tm.log());
+}
+
+/// Relations no slot can stream: an UNLOGGED table (its changes are not in the WAL)
+/// and a materialized view, each named in `tables`: `check` fails and `run` stops,
+/// each with the fix (`run` looped on Postgres's refusal before). With `all_tables`
+/// the unlogged table is left out, said by `check`, and the rest streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlogged_tables_and_views_are_refused_with_the_fix() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE UNLOGGED TABLE cache (id int PRIMARY KEY, v text);
+         CREATE TABLE t (id int PRIMARY KEY);
+         CREATE MATERIALIZED VIEW mv AS SELECT 1 AS x;",
+    )
+    .await
+    .unwrap();
+    for (tables, fix) in [
+        (
+            vec!["t", "cache"],
+            "table \"public\".\"cache\" is UNLOGGED: its changes are not written to the WAL, so no replication slot can stream them; run ALTER TABLE \"public\".\"cache\" SET LOGGED",
+        ),
+        (
+            vec!["mv"],
+            "\"public\".\"mv\" is a materialized view, not a table: logical replication streams tables only",
+        ),
+    ] {
+        let spec = SourceSpec::new("store", "store").tables(&tables);
+        let cfg = write_config(dir.path(), &pg, &nats, &spec);
+        let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains(&format!("FAIL [store] tables: {fix}")),
+            "{out}"
+        );
+        let mut tm = Tidemark::run(&cfg, &dir.path().join("refused.log"));
+        assert_eq!(
+            tm.wait_exit(Duration::from_secs(30)).code(),
+            Some(1),
+            "{}",
+            tm.log()
+        );
+        assert!(tm.log().contains(fix), "{}", tm.log());
+    }
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ok   [store] table \"public\".\"cache\": warning: UNLOGGED, so not streamed"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    let nc = nats.client().await;
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO cache VALUES (1, 'x'); INSERT INTO t VALUES (1);")
+        .await
+        .unwrap();
+    wait_stream_count(&nc, "STORE", 1, Duration::from_secs(30), || tm.log()).await;
+    let status = tm.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", tm.log());
+    let events = read_stream(&nc, "STORE").await;
+    let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+    assert_eq!(subjects, ["store.t.created"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_database_and_table_without_replica_identity_are_explained() {
     let Rig { pg, nats, dir, db } = Rig::start().await;

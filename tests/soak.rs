@@ -6,7 +6,8 @@
 //! Workload: a keyed table with an initial snapshot, a non-idempotent Postgres read
 //! model (a counter and a running sum) and a NATS KV read model over it; a
 //! composite-key table with now and then a large transaction; a keyless insert-only
-//! table (REPLICA IDENTITY FULL); a table with TOASTed values, DDL on it (add, drop,
+//! table (REPLICA IDENTITY FULL); a partitioned table whose rows move between
+//! partitions; a table with TOASTed values, DDL on it (add, drop,
 //! retype a column) and one `tidemark backfill` of it under writes; outbox rows and
 //! `pg_logical_emit_message` in the same transactions; multi-table TRUNCATEs and
 //! `TRUNCATE ... CASCADE`; pgbench's TPC-B script as a concurrent writer (its history
@@ -55,6 +56,11 @@ CREATE TABLE outbox (id bigserial PRIMARY KEY, aggregate_type text NOT NULL,
   aggregate_id text NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL);
 CREATE TABLE parent (id int PRIMARY KEY);
 CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));
+CREATE TABLE ship (id int, zone int NOT NULL, qty int NOT NULL, PRIMARY KEY (id, zone)) PARTITION BY LIST (zone);
+CREATE TABLE ship_0 PARTITION OF ship FOR VALUES IN (0);
+CREATE TABLE ship_1 PARTITION OF ship FOR VALUES IN (1);
+CREATE TABLE ship_2 PARTITION OF ship DEFAULT;
+INSERT INTO ship SELECT g, g % 4, g % 11 FROM generate_series(1, 3000) g;
 ";
 
 /// Every published table the fold is compared with; the keyless ones as multisets.
@@ -66,6 +72,7 @@ const TABLES: &[&str] = &[
     "pings",
     "parent",
     "child",
+    "ship",
     "pgbench_accounts",
     "pgbench_tellers",
     "pgbench_branches",
@@ -452,6 +459,20 @@ async fn seeded_soak_keeps_every_promise() {
                      INSERT INTO child SELECT {next_parent} * 10 + g, {next_parent} FROM generate_series(1, {}) g; COMMIT;",
                     1 + rng.below(3)
                 )
+            }
+            79..=82 => {
+                // The partitioned table: rows changed in place, moved to another
+                // partition (a delete and an insert), added, removed.
+                let id = 1 + rng.below(3500);
+                match rng.below(4) {
+                    0 => format!("UPDATE ship SET qty = qty + 1 WHERE id = {id}"),
+                    1 => format!("UPDATE ship SET zone = (zone + 1) % 5 WHERE id = {id}"),
+                    2 => format!(
+                        "INSERT INTO ship VALUES ({id}, {}, 1) ON CONFLICT DO NOTHING",
+                        rng.below(5)
+                    ),
+                    _ => format!("DELETE FROM ship WHERE id = {id}"),
+                }
             }
             73..=74 => {
                 if pgbench_run.is_none() {

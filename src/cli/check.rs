@@ -91,6 +91,20 @@ pub(super) async fn check_postgres(
         TableSelection::All => catalog.all_tables().await?,
         TableSelection::Listed(t) => t.clone(),
     };
+    if s.tables == TableSelection::All {
+        for (schema, name) in catalog.unlogged_tables().await? {
+            let table = format!(
+                "{}.{}",
+                crate::postgres::replication::quote_ident(&schema),
+                crate::postgres::replication::quote_ident(&name)
+            );
+            out.push((
+                true,
+                format!("table {table}"),
+                format!("warning: UNLOGGED, so not streamed (its changes are not in the WAL); ALTER TABLE {table} SET LOGGED to stream it"),
+            ));
+        }
+    }
     match catalog.check_grants(&wanted).await {
         Ok(()) => out.push((
             true,
@@ -105,7 +119,7 @@ pub(super) async fn check_postgres(
         (Some(tables), _) => out.push((
             true,
             pub_name,
-            format!("exists, publishes {} table(s)", tables.len()),
+            format!("exists, publishes {} table(s)", tables.tables.len()),
         )),
         (None, true) => out.push((true, pub_name, "will be created".into())),
         (None, false) => out.push((
@@ -123,7 +137,29 @@ pub(super) async fn check_postgres(
             for t in tables.iter().cloned() {
                 let in_pub = published
                     .as_ref()
-                    .is_some_and(|p| p.contains(&(t.schema.clone(), t.name.clone())));
+                    .is_some_and(|p| p.publishes(&t.schema, &t.name));
+                // A partitioned table published by its partitions: `run` sets the
+                // publication to publish via the root when it manages it, else refuses.
+                if t.partitioned
+                    && let Some(p) = &published
+                    && !p.via_root
+                {
+                    let what = format!("table {}", t.qualified());
+                    if s.create_publication {
+                        out.push((true, what.clone(), format!("partitioned; publication {:?} will be set to publish_via_partition_root = true, so its partitions' changes are the table's", s.publication)));
+                    } else {
+                        out.push((
+                            false,
+                            what,
+                            CatalogError::PublicationByPartitions {
+                                publication: s.publication.clone(),
+                                table: t.qualified(),
+                            }
+                            .to_string(),
+                        ));
+                        continue;
+                    }
+                }
                 let key = if t.primary_key.is_empty() {
                     "no primary key".to_string()
                 } else {

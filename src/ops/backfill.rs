@@ -6,7 +6,7 @@ use crate::backfill::{BackfillError, Job, JobState, Progress, key_columns};
 use crate::config::{self, NatsConfig, SourceConfig};
 use crate::error::ErrorChain;
 use crate::jetstream::provision;
-use crate::postgres::catalog::Catalog;
+use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::postgres::replication::quote_ident;
 
 /// A new slot, a gap marker, and a backfill of every published table (outbox tables
@@ -25,6 +25,7 @@ pub(crate) async fn resync(
         )));
     };
     let names: Vec<(String, String)> = published
+        .tables
         .into_iter()
         .filter(|(schema, name)| {
             !src.outboxes
@@ -104,7 +105,19 @@ pub(crate) async fn queue_backfill(
         )));
     };
     let published = catalog.publication(&src.publication).await?;
-    if !published.is_some_and(|list| list.contains(&(schema.clone(), name.clone()))) {
+    if let Some(p) = &published
+        && info.partitioned
+        && !p.via_root
+    {
+        return Err(OpError::Refused(
+            CatalogError::PublicationByPartitions {
+                publication: src.publication.clone(),
+                table: info.qualified(),
+            }
+            .to_string(),
+        ));
+    }
+    if !published.is_some_and(|p| p.publishes(&schema, &name)) {
         return Err(OpError::Refused(format!(
             "publication {:?} does not publish {qualified}, so its changes would not follow its rows: run ALTER PUBLICATION {} ADD TABLE {} (or add it to the source's tables and restart tidemark), then backfill",
             src.publication,

@@ -52,6 +52,25 @@ pub struct TableInfo {
     /// `pg_class.relreplident`: d, n, f or i.
     pub replica_identity: char,
     pub primary_key: Vec<String>,
+    /// A partitioned table (`relkind = 'p'`): its rows live in its partitions.
+    pub partitioned: bool,
+}
+
+/// A publication as tidemark reads it.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    /// The tables whose changes it sends under their own name (`pg_publication_tables`):
+    /// a partitioned table's partitions, unless it publishes via the root.
+    pub tables: Vec<(String, String)>,
+    /// `publish_via_partition_root`: a partition's changes are sent as its published
+    /// partitioned table's (PostgreSQL 13+).
+    pub via_root: bool,
+}
+
+impl Publication {
+    pub fn publishes(&self, schema: &str, name: &str) -> bool {
+        self.tables.iter().any(|(s, n)| s == schema && n == name)
+    }
 }
 
 impl TableInfo {
@@ -158,8 +177,8 @@ impl Catalog {
             let rows = self
                 .client
                 .query(
-                    "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                    "SELECT c.oid, c.relreplident::text, c.relkind::text, c.relpersistence::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
                     &[schema, name],
                 )
                 .await
@@ -172,29 +191,69 @@ impl Catalog {
             };
             let oid: u32 = row.get(0);
             let ident: String = row.get(1);
+            let kind: String = row.get(2);
+            let persistence: String = row.get(3);
+            let what = match kind.as_str() {
+                "r" | "p" => None,
+                "v" => Some("a view"),
+                "m" => Some("a materialized view"),
+                "f" => Some("a foreign table"),
+                "S" => Some("a sequence"),
+                "i" | "I" => Some("an index"),
+                _ => Some("not a table"),
+            };
+            if let Some(what) = what {
+                return Err(CatalogError::NotATable {
+                    table: format!("{}.{}", quote_ident(schema), quote_ident(name)),
+                    what,
+                });
+            }
+            if persistence != "p" {
+                return Err(CatalogError::Unlogged {
+                    table: format!("{}.{}", quote_ident(schema), quote_ident(name)),
+                });
+            }
             out.push(TableInfo {
                 schema: schema.clone(),
                 name: name.clone(),
                 oid,
                 replica_identity: ident.chars().next().unwrap_or('d'),
                 primary_key: self.primary_key(oid).await?,
+                partitioned: kind == "p",
             });
         }
         Ok(out)
     }
 
-    /// Every user table in the database (for `all_tables`).
+    /// Every user table in the database whose changes are in the WAL (for
+    /// `all_tables`): unlogged tables are left out, as `FOR ALL TABLES` leaves them.
     pub async fn all_tables(&self) -> Result<Vec<(String, String)>, CatalogError> {
         let rows = self
             .client
             .query(
                 "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                  AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' ORDER BY 1, 2",
                 &[],
             )
             .await
             .map_err(q("list tables"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The unlogged user tables (`all_tables` leaves them out: no slot sees their
+    /// changes).
+    pub async fn unlogged_tables(&self) -> Result<Vec<(String, String)>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' AND NOT c.relispartition \
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(q("list unlogged tables"))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -271,19 +330,27 @@ impl Catalog {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Whether the publication exists, and which tables it publishes.
-    pub async fn publication(
-        &self,
-        name: &str,
-    ) -> Result<Option<Vec<(String, String)>>, CatalogError> {
-        let exists = self
+    /// The publication, if it exists: which tables it publishes, and how.
+    pub async fn publication(&self, name: &str) -> Result<Option<Publication>, CatalogError> {
+        // pubviaroot exists from PostgreSQL 13 on (partitioned tables cannot be
+        // published before).
+        let via_root = if self.server_version_num().await? >= 130000 {
+            "pubviaroot"
+        } else {
+            "false"
+        };
+        let found = self
             .client
-            .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+            .query(
+                &format!("SELECT {via_root} FROM pg_publication WHERE pubname = $1"),
+                &[&name],
+            )
             .await
             .map_err(q("look up publication"))?;
-        if exists.is_empty() {
+        let Some(row) = found.first() else {
             return Ok(None);
-        }
+        };
+        let via_root: bool = row.get(0);
         let rows = self
             .client
             .query(
@@ -292,7 +359,10 @@ impl Catalog {
             )
             .await
             .map_err(q("publication tables"))?;
-        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+        Ok(Some(Publication {
+            tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            via_root,
+        }))
     }
 
     /// Makes sure the publication publishes the configured tables, creating it or
@@ -309,12 +379,39 @@ impl Catalog {
             TableSelection::Listed(t) => t.clone(),
         };
         let tables = self.tables(&wanted).await?;
-        let existing = self.publication(name).await?;
+        let mut existing = self.publication(name).await?;
+        // A partitioned table's changes must be sent as its own, not as each
+        // partition's: under the partitions' names no mapping, subject or snapshot
+        // window of the table would match them.
+        if let Some(p) = &existing
+            && !p.via_root
+            && let Some(t) = tables.iter().find(|t| t.partitioned)
+        {
+            if !create {
+                return Err(CatalogError::PublicationByPartitions {
+                    publication: name.into(),
+                    table: t.qualified(),
+                });
+            }
+            self.client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    quote_ident(name)
+                ))
+                .await
+                .map_err(q("set publish_via_partition_root on the publication"))?;
+            tracing::info!(
+                publication = name,
+                table = %t.qualified(),
+                "publication set to publish partitioned tables' changes as their own (publish_via_partition_root)"
+            );
+            existing = self.publication(name).await?;
+        }
         let missing: Vec<&TableInfo> = match &existing {
             None => tables.iter().collect(),
             Some(published) => tables
                 .iter()
-                .filter(|t| !published.contains(&(t.schema.clone(), t.name.clone())))
+                .filter(|t| !published.publishes(&t.schema, &t.name))
                 .collect(),
         };
         if missing.is_empty() && existing.is_some() {
@@ -344,13 +441,22 @@ impl Catalog {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // A partition's changes go out as its partitioned table's (PostgreSQL 13+).
+        let with = if self.server_version_num().await? >= 130000 {
+            " WITH (publish_via_partition_root = true)"
+        } else {
+            ""
+        };
         let sql = match (&existing, selection) {
             (None, TableSelection::All) => {
-                format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name))
+                format!(
+                    "CREATE PUBLICATION {} FOR ALL TABLES{with}",
+                    quote_ident(name)
+                )
             }
             (None, TableSelection::Listed(_)) => {
                 format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    "CREATE PUBLICATION {} FOR TABLE {}{with}",
                     quote_ident(name),
                     listed()
                 )

@@ -25,6 +25,8 @@ pub enum CatalogError {
     PublicationMissing { name: String },
     #[error("publication {publication:?} does not publish table {table}: run ALTER PUBLICATION {} ADD TABLE {table}, or set create_publication = true to let tidemark add it", quote_ident(.publication))]
     PublicationLacksTable { publication: String, table: String },
+    #[error("publication {publication:?} sends the changes of partitioned table {table} under each partition's name (publish_via_partition_root = false), so they would not be the table's events: run ALTER PUBLICATION {} SET (publish_via_partition_root = true), or set create_publication = true to let tidemark set it", quote_ident(.publication))]
+    PublicationByPartitions { publication: String, table: String },
     #[error(
         "config line {line}: a mapping names table {table}, which publication {publication:?} does not stream: add it to the source's tables, or remove the mapping"
     )]
@@ -37,6 +39,14 @@ pub enum CatalogError {
         "table {table} does not exist in database {dbname:?}: fix the tables list in the config"
     )]
     TableMissing { table: String, dbname: String },
+    #[error(
+        "{table} is {what}, not a table: logical replication streams tables only; list the tables it is built from instead"
+    )]
+    NotATable { table: String, what: &'static str },
+    #[error(
+        "table {table} is UNLOGGED: its changes are not written to the WAL, so no replication slot can stream them; run ALTER TABLE {table} SET LOGGED, or remove it from the source's tables"
+    )]
+    Unlogged { table: String },
     #[error(
         "table {table} has no primary key and REPLICA IDENTITY {identity}: publishing it would make PostgreSQL reject UPDATE and DELETE on it; run ALTER TABLE {table} REPLICA IDENTITY FULL (or add a primary key) first"
     )]
