@@ -1025,13 +1025,14 @@ async fn a_mapping_key_that_cannot_page_the_table_is_refused_with_the_fix() {
 }
 
 /// pgbench, a workload nobody here wrote: its history table has no key and rows from an
-/// earlier run, its accounts are snapshotted under TPC-B transactions from 4 clients,
-/// and tidemark is killed -9 twice meanwhile. The stream folds to every table: the
-/// balances by key, the history as a multiset, each event once.
+/// earlier run, its accounts (a table in 3 range partitions, `pgbench -i --partitions`;
+/// the soak has them unpartitioned) are snapshotted under TPC-B transactions from 4
+/// clients, and tidemark is killed -9 twice meanwhile. The stream folds to every
+/// table: the balances by key, the history as a multiset, each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
-    pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
+    pgbench(&pg, "store", &["-i", "-s", "1", "-q", "--partitions", "3"]);
     pgbench(&pg, "store", &["-T", "2", "-c", "2", "-n"]);
     db.batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
         .await
