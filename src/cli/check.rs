@@ -173,8 +173,8 @@ pub(super) async fn check_postgres(
                 };
                 let what = format!("table {}", t.qualified());
                 match t.identity_problem() {
-                    Some(problem) if !in_pub => out.push((false, what, CatalogError::NoReplicaIdentity { table: t.qualified(), identity: problem }.to_string())),
-                    Some(_) => out.push((true, what, format!("replica identity {identity}, {key}; warning: UPDATE and DELETE on it fail while it is published; set REPLICA IDENTITY FULL or add a primary key"))),
+                    Some((table, problem)) if !in_pub => out.push((false, what, CatalogError::NoReplicaIdentity { table, identity: problem }.to_string())),
+                    Some((table, _)) => out.push((true, what, format!("replica identity {identity}, {key}; warning: UPDATE and DELETE on {table} fail while it is published; set REPLICA IDENTITY FULL or add a primary key"))),
                     None if !in_pub && !s.create_publication && published.is_some() => out.push((false, what, CatalogError::PublicationLacksTable { publication: s.publication.clone(), table: t.qualified() }.to_string())),
                     None => out.push((true, what, format!("replica identity {identity}, {key}{}", if in_pub { "" } else { "; will be added to the publication" }))),
                 }

@@ -54,6 +54,18 @@ pub struct TableInfo {
     pub primary_key: Vec<String>,
     /// A partitioned table (`relkind = 'p'`): its rows live in its partitions.
     pub partitioned: bool,
+    /// A partition whose UPDATEs and DELETEs Postgres would refuse once the table is
+    /// published (each partition's own replica identity counts): its name and identity.
+    pub partition_identity_problem: Option<(String, &'static str)>,
+}
+
+/// The identity Postgres refuses UPDATE and DELETE under, once published.
+fn identity_problem(replica_identity: char, has_primary_key: bool) -> Option<&'static str> {
+    match replica_identity {
+        'n' => Some("NOTHING"),
+        'd' if !has_primary_key => Some("DEFAULT"),
+        _ => None,
+    }
 }
 
 /// A publication as tidemark reads it.
@@ -78,13 +90,12 @@ impl TableInfo {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
-    /// Whether UPDATE and DELETE can be published (Postgres refuses them otherwise).
-    pub fn identity_problem(&self) -> Option<&'static str> {
-        match self.replica_identity {
-            'n' => Some("NOTHING"),
-            'd' if self.primary_key.is_empty() => Some("DEFAULT"),
-            _ => None,
-        }
+    /// Whether UPDATE and DELETE can be published (Postgres refuses them otherwise):
+    /// if not, the table (or the partition) that lacks an identity, and its identity.
+    pub fn identity_problem(&self) -> Option<(String, &'static str)> {
+        identity_problem(self.replica_identity, !self.primary_key.is_empty())
+            .map(|identity| (self.qualified(), identity))
+            .or_else(|| self.partition_identity_problem.clone())
     }
 }
 
@@ -220,9 +231,46 @@ impl Catalog {
                 replica_identity: ident.chars().next().unwrap_or('d'),
                 primary_key: self.primary_key(oid).await?,
                 partitioned: kind == "p",
+                partition_identity_problem: if kind == "p" {
+                    self.partition_identity_problem(oid).await?
+                } else {
+                    None
+                },
             });
         }
         Ok(out)
+    }
+
+    /// The first partition (leaf) of a partitioned table whose own replica identity
+    /// makes Postgres refuse its UPDATEs and DELETEs once published.
+    async fn partition_identity_problem(
+        &self,
+        relid: u32,
+    ) -> Result<Option<(String, &'static str)>, CatalogError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.isleaf ORDER BY 1, 2",
+                &[&relid],
+            )
+            .await
+            .map_err(q("partitions' replica identities"))?;
+        Ok(rows.iter().find_map(|r| {
+            let ident: String = r.get(2);
+            identity_problem(ident.chars().next().unwrap_or('d'), r.get(3)).map(|identity| {
+                (
+                    format!(
+                        "{}.{}",
+                        quote_ident(r.get::<_, &str>(0)),
+                        quote_ident(r.get::<_, &str>(1))
+                    ),
+                    identity,
+                )
+            })
+        }))
     }
 
     /// Every user table in the database whose changes are in the WAL (for
@@ -427,11 +475,8 @@ impl Catalog {
             });
         }
         for t in &missing {
-            if let Some(identity) = t.identity_problem() {
-                return Err(CatalogError::NoReplicaIdentity {
-                    table: t.qualified(),
-                    identity,
-                });
+            if let Some((table, identity)) = t.identity_problem() {
+                return Err(CatalogError::NoReplicaIdentity { table, identity });
             }
         }
         let listed = || {

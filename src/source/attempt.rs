@@ -41,8 +41,8 @@ pub(super) async fn run_attempt(
         .ensure_publication(&cfg.publication, &cfg.tables, cfg.create_publication)
         .await?;
     for t in &tables {
-        if let Some(identity) = t.identity_problem() {
-            warn!(table = %t.qualified(), identity, "table has no usable replica identity: PostgreSQL rejects its UPDATEs and DELETEs while it is published");
+        if let Some((table, identity)) = t.identity_problem() {
+            warn!(%table, identity, "table has no usable replica identity: PostgreSQL rejects its UPDATEs and DELETEs while it is published");
         }
     }
     // Mapping rules must fit the live tables before anything streams.
