@@ -60,6 +60,10 @@ pub enum BackfillError {
         key: String,
         reason: &'static str,
     },
+    #[error(
+        "the key column {column} of {table} is not in the publication's column list, so the table cannot be read in key order as the stream sends it: add the column to the publication's column list (ALTER PUBLICATION ... SET TABLE ...), or name a published unique key in the table's mapping"
+    )]
+    KeyNotPublished { table: String, column: String },
     #[error("backfill of {table} failed reading a chunk")]
     Read {
         table: String,
@@ -76,6 +80,7 @@ impl BackfillError {
         match self {
             BackfillError::NoKey { .. }
             | BackfillError::KeyNotUnique { .. }
+            | BackfillError::KeyNotPublished { .. }
             | BackfillError::Catalog(CatalogError::TableMissing { .. }) => true,
             BackfillError::Read { source, .. } => source
                 .code()

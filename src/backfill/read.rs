@@ -162,6 +162,7 @@ pub(super) async fn read_chunk(
     catalog: &Catalog,
     job: &Job,
     columns: &[(String, String)],
+    row_filter: Option<&str>,
 ) -> Result<ChunkRead, BackfillError> {
     let table = format!("{}.{}", quote_ident(&job.schema), quote_ident(&job.table));
     let select: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
@@ -192,6 +193,9 @@ pub(super) async fn read_chunk(
         conds.push(format!("({}) <= ({})", key.join(", "), values(end)));
     }
     if let Some(f) = &job.filter {
+        conds.push(format!("({f})"));
+    }
+    if let Some(f) = row_filter {
         conds.push(format!("({f})"));
     }
     let sql = format!(
@@ -273,15 +277,23 @@ async fn text_rows(
 pub(super) async fn max_key(
     catalog: &Catalog,
     job: &Job,
+    row_filter: Option<&str>,
 ) -> Result<Option<Vec<Option<String>>>, BackfillError> {
     let table = format!("{}.{}", quote_ident(&job.schema), quote_ident(&job.table));
     let key: Vec<String> = job.key.iter().map(|k| quote_ident(k)).collect();
     let desc: Vec<String> = key.iter().map(|k| format!("{k} DESC")).collect();
-    let filter = job
+    let conds: Vec<String> = job
         .filter
-        .as_ref()
-        .map(|f| format!(" WHERE ({f})"))
-        .unwrap_or_default();
+        .iter()
+        .map(String::as_str)
+        .chain(row_filter)
+        .map(|f| format!("({f})"))
+        .collect();
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
     let sql = format!(
         "SELECT {} FROM {table}{filter} ORDER BY {} LIMIT 1",
         key.join(", "),
@@ -291,6 +303,24 @@ pub(super) async fn max_key(
         .await?
         .into_iter()
         .next())
+}
+
+/// What a chunk of a table reads: the table's OID, the columns the publication sends
+/// (names and types, in attribute order), the row estimate, and the publication's row
+/// filter. A chunk reads what the live stream carries, and nothing it leaves out.
+pub(super) async fn read_shape(
+    catalog: &Catalog,
+    cfg: &SourceConfig,
+    schema: &str,
+    table: &str,
+) -> Result<(u32, Vec<(String, String)>, u64, Option<String>), CatalogError> {
+    let (relid, mut columns, estimate) =
+        table_columns(catalog, &cfg.postgres.dbname, schema, table).await?;
+    let shape = catalog
+        .published_shape(&cfg.publication, schema, table)
+        .await?;
+    columns.retain(|(c, _)| shape.sends(c));
+    Ok((relid, columns, estimate, shape.row_filter))
 }
 
 /// Column names and type names of a table, in attribute order (dropped and generated

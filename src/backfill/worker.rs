@@ -252,13 +252,23 @@ pub(super) async fn run_jobs(
             catalog = Some(reader(&cfg.postgres).await?);
         }
         let Some(db) = catalog.as_ref() else { continue };
-        let (relid, mut columns, estimate) =
-            table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table).await?;
+        let (relid, mut columns, estimate, mut row_filter) =
+            read_shape(db, cfg, &job.schema, &job.table).await?;
+        if let Some(k) = job
+            .key
+            .iter()
+            .find(|k| !columns.iter().any(|(c, _)| c == *k))
+        {
+            return Err(BackfillError::KeyNotPublished {
+                table: job.qualified(),
+                column: k.clone(),
+            });
+        }
         if job.state == JobState::Pending {
             job.state = JobState::Running;
             job.started_at = Some(now());
             job.rows_estimate = estimate;
-            job.end_key = max_key(db, &job).await?;
+            job.end_key = max_key(db, &job, row_filter.as_deref()).await?;
             if job.end_key.is_none() {
                 job.state = JobState::Done;
                 job.finished_at = job.started_at.clone();
@@ -302,7 +312,14 @@ pub(super) async fn run_jobs(
                 run: run.to_string(),
             };
             emit_watermark(db, &mark("low")).await?;
-            let ChunkRead { rows, in_progress } = match read_chunk(db, &job, &columns).await {
+            let ChunkRead { rows, in_progress } = match read_chunk(
+                db,
+                &job,
+                &columns,
+                row_filter.as_deref(),
+            )
+            .await
+            {
                 Ok(read) => read,
                 // A column dropped since the columns were looked up: look again and
                 // read the chunk again (a new low watermark replaces this one's window).
@@ -311,9 +328,8 @@ pub(super) async fn run_jobs(
                 {
                     retries += 1;
                     warn!(table = %job.qualified(), chunk = chunk_no, error = %source, "the table's columns changed under the backfill; reading the chunk again");
-                    columns = table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table)
-                        .await?
-                        .1;
+                    (_, columns, _, row_filter) =
+                        read_shape(db, cfg, &job.schema, &job.table).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -377,9 +393,8 @@ pub(super) async fn run_jobs(
                     warn!(table = %job.qualified(), chunk = chunk_no, reason = %reason, "backfill chunk read again");
                     // The read may have missed a column added (or retyped) since the
                     // columns were looked up: look again, or every read misses it.
-                    columns = table_columns(db, &cfg.postgres.dbname, &job.schema, &job.table)
-                        .await?
-                        .1;
+                    (_, columns, _, row_filter) =
+                        read_shape(db, cfg, &job.schema, &job.table).await?;
                     // Under heavy write load a read can miss a just-committed
                     // transaction several times in a row: give that many more tries.
                     if retries > 100 {

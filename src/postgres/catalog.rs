@@ -79,6 +79,26 @@ pub struct Publication {
     pub via_root: bool,
 }
 
+/// What a publication sends of one table (PostgreSQL 15+): the columns of its column
+/// list and its row filter. A snapshot reads the same, or it would publish columns
+/// the operator left out (a password hash) and rows the filter keeps out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishedShape {
+    /// The columns sent; `None`: all of them.
+    pub columns: Option<Vec<String>>,
+    /// The row filter (`pg_get_expr` text), to AND into a read's WHERE.
+    pub row_filter: Option<String>,
+}
+
+impl PublishedShape {
+    /// Whether a column is sent.
+    pub fn sends(&self, column: &str) -> bool {
+        self.columns
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|n| n == column))
+    }
+}
+
 impl Publication {
     pub fn publishes(&self, schema: &str, name: &str) -> bool {
         self.tables.iter().any(|(s, n)| s == schema && n == name)
@@ -411,6 +431,36 @@ impl Catalog {
             tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
             via_root,
         }))
+    }
+
+    /// The columns and rows `publication` sends of a table (see `PublishedShape`);
+    /// everything when the server predates column lists and row filters (15) or the
+    /// table is not in the publication.
+    pub async fn published_shape(
+        &self,
+        publication: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<PublishedShape, CatalogError> {
+        if self.server_version_num().await? < 150000 {
+            return Ok(PublishedShape::default());
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT attnames::text[], rowfilter FROM pg_publication_tables \
+                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &schema, &table],
+            )
+            .await
+            .map_err(q("the publication's columns and row filter"))?;
+        let Some(row) = rows.first() else {
+            return Ok(PublishedShape::default());
+        };
+        Ok(PublishedShape {
+            columns: row.get(0),
+            row_filter: row.get(1),
+        })
     }
 
     /// Makes sure the publication publishes the configured tables, creating it or

@@ -262,7 +262,8 @@ impl Pipeline<'_> {
     /// The mapper's view of a table as the catalog has it now (for a table the
     /// stream has not described yet, or described before its columns changed).
     pub(super) async fn describe_from_catalog(&mut self, relid: u32) -> Result<Table, SourceError> {
-        let relation = super::plan::catalog_relation(&self.catalog, relid).await?;
+        let relation =
+            super::plan::catalog_relation(&self.catalog, &self.cfg.publication, relid).await?;
         self.describe(relation).await
     }
 

@@ -79,9 +79,17 @@ impl Pipeline<'_> {
                 }
             }
             let select: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+            // The rows the publication's row filter lets through, as live changes.
+            let row_filter = read
+                .reader
+                .published_shape(&self.cfg.publication, &schema, &name)
+                .await?
+                .row_filter
+                .map(|f| format!(" WHERE ({f})"))
+                .unwrap_or_default();
             client
                 .batch_execute(&format!(
-                    "DECLARE tidemark_consistent NO SCROLL CURSOR FOR SELECT {} FROM {}.{}",
+                    "DECLARE tidemark_consistent NO SCROLL CURSOR FOR SELECT {} FROM {}.{}{row_filter}",
                     if select.is_empty() {
                         "NULL".to_string()
                     } else {

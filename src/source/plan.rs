@@ -102,6 +102,7 @@ pub async fn plan_tables(
 /// RELATION message (for a table no change has described yet).
 pub(super) async fn catalog_relation(
     catalog: &Catalog,
+    publication: &str,
     relid: u32,
 ) -> Result<pgoutput::Relation, SourceError> {
     let client = catalog.client();
@@ -117,12 +118,16 @@ pub(super) async fn catalog_relation(
             source,
         })?;
     let ident: String = row.get(2);
-    let columns = catalog.columns(relid).await?;
+    let (schema, name): (String, String) = (row.get(0), row.get(1));
+    // Only the columns the publication sends, as the stream describes the table.
+    let shape = catalog.published_shape(publication, &schema, &name).await?;
+    let mut columns = catalog.columns(relid).await?;
+    columns.retain(|(c, _)| shape.sends(c));
     let key = catalog.primary_key(relid).await?;
     Ok(pgoutput::Relation {
         id: relid,
-        namespace: row.get(0),
-        name: row.get(1),
+        namespace: schema,
+        name,
         replica_identity: ReplicaIdentity::from_char(ident.chars().next().unwrap_or('d')),
         columns: columns
             .into_iter()
