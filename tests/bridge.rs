@@ -649,6 +649,25 @@ async fn missing_publication_with_creation_disabled_is_refused() {
         .await
         .unwrap();
     assert!(slots.is_empty());
+    // The operator's publication leaves deletes and truncates out: said by both.
+    db.batch_execute(
+        "CREATE PUBLICATION tidemark_store FOR TABLE t WITH (publish = 'insert, update')",
+    )
+    .await
+    .unwrap();
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok   [store] publication \"tidemark_store\": exists, publishes 1 table(s); warning: it does not publish delete, truncate, so those changes never reach the stream"), "{out}");
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    tm.wait_streaming();
+    assert!(
+        tm.log()
+            .contains("the publication does not publish these operations"),
+        "{}",
+        tm.log()
+    );
+    let status = tm.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", tm.log());
 }
 
 /// A partitioned table (orders split by region) as a legacy store has it: its

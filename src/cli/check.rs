@@ -116,10 +116,19 @@ pub(super) async fn check_postgres(
     let published = catalog.publication(&s.publication).await?;
     let pub_name = format!("publication {:?}", s.publication);
     match (&published, s.create_publication) {
-        (Some(tables), _) => out.push((
+        (Some(p), _) => out.push((
             true,
             pub_name,
-            format!("exists, publishes {} table(s)", tables.tables.len()),
+            if p.unpublished.is_empty() {
+                format!("exists, publishes {} table(s)", p.tables.len())
+            } else {
+                format!(
+                    "exists, publishes {} table(s); warning: it does not publish {}, so those changes never reach the stream and read models drift from the tables: ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+                    p.tables.len(),
+                    p.unpublished.join(", "),
+                    crate::postgres::replication::quote_ident(&s.publication)
+                )
+            },
         )),
         (None, true) => out.push((true, pub_name, "will be created".into())),
         (None, false) => out.push((

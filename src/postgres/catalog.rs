@@ -77,6 +77,9 @@ pub struct Publication {
     /// `publish_via_partition_root`: a partition's changes are sent as its published
     /// partitioned table's (PostgreSQL 13+).
     pub via_root: bool,
+    /// The operations it does not publish (`publish = '...'`): insert, update, delete,
+    /// truncate. Their changes never reach the stream.
+    pub unpublished: Vec<&'static str>,
 }
 
 /// What a publication sends of one table (PostgreSQL 15+): the columns of its column
@@ -410,7 +413,9 @@ impl Catalog {
         let found = self
             .client
             .query(
-                &format!("SELECT {via_root} FROM pg_publication WHERE pubname = $1"),
+                &format!(
+                    "SELECT {via_root}, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1"
+                ),
                 &[&name],
             )
             .await
@@ -419,6 +424,12 @@ impl Catalog {
             return Ok(None);
         };
         let via_root: bool = row.get(0);
+        let unpublished = ["insert", "update", "delete", "truncate"]
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !row.get::<_, bool>(i + 1))
+            .map(|(_, op)| op)
+            .collect();
         let rows = self
             .client
             .query(
@@ -430,6 +441,7 @@ impl Catalog {
         Ok(Some(Publication {
             tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
             via_root,
+            unpublished,
         }))
     }
 

@@ -45,6 +45,11 @@ pub(super) async fn run_attempt(
             warn!(%table, identity, "table has no usable replica identity: PostgreSQL rejects its UPDATEs and DELETEs while it is published");
         }
     }
+    if let Some(p) = catalog.publication(&cfg.publication).await?
+        && !p.unpublished.is_empty()
+    {
+        warn!(publication = %cfg.publication, unpublished = %p.unpublished.join(", "), "the publication does not publish these operations: their changes never reach the stream, and read models drift from the tables; ALTER PUBLICATION ... SET (publish = 'insert, update, delete, truncate')");
+    }
     // Mapping rules must fit the live tables before anything streams.
     plan_tables(&catalog, cfg, &tables).await?;
     let slot = catalog.slot(&cfg.slot).await?;
