@@ -97,7 +97,7 @@ impl Validator<'_> {
             self.issue(
                 name,
                 key,
-                "not a table name: use \"table\" or \"schema.table\"",
+                "not a table name: use \"table\" or \"schema.table\", with a name in double quotes when it holds spaces or dots ('\"order lines\"')",
             );
         }
         split

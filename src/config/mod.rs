@@ -221,14 +221,53 @@ fn interpolate(
     }
 }
 
-/// `"orders"` is `public.orders`; `"sales.orders"` is schema `sales`.
+/// `"orders"` is `public.orders`; `"sales.orders"` is schema `sales`. Names are taken
+/// as written (case kept). A part in double quotes may hold anything, spaces and dots
+/// too, with `""` for a quote: `'"order lines"'`, `'"my.schema"."Orders"'`.
 pub fn split_table(name: &str) -> Option<(String, String)> {
-    let valid = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
-    match name.split_once('.') {
-        None if valid(name) => Some(("public".into(), name.into())),
-        Some((schema, table)) if valid(schema) && valid(table) && !table.contains('.') => {
-            Some((schema.into(), table.into()))
+    let mut parts = Vec::new();
+    let mut rest = name;
+    loop {
+        let (part, after) = if let Some(quoted) = rest.strip_prefix('"') {
+            // Up to the closing quote; `""` is a quote inside.
+            let mut part = String::new();
+            let mut chars = quoted.char_indices().peekable();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if chars.peek().is_some_and(|(_, n)| *n == '"') {
+                        chars.next();
+                        part.push('"');
+                        continue;
+                    }
+                    end = Some(i + 1);
+                    break;
+                }
+                part.push(c);
+            }
+            (part, &quoted[end?..])
+        } else {
+            let end = rest.find('.').unwrap_or(rest.len());
+            let part = &rest[..end];
+            if part.contains(char::is_whitespace) || part.contains('"') {
+                return None;
+            }
+            (part.to_string(), &rest[end..])
+        };
+        if part.is_empty() {
+            return None;
         }
+        parts.push(part);
+        match after.strip_prefix('.') {
+            Some(next) => rest = next,
+            None if after.is_empty() => break,
+            None => return None,
+        }
+    }
+    let mut parts = parts.into_iter();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(table), None, _) => Some(("public".into(), table)),
+        (Some(schema), Some(table), None) => Some((schema, table)),
         _ => None,
     }
 }

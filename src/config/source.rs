@@ -148,7 +148,7 @@ impl Validator<'_> {
                             t,
                             format!("{prefix}.tables"),
                             format!(
-                                "{name:?} is not a table name: use \"table\" or \"schema.table\""
+                                "{name:?} is not a table name: use \"table\" or \"schema.table\", with a name in double quotes when it holds spaces or dots ('\"order lines\"')"
                             ),
                         ),
                     }
@@ -259,7 +259,7 @@ impl Validator<'_> {
                     None => self.issue(
                         list,
                         format!("{prefix}.snapshot_tables"),
-                        format!("{name:?} is not a table name: use \"table\" or \"schema.table\""),
+                        format!("{name:?} is not a table name: use \"table\" or \"schema.table\", with a name in double quotes when it holds spaces or dots ('\"order lines\"')"),
                     ),
                 }
             }

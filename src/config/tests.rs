@@ -387,4 +387,28 @@ mod example_config {
         assert_eq!(cfg.sources[0].mappings.len(), 2);
         assert_eq!(cfg.sources[0].messages.len(), 1);
     }
+
+    #[test]
+    fn table_names_bare_or_quoted() {
+        let split = |n: &str| super::split_table(n);
+        let pair = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+        assert_eq!(split("orders"), pair("public", "orders"));
+        assert_eq!(split("Sales.OrderItems"), pair("Sales", "OrderItems"));
+        assert_eq!(split("\"order lines\""), pair("public", "order lines"));
+        assert_eq!(split("\"my.schema\".\"a\"\"b\""), pair("my.schema", "a\"b"));
+        assert_eq!(split("sales.\"Order Items\""), pair("sales", "Order Items"));
+        for bad in [
+            "",
+            "a.b.c",
+            "order lines",
+            "\"open",
+            "\"\"",
+            "a.",
+            ".a",
+            "\"a\"b",
+            "a\"b",
+        ] {
+            assert_eq!(split(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -89,7 +89,7 @@ pub(crate) async fn queue_backfill(
 ) -> Result<(Job, Progress), OpError> {
     let Some((schema, name)) = config::split_table(table) else {
         return Err(OpError::Refused(format!(
-            "{table:?} is not a table name: use \"table\" or \"schema.table\""
+            "{table:?} is not a table name: use \"table\" or \"schema.table\", with a name in double quotes when it holds spaces or dots ('\"order lines\"')"
         )));
     };
     let qualified = format!("{schema}.{name}");
