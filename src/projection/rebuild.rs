@@ -14,10 +14,7 @@ pub struct RebuildStats {
 }
 
 pub(super) fn split_table(t: &str) -> (String, String) {
-    match t.split_once('.') {
-        Some((s, n)) => (s.to_string(), n.to_string()),
-        None => ("public".to_string(), t.to_string()),
-    }
+    crate::config::split_table(t).unwrap_or_else(|| ("public".to_string(), t.to_string()))
 }
 
 /// Rebuilds a projection's tables from the start of the stream into a shadow schema,
