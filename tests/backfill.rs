@@ -1506,4 +1506,17 @@ async fn quoted_and_mixed_case_names_snapshot_stream_and_backfill() {
         .unwrap();
     assert_eq!(reread.body["data"]["after"]["Sku"], "x");
     assert!(tm.is_running(), "{}", tm.log());
+    // A name typed as SQL would fold it: refused, with the table meant.
+    let typo = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("typo", "store").tables(&["sales.orderitems"]),
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", typo.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("table sales.orderitems does not exist in database \"store\": fix the tables list in the config (did you mean \"Sales.OrderItems\"? names are case-sensitive)"),
+        "{out}"
+    );
 }

@@ -350,6 +350,7 @@ pub(super) async fn table_columns(
         return Err(CatalogError::TableMissing {
             table: format!("{schema}.{table}"),
             dbname: dbname.to_string(),
+            hint: String::new(),
         });
     };
     let oid: u32 = first.get(0);

@@ -218,9 +218,29 @@ impl Catalog {
                 .await
                 .map_err(q("look up table"))?;
             let Some(row) = rows.first() else {
+                // Names are taken as written: a name typed in another case is the
+                // likeliest slip (SQL folds unquoted names to lower case).
+                let near = self
+                    .client
+                    .query(
+                        "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE lower(n.nspname) = lower($1) AND lower(c.relname) = lower($2) AND c.relkind IN ('r', 'p') LIMIT 1",
+                        &[schema, name],
+                    )
+                    .await
+                    .map_err(q("look up table"))?;
+                let hint = near.first().map_or(String::new(), |r| {
+                    let (s, n): (String, String) = (r.get(0), r.get(1));
+                    if s == "public" {
+                        format!(" (did you mean {n:?}? names are case-sensitive)")
+                    } else {
+                        format!(" (did you mean \"{s}.{n}\"? names are case-sensitive)")
+                    }
+                });
                 return Err(CatalogError::TableMissing {
                     table: format!("{schema}.{name}"),
                     dbname: self.dbname.clone(),
+                    hint,
                 });
             };
             let oid: u32 = row.get(0);

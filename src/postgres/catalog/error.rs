@@ -36,9 +36,14 @@ pub enum CatalogError {
         publication: String,
     },
     #[error(
-        "table {table} does not exist in database {dbname:?}: fix the tables list in the config"
+        "table {table} does not exist in database {dbname:?}: fix the tables list in the config{hint}"
     )]
-    TableMissing { table: String, dbname: String },
+    TableMissing {
+        table: String,
+        dbname: String,
+        /// A table whose name differs only in case, said as `" (did you mean ...?)"`.
+        hint: String,
+    },
     #[error(
         "{table} is {what}, not a table: logical replication streams tables only; list the tables it is built from instead"
     )]
