@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tokio::task::JoinHandle;
 
 use crate::position::Lsn;
-use crate::postgres::params::{PostgresConfig, TableSelection};
+use crate::postgres::params::PostgresConfig;
 use crate::postgres::replication::quote_ident;
 use crate::postgres::values::{TypeKind, builtin_kind};
 
@@ -16,6 +16,7 @@ mod error;
 pub use error::*;
 mod connect;
 pub use connect::*;
+pub mod publication;
 
 /// A connection for catalog work. The connection future runs in a task this struct
 /// owns and aborts on drop.
@@ -65,46 +66,6 @@ fn identity_problem(replica_identity: char, has_primary_key: bool) -> Option<&'s
         'n' => Some("NOTHING"),
         'd' if !has_primary_key => Some("DEFAULT"),
         _ => None,
-    }
-}
-
-/// A publication as tidemark reads it.
-#[derive(Clone, Debug)]
-pub struct Publication {
-    /// The tables whose changes it sends under their own name (`pg_publication_tables`):
-    /// a partitioned table's partitions, unless it publishes via the root.
-    pub tables: Vec<(String, String)>,
-    /// `publish_via_partition_root`: a partition's changes are sent as its published
-    /// partitioned table's (PostgreSQL 13+).
-    pub via_root: bool,
-    /// The operations it does not publish (`publish = '...'`): insert, update, delete,
-    /// truncate. Their changes never reach the stream.
-    pub unpublished: Vec<&'static str>,
-}
-
-/// What a publication sends of one table (PostgreSQL 15+): the columns of its column
-/// list and its row filter. A snapshot reads the same, or it would publish columns
-/// the operator left out (a password hash) and rows the filter keeps out.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PublishedShape {
-    /// The columns sent; `None`: all of them.
-    pub columns: Option<Vec<String>>,
-    /// The row filter (`pg_get_expr` text), to AND into a read's WHERE.
-    pub row_filter: Option<String>,
-}
-
-impl PublishedShape {
-    /// Whether a column is sent.
-    pub fn sends(&self, column: &str) -> bool {
-        self.columns
-            .as_ref()
-            .is_none_or(|c| c.iter().any(|n| n == column))
-    }
-}
-
-impl Publication {
-    pub fn publishes(&self, schema: &str, name: &str) -> bool {
-        self.tables.iter().any(|(s, n)| s == schema && n == name)
     }
 }
 
@@ -419,193 +380,6 @@ impl Catalog {
     ) -> Result<Vec<String>, CatalogError> {
         let rows = self.client.query(sql, &[&relid]).await.map_err(q(what))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    /// The publication, if it exists: which tables it publishes, and how.
-    pub async fn publication(&self, name: &str) -> Result<Option<Publication>, CatalogError> {
-        // pubviaroot exists from PostgreSQL 13 on (partitioned tables cannot be
-        // published before).
-        let via_root = if self.server_version_num().await? >= 130000 {
-            "pubviaroot"
-        } else {
-            "false"
-        };
-        let found = self
-            .client
-            .query(
-                &format!(
-                    "SELECT {via_root}, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1"
-                ),
-                &[&name],
-            )
-            .await
-            .map_err(q("look up publication"))?;
-        let Some(row) = found.first() else {
-            return Ok(None);
-        };
-        let via_root: bool = row.get(0);
-        let unpublished = ["insert", "update", "delete", "truncate"]
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| !row.get::<_, bool>(i + 1))
-            .map(|(_, op)| op)
-            .collect();
-        let rows = self
-            .client
-            .query(
-                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
-                &[&name],
-            )
-            .await
-            .map_err(q("publication tables"))?;
-        Ok(Some(Publication {
-            tables: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
-            via_root,
-            unpublished,
-        }))
-    }
-
-    /// The columns and rows `publication` sends of a table (see `PublishedShape`);
-    /// everything when the server predates column lists and row filters (15) or the
-    /// table is not in the publication.
-    pub async fn published_shape(
-        &self,
-        publication: &str,
-        schema: &str,
-        table: &str,
-    ) -> Result<PublishedShape, CatalogError> {
-        if self.server_version_num().await? < 150000 {
-            return Ok(PublishedShape::default());
-        }
-        let rows = self
-            .client
-            .query(
-                "SELECT attnames::text[], rowfilter FROM pg_publication_tables \
-                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&publication, &schema, &table],
-            )
-            .await
-            .map_err(q("the publication's columns and row filter"))?;
-        let Some(row) = rows.first() else {
-            return Ok(PublishedShape::default());
-        };
-        Ok(PublishedShape {
-            columns: row.get(0),
-            row_filter: row.get(1),
-        })
-    }
-
-    /// Makes sure the publication publishes the configured tables, creating it or
-    /// adding tables when allowed. Refuses tables whose UPDATEs Postgres would reject
-    /// once published. Returns the tables that will be streamed.
-    pub async fn ensure_publication(
-        &self,
-        name: &str,
-        selection: &TableSelection,
-        create: bool,
-    ) -> Result<Vec<TableInfo>, CatalogError> {
-        let wanted = match selection {
-            TableSelection::All => self.all_tables().await?,
-            TableSelection::Listed(t) => t.clone(),
-        };
-        let tables = self.tables(&wanted).await?;
-        let mut existing = self.publication(name).await?;
-        // A partitioned table's changes must be sent as its own, not as each
-        // partition's: under the partitions' names no mapping, subject or snapshot
-        // window of the table would match them.
-        if let Some(p) = &existing
-            && !p.via_root
-            && let Some(t) = tables.iter().find(|t| t.partitioned)
-        {
-            if !create {
-                return Err(CatalogError::PublicationByPartitions {
-                    publication: name.into(),
-                    table: t.qualified(),
-                });
-            }
-            self.client
-                .batch_execute(&format!(
-                    "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
-                    quote_ident(name)
-                ))
-                .await
-                .map_err(q("set publish_via_partition_root on the publication"))?;
-            tracing::info!(
-                publication = name,
-                table = %t.qualified(),
-                "publication set to publish partitioned tables' changes as their own (publish_via_partition_root)"
-            );
-            existing = self.publication(name).await?;
-        }
-        let missing: Vec<&TableInfo> = match &existing {
-            None => tables.iter().collect(),
-            Some(published) => tables
-                .iter()
-                .filter(|t| !published.publishes(&t.schema, &t.name))
-                .collect(),
-        };
-        if missing.is_empty() && existing.is_some() {
-            return Ok(tables);
-        }
-        if !create {
-            return Err(match existing {
-                None => CatalogError::PublicationMissing { name: name.into() },
-                Some(_) => CatalogError::PublicationLacksTable {
-                    publication: name.into(),
-                    table: missing[0].qualified(),
-                },
-            });
-        }
-        for t in &missing {
-            if let Some((table, identity)) = t.identity_problem() {
-                return Err(CatalogError::NoReplicaIdentity { table, identity });
-            }
-        }
-        let listed = || {
-            missing
-                .iter()
-                .map(|t| t.qualified())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        // A partition's changes go out as its partitioned table's (PostgreSQL 13+).
-        let with = if self.server_version_num().await? >= 130000 {
-            " WITH (publish_via_partition_root = true)"
-        } else {
-            ""
-        };
-        let sql = match (&existing, selection) {
-            (None, TableSelection::All) => {
-                format!(
-                    "CREATE PUBLICATION {} FOR ALL TABLES{with}",
-                    quote_ident(name)
-                )
-            }
-            (None, TableSelection::Listed(_)) => {
-                format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}{with}",
-                    quote_ident(name),
-                    listed()
-                )
-            }
-            (Some(_), _) => {
-                format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(name),
-                    listed()
-                )
-            }
-        };
-        self.client
-            .batch_execute(&sql)
-            .await
-            .map_err(q("create or alter publication"))?;
-        tracing::info!(
-            publication = name,
-            count = missing.len(),
-            "publication set up"
-        );
-        Ok(tables)
     }
 
     /// Drops a replication slot (it must not be in use).
