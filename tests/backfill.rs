@@ -484,6 +484,10 @@ async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
          ALTER TABLE events_log REPLICA IDENTITY FULL;
          INSERT INTO events_log SELECT g % 700, 'row ' || (g % 900) FROM generate_series(1, 5000) g;
          INSERT INTO events_log VALUES (NULL, NULL), (NULL, NULL), (1, 'dup'), (1, 'dup');
+         CREATE TABLE codes (code text NOT NULL, v int);
+         CREATE UNIQUE INDEX codes_code ON codes (code);
+         ALTER TABLE codes REPLICA IDENTITY USING INDEX codes_code;
+         INSERT INTO codes VALUES ('a', 1), ('b', 2), ('c', 3);
          CREATE TABLE keyed (id int PRIMARY KEY, qty int, note text);
          INSERT INTO keyed VALUES (1, 1, 'one'), (2, 2, 'two');",
     )
@@ -494,7 +498,7 @@ async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
         &pg,
         &nats,
         &SourceSpec::new("store", "store")
-            .tables(&["events_log", "keyed"])
+            .tables(&["events_log", "codes", "keyed"])
             .snapshot("initial"),
     );
     let cfg_arg = cfg.to_str().unwrap();
@@ -522,6 +526,9 @@ async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
     };
     let tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     writer.await.unwrap();
+    db.batch_execute("UPDATE codes SET v = 0 WHERE code = 'a'")
+        .await
+        .unwrap();
     let nc = nats.client().await;
     wait_job_done(&nc, "store", "keyed", Duration::from_secs(60), || tm.log()).await;
     wait_confirmed_end(&pg, &db).await;
@@ -530,9 +537,24 @@ async fn an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
     // The snapshot's rows come first, as one transaction ending in its mark.
     let reads = events
         .iter()
-        .take_while(|e| e.body["type"] == "events_log.read")
+        .take_while(|e| e.body["type"] == "events_log.read" || e.body["type"] == "codes.read")
         .count();
-    assert_eq!(reads, 5004, "{}", tm.log());
+    assert_eq!(reads, 5004 + 3, "{}", tm.log());
+    // Each read carries the key its table's live events carry: the whole row under
+    // REPLICA IDENTITY FULL, the identity index's columns under USING INDEX.
+    for e in &events[..reads] {
+        let d = &e.body["data"];
+        if d["table"] == "public.codes" {
+            assert_eq!(d["key"], json!({"code": d["after"]["code"]}), "{d}");
+        } else {
+            assert_eq!(d["key"], d["after"], "{d}");
+        }
+    }
+    let live = events
+        .iter()
+        .find(|e| e.body["type"] == "codes.updated")
+        .expect("the update of codes");
+    assert_eq!(live.body["data"]["key"], json!({"code": "a"}));
     assert_eq!(events[reads - 1].body["txlast"], json!(true));
     same_rows(
         fold_multiset(&events, "public.events_log"),

@@ -123,7 +123,14 @@ pub(super) async fn catalog_relation(
     let shape = catalog.published_shape(publication, &schema, &name).await?;
     let mut columns = catalog.columns(relid).await?;
     columns.retain(|(c, _)| shape.sends(c));
-    let key = catalog.primary_key(relid).await?;
+    // The columns the stream flags as the replica identity, as pgoutput flags them:
+    // the primary key under DEFAULT, the index's under USING INDEX, all under FULL;
+    // so read events carry the key live events carry.
+    let key = match ident.as_str() {
+        "f" => columns.iter().map(|(c, _)| c.clone()).collect(),
+        "i" => catalog.identity_columns(relid).await?,
+        _ => catalog.primary_key(relid).await?,
+    };
     Ok(pgoutput::Relation {
         id: relid,
         namespace: schema,
