@@ -215,7 +215,7 @@ impl Catalog {
                 "f" => Some("a foreign table"),
                 "S" => Some("a sequence"),
                 "i" | "I" => Some("an index"),
-                _ => Some("not a table"),
+                _ => Some("another kind of relation"),
             };
             if let Some(what) = what {
                 return Err(CatalogError::NotATable {
