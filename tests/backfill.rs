@@ -1542,3 +1542,243 @@ async fn quoted_and_mixed_case_names_snapshot_stream_and_backfill() {
         "{out}"
     );
 }
+
+/// Waits for a backfill of `public.<table>` queued because the table was created
+/// again, other than `not` (an earlier one), to be done; returns its id.
+async fn wait_recreated_done(
+    nc: &async_nats::Client,
+    table: &str,
+    not: Option<&str>,
+    log: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(job) = backfill_job(nc, "store", table).await
+            && job["reason"] == "recreated"
+            && job["state"] == "done"
+            && job["id"].as_str() != not
+        {
+            return job["id"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no backfill of the recreated {table}: {:?}\n{}",
+            backfill_job(nc, "store", table).await,
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The balances the stream folds to, per pgbench table and key (a truncated event
+/// empties its table), against the tables'.
+async fn pgbench_balances_fold(db: &tokio_postgres::Client, events: &[StoredEvent], log: &str) {
+    let tables = [
+        ("pgbench_accounts", "aid", "abalance"),
+        ("pgbench_tellers", "tid", "tbalance"),
+        ("pgbench_branches", "bid", "bbalance"),
+    ];
+    let mut got: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for e in events {
+        let data = &e.body["data"];
+        let Some(t) = data["table"].as_str() else {
+            continue;
+        };
+        let Some((_, id, bal)) = tables.iter().find(|(n, _, _)| t == format!("public.{n}")) else {
+            continue;
+        };
+        match data["op"].as_str() {
+            Some("truncate") => got.retain(|(table, _), _| table != t),
+            Some("delete") => panic!("pgbench deletes nothing: {}", e.body),
+            _ => {
+                if let (Some(k), Some(b)) =
+                    (data["after"][id].as_i64(), data["after"][bal].as_i64())
+                {
+                    got.insert((t.to_string(), k), b);
+                }
+            }
+        }
+    }
+    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (t, id, bal) in tables {
+        for r in db
+            .query(&format!("SELECT {id}::bigint, {bal}::bigint FROM {t}"), &[])
+            .await
+            .unwrap()
+        {
+            want.insert((format!("public.{t}"), r.get(0)), r.get(1));
+        }
+    }
+    let differ: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .take(5)
+        .collect();
+    assert!(
+        differ.is_empty() && got.len() == want.len(),
+        "{} rows folded, {} in the tables; differing: {differ:?}\n{log}",
+        got.len(),
+        want.len()
+    );
+}
+
+/// `pgbench -i` drops its tables and creates them again: new OIDs under the same
+/// names, which leave a FOR TABLE publication, and Postgres streams nothing of it.
+/// Once while tidemark streams (with TPC-B transactions right after it) and once while
+/// it is stopped: each time the stream gets each table's truncated event, the table is
+/// published again and read again, and the stream folds to the tables. (Before, the new
+/// tables' changes were never sent, and a read model kept the old balances.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_dropped_and_created_again_are_truncated_and_read_again() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
+    let tables = ["pgbench_accounts", "pgbench_tellers", "pgbench_branches"];
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&tables)
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 5000),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let nc = nats.client().await;
+    for t in tables {
+        wait_job_done(&nc, "store", t, Duration::from_secs(120), || tm.log()).await;
+    }
+    pgbench(&pg, "store", &["-t", "50", "-c", "2", "-n"]);
+    // Recreated while streaming, and written to at once.
+    pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
+    pgbench(&pg, "store", &["-t", "100", "-c", "2", "-n"]);
+    let mut first = Vec::new();
+    for t in tables {
+        first.push(wait_recreated_done(&nc, t, None, || tm.log()).await);
+    }
+    pgbench(&pg, "store", &["-t", "50", "-c", "2", "-n"]);
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    pgbench_balances_fold(&db, &events, &tm.log()).await;
+
+    // Recreated while tidemark is stopped.
+    tm.terminate(Duration::from_secs(20));
+    pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
+    pgbench(&pg, "store", &["-t", "50", "-c", "2", "-n"]);
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    tm.wait_streaming();
+    for (t, first) in tables.iter().zip(&first) {
+        wait_recreated_done(&nc, t, Some(first), || tm.log()).await;
+    }
+    pgbench(&pg, "store", &["-t", "50", "-c", "2", "-n"]);
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    pgbench_balances_fold(&db, &events, &tm.log()).await;
+    for t in tables {
+        let truncates = events
+            .iter()
+            .filter(|e| {
+                e.body["data"]["table"] == format!("public.{t}")
+                    && e.body["data"]["op"] == "truncate"
+            })
+            .count();
+        assert_eq!(truncates, 2, "{t}: one truncated event per recreation");
+    }
+    assert!(tm.is_running(), "{}", tm.log());
+}
+
+/// A migration that swaps in a rebuilt table (create, copy, drop, rename), under
+/// `all_tables` (a FOR ALL TABLES publication, which sends the new table's changes
+/// from its start, under its first name): the table's truncated event and a backfill
+/// make the stream fold to it again. A table without a key that is created again gets
+/// no truncated event then (it cannot be read again; its rows were streamed): its new
+/// rows stay in the fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big SELECT g, g, 'old ' || g FROM generate_series(1, 300) g;
+         CREATE TABLE notes (msg text);
+         ALTER TABLE notes REPLICA IDENTITY FULL;
+         INSERT INTO notes VALUES ('old 1'), ('old 2');",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .set("all_tables", true)
+            .snapshot("initial"),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let nc = nats.client().await;
+    wait_job_done(&nc, "store", "big", Duration::from_secs(60), || tm.log()).await;
+    db.batch_execute(
+        "UPDATE big SET qty = 0 WHERE id <= 10;
+         BEGIN;
+         CREATE TABLE big_new (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO big_new SELECT id, qty * 10, 'new ' || id FROM big WHERE id % 2 = 0;
+         DROP TABLE big;
+         ALTER TABLE big_new RENAME TO big;
+         COMMIT;
+         INSERT INTO big VALUES (1001, 1, 'after');
+         UPDATE big SET note = 'changed' WHERE id = 2;
+         DROP TABLE notes;
+         CREATE TABLE notes (msg text);
+         ALTER TABLE notes REPLICA IDENTITY FULL;
+         INSERT INTO notes VALUES ('new 1'), ('new 2'), ('new 3');",
+    )
+    .await
+    .unwrap();
+    wait_recreated_done(&nc, "big", None, || tm.log()).await;
+    db.batch_execute(
+        "UPDATE big SET qty = qty + 1 WHERE id <= 20; INSERT INTO notes VALUES ('new 4');",
+    )
+    .await
+    .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let folded = fold(&events);
+    let want = table_rows(&db, "big").await;
+    assert_eq!(
+        folded.get("public.big"),
+        Some(&want),
+        "big folds to the swapped-in table\n{}",
+        tm.log()
+    );
+    let notes: Vec<String> = events
+        .iter()
+        .filter(|e| e.body["data"]["table"] == "public.notes")
+        .skip_while(|e| e.body["data"]["after"]["msg"] != "new 1")
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.body["data"]["op"].as_str().unwrap_or_default(),
+                e.body["data"]["after"]["msg"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "insert \"new 1\"",
+            "insert \"new 2\"",
+            "insert \"new 3\"",
+            "insert \"new 4\""
+        ],
+        "the new keyless table's rows, with no truncated event after them\n{}",
+        tm.log()
+    );
+    assert!(
+        tm.log()
+            .contains("cannot be read again, so no truncated event")
+    );
+    assert!(tm.is_running(), "{}", tm.log());
+}

@@ -31,7 +31,7 @@ pub use chunk::{
     Chunk, ChunkOutcome, ChunkReceiver, ChunkSender, Consistent, Placement, StoredTail, Watermark,
 };
 pub use job::{Job, JobState};
-pub use progress::{Progress, bucket_name, stream_binding};
+pub use progress::{Progress, TableOids, bucket_name, stream_binding};
 pub use read::{key_columns, reader};
 pub use worker::{Resume, run_worker};
 #[allow(unused_imports)]

@@ -24,6 +24,17 @@ pub fn bucket_name(source: &str) -> String {
     format!("tidemark_{}", kv_token(source))
 }
 
+/// The OID each streamed table had when tidemark last looked: a table found under
+/// another OID was dropped and created again (`pgbench -i`, a migration that swaps in
+/// a rebuilt table) while no change of the new one was streamed or backfilled.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TableOids {
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// `(schema, table, oid)`.
+    pub tables: Vec<(String, String, u32)>,
+}
+
 /// The durable record of a source's backfills.
 #[derive(Clone)]
 pub struct Progress {
@@ -196,6 +207,25 @@ impl Progress {
             ..tail.clone()
         };
         self.put_record("tail", "the stored tail", &tail).await
+    }
+
+    /// The OIDs the source's tables had when last seen (see `TableOids`), if recorded
+    /// for this stream.
+    pub async fn table_oids(&self) -> Result<Option<TableOids>, BackfillError> {
+        Ok(self
+            .record::<TableOids>("table_oids", "the tables' OIDs")
+            .await?
+            .filter(|r| r.stream == self.stream))
+    }
+
+    /// Records the tables' OIDs, bound to this stream.
+    pub async fn put_table_oids(&self, oids: &TableOids) -> Result<(), BackfillError> {
+        let record = TableOids {
+            stream: self.stream.clone(),
+            ..oids.clone()
+        };
+        self.put_record("table_oids", "the tables' OIDs", &record)
+            .await
     }
 
     /// The stream sequence `tidemark reset --purge-stream` last purged at.

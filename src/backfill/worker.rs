@@ -302,6 +302,9 @@ pub(super) async fn run_jobs(
             if cancel.is_cancelled() {
                 return Ok(());
             }
+            if superseded(progress, &job).await? {
+                break;
+            }
             let chunk_no = job.chunks_done;
             let mark = |m: &str| Watermark {
                 backfill: job.id.clone(),
@@ -371,6 +374,9 @@ pub(super) async fn run_jobs(
             match outcome {
                 Ok(ChunkOutcome::Stored { published, skipped }) => {
                     retries = 0;
+                    if superseded(progress, &job).await? {
+                        break;
+                    }
                     job.chunks_done += 1;
                     job.rows_done += published + skipped;
                     if last_key.is_some() {
@@ -409,4 +415,16 @@ pub(super) async fn run_jobs(
             }
         }
     }
+}
+
+/// Whether the table's job record is another job now (the table was dropped and
+/// created again, and a backfill of the new one queued): this one stops, and writes
+/// nothing over the new one.
+async fn superseded(progress: &Progress, job: &Job) -> Result<bool, BackfillError> {
+    let current = progress.get(&job.schema, &job.table).await?;
+    if current.as_ref().is_some_and(|j| j.id == job.id) {
+        return Ok(false);
+    }
+    info!(table = %job.qualified(), job = %job.id, "backfill job replaced by a newer one for the table; leaving it");
+    Ok(true)
 }

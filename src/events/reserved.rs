@@ -9,10 +9,19 @@ pub const HEARTBEAT_PREFIX: &str = "tidemark.heartbeat";
 pub const SYNC_PREFIX: &str = "tidemark.sync";
 /// Backfill chunk watermarks (DBLog).
 pub const WATERMARK_PREFIX: &str = "tidemark.watermark";
+/// A listed table dropped and created again (a new OID under its name): its rows
+/// before are gone, so the stream gets a `truncated` event here, then a backfill.
+pub const RECREATED_PREFIX: &str = "tidemark.recreated";
 /// The KV bucket of projections' applied positions.
 pub const POSITIONS_BUCKET: &str = "tidemark_projections";
 
 /// Whether a logical message prefix is one of tidemark's own.
 pub fn is_reserved_prefix(prefix: &str) -> bool {
-    [HEARTBEAT_PREFIX, SYNC_PREFIX, WATERMARK_PREFIX].contains(&prefix)
+    [
+        HEARTBEAT_PREFIX,
+        SYNC_PREFIX,
+        WATERMARK_PREFIX,
+        RECREATED_PREFIX,
+    ]
+    .contains(&prefix)
 }

@@ -6,11 +6,12 @@ use tracing::{debug, warn};
 use super::error::SourceError;
 use super::pipeline::{OpenTx, Pipeline};
 use super::plan::bind_plan;
+use super::recreated::Recreated;
 use crate::backfill::Watermark;
 use crate::events::mapping::{
     self, DomainEvent, Operation, RowChange, Shrink, Table, TableColumn, TxContext,
 };
-use crate::events::reserved::{HEARTBEAT_PREFIX, SYNC_PREFIX, WATERMARK_PREFIX};
+use crate::events::reserved::{HEARTBEAT_PREFIX, RECREATED_PREFIX, SYNC_PREFIX, WATERMARK_PREFIX};
 use crate::events::rules::{LiveTable, OversizedPlan};
 use crate::position::Lsn;
 use crate::postgres::pgoutput::{self, LogicalMessage};
@@ -238,6 +239,16 @@ impl Pipeline<'_> {
                 }
             };
         }
+        if m.prefix == RECREATED_PREFIX && m.transactional {
+            let (_, index) = self.next_index()?;
+            return match serde_json::from_slice::<Recreated>(&m.content) {
+                Ok(r) => self.recreated(index, r).await,
+                Err(e) => {
+                    warn!(lsn = %m.lsn, error = %e, "unreadable recreated-table marker ignored");
+                    Ok(())
+                }
+            };
+        }
         let spec = self.cfg.messages.iter().find(|s| s.prefix == m.prefix);
         if !m.transactional {
             match spec {
@@ -257,6 +268,43 @@ impl Pipeline<'_> {
         };
         let event = mapping::map_message(&self.context()?, index, spec, &m.content);
         self.emit(event).await
+    }
+
+    /// A table dropped and created again (see `recreated`): its `truncated` event
+    /// here, where its old rows are gone. Markers of other sources on the database
+    /// are passed over.
+    async fn recreated(&mut self, index: u64, r: Recreated) -> Result<(), SourceError> {
+        if r.source != self.cfg.name || r.slot != self.cfg.slot || !r.truncate {
+            return Ok(());
+        }
+        if let Some(w) = self.window.as_mut()
+            && w.relid == r.relid
+        {
+            w.note_truncate();
+        }
+        // The catalog's view of the new table; gone again by now, its later marker
+        // (or the next start) speaks for it.
+        if !self.relations.contains_key(&r.relid) {
+            let exists = self
+                .catalog
+                .client()
+                .query_opt("SELECT 1 FROM pg_class WHERE oid = $1", &[&r.relid])
+                .await
+                .map_err(|source| crate::postgres::catalog::CatalogError::Query {
+                    what: "look up a recreated table",
+                    source,
+                })?
+                .is_some();
+            if !exists {
+                warn!(table = %format!("{}.{}", r.schema, r.table), "the recreated table is gone again: no truncated event for it");
+                return Ok(());
+            }
+            self.ensure_described(r.relid).await?;
+        }
+        match mapping::map_truncate(&self.context()?, index, self.table(r.relid)?) {
+            Some(event) => self.emit(event).await,
+            None => Ok(()),
+        }
     }
 
     /// The mapper's view of a table as the catalog has it now (for a table the

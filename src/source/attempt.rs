@@ -142,6 +142,10 @@ pub(super) async fn run_attempt(
         Vec::new()
     };
 
+    // Tables swapped for new ones (a new OID under the name) while tidemark was away.
+    let table_oids =
+        super::recreated::at_start(&catalog, cfg, &progress, &tables, slot.is_none()).await?;
+
     // Replication.
     let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
@@ -269,9 +273,25 @@ pub(super) async fn run_attempt(
         )
         .instrument(info_span!("backfill")),
     );
-    let _worker = WorkerGuard {
+    let _worker = TaskGuard {
         cancel: worker_cancel,
         task: worker,
+    };
+    let (watch_failed, recreated_failed) = tokio::sync::oneshot::channel();
+    let watch_cancel = cancel.child_token();
+    let watch = tokio::spawn(
+        super::recreated::watch(
+            cfg.clone(),
+            progress.clone(),
+            table_oids,
+            watch_failed,
+            watch_cancel.clone(),
+        )
+        .instrument(info_span!("tables")),
+    );
+    let _watch = TaskGuard {
+        cancel: watch_cancel,
+        task: watch,
     };
     let publisher = Publisher::new(
         client,
@@ -321,6 +341,7 @@ pub(super) async fn run_attempt(
         skipped: 0,
         max_payload,
         sent_flush: confirmed,
+        recreated_failed,
     };
     if let Some((read, record)) = consistent {
         p.consistent_read(read, cancel).await?;
@@ -335,13 +356,13 @@ pub(super) async fn run_attempt(
     p.run(cancel).await
 }
 
-/// Ends the backfill worker with the attempt.
-struct WorkerGuard {
+/// Ends a task of the attempt (the backfill worker, the tables' watch) with it.
+struct TaskGuard<T> {
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), BackfillError>>,
+    task: tokio::task::JoinHandle<T>,
 }
 
-impl Drop for WorkerGuard {
+impl<T> Drop for TaskGuard<T> {
     fn drop(&mut self) {
         self.cancel.cancel();
         self.task.abort();

@@ -11,7 +11,8 @@
 //! Files: `attempt` (start-up checks and wiring of one attempt), `pipeline` (the select
 //! loop and the publish path), `apply` (one decoded message at a time), `window` (the
 //! DBLog chunk window of backfills), `health` (heartbeats, stalls, metrics), `flush`
-//! (pure ack and flush bookkeeping), `plan` (mapping rules bound to live tables).
+//! (pure ack and flush bookkeeping), `plan` (mapping rules bound to live tables),
+//! `recreated` (tables dropped and created again under their name).
 
 mod apply;
 mod attempt;
@@ -21,6 +22,7 @@ mod flush;
 mod health;
 mod pipeline;
 mod plan;
+mod recreated;
 mod window;
 
 use std::time::{Duration, Instant};

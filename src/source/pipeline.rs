@@ -94,6 +94,8 @@ pub(super) struct Pipeline<'a> {
     /// The record being written, if any.
     pub(super) tail_task:
         Option<tokio::task::JoinHandle<Result<(), crate::backfill::BackfillError>>>,
+    /// A failure of the tables' watch that an operator must fix (see `recreated`).
+    pub(super) recreated_failed: tokio::sync::oneshot::Receiver<SourceError>,
 }
 
 impl Pipeline<'_> {
@@ -127,6 +129,12 @@ impl Pipeline<'_> {
                 }
                 // 3. Periodic standby status, so Postgres can recycle WAL.
                 _ = status_tick.tick() => {
+                    if let Ok(err) = self.recreated_failed.try_recv() {
+                        if let Err(settle_err) = self.settle().await {
+                            debug!(error = %ErrorChain(&settle_err), "could not confirm before stopping; the next start resends from the slot");
+                        }
+                        return Err(err);
+                    }
                     self.check_silence().await?;
                     self.record_tail();
                     if last_status.elapsed() >= self.cfg.status_interval {

@@ -39,6 +39,17 @@ impl PublishedShape {
     }
 }
 
+/// One table name as it stands now (see `Catalog::current_oids`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentOid {
+    pub schema: String,
+    pub table: String,
+    /// `None`: no table of that name (dropped, or renamed away).
+    pub oid: Option<u32>,
+    /// Whether the publication sends a table under that name.
+    pub published: bool,
+}
+
 impl Publication {
     pub fn publishes(&self, schema: &str, name: &str) -> bool {
         self.tables.iter().any(|(s, n)| s == schema && n == name)
@@ -118,6 +129,41 @@ impl Catalog {
             columns: row.get(0),
             row_filter: row.get(1),
         })
+    }
+
+    /// The table each name stands for now (its OID; `None`: no table of that name),
+    /// and whether `publication` sends a table under that name now. A table dropped
+    /// and created again has a new OID, and leaves a `FOR TABLE` publication with the
+    /// old one.
+    pub async fn current_oids(
+        &self,
+        publication: &str,
+        names: &[(String, String)],
+    ) -> Result<Vec<CurrentOid>, CatalogError> {
+        let (schemas, tables): (Vec<&str>, Vec<&str>) =
+            names.iter().map(|(s, t)| (s.as_str(), t.as_str())).unzip();
+        let rows = self
+            .client
+            .query(
+                "WITH pub AS MATERIALIZED (SELECT schemaname::text AS s, tablename::text AS t \
+                   FROM pg_publication_tables WHERE pubname = $3) \
+                 SELECT w.s, w.t, c.oid, EXISTS (SELECT 1 FROM pub WHERE pub.s = w.s AND pub.t = w.t) \
+                 FROM unnest($1::text[], $2::text[]) AS w(s, t) \
+                 LEFT JOIN pg_namespace n ON n.nspname = w.s \
+                 LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.t AND c.relkind IN ('r', 'p')",
+                &[&schemas, &tables, &publication],
+            )
+            .await
+            .map_err(q("the tables' current OIDs"))?;
+        Ok(rows
+            .iter()
+            .map(|r| CurrentOid {
+                schema: r.get(0),
+                table: r.get(1),
+                oid: r.get(2),
+                published: r.get(3),
+            })
+            .collect())
     }
 
     /// Makes sure the publication publishes the configured tables, creating it or

@@ -1,0 +1,307 @@
+//! Tables dropped and created again under their name (`pgbench -i`, a migration that
+//! builds a new table and swaps it in by renaming): the new table has a new OID, and
+//! Postgres says nothing of it in the replication stream. A `FOR TABLE` publication
+//! loses the table with the old OID, so the new one's changes are never sent; a
+//! `FOR ALL TABLES` one sends them, but the old table's rows were never deleted. Either
+//! way a read model would keep rows the table no longer holds, or miss rows it does.
+//!
+//! So each source keeps the OID of every table it streams, in the KV bucket (read at
+//! start: a table may have been swapped while tidemark was down) and checks the names
+//! every `POLL` while it runs. A table found under a new OID, or found unpublished:
+//! 1. tidemark-managed publication: the table is added again, in the same transaction
+//!    as the marker below, so every change of it after the marker is streamed;
+//! 2. a `tidemark.recreated` logical message marks the point; the pipeline publishes
+//!    the table's `truncated` event there (its rows before are gone), and
+//! 3. a backfill of the table is queued (`reason = "recreated"`): its rows come as
+//!    `read` events after the marker, so folding the stream gives the table again.
+//!
+//! A table without a key cannot be backfilled: its `truncated` event is published
+//! only when the table was not published before the marker (none of its rows were
+//! streamed, so only the old table's rows go), and a warning says that its rows
+//! written before tidemark saw it are missing. An operator's publication that lost the
+//! table stops the source with the `ALTER PUBLICATION` to run; a new table whose
+//! UPDATEs Postgres would refuse once published stops it with the identity to set.
+//! Both are found again at the next start.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::error::SourceError;
+use crate::backfill::{self, BackfillError, Progress, TableOids};
+use crate::config::{SourceConfig, TableSelection};
+use crate::events::reserved::RECREATED_PREFIX;
+use crate::policy::{Policy, Recovery};
+use crate::postgres::catalog::{Catalog, CatalogError, TableInfo};
+use crate::postgres::replication::{quote_ident, quote_literal};
+
+/// How often the names are checked while a source runs.
+const POLL: Duration = Duration::from_secs(2);
+
+/// The `tidemark.recreated` message: which source's table, and whether the pipeline
+/// publishes its `truncated` event there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Recreated {
+    pub source: String,
+    pub slot: String,
+    pub schema: String,
+    pub table: String,
+    pub relid: u32,
+    pub truncate: bool,
+}
+
+type Name = (String, String);
+
+/// At start: the tables found under another OID than recorded (swapped while tidemark
+/// was down) are handled (see the module note), then the OIDs are recorded. A new
+/// slot's source records them only: its initial snapshot (if any) reads every table.
+pub(super) async fn at_start(
+    catalog: &Catalog,
+    cfg: &SourceConfig,
+    progress: &Progress,
+    tables: &[TableInfo],
+    new_slot: bool,
+) -> Result<HashMap<Name, u32>, SourceError> {
+    let recorded: HashMap<Name, u32> = progress
+        .table_oids()
+        .await?
+        .map(|r| {
+            r.tables
+                .into_iter()
+                .map(|(s, t, oid)| ((s, t), oid))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut known = HashMap::new();
+    for t in tables {
+        let name = (t.schema.clone(), t.name.clone());
+        if !new_slot
+            && let Some(&was) = recorded.get(&name)
+            && was != t.oid
+        {
+            warn!(table = %t.qualified(), was, oid = t.oid, "table was dropped and created again while tidemark was away (a new OID under its name): its old rows are gone");
+            // `ensure_publication` published it already, before the marker.
+            recreated(catalog, cfg, progress, t, true).await?;
+        }
+        known.insert(name, t.oid);
+    }
+    record(progress, &known).await?;
+    Ok(known)
+}
+
+async fn record(progress: &Progress, known: &HashMap<Name, u32>) -> Result<(), SourceError> {
+    let mut tables: Vec<(String, String, u32)> = known
+        .iter()
+        .map(|((s, t), oid)| (s.clone(), t.clone(), *oid))
+        .collect();
+    tables.sort();
+    progress
+        .put_table_oids(&TableOids {
+            stream: None,
+            tables,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Checks the names every `POLL` until `cancel` fires. A failure an operator must fix
+/// is sent on `failed` (the pipeline stops with it); any other is tried again.
+pub(super) async fn watch(
+    cfg: SourceConfig,
+    progress: Progress,
+    mut known: HashMap<Name, u32>,
+    failed: tokio::sync::oneshot::Sender<SourceError>,
+    cancel: CancellationToken,
+) {
+    let mut catalog: Option<Catalog> = None;
+    let mut gone: HashSet<Name> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        let result = async {
+            if catalog.is_none() {
+                catalog = Some(Catalog::connect(&cfg.postgres).await?);
+            }
+            match catalog.as_ref() {
+                Some(c) => poll(c, &cfg, &progress, &mut known, &mut gone).await,
+                None => Ok(()),
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            if e.recovery() == Recovery::Fatal {
+                let _ = failed.send(e);
+                return;
+            }
+            debug!(error = %e, "checking the tables' OIDs failed; trying again");
+            catalog = None;
+        }
+    }
+}
+
+/// One look at the names: new tables are recorded, swapped or unpublished ones
+/// handled, dropped ones reported once.
+async fn poll(
+    catalog: &Catalog,
+    cfg: &SourceConfig,
+    progress: &Progress,
+    known: &mut HashMap<Name, u32>,
+    gone: &mut HashSet<Name>,
+) -> Result<(), SourceError> {
+    let names = match &cfg.tables {
+        TableSelection::All => catalog.all_tables().await?,
+        TableSelection::Listed(t) => t.clone(),
+    };
+    let mut changed = false;
+    for now in catalog.current_oids(&cfg.publication, &names).await? {
+        let name = (now.schema.clone(), now.table.clone());
+        let Some(oid) = now.oid else {
+            if known.contains_key(&name) && gone.insert(name) {
+                warn!(table = %format!("{}.{}", quote_ident(&now.schema), quote_ident(&now.table)), "a streamed table was dropped (or renamed): no events come under its name; if it is created again, tidemark publishes its truncated event and reads it again. A listed table that stays gone stops the source at its next start: take it out of `tables`");
+            }
+            continue;
+        };
+        gone.remove(&name);
+        let was = known.get(&name).copied();
+        if was == Some(oid) && now.published {
+            continue;
+        }
+        if was.is_none() && now.published {
+            // A table new to the selection (`all_tables`): streamed from its start.
+            known.insert(name, oid);
+            changed = true;
+            continue;
+        }
+        let Some(info) = catalog
+            .tables(std::slice::from_ref(&name))
+            .await
+            .map_or_else(
+                |e| match e {
+                    // Gone again, or not a table: the next look sees what it is.
+                    CatalogError::TableMissing { .. }
+                    | CatalogError::NotATable { .. }
+                    | CatalogError::Unlogged { .. } => Ok(None),
+                    e => Err(e),
+                },
+                |t| Ok(t.into_iter().next()),
+            )?
+        else {
+            continue;
+        };
+        if was.is_some_and(|w| w != oid) {
+            warn!(table = %info.qualified(), was = was.unwrap_or_default(), oid, "table was dropped and created again (a new OID under its name): its old rows are gone");
+        } else {
+            warn!(table = %info.qualified(), "table is no longer in the publication: adding it again; its changes meanwhile were not sent, so it is read again after its truncated event");
+        }
+        recreated(catalog, cfg, progress, &info, now.published).await?;
+        known.insert(name, oid);
+        changed = true;
+    }
+    if changed {
+        record(progress, known).await?;
+    }
+    Ok(())
+}
+
+/// Steps 1 to 3 of the module note for one table.
+async fn recreated(
+    catalog: &Catalog,
+    cfg: &SourceConfig,
+    progress: &Progress,
+    t: &TableInfo,
+    published: bool,
+) -> Result<(), SourceError> {
+    if !published {
+        if !cfg.create_publication {
+            return Err(CatalogError::PublicationLacksTable {
+                publication: cfg.publication.clone(),
+                table: t.qualified(),
+            }
+            .into());
+        }
+        if let Some((table, identity)) = t.identity_problem() {
+            return Err(CatalogError::NoReplicaIdentity { table, identity }.into());
+        }
+    }
+    let outbox = cfg
+        .outboxes
+        .iter()
+        .any(|o| o.schema == t.schema && o.table == t.name);
+    let key = if outbox {
+        None
+    } else {
+        match backfill::key_columns(catalog, cfg, &t.schema, &t.name, &t.primary_key).await {
+            Ok(key) => Some(key),
+            Err(BackfillError::NoKey { .. }) => None,
+            Err(err @ BackfillError::KeyNotUnique { .. }) => {
+                error!(table = %t.qualified(), error = %err, "the table cannot be read again after it was created again; once its mapping names a usable key, run `tidemark backfill` for it");
+                None
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let marker = Recreated {
+        source: cfg.name.clone(),
+        slot: cfg.slot.clone(),
+        schema: t.schema.clone(),
+        table: t.name.clone(),
+        relid: t.oid,
+        truncate: key.is_some() || !published,
+    };
+    let content = serde_json::to_string(&marker).map_err(|e| {
+        SourceError::Protocol(format!("could not encode the recreated-table marker: {e}"))
+    })?;
+    let emit = format!(
+        "SELECT pg_logical_emit_message(true, {}, {})",
+        quote_literal(RECREATED_PREFIX),
+        quote_literal(&content)
+    );
+    let sql = if published {
+        emit
+    } else {
+        format!(
+            "BEGIN; ALTER PUBLICATION {} ADD TABLE {}; {emit}; COMMIT",
+            quote_ident(&cfg.publication),
+            t.qualified()
+        )
+    };
+    catalog
+        .client()
+        .batch_execute(&sql)
+        .await
+        .map_err(|source| CatalogError::Query {
+            what: "publish the table again and mark the point",
+            source,
+        })?;
+    match key {
+        Some(key) => {
+            if let Some(old) = progress.get(&t.schema, &t.name).await? {
+                info!(table = %t.qualified(), job = %old.id, state = ?old.state, "the old table's backfill job replaced");
+            }
+            progress
+                .put(&backfill::Job::new(
+                    &t.schema,
+                    &t.name,
+                    key,
+                    "recreated",
+                    None,
+                    cfg.snapshot_chunk_size,
+                ))
+                .await?;
+            info!(table = %t.qualified(), "truncated event marked; backfill of the new table queued");
+        }
+        None if !outbox && published => {
+            warn!(table = %t.qualified(), "a table without a key cannot be read again, so no truncated event is published for it (the new table's rows were streamed from its start): the old table's rows stay in read models beside the new one's unless they are rebuilt; `tidemark reset --purge-stream` starts the stream over");
+        }
+        None if !outbox => {
+            warn!(table = %t.qualified(), "a table without a key cannot be read again: the new table's rows written before it was published again are not in the stream. Give it a primary key and run `tidemark backfill`, or `tidemark reset --purge-stream` to start over");
+        }
+        None => {}
+    }
+    Ok(())
+}
