@@ -1782,3 +1782,87 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
     );
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+/// A listed table without a key, dropped and created again without a replica
+/// identity: publishing it would make Postgres refuse its UPDATEs, so the source stops
+/// with the `ALTER TABLE` to run (it never adds it). Once the operator sets one and
+/// starts tidemark again, the table is published again and gets its truncated event:
+/// the old rows go from the fold, and the new table's changes stream after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_table_postgres_cannot_publish_stops_the_source_until_fixed() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE big (id int PRIMARY KEY, qty int, note text);
+         CREATE TABLE notes (msg text);
+         ALTER TABLE notes REPLICA IDENTITY FULL;
+         INSERT INTO notes VALUES ('old 1'), ('old 2');",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store").tables(&["big", "notes"]),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute(
+        "INSERT INTO notes VALUES ('old 3');
+         DROP TABLE notes;
+         CREATE TABLE notes (msg text);
+         INSERT INTO big VALUES (1, 1, 'one');",
+    )
+    .await
+    .unwrap();
+    let status = tm.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = tm.log();
+    assert!(
+        log.contains("dropped and created again")
+            && log.contains("REPLICA IDENTITY DEFAULT")
+            && log.contains("ALTER TABLE \"public\".\"notes\" REPLICA IDENTITY FULL"),
+        "{log}"
+    );
+    db.batch_execute("ALTER TABLE notes REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO notes VALUES ('new 1'); UPDATE notes SET msg = 'new 2';")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    let nc = nats.client().await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    let notes: Vec<String> = events
+        .iter()
+        .filter(|e| e.body["data"]["table"] == "public.notes")
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.body["data"]["op"].as_str().unwrap_or_default(),
+                e.body["data"]["after"]["msg"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "insert \"old 3\"",
+            "truncate null",
+            "insert \"new 1\"",
+            "update \"new 2\""
+        ],
+        "{}",
+        tm.log()
+    );
+    assert!(
+        tm.log()
+            .contains("written before it was published again are not in the stream"),
+        "{}",
+        tm.log()
+    );
+    assert!(tm.is_running(), "{}", tm.log());
+}

@@ -15,10 +15,11 @@
 //! 3. a backfill of the table is queued (`reason = "recreated"`): its rows come as
 //!    `read` events after the marker, so folding the stream gives the table again.
 //!
-//! A table without a key cannot be backfilled: its `truncated` event is published
-//! only when the table was not published before the marker (none of its rows were
-//! streamed, so only the old table's rows go), and a warning says that its rows
-//! written before tidemark saw it are missing. An operator's publication that lost the
+//! A table without a key cannot be backfilled: under a publication that sent it from
+//! its creation (`FOR ALL TABLES`, a schema) its rows are in the stream already, so it
+//! gets no `truncated` event (the old table's rows stay in read models); otherwise it
+//! gets one, and its rows written before it was published again are missing. Either
+//! way a warning says so. An operator's publication that lost the
 //! table stops the source with the `ALTER PUBLICATION` to run; a new table whose
 //! UPDATEs Postgres would refuse once published stops it with the identity to set.
 //! Both are found again at the next start.
@@ -245,13 +246,16 @@ async fn recreated(
             Err(err) => return Err(err.into()),
         }
     };
+    // Sent from its creation on (`FOR ALL TABLES`, a schema): its rows are in the
+    // stream already, and only a backfill could follow a truncated event.
+    let from_start = published && !catalog.names_table(&cfg.publication, t.oid).await?;
     let marker = Recreated {
         source: cfg.name.clone(),
         slot: cfg.slot.clone(),
         schema: t.schema.clone(),
         table: t.name.clone(),
         relid: t.oid,
-        truncate: key.is_some() || !published,
+        truncate: key.is_some() || !from_start,
     };
     let content = serde_json::to_string(&marker).map_err(|e| {
         SourceError::Protocol(format!("could not encode the recreated-table marker: {e}"))
@@ -295,7 +299,7 @@ async fn recreated(
                 .await?;
             info!(table = %t.qualified(), "truncated event marked; backfill of the new table queued");
         }
-        None if !outbox && published => {
+        None if !outbox && from_start => {
             warn!(table = %t.qualified(), "a table without a key cannot be read again, so no truncated event is published for it (the new table's rows were streamed from its start): the old table's rows stay in read models beside the new one's unless they are rebuilt; `tidemark reset --purge-stream` starts the stream over");
         }
         None if !outbox => {

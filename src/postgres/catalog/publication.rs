@@ -166,6 +166,22 @@ impl Catalog {
             .collect())
     }
 
+    /// Whether `publication` names the table itself (`FOR TABLE`, `ADD TABLE`), rather
+    /// than through `FOR ALL TABLES` or a schema, which send a table's changes from
+    /// the moment it is created.
+    pub async fn names_table(&self, publication: &str, oid: u32) -> Result<bool, CatalogError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid \
+                 WHERE p.pubname = $1 AND r.prrelid = $2)",
+                &[&publication, &oid],
+            )
+            .await
+            .map_err(q("the publication's own tables"))?;
+        Ok(row.get(0))
+    }
+
     /// Makes sure the publication publishes the configured tables, creating it or
     /// adding tables when allowed. Refuses tables whose UPDATEs Postgres would reject
     /// once published. Returns the tables that will be streamed.
