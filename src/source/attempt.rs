@@ -142,10 +142,6 @@ pub(super) async fn run_attempt(
         Vec::new()
     };
 
-    // Tables swapped for new ones (a new OID under the name) while tidemark was away.
-    let table_oids =
-        super::recreated::at_start(&catalog, cfg, &progress, &tables, slot.is_none()).await?;
-
     // Replication.
     let mut conn = ReplicationConnection::connect(&cfg.postgres, cfg.max_row_bytes).await?;
     let ident = conn.identify_system().await?;
@@ -233,6 +229,11 @@ pub(super) async fn run_attempt(
         }
         Err(e) => return Err(e.into()),
     };
+    // Tables swapped for new ones (a new OID under the name) while tidemark was away;
+    // looked at only once the slot is this process's (a standby waiting for it must
+    // not handle them too).
+    let table_oids =
+        super::recreated::at_start(&catalog, cfg, &progress, &tables, slot.is_none()).await?;
     let confirmed = catalog
         .slot(&cfg.slot)
         .await?
