@@ -89,23 +89,30 @@ pub(super) async fn at_start(
         }
         known.insert(name, t.oid);
     }
-    record(progress, &known).await?;
+    record(progress, &known).await;
     Ok(known)
 }
 
-async fn record(progress: &Progress, known: &HashMap<Name, u32>) -> Result<(), SourceError> {
+/// Records the OIDs. A failed write (NATS away, or a record over the server's
+/// `max_payload` with tens of thousands of tables) is logged and leaves the record as
+/// it was: only a swap made while tidemark is down then goes unseen. The watch goes on
+/// from what it knows, and writes again at the next change and the next start.
+async fn record(progress: &Progress, known: &HashMap<Name, u32>) {
     let mut tables: Vec<(String, String, u32)> = known
         .iter()
         .map(|((s, t), oid)| (s.clone(), t.clone(), *oid))
         .collect();
     tables.sort();
-    progress
+    let count = tables.len();
+    if let Err(e) = progress
         .put_table_oids(&TableOids {
             stream: None,
             tables,
         })
-        .await?;
-    Ok(())
+        .await
+    {
+        warn!(error = %crate::error::ErrorChain(&e), tables = count, "could not record the tables' OIDs: a table dropped and created again while tidemark is stopped would go unseen");
+    }
 }
 
 /// Checks the names every `POLL` until `cancel` fires. A failure an operator must fix
@@ -204,7 +211,7 @@ async fn poll(
         changed = true;
     }
     if changed {
-        record(progress, known).await?;
+        record(progress, known).await;
     }
     Ok(())
 }
