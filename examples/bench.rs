@@ -22,7 +22,7 @@
 //!
 //! `BENCH_LOG` sets the log filter of the tidemark runs (default `info`; e.g.
 //! `info,tidemark=debug` logs each snapshot chunk's read and placement with its time),
-//! and `BENCH_KEEP_LOG=DIR` copies the snapshot runs' logs into DIR.
+//! and `BENCH_KEEP_LOG=DIR` copies the backlog run's and the snapshot runs' logs into DIR.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -248,6 +248,9 @@ async fn main() {
     let tm_rate = n as f64 / tm_secs;
     let (tm_user, tm_sys) = tm.cpu_times().unwrap_or_default();
     let tm_cpu = (tm_user + tm_sys).as_secs_f64();
+    if let Ok(keep) = std::env::var("BENCH_KEEP_LOG") {
+        let _ = std::fs::copy(&log, format!("{keep}/backlog.log"));
+    }
 
     // Ceiling 2: what NATS can take: the same events, bare client, same window.
     let js = async_nats::jetstream::new(nc.clone());
