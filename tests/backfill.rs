@@ -1667,7 +1667,11 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
          INSERT INTO big SELECT g, g, 'old ' || g FROM generate_series(1, 300) g;
          CREATE TABLE notes (msg text);
          ALTER TABLE notes REPLICA IDENTITY FULL;
-         INSERT INTO notes VALUES ('old 1'), ('old 2');",
+         INSERT INTO notes VALUES ('old 1'), ('old 2');
+         CREATE TABLE quiet (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO quiet SELECT g, g, 'old' FROM generate_series(1, 50) g;
+         CREATE TABLE moved (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO moved SELECT g, g, 'm' FROM generate_series(1, 20) g;",
     )
     .await
     .unwrap();
@@ -1696,11 +1700,19 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
          DROP TABLE notes;
          CREATE TABLE notes (msg text);
          ALTER TABLE notes REPLICA IDENTITY FULL;
-         INSERT INTO notes VALUES ('new 1'), ('new 2'), ('new 3');",
+         INSERT INTO notes VALUES ('new 1'), ('new 2'), ('new 3');
+         BEGIN;
+         CREATE TABLE quiet_new (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO quiet_new SELECT id, qty + 1, 'new' FROM quiet WHERE id > 10;
+         DROP TABLE quiet;
+         ALTER TABLE quiet_new RENAME TO quiet;
+         COMMIT;",
     )
     .await
     .unwrap();
     wait_recreated_done(&nc, "big", None, || tm.log()).await;
+    // Not written since the swap: the stream described it last under its first name.
+    wait_recreated_done(&nc, "quiet", None, || tm.log()).await;
     db.batch_execute(
         "UPDATE big SET qty = qty + 1 WHERE id <= 20; INSERT INTO notes VALUES ('new 4');",
     )
@@ -1715,6 +1727,35 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
         folded.get("public.big"),
         Some(&want),
         "big folds to the swapped-in table\n{}",
+        tm.log()
+    );
+    // A table renamed after a change described it, then backfilled under its new
+    // name with no change since: its reads carry the new name.
+    db.batch_execute("UPDATE moved SET qty = 0 WHERE id = 1")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    db.batch_execute("ALTER TABLE moved RENAME TO moved_on")
+        .await
+        .unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+    let (code, out, err) = tidemark_cmd(&[
+        "backfill", "--config", cfg_arg, "--table", "moved_on", "--wait",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    let folded = fold(&events);
+    assert_eq!(
+        folded.get("public.moved_on"),
+        Some(&table_rows(&db, "moved_on").await),
+        "the renamed table's reads under its new name\n{}",
+        tm.log()
+    );
+    assert_eq!(
+        folded.get("public.quiet"),
+        Some(&table_rows(&db, "quiet").await),
+        "quiet folds to the swapped-in table, its reads under its name now\n{}",
         tm.log()
     );
     let notes: Vec<String> = events

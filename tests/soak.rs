@@ -10,8 +10,9 @@
 //! partitions; a table with TOASTed values, DDL on it (add, drop,
 //! retype a column) and one `tidemark backfill` of it under writes; outbox rows and
 //! `pg_logical_emit_message` in the same transactions; multi-table TRUNCATEs and
-//! `TRUNCATE ... CASCADE`; pgbench's TPC-B script as a concurrent writer (its history
-//! table has no key). Faults: kill -9 of `run` and of `project`, SIGTERM with an
+//! `TRUNCATE ... CASCADE`; a table swapped for a rebuilt copy now and then (create,
+//! copy, drop, rename: a new OID under its name); pgbench's TPC-B script as a
+//! concurrent writer (its history table has no key). Faults: kill -9 of `run` and of `project`, SIGTERM with an
 //! immediate restart, nats-server restart, Postgres fast and immediate restart, TCP
 //! cuts and stalls of the source's Postgres and NATS connections through a proxy.
 //! Checks: the stream folds to every table (keyless ones as multisets), event ids
@@ -61,6 +62,8 @@ CREATE TABLE ship_0 PARTITION OF ship FOR VALUES IN (0);
 CREATE TABLE ship_1 PARTITION OF ship FOR VALUES IN (1);
 CREATE TABLE ship_2 PARTITION OF ship DEFAULT;
 INSERT INTO ship SELECT g, g % 4, g % 11 FROM generate_series(1, 3000) g;
+CREATE TABLE swap (id int PRIMARY KEY, v int NOT NULL);
+INSERT INTO swap SELECT g, g FROM generate_series(1, 500) g;
 ";
 
 /// Every published table the fold is compared with; the keyless ones as multisets.
@@ -73,6 +76,7 @@ const TABLES: &[&str] = &[
     "parent",
     "child",
     "ship",
+    "swap",
     "pgbench_accounts",
     "pgbench_tellers",
     "pgbench_branches",
@@ -474,6 +478,25 @@ async fn seeded_soak_keeps_every_promise() {
                     _ => format!("DELETE FROM ship WHERE id = {id}"),
                 }
             }
+            83 => {
+                // A migration that swaps in a rebuilt table (a new OID under the
+                // name): tidemark publishes swap's truncated event and reads it again.
+                let gone = rng.below(50);
+                eprintln!("step {step}: swap");
+                format!(
+                    "BEGIN; CREATE TABLE swap_s{step} (id int PRIMARY KEY, v int NOT NULL); \
+                     INSERT INTO swap_s{step} SELECT id, v + 1 FROM swap WHERE id % 50 <> {gone}; \
+                     DROP TABLE swap; ALTER TABLE swap_s{step} RENAME TO swap; COMMIT;"
+                )
+            }
+            84..=85 => {
+                let id = 1 + rng.below(600);
+                match rng.below(3) {
+                    0 => format!("UPDATE swap SET v = v + 1 WHERE id = {id}"),
+                    1 => format!("INSERT INTO swap VALUES ({id}, 0) ON CONFLICT DO NOTHING"),
+                    _ => format!("DELETE FROM swap WHERE id = {id}"),
+                }
+            }
             73..=74 => {
                 if pgbench_run.is_none() {
                     let t = (1 + rng.below(3)).to_string();
@@ -592,6 +615,22 @@ async fn seeded_soak_keeps_every_promise() {
     // the soak), then what their chunks added: everything committed is stored once the
     // slot confirms the current end of WAL.
     let grace = Duration::from_secs(300 + secs / 2);
+    // The last swap is seen within tidemark's 2 s look at the names: once swap's OID
+    // is recorded, its truncated event is in the WAL and its backfill queued.
+    let swap_oid: u32 = db
+        .query_one("SELECT 'swap'::regclass::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + grace;
+    while !swap_recorded(&nc, swap_oid).await {
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: swap's OID {swap_oid} never recorded\n{}",
+            tail(&run.log(), 200)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     wait_caught_up(&pg, &db, "store", "tidemark_soak", grace, || {
         format!("seed {seed}\n{}", tail(&run.log(), 200))
     })
@@ -638,8 +677,12 @@ async fn seeded_soak_keeps_every_promise() {
     let mut reads: BTreeMap<String, u32> = BTreeMap::new();
     for e in events.iter().filter(|e| {
         let d = &e.body["data"];
-        // A keyless table's key is its whole row, which two rows may share.
-        d["op"] == "read" && !KEYLESS.contains(&d["table"].as_str().unwrap_or_default())
+        // A keyless table's key is its whole row, which two rows may share. A swapped
+        // table is read again by each swap's job, and a chunk of the job a swap
+        // replaced may still land after it.
+        d["op"] == "read"
+            && !KEYLESS.contains(&d["table"].as_str().unwrap_or_default())
+            && d["table"] != "public.swap"
     }) {
         let d = &e.body["data"];
         let job = if d["table"] == "public.docs" && backfill_split.is_some_and(|s| e.seq > s) {
@@ -673,11 +716,25 @@ async fn seeded_soak_keeps_every_promise() {
                         .find(|(k, _)| !want.contains_key(*k))
                         .map(|(k, n)| format!("stream has {n} x {k}, the table none"))
                 });
+            // The table's last events and the log lines that name it.
+            let table_name = format!("public.{table}");
+            let last: Vec<String> = events
+                .iter()
+                .filter(|e| e.body["data"]["table"] == table_name.as_str())
+                .map(|e| format!("{} {} {}", e.seq, e.body["id"], e.body["data"]["op"]))
+                .collect();
+            let log = run.log();
+            let named: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&format!("{table}\"")) || l.contains(&format!("{table} ")))
+                .collect();
             panic!(
-                "seed {seed}: the stream does not fold to table {table} ({} rows vs {}): first difference: {}",
+                "seed {seed}: the stream does not fold to table {table} ({} rows vs {}): first difference: {}\nits last events: {:?}\nthe log on it:\n{}",
                 got.values().sum::<i64>(),
                 want.values().sum::<i64>(),
-                first.unwrap_or_default()
+                first.unwrap_or_default(),
+                &last[last.len().saturating_sub(8)..],
+                named[named.len().saturating_sub(40)..].join("\n")
             );
         }
     }
@@ -820,6 +877,22 @@ async fn stream_last_seq(nc: &async_nats::Client, stream: &str) -> u64 {
 }
 
 /// The soak source's backfill records that are not done.
+/// Whether the source recorded `oid` as swap's (see `src/source/recreated.rs`).
+async fn swap_recorded(nc: &async_nats::Client, oid: u32) -> bool {
+    let js = async_nats::jetstream::new(nc.clone());
+    let Ok(kv) = js.get_key_value("tidemark_soak").await else {
+        return false;
+    };
+    let Ok(Some(v)) = kv.get("table_oids").await else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(&v).is_ok_and(|r| {
+        r["tables"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e[1] == "swap" && e[2] == oid))
+    })
+}
+
 async fn open_jobs(nc: &async_nats::Client) -> Vec<Value> {
     use futures_util::StreamExt;
     let js = async_nats::jetstream::new(nc.clone());

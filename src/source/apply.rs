@@ -284,7 +284,13 @@ impl Pipeline<'_> {
         }
         // The catalog's view of the new table; gone again by now, its later marker
         // (or the next start) speaks for it.
-        if !self.relations.contains_key(&r.relid) {
+        // Described under another name (built as `swap_new`, renamed into place, not
+        // changed since): described again, under the name the marker carries.
+        let stale = self
+            .relations
+            .get(&r.relid)
+            .is_none_or(|t| t.schema != r.schema || t.name != r.table);
+        if stale {
             let exists = self
                 .catalog
                 .client()
@@ -299,7 +305,8 @@ impl Pipeline<'_> {
                 warn!(table = %format!("{}.{}", r.schema, r.table), "the recreated table is gone again: no truncated event for it");
                 return Ok(());
             }
-            self.ensure_described(r.relid).await?;
+            let table = self.describe_from_catalog(r.relid).await?;
+            self.relations.insert(r.relid, table);
         }
         match mapping::map_truncate(&self.context()?, index, self.table(r.relid)?) {
             Some(event) => self.emit(event).await,

@@ -186,6 +186,17 @@ impl Pipeline<'_> {
             return Ok(());
         }
         self.ensure_described(chunk.relid).await?;
+        // A table renamed since the stream last described it (Postgres describes it
+        // again only before its next change; a table built under another name and
+        // renamed into place has not changed since) is described from the catalog,
+        // which names it as the read did: its rows carry its name now.
+        if self
+            .table(chunk.relid)
+            .is_ok_and(|t| t.schema != chunk.schema || t.name != chunk.table)
+        {
+            let fresh = self.describe_from_catalog(chunk.relid).await?;
+            self.relations.insert(chunk.relid, fresh);
+        }
         // The stream's description of the table can be older than the columns the
         // chunk was read with: Postgres sends a table's new description only before
         // its next change, so a column added or dropped with no write since is not in
