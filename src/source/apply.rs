@@ -282,10 +282,10 @@ impl Pipeline<'_> {
         {
             w.note_truncate();
         }
-        // The catalog's view of the new table; gone again by now, its later marker
-        // (or the next start) speaks for it.
-        // Described under another name (built as `swap_new`, renamed into place, not
-        // changed since): described again, under the name the marker carries.
+        // Not described yet, or under another name (built as `swap_new`, renamed into
+        // place, not changed since): the catalog's view of it, under the name the
+        // marker carries. Gone again by now, its later marker (or the next start)
+        // speaks for it.
         let stale = self
             .relations
             .get(&r.relid)
