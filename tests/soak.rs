@@ -161,12 +161,21 @@ fn fold(events: &[StoredEvent]) -> BTreeMap<String, BTreeMap<String, i64>> {
             }
             Some("insert" | "update" | "read") => {
                 let key = data["key"].to_string();
+                // An UPDATE that changes the key (a partitioned row moved within its
+                // partition) leaves no row under the old key, which `before` carries.
+                let old = match (data["key"].as_object(), data["before"].as_object()) {
+                    (Some(k), Some(b)) if k.keys().all(|c| b.contains_key(c)) => {
+                        let old: serde_json::Map<String, Value> =
+                            k.keys().map(|c| (c.clone(), b[c].clone())).collect();
+                        Value::Object(old).to_string()
+                    }
+                    _ => key.clone(),
+                };
+                let prev = rows.remove(&old);
                 let mut after = data["after"].clone();
                 // A TOASTed value the update left alone is not sent: it is the
                 // previous one.
-                if let (Some(cols), Some(prev)) =
-                    (data["unchanged_toast"].as_array(), rows.get(&key))
-                {
+                if let (Some(cols), Some(prev)) = (data["unchanged_toast"].as_array(), prev) {
                     for c in cols.iter().filter_map(|c| c.as_str()) {
                         after[c] = prev[c].clone();
                     }
