@@ -1295,3 +1295,151 @@ async fn a_read_model_catching_up_shows_progress_every_second() {
     assert_eq!(counter(&rm).await, (TXS, TXS));
     source.kill9();
 }
+
+/// Values reach read models exactly as the store holds them: float8 and float4 (a
+/// tenth of random doubles came out one unit in the last place off: JSON numbers were
+/// parsed to the nearest double only approximately), jsonb numbers beyond a double's
+/// precision or range, -0, and integers past 2^53, in a SQL read model and a KV one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_get_every_number_exactly() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    let table =
+        "CREATE TABLE m (id int PRIMARY KEY, f8 float8, f4 float4, n numeric, b bigint, j jsonb)";
+    db.batch_execute(table).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(table).await.unwrap();
+    let sections = format!(
+        r#"
+[[projection]]
+name = "m_sql"
+source = "store"
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "readmodel"
+user = "postgres"
+
+[[projection.on]]
+type = ["m.created", "m.updated"]
+upsert = "m"
+key = ["id"]
+columns = {{ id = "data.after.id", f8 = "data.after.f8", f4 = "data.after.f4", n = "data.after.n", b = "data.after.b", j = "data.after.j" }}
+
+[[projection]]
+name = "m_kv"
+source = "store"
+kv_bucket = "M_VIEW"
+
+[[projection.on]]
+type = ["m.created", "m.updated"]
+kv = "put"
+key = "m.{{data.after.id}}"
+value = {{ f8 = "data.after.f8", f4 = "data.after.f4", b = "data.after.b", j = "data.after.j" }}
+"#,
+        port = pg.port
+    );
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["m"])
+            .sections(&sections),
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    db.batch_execute(
+        "INSERT INTO m SELECT g, random() * 1000, (random() * 1000)::float4, (random() * 1e6)::numeric,
+           (random() * 9e18)::bigint,
+           jsonb_build_object('x', random() * 1000, 'big', 123456789012345678901234567890,
+             'fine', 0.1000000000000000055511151231257827, 'tiny', 1e-400, 'huge', 1e400,
+             'list', jsonb_build_array(random(), -0.0, 2.50))
+         FROM generate_series(1, 2000) g;
+         INSERT INTO m VALUES (2001, 1e100, 3.4e38, 0, 9007199254740993, '{\"a\": -0}'),
+           (2002, 5e-324, 1.4e-45, -0.0, -9223372036854775808, '[1e-7, 123e4]'),
+           (2003, '-0', '-0', NULL, 9223372036854775807, '{\"n\": null}'),
+           (2004, 'NaN', 'Infinity', 'NaN', 0, '1.5');
+         UPDATE m SET f8 = f8 / 3, j = j || jsonb_build_object('y', random()) WHERE id % 3 = 0;",
+    )
+    .await
+    .unwrap();
+    let lsn = current_lsn(&db).await.to_string();
+    for name in ["m_sql", "m_kv"] {
+        let (code, out, err) = tidemark_cmd(&[
+            "wait",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--projection",
+            name,
+            "--lsn",
+            &lsn,
+            "--timeout",
+            "60s",
+        ]);
+        assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+    }
+    // Each value as Postgres prints it (shortest exact text for floats; jsonb numbers
+    // as the numeric they are).
+    let dump = "SELECT id, f8::text, f4::text, n::text, b::text, j::text FROM m ORDER BY id";
+    let text = |rows: Vec<tokio_postgres::Row>| -> Vec<Vec<Option<String>>> {
+        rows.iter()
+            .map(|r| {
+                let mut v = vec![Some(r.get::<_, i32>(0).to_string())];
+                v.extend((1..6).map(|i| r.get::<_, Option<String>>(i)));
+                v
+            })
+            .collect()
+    };
+    let want = text(db.query(dump, &[]).await.unwrap());
+    let got = text(rm.query(dump, &[]).await.unwrap());
+    assert_eq!(want.len(), 2004);
+    let differ: Vec<_> = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| w != g)
+        .take(3)
+        .collect();
+    assert!(
+        differ.is_empty() && got.len() == want.len(),
+        "the SQL read model differs from the store (store, read model): {differ:?}"
+    );
+
+    // The KV values, compared by Postgres: each value's JSON text read as json (its
+    // numbers' text as written), cast as the store's column types.
+    use futures_util::TryStreamExt;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let kv = js.get_key_value("M_VIEW").await.unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+    assert_eq!(keys.len(), 2004);
+    let mut wrong = Vec::new();
+    for k in keys {
+        let v = kv.get(k.as_str()).await.unwrap().unwrap();
+        let v = String::from_utf8(v.to_vec()).unwrap();
+        let id: i32 = k.trim_start_matches("m.").parse().unwrap();
+        let same: bool = db
+            .query_one(
+                "SELECT (($2::text::json ->> 'f8')::float8::text IS NOT DISTINCT FROM f8::text)
+                    AND (($2::text::json ->> 'f4')::float4::text IS NOT DISTINCT FROM f4::text)
+                    AND (($2::text::json ->> 'b')::bigint IS NOT DISTINCT FROM b)
+                    AND (($2::text::json -> 'j')::jsonb::text IS NOT DISTINCT FROM j::text)
+                 FROM m WHERE id = $1",
+                &[&id, &v],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !same {
+            wrong.push((id, v));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} KV values differ from the store, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+    drop(projector);
+    drop(source);
+}
