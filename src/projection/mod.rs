@@ -120,6 +120,7 @@ impl Policy for ProjectionError {
 mod consumer;
 mod engine;
 mod kv;
+mod pg_text;
 mod postgres;
 mod read;
 mod rebuild;

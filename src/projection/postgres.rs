@@ -90,10 +90,23 @@ pub(super) async fn read_checkpoint(
     client: &tokio_postgres::Client,
     name: &str,
 ) -> Result<Position, ProjectionError> {
-    client
-        .batch_execute(CHECKPOINTS)
-        .await
-        .map_err(db_error(name, "create tidemark_checkpoints"))?;
+    // Projections starting together on one database race to create the table: the
+    // loser's IF NOT EXISTS does not see the winner's uncommitted type, and fails on
+    // its unique index. Once the winner commits, the table is there.
+    if let Err(e) = client.batch_execute(CHECKPOINTS).await {
+        let raced = e.code().is_some_and(|c| {
+            *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+                || *c == tokio_postgres::error::SqlState::DUPLICATE_OBJECT
+        });
+        if !raced {
+            return Err(db_error(name, "create tidemark_checkpoints")(e));
+        }
+        client
+            .batch_execute(CHECKPOINTS)
+            .await
+            .map_err(db_error(name, "create tidemark_checkpoints"))?;
+    }
     let row = client
         .query_opt(
             "SELECT stream_seq, commit_lsn FROM tidemark_checkpoints WHERE projection = $1",
@@ -235,7 +248,12 @@ impl<'a> Tx for PgTx<'a> {
                 if !types.contains(&event.event_type) {
                     continue;
                 }
-                let params: Vec<TextParam> = paths.iter().map(|p| param(&event.event, p)).collect();
+                // Each value in the syntax of its parameter's type.
+                let params: Vec<TextParam> = paths
+                    .iter()
+                    .zip(stmt.params())
+                    .map(|(p, ty)| typed_param(&event.event, p, ty))
+                    .collect();
                 if self.savepoints {
                     apply_in_savepoint(self.client, self.name, stmt, &params, event.seq).await?;
                     continue;

@@ -38,27 +38,29 @@ impl ToSql for TextParam {
 /// numbers and booleans as their text, objects and arrays as JSON, null and missing
 /// as NULL.
 pub(super) fn param(event: &serde_json::Value, path: &EventPath) -> TextParam {
+    TextParam(lookup(event, path).filter(|v| !v.is_null()).map(|v| {
+        let mut s = String::new();
+        pg_text::plain(&mut s, v);
+        s
+    }))
+}
+
+/// The value at `path` as Postgres text input for a parameter of type `ty` (arrays,
+/// ranges, composite, bytea and geometric values in Postgres syntax; see `pg_text`).
+pub(super) fn typed_param(event: &serde_json::Value, path: &EventPath, ty: &Type) -> TextParam {
+    TextParam(lookup(event, path).and_then(|v| pg_text::pg_text(v, ty)))
+}
+
+fn lookup<'a>(event: &'a serde_json::Value, path: &EventPath) -> Option<&'a serde_json::Value> {
     let mut v = event;
     for p in path {
         v = match v {
-            serde_json::Value::Object(m) => match m.get(p) {
-                Some(x) => x,
-                None => return TextParam(None),
-            },
-            serde_json::Value::Array(a) => match p.parse::<usize>().ok().and_then(|i| a.get(i)) {
-                Some(x) => x,
-                None => return TextParam(None),
-            },
-            _ => return TextParam(None),
+            serde_json::Value::Object(m) => m.get(p)?,
+            serde_json::Value::Array(a) => a.get(p.parse::<usize>().ok()?)?,
+            _ => return None,
         };
     }
-    TextParam(match v {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Bool(b) => Some(b.to_string()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        other => Some(other.to_string()),
-    })
+    Some(v)
 }
 
 pub(super) fn qualified_table(name: &str) -> String {
