@@ -1548,3 +1548,153 @@ value = {{ f8 = "data.after.f8", f4 = "data.after.f4", b = "data.after.b", j = "
     drop(projector);
     drop(source);
 }
+
+/// An UPDATE that leaves a TOASTed value alone: Postgres does not send the value, and
+/// the event lists it in `data.unchanged_toast`. An upsert read model and a KV one
+/// keep the value they hold (they wrote NULL over it), and a `sql` handler, which
+/// cannot, refuses the event naming the value and the fix rather than writing NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toasted_values_keep_their_value_in_read_models() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    let table = "CREATE TABLE t (id int PRIMARY KEY, big text, n int)";
+    db.batch_execute(table).await.unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(&format!("{table}; CREATE TABLE log (id int, big text)"))
+        .await
+        .unwrap();
+    let sections = format!(
+        r#"
+[[projection]]
+name = "t_sql"
+source = "store"
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "readmodel"
+user = "postgres"
+
+[[projection.on]]
+type = ["t.created", "t.updated"]
+upsert = "t"
+key = ["id"]
+columns = {{ id = "data.after.id", big = "data.after.big", n = "data.after.n" }}
+
+[[projection]]
+name = "t_log"
+source = "store"
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "readmodel"
+user = "postgres"
+
+[[projection.on]]
+type = ["t.created", "t.updated"]
+sql = "INSERT INTO log VALUES ($1, $2)"
+params = ["data.after.id", "data.after.big"]
+
+[[projection]]
+name = "t_kv"
+source = "store"
+kv_bucket = "T_VIEW"
+
+[[projection.on]]
+type = ["t.created", "t.updated"]
+kv = "put"
+key = "t.{{data.after.id}}"
+value = {{ big = "data.after.big", n = "data.after.n" }}
+"#,
+        port = pg.port
+    );
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["t"])
+            .sections(&sections),
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let plog = dir.path().join("projection.log");
+    let projector = Tidemark::project(&cfg, &plog);
+    // Values of 16,000 characters of md5 text: stored out of line (TOASTed).
+    db.batch_execute(
+        "INSERT INTO t SELECT g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 500) i), g
+           FROM generate_series(1, 20) g;
+         UPDATE t SET n = n + 100;
+         UPDATE t SET big = 'small ' || id WHERE id % 2 = 0;
+         UPDATE t SET n = n + 100;",
+    )
+    .await
+    .unwrap();
+    let lsn = current_lsn(&db).await.to_string();
+    for name in ["t_sql", "t_kv"] {
+        let (code, out, err) = tidemark_cmd(&[
+            "wait",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--projection",
+            name,
+            "--lsn",
+            &lsn,
+            "--timeout",
+            "60s",
+        ]);
+        assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+    }
+    // The events do leave the value out (or this test tests nothing).
+    let nc = nats.client().await;
+    let events = read_stream(&nc, "STORE").await;
+    let left_out = events
+        .iter()
+        .filter(|e| e.body["data"]["unchanged_toast"] == serde_json::json!(["big"]))
+        .count();
+    assert_eq!(left_out, 20 + 10, "updates that left a TOASTed big alone");
+    let dump = "SELECT id, md5(big), n FROM t ORDER BY id";
+    let rows = |rows: Vec<tokio_postgres::Row>| -> Vec<(i32, Option<String>, i32)> {
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    };
+    let want = rows(db.query(dump, &[]).await.unwrap());
+    assert_eq!(want.len(), 20);
+    assert_eq!(rows(rm.query(dump, &[]).await.unwrap()), want);
+    use futures_util::TryStreamExt;
+    let js = async_nats::jetstream::new(nc);
+    let kv = js.get_key_value("T_VIEW").await.unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+    assert_eq!(keys.len(), 20);
+    for (id, big, n) in &want {
+        let v = kv.get(format!("t.{id}")).await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        let md5: Option<String> = db
+            .query_one("SELECT md5($1::text)", &[&v["big"].as_str()])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!((&md5, v["n"].as_i64()), (big, Some(*n as i64)), "t.{id}");
+    }
+    // The sql handler stopped at the first update, with the fix; it wrote nothing
+    // of that source transaction.
+    let log = wait_for("t_log to stop", Duration::from_secs(30), || {
+        std::fs::read_to_string(&plog)
+            .ok()
+            .filter(|l| l.contains("projection stopped name=t_log"))
+    });
+    assert!(
+        log.contains("the event leaves data.after.big out")
+            && log.contains("REPLICA IDENTITY FULL"),
+        "{log}"
+    );
+    let logged: i64 = rm
+        .query_one("SELECT count(*) FROM log WHERE big IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0, "a NULL written in place of a value left out");
+    drop(projector);
+    drop(source);
+}

@@ -89,11 +89,19 @@ pub(super) async fn apply_kv(
                 None => return Ok(()),
             },
             KvOp::Put | KvOp::Merge => {
-                let mut value = match (op, stored) {
-                    (KvOp::Merge, Some(m)) => m,
+                let mut value = match (op, &stored) {
+                    (KvOp::Merge, Some(m)) => m.clone(),
                     _ => serde_json::Map::new(),
                 };
                 for (field, path) in fields {
+                    // A value the event leaves out (an unchanged TOASTed one) is the
+                    // one the key holds, never null.
+                    if left_out(event, path) {
+                        if let Some(v) = stored.as_ref().and_then(|m| m.get(field)) {
+                            value.insert(field.clone(), v.clone());
+                        }
+                        continue;
+                    }
                     let mut v = event;
                     for p in path {
                         v = v.get(p).unwrap_or(&serde_json::Value::Null);

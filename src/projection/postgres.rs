@@ -6,8 +6,15 @@
 use super::engine::{Incoming, Position, Refused, Target, Tx};
 use super::*;
 
-/// A handler's event types, prepared statement and parameters.
-type Prepared = (Vec<String>, tokio_postgres::Statement, Vec<EventPath>);
+/// A handler, prepared.
+struct Prepared {
+    types: Vec<String>,
+    stmt: tokio_postgres::Statement,
+    params: Vec<Param>,
+    /// A `sql` handler, which cannot keep a value the event leaves out: such an event
+    /// is refused rather than written with NULL in its place.
+    own_sql: bool,
+}
 
 pub(super) struct PgTarget {
     client: tokio_postgres::Client,
@@ -72,7 +79,12 @@ impl PgTarget {
                     ),
                 }
             })?;
-            handlers.push((h.types.clone(), stmt, params));
+            handlers.push(Prepared {
+                types: h.types.clone(),
+                stmt,
+                params,
+                own_sql: matches!(h.action, Action::Sql { .. }),
+            });
         }
         Ok(PgTarget {
             client,
@@ -244,15 +256,46 @@ impl<'a> Tx for PgTx<'a> {
         let mut refused = Vec::new();
         if event.wanted {
             let handlers: &'a [Prepared] = self.handlers;
-            for (types, stmt, paths) in handlers {
-                if !types.contains(&event.event_type) {
+            for h in handlers {
+                if !h.types.contains(&event.event_type) {
                     continue;
                 }
+                let stmt = &h.stmt;
+                if h.own_sql
+                    && let Some(path) = h.params.iter().find_map(|p| match p {
+                        Param::Value(path) if left_out(&event.event, path) => Some(path),
+                        _ => None,
+                    })
+                {
+                    if self.savepoints {
+                        // Set aside by the live projection: passed over here too.
+                        continue;
+                    }
+                    // What is in flight first: an earlier failure is the one to tell.
+                    let earlier = settle_answers(&mut self.inflight, 0, self.name).await?;
+                    if !earlier.is_empty() {
+                        return Ok(earlier);
+                    }
+                    return Ok(vec![Refused {
+                        origin: event.origin(),
+                        reason: format!(
+                            "the event leaves {} out (an unchanged TOASTed value Postgres does not send, or an omitted oversized one), and this sql handler would write NULL in its place: give the source table REPLICA IDENTITY FULL (tidemark then fills the value in), or use an upsert handler (it keeps the read model's value)",
+                            path.join(".")
+                        ),
+                        whole_txs: self.whole_txs,
+                    }]);
+                }
                 // Each value in the syntax of its parameter's type.
-                let params: Vec<TextParam> = paths
+                let params: Vec<TextParam> = h
+                    .params
                     .iter()
                     .zip(stmt.params())
-                    .map(|(p, ty)| typed_param(&event.event, p, ty))
+                    .map(|(p, ty)| match p {
+                        Param::Value(path) => typed_param(&event.event, path, ty),
+                        Param::LeftOut(path) => {
+                            TextParam(Some(left_out(&event.event, path).to_string()))
+                        }
+                    })
                     .collect();
                 if self.savepoints {
                     apply_in_savepoint(self.client, self.name, stmt, &params, event.seq).await?;

@@ -51,6 +51,33 @@ pub(super) fn typed_param(event: &serde_json::Value, path: &EventPath, ty: &Type
     TextParam(lookup(event, path).and_then(|v| pg_text::pg_text(v, ty)))
 }
 
+/// A statement parameter of a handler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// The value at a path of the event.
+    Value(EventPath),
+    /// Whether the event leaves the value at a path out (see `left_out`): an upsert
+    /// keeps the read model's value then, rather than writing NULL over it.
+    LeftOut(EventPath),
+}
+
+/// Whether `path` names a column value the event leaves out of `data.after`: an
+/// unchanged TOASTed value Postgres did not send (listed in `data.unchanged_toast`),
+/// or an oversized one omitted (`data.omitted`). Missing, it is not NULL: the row
+/// still holds it.
+pub(super) fn left_out(event: &serde_json::Value, path: &EventPath) -> bool {
+    let [data, after, column, ..] = path.as_slice() else {
+        return false;
+    };
+    data == "data"
+        && after == "after"
+        && ["unchanged_toast", "omitted"].iter().any(|list| {
+            event["data"][list]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|c| c.as_str() == Some(column)))
+        })
+}
+
 fn lookup<'a>(event: &'a serde_json::Value, path: &EventPath) -> Option<&'a serde_json::Value> {
     let mut v = event;
     for p in path {
@@ -70,10 +97,18 @@ pub(super) fn qualified_table(name: &str) -> String {
         .join(".")
 }
 
-/// The SQL a handler runs, and the event paths of its parameters.
-pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
+/// The SQL a handler runs, and its parameters. An upsert keeps a column's value when
+/// the event leaves it out (an unchanged TOASTed value): each such column's update is
+/// `CASE WHEN <left out> THEN <the row's value> ELSE EXCLUDED.<column> END`.
+pub fn handler_sql(action: &Action) -> (String, Vec<Param>) {
+    let values = |paths: &[(String, EventPath)]| -> Vec<Param> {
+        paths.iter().map(|(_, p)| Param::Value(p.clone())).collect()
+    };
     match action {
-        Action::Sql { sql, params } => (sql.clone(), params.clone()),
+        Action::Sql { sql, params } => (
+            sql.clone(),
+            params.iter().cloned().map(Param::Value).collect(),
+        ),
         Action::Upsert {
             table,
             key,
@@ -82,11 +117,20 @@ pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
             let cols: Vec<String> = columns.iter().map(|(c, _)| quote_ident(c)).collect();
             let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
             let keys: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
-            let updates: Vec<String> = columns
-                .iter()
-                .filter(|(c, _)| !key.contains(c))
-                .map(|(c, _)| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
-                .collect();
+            let mut params = values(columns);
+            let mut updates = Vec::new();
+            for (c, path) in columns.iter().filter(|(c, _)| !key.contains(c)) {
+                let c = quote_ident(c);
+                if path.len() >= 3 && path[0] == "data" && path[1] == "after" {
+                    params.push(Param::LeftOut(path.clone()));
+                    updates.push(format!(
+                        "{c} = CASE WHEN ${}::boolean THEN tidemark_row.{c} ELSE EXCLUDED.{c} END",
+                        params.len()
+                    ));
+                } else {
+                    updates.push(format!("{c} = EXCLUDED.{c}"));
+                }
+            }
             let on_conflict = if updates.is_empty() {
                 "DO NOTHING".to_string()
             } else {
@@ -94,13 +138,13 @@ pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
             };
             (
                 format!(
-                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
+                    "INSERT INTO {} AS tidemark_row ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
                     qualified_table(table),
                     cols.join(", "),
                     placeholders.join(", "),
                     keys.join(", ")
                 ),
-                columns.iter().map(|(_, p)| p.clone()).collect(),
+                params,
             )
         }
         // KV handlers run no SQL.
@@ -117,7 +161,7 @@ pub fn handler_sql(action: &Action) -> (String, Vec<EventPath>) {
                     qualified_table(table),
                     conds.join(" AND ")
                 ),
-                key.iter().map(|(_, p)| p.clone()).collect(),
+                values(key),
             )
         }
     }
@@ -142,18 +186,45 @@ mod tests {
                     "status".into(),
                     vec!["data".into(), "after".into(), "status".into()],
                 ),
+                ("kind".into(), vec!["type".into()]),
             ],
         });
         assert_eq!(
             sql,
-            "INSERT INTO \"rm\".\"orders\" (\"id\", \"status\") VALUES ($1, $2) ON CONFLICT (\"id\") DO UPDATE SET \"status\" = EXCLUDED.\"status\""
+            "INSERT INTO \"rm\".\"orders\" AS tidemark_row (\"id\", \"status\", \"kind\") VALUES ($1, $2, $3) ON CONFLICT (\"id\") DO UPDATE SET \"status\" = CASE WHEN $4::boolean THEN tidemark_row.\"status\" ELSE EXCLUDED.\"status\" END, \"kind\" = EXCLUDED.\"kind\""
         );
-        assert_eq!(params.len(), 2);
+        let path = |p: &str| p.split('.').map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            params,
+            vec![
+                Param::Value(path("data.after.id")),
+                Param::Value(path("data.after.status")),
+                Param::Value(path("type")),
+                Param::LeftOut(path("data.after.status")),
+            ]
+        );
         let (sql, _) = handler_sql(&Action::Delete {
             table: "orders".into(),
             key: vec![("id".into(), vec!["data".into(), "key".into(), "id".into()])],
         });
         assert_eq!(sql, "DELETE FROM \"orders\" WHERE \"id\" = $1");
+    }
+
+    #[test]
+    fn values_left_out_of_after_are_told_from_null() {
+        let e = json!({"data": {"after": {"id": 1, "n": null}, "unchanged_toast": ["big"], "omitted": ["body"]}});
+        let left = |p: &str| left_out(&e, &p.split('.').map(str::to_string).collect());
+        assert!(left("data.after.big"));
+        assert!(left("data.after.body"));
+        assert!(left("data.after.big.inner"));
+        assert!(!left("data.after.n"));
+        assert!(!left("data.after.id"));
+        assert!(!left("data.before.big"));
+        assert!(!left("data.big"));
+        assert!(!left_out(
+            &json!("x"),
+            &vec!["data".into(), "after".into(), "big".into()]
+        ));
     }
 
     #[test]
