@@ -1698,3 +1698,159 @@ value = {{ big = "data.after.big", n = "data.after.n" }}
     drop(projector);
     drop(source);
 }
+
+/// An UPDATE that changes a row's primary key (its event is `updated`, with the old
+/// key in `before`): an upsert read model and a KV one move the row to its new key.
+/// They kept it under the old key as well. With the default replica identity (`before`
+/// holds the old key only when it changed) and with FULL (`before` is the whole row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_changed_by_an_update_moves_the_row_in_read_models() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    let tables = "CREATE TABLE a (id int, region text, n int, PRIMARY KEY (id, region));
+                  CREATE TABLE b (id int PRIMARY KEY, n int);";
+    db.batch_execute(&format!("{tables} ALTER TABLE b REPLICA IDENTITY FULL;"))
+        .await
+        .unwrap();
+    let rm = pg.create_db("readmodel").await;
+    rm.batch_execute(tables).await.unwrap();
+    let mut sections = String::new();
+    for (t, key, cols) in [
+        (
+            "a",
+            r#"["id", "region"]"#,
+            r#"id = "data.after.id", region = "data.key.region", n = "data.after.n""#,
+        ),
+        (
+            "b",
+            r#"["id"]"#,
+            r#"id = "data.after.id", n = "data.after.n""#,
+        ),
+    ] {
+        let delete_key = if t == "a" {
+            r#"{ id = "data.key.id", region = "data.key.region" }"#
+        } else {
+            r#"{ id = "data.key.id" }"#
+        };
+        let kv_key = if t == "a" {
+            "a.{data.after.id}.{data.after.region}"
+        } else {
+            "b.{data.after.id}"
+        };
+        let kv_deleted = if t == "a" {
+            "a.{data.key.id}.{data.key.region}"
+        } else {
+            "b.{data.key.id}"
+        };
+        sections.push_str(&format!(
+            r#"
+[[projection]]
+name = "{t}_sql"
+source = "store"
+
+[projection.postgres]
+host = "127.0.0.1"
+port = {port}
+dbname = "readmodel"
+user = "postgres"
+
+[[projection.on]]
+type = ["{t}.created", "{t}.updated"]
+upsert = "{t}"
+key = {key}
+columns = {{ {cols} }}
+
+[[projection.on]]
+type = "{t}.deleted"
+delete = "{t}"
+key = {delete_key}
+
+[[projection]]
+name = "{t}_kv"
+source = "store"
+kv_bucket = "{upper}_VIEW"
+
+[[projection.on]]
+type = ["{t}.created", "{t}.updated"]
+kv = "put"
+key = "{kv_key}"
+value = {{ n = "data.after.n" }}
+
+[[projection.on]]
+type = "{t}.deleted"
+kv = "delete"
+key = "{kv_deleted}"
+"#,
+            port = pg.port,
+            upper = t.to_uppercase(),
+        ));
+    }
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["a", "b"])
+            .sections(&sections),
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    db.batch_execute(
+        "INSERT INTO a SELECT g, CASE WHEN g % 3 = 0 THEN 'eu' ELSE 'us' END, g FROM generate_series(1, 30) g;
+         INSERT INTO b SELECT g, g FROM generate_series(1, 30) g;
+         UPDATE a SET id = id + 100 WHERE id % 2 = 0;
+         UPDATE a SET region = 'apac', n = n + 1 WHERE id % 5 = 0;
+         UPDATE a SET n = n + 1 WHERE id % 7 = 0;
+         UPDATE b SET id = id + 100 WHERE id % 2 = 0;
+         UPDATE b SET n = n + 1;
+         DELETE FROM a WHERE id % 9 = 0;
+         DELETE FROM b WHERE id % 9 = 0;",
+    )
+    .await
+    .unwrap();
+    let lsn = current_lsn(&db).await.to_string();
+    for name in ["a_sql", "a_kv", "b_sql", "b_kv"] {
+        let (code, out, err) = tidemark_cmd(&[
+            "wait",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--projection",
+            name,
+            "--lsn",
+            &lsn,
+            "--timeout",
+            "60s",
+        ]);
+        assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
+    }
+    use futures_util::TryStreamExt;
+    let js = async_nats::jetstream::new(nats.client().await);
+    for (t, dump) in [
+        ("a", "SELECT id || '.' || region, n FROM a ORDER BY 1"),
+        ("b", "SELECT id::text, n FROM b ORDER BY 1"),
+    ] {
+        let rows = |rows: Vec<tokio_postgres::Row>| -> BTreeMap<String, i32> {
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        };
+        let want = rows(db.query(dump, &[]).await.unwrap());
+        assert!(want.len() > 20, "{want:?}");
+        assert_eq!(rows(rm.query(dump, &[]).await.unwrap()), want, "table {t}");
+        let kv = js
+            .get_key_value(format!("{}_VIEW", t.to_uppercase()))
+            .await
+            .unwrap();
+        let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+        let mut got = BTreeMap::new();
+        for k in keys {
+            let v = kv.get(k.as_str()).await.unwrap().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            got.insert(
+                k.trim_start_matches(&format!("{t}.")).to_string(),
+                v["n"].as_i64().unwrap() as i32,
+            );
+        }
+        assert_eq!(got, want, "KV of {t}");
+    }
+    drop(projector);
+    drop(source);
+}

@@ -33,6 +33,31 @@ pub(super) fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result
     }
 }
 
+/// The key an event's row had before an UPDATE that changed its key: the template with
+/// each `data.after.<column>` or `data.key.<column>` read from `data.before`. None when
+/// the template takes nothing from the row, the event has no old key (`before` holds
+/// it only when the key changed, or the whole old row), or the key is the same.
+pub(super) fn old_key(parts: &[KeyPart], event: &serde_json::Value, new: &str) -> Option<String> {
+    let mut from_row = false;
+    let before: Vec<KeyPart> = parts
+        .iter()
+        .map(|p| match p {
+            KeyPart::Path(path) => match path.as_slice() {
+                [data, part, column] if data == "data" && (part == "after" || part == "key") => {
+                    from_row = true;
+                    KeyPart::Path(vec![data.clone(), "before".into(), column.clone()])
+                }
+                _ => p.clone(),
+            },
+            KeyPart::Lit(_) => p.clone(),
+        })
+        .collect();
+    if !from_row {
+        return None;
+    }
+    render_key(&before, event).ok().filter(|old| old != new)
+}
+
 /// Why a KV write failed: the event's doing (it fails again every time: poison), or
 /// NATS's (an outage: start again from the checkpoint, never set the event aside).
 pub(super) enum KvFailure {
@@ -367,11 +392,21 @@ async fn apply_kv_batch(
             };
             match render_key(key, &e.event) {
                 Ok(k) => {
-                    let slot = *keys.entry(k.clone()).or_insert_with(|| {
-                        writes.push((k, Vec::new()));
-                        writes.len() - 1
-                    });
-                    writes[slot].1.push((i, *op, value.as_slice()));
+                    let mut write = |k: String, op: KvOp, fields| {
+                        let slot = *keys.entry(k.clone()).or_insert_with(|| {
+                            writes.push((k, Vec::new()));
+                            writes.len() - 1
+                        });
+                        writes[slot].1.push((i, op, fields));
+                    };
+                    // An UPDATE that changed the row's key: the value under the old
+                    // key goes, or the model would hold the row twice.
+                    if *op != KvOp::Delete
+                        && let Some(old) = old_key(key, &e.event, &k)
+                    {
+                        write(old, KvOp::Delete, &[]);
+                    }
+                    write(k, *op, value.as_slice());
                 }
                 Err(reason) => failed.push((i, reason)),
             }
@@ -434,4 +469,36 @@ pub async fn kv_bucket(js: &jetstream::Context, projection: &str, configured: &s
         .await
         .and_then(|a| a.bucket)
         .unwrap_or_else(|| configured.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_old_key_of_an_update_that_changed_the_key() {
+        let path = |p: &str| KeyPart::Path(p.split('.').map(str::to_string).collect());
+        let parts = vec![
+            KeyPart::Lit("order.".into()),
+            path("data.after.id"),
+            KeyPart::Lit(".".into()),
+            path("data.key.region"),
+        ];
+        let event = |before: serde_json::Value| {
+            json!({"data": {"key": {"id": 2, "region": "eu"}, "before": before,
+                            "after": {"id": 2, "region": "eu"}}})
+        };
+        let old = |before| old_key(&parts, &event(before), "order.2.eu");
+        assert_eq!(
+            old(json!({"id": 1, "region": "eu"})).as_deref(),
+            Some("order.1.eu")
+        );
+        assert_eq!(old(json!({"id": 2, "region": "eu", "total": 1})), None);
+        assert_eq!(old(json!(null)), None);
+        assert_eq!(old(json!({"id": 1})), None);
+        // A key that takes nothing from the row has no old one.
+        let fixed = vec![KeyPart::Lit("all.".into()), path("type")];
+        assert_eq!(old_key(&fixed, &event(json!({"id": 1})), "all.x"), None);
+    }
 }

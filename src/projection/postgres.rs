@@ -14,6 +14,8 @@ struct Prepared {
     /// A `sql` handler, which cannot keep a value the event leaves out: such an event
     /// is refused rather than written with NULL in its place.
     own_sql: bool,
+    /// An upsert's removal of the row under a key an UPDATE changed.
+    moved: Option<(MovedKey, tokio_postgres::Statement)>,
 }
 
 pub(super) struct PgTarget {
@@ -79,11 +81,22 @@ impl PgTarget {
                     ),
                 }
             })?;
+            let moved = match moved_key_sql(&h.action) {
+                Some(m) => {
+                    let stmt = client
+                        .prepare(&m.sql)
+                        .await
+                        .map_err(db_error(&cfg.name, "prepare a handler"))?;
+                    Some((m, stmt))
+                }
+                None => None,
+            };
             handlers.push(Prepared {
                 types: h.types.clone(),
                 stmt,
                 params,
                 own_sql: matches!(h.action, Action::Sql { .. }),
+                moved,
             });
         }
         Ok(PgTarget {
@@ -285,6 +298,18 @@ impl<'a> Tx for PgTx<'a> {
                         whole_txs: self.whole_txs,
                     }]);
                 }
+                let mut statements = Vec::with_capacity(2);
+                if let Some((m, delete)) = &h.moved
+                    && m.moved(&event.event)
+                {
+                    let old: Vec<TextParam> = m
+                        .old
+                        .iter()
+                        .zip(delete.params())
+                        .map(|(path, ty)| typed_param(&event.event, path, ty))
+                        .collect();
+                    statements.push((delete, old));
+                }
                 // Each value in the syntax of its parameter's type.
                 let params: Vec<TextParam> = h
                     .params
@@ -297,19 +322,23 @@ impl<'a> Tx for PgTx<'a> {
                         }
                     })
                     .collect();
-                if self.savepoints {
-                    apply_in_savepoint(self.client, self.name, stmt, &params, event.seq).await?;
-                    continue;
+                statements.push((stmt, params));
+                for (stmt, params) in statements {
+                    if self.savepoints {
+                        apply_in_savepoint(self.client, self.name, stmt, &params, event.seq)
+                            .await?;
+                        continue;
+                    }
+                    let sent = Sent {
+                        origin: event.origin(),
+                        whole_txs: self.whole_txs,
+                    };
+                    let client: &'a tokio_postgres::Client = self.client;
+                    self.inflight.push_back(Box::pin(async move {
+                        let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
+                        (sent, client.execute_raw(stmt, refs).await)
+                    }));
                 }
-                let sent = Sent {
-                    origin: event.origin(),
-                    whole_txs: self.whole_txs,
-                };
-                let client: &'a tokio_postgres::Client = self.client;
-                self.inflight.push_back(Box::pin(async move {
-                    let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
-                    (sent, client.execute_raw(stmt, refs).await)
-                }));
             }
             refused = settle_answers(&mut self.inflight, PIPELINE, self.name).await?;
         }

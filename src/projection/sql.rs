@@ -167,6 +167,72 @@ pub fn handler_sql(action: &Action) -> (String, Vec<Param>) {
     }
 }
 
+/// An upsert's key, as the event has it before and after an UPDATE that changes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MovedKey {
+    /// `DELETE FROM <table> WHERE <key> = <the old key>`.
+    pub sql: String,
+    /// Where the event holds each key column's new value, and its old one.
+    pub new: Vec<EventPath>,
+    pub old: Vec<EventPath>,
+}
+
+/// For an upsert whose key comes from the row (`data.after.<column>` or
+/// `data.key.<column>`): the statement that removes the row under the old key when an
+/// UPDATE changes the key (its event's `before` holds the old key). Without it the
+/// read model would keep the row under both keys.
+pub fn moved_key_sql(action: &Action) -> Option<MovedKey> {
+    let Action::Upsert {
+        table,
+        key,
+        columns,
+    } = action
+    else {
+        return None;
+    };
+    let mut new = Vec::new();
+    let mut old = Vec::new();
+    for k in key {
+        let (_, path) = columns.iter().find(|(c, _)| c == k)?;
+        match path.as_slice() {
+            [data, part, column] if data == "data" && (part == "after" || part == "key") => {
+                new.push(path.clone());
+                old.push(vec![data.clone(), "before".to_string(), column.clone()]);
+            }
+            _ => return None,
+        }
+    }
+    let conds: Vec<String> = key
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
+        .collect();
+    Some(MovedKey {
+        sql: format!(
+            "DELETE FROM {} WHERE {}",
+            qualified_table(table),
+            conds.join(" AND ")
+        ),
+        new,
+        old,
+    })
+}
+
+impl MovedKey {
+    /// Whether the event changes the key: its `before` holds every key column, and
+    /// one of them differs from the new value.
+    pub(super) fn moved(&self, event: &serde_json::Value) -> bool {
+        let mut changed = false;
+        for (new, old) in self.new.iter().zip(&self.old) {
+            match (lookup(event, old), lookup(event, new)) {
+                (Some(o), n) if !o.is_null() => changed |= Some(o) != n,
+                _ => return false,
+            }
+        }
+        changed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +274,41 @@ mod tests {
             key: vec![("id".into(), vec!["data".into(), "key".into(), "id".into()])],
         });
         assert_eq!(sql, "DELETE FROM \"orders\" WHERE \"id\" = $1");
+    }
+
+    #[test]
+    fn an_upsert_removes_the_row_under_a_key_an_update_changed() {
+        let path = |p: &str| p.split('.').map(str::to_string).collect::<Vec<_>>();
+        let upsert = |id: &str| Action::Upsert {
+            table: "orders".into(),
+            key: vec!["id".into(), "region".into()],
+            columns: vec![
+                ("id".into(), path(id)),
+                ("region".into(), path("data.key.region")),
+                ("total".into(), path("data.after.total")),
+            ],
+        };
+        let m = moved_key_sql(&upsert("data.after.id")).unwrap();
+        assert_eq!(
+            m.sql,
+            "DELETE FROM \"orders\" WHERE \"id\" = $1 AND \"region\" = $2"
+        );
+        assert_eq!(
+            m.old,
+            vec![path("data.before.id"), path("data.before.region")]
+        );
+        let event = |before: serde_json::Value| {
+            json!({"data": {"key": {"id": 2, "region": "eu"}, "before": before,
+                            "after": {"id": 2, "region": "eu", "total": 5}}})
+        };
+        assert!(m.moved(&event(json!({"id": 1, "region": "eu"}))));
+        assert!(m.moved(&event(json!({"id": 2, "region": "us"}))));
+        // Not moved: the same key (a full old row), no old row, or a part missing.
+        assert!(!m.moved(&event(json!({"id": 2, "region": "eu", "total": 4}))));
+        assert!(!m.moved(&event(json!(null))));
+        assert!(!m.moved(&event(json!({"id": 1}))));
+        // A key taken from elsewhere than the row: nothing to compare.
+        assert_eq!(moved_key_sql(&upsert("type")), None);
     }
 
     #[test]
