@@ -891,37 +891,8 @@ key = "order.{data.key.id}"
 
     let nc = nats.client().await;
     let js = async_nats::jetstream::new(nc);
-    let kv = js.get_key_value("ORDERS_VIEW").await.unwrap();
-    let mut got: BTreeMap<i32, (i64, String, String)> = BTreeMap::new();
-    {
-        use futures_util::TryStreamExt;
-        let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
-        for k in keys {
-            let Some(v) = kv.get(k.as_str()).await.unwrap() else {
-                continue;
-            };
-            let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
-            let id: i32 = k.trim_start_matches("order.").parse().unwrap();
-            got.insert(
-                id,
-                (
-                    v["customer"].as_i64().unwrap(),
-                    v["status"].as_str().unwrap().to_string(),
-                    v["total"].as_str().unwrap().to_string(),
-                ),
-            );
-        }
-    }
-    let want: BTreeMap<i32, (i64, String, String)> = db
-        .query(
-            "SELECT id, customer_id, status, total::text FROM orders",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get::<_, i32>(1) as i64, r.get(2), r.get(3))))
-        .collect();
+    let got = kv_orders(&js, "ORDERS_VIEW").await;
+    let want = store_orders(&db).await;
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
     assert!(projector.log().matches("projecting into KV").count() >= 6);
@@ -959,26 +930,19 @@ async fn kv_orders(
     js: &async_nats::jetstream::Context,
     bucket: &str,
 ) -> BTreeMap<i32, (i64, String, String)> {
-    use futures_util::TryStreamExt;
-    let kv = js.get_key_value(bucket).await.unwrap();
-    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
-    let mut got = BTreeMap::new();
-    for k in keys {
-        let Some(v) = kv.get(k.as_str()).await.unwrap() else {
-            continue;
-        };
-        let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
-        let id: i32 = k.trim_start_matches("order.").parse().unwrap();
-        got.insert(
-            id,
+    kv_values(js, bucket)
+        .await
+        .into_iter()
+        .map(|(k, v)| {
+            let id: i32 = k.trim_start_matches("order.").parse().unwrap();
+            let customer = v["customer"].as_i64().unwrap();
+            let status = v["status"].as_str().unwrap().to_string();
             (
-                v["customer"].as_i64().unwrap(),
-                v["status"].as_str().unwrap().to_string(),
-                v["total"].as_str().unwrap().to_string(),
-            ),
-        );
-    }
-    got
+                id,
+                (customer, status, v["total"].as_str().unwrap().to_string()),
+            )
+        })
+        .collect()
 }
 
 /// The same from the store.
@@ -1296,6 +1260,48 @@ async fn a_read_model_catching_up_shows_progress_every_second() {
     source.kill9();
 }
 
+/// Waits until each named projection has applied everything the store committed so
+/// far (`tidemark wait`, up to a minute each).
+async fn wait_applied(
+    db: &tokio_postgres::Client,
+    cfg: &std::path::Path,
+    names: &[&str],
+    log: impl Fn() -> String,
+) {
+    let lsn = current_lsn(db).await.to_string();
+    for name in names {
+        let (code, out, err) = tidemark_cmd(&[
+            "wait",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--projection",
+            name,
+            "--lsn",
+            &lsn,
+            "--timeout",
+            "60s",
+        ]);
+        assert_eq!(code, 0, "{out}{err}\n{}", log());
+    }
+}
+
+/// Every value of a KV bucket, by key.
+async fn kv_values(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+) -> BTreeMap<String, serde_json::Value> {
+    use futures_util::TryStreamExt;
+    let kv = js.get_key_value(bucket).await.unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+    let mut out = BTreeMap::new();
+    for k in keys {
+        if let Some(v) = kv.get(k.as_str()).await.unwrap() {
+            out.insert(k, serde_json::from_slice(&v).unwrap());
+        }
+    }
+    out
+}
+
 /// Columns of every kind the source converts, with the values that are hardest to
 /// carry: (name, type).
 const VALUE_COLUMNS: &[(&str, &str)] = &[
@@ -1456,21 +1462,7 @@ value = {{ f8 = "data.after.f8", f4 = "data.after.f4", b = "data.after.b", j = "
         ));
     }
     db.batch_execute(&writes).await.unwrap();
-    let lsn = current_lsn(&db).await.to_string();
-    for name in ["m_sql", "m_kv"] {
-        let (code, out, err) = tidemark_cmd(&[
-            "wait",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--projection",
-            name,
-            "--lsn",
-            &lsn,
-            "--timeout",
-            "60s",
-        ]);
-        assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
-    }
+    wait_applied(&db, &cfg, &["m_sql", "m_kv"], || projector.log()).await;
     // Each value as Postgres prints it (shortest exact text for floats; jsonb numbers
     // as the numeric they are). A json value is compared as jsonb: the source sends
     // it without its spaces.
@@ -1513,15 +1505,13 @@ value = {{ f8 = "data.after.f8", f4 = "data.after.f4", b = "data.after.b", j = "
 
     // The KV values, compared by Postgres: each value's JSON text read as json (its
     // numbers' text as written), cast as the store's column types.
-    use futures_util::TryStreamExt;
     let js = async_nats::jetstream::new(nats.client().await);
-    let kv = js.get_key_value("M_VIEW").await.unwrap();
-    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
-    assert_eq!(keys.len(), want.len());
+    let values = kv_values(&js, "M_VIEW").await;
+    assert_eq!(values.len(), want.len());
     let mut wrong = Vec::new();
-    for k in keys {
-        let v = kv.get(k.as_str()).await.unwrap().unwrap();
-        let v = String::from_utf8(v.to_vec()).unwrap();
+    for (k, v) in values {
+        // Read with arbitrary_precision, a value's numbers keep their text.
+        let v = v.to_string();
         let id: i32 = k.trim_start_matches("m.").parse().unwrap();
         let same: bool = db
             .query_one(
@@ -1630,21 +1620,7 @@ value = {{ big = "data.after.big", n = "data.after.n" }}
     )
     .await
     .unwrap();
-    let lsn = current_lsn(&db).await.to_string();
-    for name in ["t_sql", "t_kv"] {
-        let (code, out, err) = tidemark_cmd(&[
-            "wait",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--projection",
-            name,
-            "--lsn",
-            &lsn,
-            "--timeout",
-            "60s",
-        ]);
-        assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
-    }
+    wait_applied(&db, &cfg, &["t_sql", "t_kv"], || projector.log()).await;
     // The events do leave the value out (or this test tests nothing).
     let nc = nats.client().await;
     let events = read_stream(&nc, "STORE").await;
@@ -1662,14 +1638,11 @@ value = {{ big = "data.after.big", n = "data.after.n" }}
     let want = rows(db.query(dump, &[]).await.unwrap());
     assert_eq!(want.len(), 20);
     assert_eq!(rows(rm.query(dump, &[]).await.unwrap()), want);
-    use futures_util::TryStreamExt;
     let js = async_nats::jetstream::new(nc);
-    let kv = js.get_key_value("T_VIEW").await.unwrap();
-    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
-    assert_eq!(keys.len(), 20);
+    let values = kv_values(&js, "T_VIEW").await;
+    assert_eq!(values.len(), 20);
     for (id, big, n) in &want {
-        let v = kv.get(format!("t.{id}")).await.unwrap().unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        let v = &values[&format!("t.{id}")];
         let md5: Option<String> = db
             .query_one("SELECT md5($1::text)", &[&v["big"].as_str()])
             .await
@@ -1808,22 +1781,10 @@ key = "{kv_deleted}"
     )
     .await
     .unwrap();
-    let lsn = current_lsn(&db).await.to_string();
-    for name in ["a_sql", "a_kv", "b_sql", "b_kv"] {
-        let (code, out, err) = tidemark_cmd(&[
-            "wait",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--projection",
-            name,
-            "--lsn",
-            &lsn,
-            "--timeout",
-            "60s",
-        ]);
-        assert_eq!(code, 0, "{out}{err}\n{}", projector.log());
-    }
-    use futures_util::TryStreamExt;
+    wait_applied(&db, &cfg, &["a_sql", "a_kv", "b_sql", "b_kv"], || {
+        projector.log()
+    })
+    .await;
     let js = async_nats::jetstream::new(nats.client().await);
     for (t, dump) in [
         ("a", "SELECT id || '.' || region, n FROM a ORDER BY 1"),
@@ -1835,20 +1796,14 @@ key = "{kv_deleted}"
         let want = rows(db.query(dump, &[]).await.unwrap());
         assert!(want.len() > 20, "{want:?}");
         assert_eq!(rows(rm.query(dump, &[]).await.unwrap()), want, "table {t}");
-        let kv = js
-            .get_key_value(format!("{}_VIEW", t.to_uppercase()))
+        let got: BTreeMap<String, i32> = kv_values(&js, &format!("{}_VIEW", t.to_uppercase()))
             .await
-            .unwrap();
-        let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
-        let mut got = BTreeMap::new();
-        for k in keys {
-            let v = kv.get(k.as_str()).await.unwrap().unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
-            got.insert(
-                k.trim_start_matches(&format!("{t}.")).to_string(),
-                v["n"].as_i64().unwrap() as i32,
-            );
-        }
+            .into_iter()
+            .map(|(k, v)| {
+                let k = k.trim_start_matches(&format!("{t}.")).to_string();
+                (k, v["n"].as_i64().unwrap() as i32)
+            })
+            .collect();
         assert_eq!(got, want, "KV of {t}");
     }
     drop(projector);
