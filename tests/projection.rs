@@ -1260,6 +1260,15 @@ async fn a_read_model_catching_up_shows_progress_every_second() {
     source.kill9();
 }
 
+/// A projection into the `readmodel` database: its header and connection, before its
+/// handlers.
+fn rm_projection(pg: &PgServer, name: &str) -> String {
+    format!(
+        "[[projection]]\nname = \"{name}\"\nsource = \"store\"\n\n[projection.postgres]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"readmodel\"\nuser = \"postgres\"\n",
+        pg.port
+    )
+}
+
 /// Waits until each named projection has applied everything the store committed so
 /// far (`tidemark wait`, up to a minute each).
 async fn wait_applied(
@@ -1404,15 +1413,7 @@ async fn read_models_get_every_value_exactly() {
         .collect();
     let sections = format!(
         r#"
-[[projection]]
-name = "m_sql"
-source = "store"
-
-[projection.postgres]
-host = "127.0.0.1"
-port = {port}
-dbname = "readmodel"
-user = "postgres"
+{header_0}
 
 [[projection.on]]
 type = ["m.created", "m.updated"]
@@ -1431,7 +1432,7 @@ kv = "put"
 key = "m.{{data.after.id}}"
 value = {{ f8 = "data.after.f8", f4 = "data.after.f4", b = "data.after.b", j = "data.after.j" }}
 "#,
-        port = pg.port,
+        header_0 = rm_projection(&pg, "m_sql"),
         sql_columns = sql_columns.join(", ")
     );
     let cfg = write_config(
@@ -1554,15 +1555,7 @@ async fn unchanged_toasted_values_keep_their_value_in_read_models() {
         .unwrap();
     let sections = format!(
         r#"
-[[projection]]
-name = "t_sql"
-source = "store"
-
-[projection.postgres]
-host = "127.0.0.1"
-port = {port}
-dbname = "readmodel"
-user = "postgres"
+{header_1}
 
 [[projection.on]]
 type = ["t.created", "t.updated"]
@@ -1570,15 +1563,7 @@ upsert = "t"
 key = ["id"]
 columns = {{ id = "data.after.id", big = "data.after.big", n = "data.after.n" }}
 
-[[projection]]
-name = "t_log"
-source = "store"
-
-[projection.postgres]
-host = "127.0.0.1"
-port = {port}
-dbname = "readmodel"
-user = "postgres"
+{header_2}
 
 [[projection.on]]
 type = ["t.created", "t.updated"]
@@ -1596,7 +1581,8 @@ kv = "put"
 key = "t.{{data.after.id}}"
 value = {{ big = "data.after.big", n = "data.after.n" }}
 "#,
-        port = pg.port
+        header_1 = rm_projection(&pg, "t_sql"),
+        header_2 = rm_projection(&pg, "t_log"),
     );
     let cfg = write_config(
         dir.path(),
@@ -1716,15 +1702,7 @@ async fn a_key_changed_by_an_update_moves_the_row_in_read_models() {
         };
         sections.push_str(&format!(
             r#"
-[[projection]]
-name = "{t}_sql"
-source = "store"
-
-[projection.postgres]
-host = "127.0.0.1"
-port = {port}
-dbname = "readmodel"
-user = "postgres"
+{header_3}
 
 [[projection.on]]
 type = ["{t}.created", "{t}.updated"]
@@ -1753,7 +1731,7 @@ type = "{t}.deleted"
 kv = "delete"
 key = "{kv_deleted}"
 "#,
-            port = pg.port,
+            header_3 = rm_projection(&pg, &format!("{t}_sql")),
             upper = t.to_uppercase(),
         ));
     }
