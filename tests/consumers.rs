@@ -101,11 +101,18 @@ impl Example {
     }
 }
 
+/// Rows the table holds before tidemark starts.
+const PRE_EXISTING: u64 = 500;
+
 /// The scenario every example must pass.
 async fn an_example_builds_the_read_model_exactly(example: Example) {
     let Rig { pg, nats, dir, db } = Rig::start().await;
+    // Orders from before tidemark: the initial snapshot's `orders.read` events.
     db.batch_execute(
-        "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int NOT NULL, total numeric(12,2) NOT NULL)",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer_id int NOT NULL, total numeric(12,2) NOT NULL);
+         INSERT INTO orders SELECT 1000000 + g, g % 5, g::numeric / 8 FROM generate_series(1, PRE_EXISTING) g;"
+            .replace("PRE_EXISTING", &PRE_EXISTING.to_string())
+            .as_str(),
     )
     .await
     .unwrap();
@@ -113,7 +120,9 @@ async fn an_example_builds_the_read_model_exactly(example: Example) {
         dir.path(),
         &pg,
         &nats,
-        &SourceSpec::new("store", "store").tables(&["orders"]),
+        &SourceSpec::new("store", "store")
+            .tables(&["orders"])
+            .snapshot("initial"),
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tm.log"));
     tm.wait_streaming();
@@ -148,9 +157,31 @@ async fn an_example_builds_the_read_model_exactly(example: Example) {
         .unwrap()
         .get(0);
     assert!(rows > 0);
-    // 120 transactions of 40 + 15 + 5 changes.
-    let last =
-        wait_stream_count(&nc, "STORE", 120 * 60, Duration::from_secs(60), || tm.log()).await;
+    // The snapshot reads the live table: its read events are the rows from before and
+    // any the workload wrote meanwhile. Once it is done and every change is stored,
+    // the stream is what the consumer must have applied.
+    wait_for("the snapshot to be done", Duration::from_secs(60), || {
+        tm.log().contains("backfill done").then_some(())
+    });
+    wait_caught_up(
+        &pg,
+        &db,
+        "store",
+        "tidemark_store",
+        Duration::from_secs(60),
+        || tm.log(),
+    )
+    .await;
+    let stored = read_stream(&nc, "STORE").await;
+    let last = stored.last().map_or(0, |e| e.seq);
+    let reads = stored
+        .iter()
+        .filter(|e| e.body["type"] == "orders.read")
+        .count() as u64;
+    assert!(reads >= PRE_EXISTING, "{reads} read events");
+    // The reads, then 120 transactions of 40 + 15 + 5 changes.
+    let events = reads + 120 * 60;
+    assert_eq!(stored.len() as u64, events);
     wait_until("the consumer to catch up", Duration::from_secs(120), || {
         let c = example.dump(&state)["checkpoint"].as_u64().unwrap_or(0);
         async move { c >= last }
@@ -167,7 +198,7 @@ async fn an_example_builds_the_read_model_exactly(example: Example) {
         read_log()
     );
     // A count no upsert hides: each order event applied exactly once.
-    assert_eq!(got["events"].as_u64(), Some(120 * 60), "{}", read_log());
+    assert_eq!(got["events"].as_u64(), Some(events), "{}", read_log());
     unsafe { libc::kill(consumer.id() as i32, libc::SIGKILL) };
     let _ = consumer.wait();
 }

@@ -11,8 +11,10 @@ consumer (no durable state on the server, no acks, no redeliveries).
     python3 consumer.py --nats nats://127.0.0.1:4222 --stream STORE --db orders.sqlite
     python3 consumer.py --db orders.sqlite --dump     # checkpoint and aggregate as JSON
 
-Events: CloudEvents JSON (see the README's "Events"); `orders.created` and
-`orders.updated` carry the row in `data.after`, `orders.deleted` its key in
+Events: CloudEvents JSON (see the README's "Events"); `orders.created`,
+`orders.updated` and `orders.read` (a row the source's snapshot read: the rows the
+table held before tidemark streamed it) carry the row in `data.after`; an update that
+changed the key has the old one in `data.before`; `orders.deleted` has its key in
 `data.key`, `orders.truncated` empties the table. Other types (other tables,
 `tidemark.*` markers) only move the checkpoint.
 """
@@ -60,7 +62,7 @@ def apply_transaction(db, events, last_seq):
             kind = ev.get("type", "")
             data = ev.get("data") or {}
             applied += kind.startswith("orders.")
-            if kind in ("orders.created", "orders.updated"):
+            if kind in ("orders.created", "orders.updated", "orders.read"):
                 row = data["after"]
                 if data.get("before") and data["before"].get("id") != row["id"]:
                     db.execute("DELETE FROM orders WHERE id = ?", (data["before"]["id"],))

@@ -12,9 +12,11 @@
 //   node dist/consumer.js --nats nats://127.0.0.1:4222 --stream STORE --db orders.json
 //   node dist/consumer.js --db orders.json --dump    # checkpoint and aggregate as JSON
 //
-// Events: CloudEvents JSON (see the README's "Events"). `orders.created` and
-// `orders.updated` carry the row in `data.after`, `orders.deleted` its key in
-// `data.key`, `orders.truncated` empties the model. Other types (other tables,
+// Events: CloudEvents JSON (see the README's "Events"). `orders.created`,
+// `orders.updated` and `orders.read` (a row the source's snapshot read: the rows the
+// table held before tidemark streamed it) carry the row in `data.after`; an update
+// that changed the key has the old one in `data.before`; `orders.deleted` has its key
+// in `data.key`, `orders.truncated` empties the model. Other types (other tables,
 // `tidemark.*` markers) only move the checkpoint.
 
 import * as fs from "fs";
@@ -79,7 +81,8 @@ function apply(state: State, events: TidemarkEvent[], lastSeq: number): void {
     if (ev.type.startsWith("orders.")) state.events += 1;
     switch (ev.type) {
       case "orders.created":
-      case "orders.updated": {
+      case "orders.updated":
+      case "orders.read": {
         const row = data.after as { id: number; customer_id: number; total: string };
         const before = data.before as { id?: number } | null | undefined;
         if (before && before.id !== undefined && before.id !== row.id) delete state.orders[String(before.id)];
