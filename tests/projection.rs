@@ -1787,3 +1787,110 @@ key = "{kv_deleted}"
     drop(projector);
     drop(source);
 }
+
+/// `kv = "clear"` on a `truncated` event deletes the keys under its prefix, and only
+/// those: a KV read model of a table that is truncated (alone, or with others in one
+/// statement) holds what the table holds, across a kill -9 of the projector. A KV
+/// read model could not follow a TRUNCATE before (no operation deleted more than one
+/// key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_read_model_clears_a_truncated_tables_keys() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, n int); CREATE TABLE b (id int PRIMARY KEY, n int);",
+    )
+    .await
+    .unwrap();
+    let mut sections = String::from(
+        r#"
+[[projection]]
+name = "ab_kv"
+source = "store"
+kv_bucket = "AB_VIEW"
+"#,
+    );
+    for t in ["a", "b"] {
+        sections.push_str(&format!(
+            r#"
+[[projection.on]]
+type = ["{t}.created", "{t}.updated"]
+kv = "put"
+key = "{t}.{{data.after.id}}"
+value = {{ n = "data.after.n" }}
+
+[[projection.on]]
+type = "{t}.deleted"
+kv = "delete"
+key = "{t}.{{data.key.id}}"
+
+[[projection.on]]
+type = "{t}.truncated"
+kv = "clear"
+key = "{t}."
+"#
+        ));
+    }
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["a", "b"])
+            .sections(&sections),
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let plog = dir.path().join("projection.log");
+    let mut projector = Tidemark::project(&cfg, &plog);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let check = |projector_log: String| {
+        let db = &db;
+        let js = &js;
+        async move {
+            let want: BTreeMap<String, i64> = db
+                .query(
+                    "SELECT 'a.' || id, n::bigint FROM a UNION ALL SELECT 'b.' || id, n FROM b",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let got: BTreeMap<String, i64> = kv_values(js, "AB_VIEW")
+                .await
+                .into_iter()
+                .map(|(k, v)| (k, v["n"].as_i64().unwrap()))
+                .collect();
+            assert_eq!(got, want, "{projector_log}");
+        }
+    };
+    db.batch_execute(
+        "INSERT INTO a SELECT g, g FROM generate_series(1, 300) g;
+         INSERT INTO b SELECT g, g FROM generate_series(1, 50) g;
+         TRUNCATE a;
+         INSERT INTO a SELECT g, -g FROM generate_series(100, 120) g;
+         UPDATE b SET n = n + 1 WHERE id < 10;",
+    )
+    .await
+    .unwrap();
+    wait_applied(&db, &cfg, &["ab_kv"], || projector.log()).await;
+    check(projector.log()).await;
+    // Killed -9 mid-batch: the events from its position apply again, the clear with
+    // them; keys written after the clear are never cleared by it.
+    db.batch_execute(
+        "INSERT INTO a SELECT g, g FROM generate_series(1000, 1400) g;
+         TRUNCATE a, b;
+         INSERT INTO b SELECT g, g * 2 FROM generate_series(200, 260) g;
+         INSERT INTO a VALUES (7, 7);",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    projector.kill9();
+    let projector = Tidemark::project(&cfg, &plog);
+    wait_applied(&db, &cfg, &["ab_kv"], || projector.log()).await;
+    check(projector.log()).await;
+    drop(projector);
+    drop(source);
+}

@@ -70,6 +70,9 @@ pub enum KvOp {
     /// Set these fields, keep the others.
     Merge,
     Delete,
+    /// Delete every key that starts with the handler's key (a literal prefix; every
+    /// key when there is none): a `truncated` event.
+    Clear,
 }
 
 /// What events of some types do.

@@ -238,7 +238,7 @@ impl Validator<'_> {
             self.issue(
                 &h.types,
                 key.to_string(),
-                "a KV projection's handler says kv = \"put\", \"merge\" or \"delete\"",
+                "a KV projection's handler says kv = \"put\", \"merge\", \"delete\" or \"clear\"",
             );
             return None;
         };
@@ -254,12 +254,13 @@ impl Validator<'_> {
             "put" => KvOp::Put,
             "merge" => KvOp::Merge,
             "delete" => KvOp::Delete,
+            "clear" => KvOp::Clear,
             other => {
                 self.issue(
                     op_at,
                     format!("{key}.kv"),
                     format!(
-                        "{other:?} is not a KV operation: use \"put\", \"merge\" or \"delete\""
+                        "{other:?} is not a KV operation: use \"put\", \"merge\", \"delete\" or \"clear\""
                     ),
                 );
                 return None;
@@ -277,6 +278,8 @@ impl Validator<'_> {
                     return None;
                 }
             },
+            // A clear without a key clears every key.
+            None if op == KvOp::Clear => String::new(),
             None => {
                 self.issue(
                     &h.types,
@@ -312,7 +315,15 @@ impl Validator<'_> {
             &format!("{key}.value"),
             "a field's value is a path, like \"data.after.status\"",
         );
-        if op != KvOp::Delete && value.is_empty() {
+        if op == KvOp::Clear {
+            if parts.iter().any(|p| matches!(p, KeyPart::Path(_))) || !value.is_empty() {
+                self.issue(
+                    op_at,
+                    format!("{key}.key"),
+                    "a clear deletes the keys that start with its key, a prefix without paths (key = \"order.\"), and takes no value",
+                );
+            }
+        } else if op != KvOp::Delete && value.is_empty() {
             self.issue(
                 op_at,
                 format!("{key}.value"),

@@ -59,6 +59,38 @@ name = "STORE"
     }
 
     #[test]
+    fn a_kv_clear_takes_a_prefix_or_nothing() {
+        let projection = |handler: &str| {
+            format!(
+                "{GOOD}\n[[projection]]\nname = \"v\"\nsource = \"store\"\nkv_bucket = \"V\"\n\n[[projection.on]]\ntype = \"t.truncated\"\nkv = \"clear\"\n{handler}"
+            )
+        };
+        let c = parse_str(&projection("key = \"t.\"\n")).unwrap();
+        assert_eq!(
+            c.projections[0].handlers[0].action,
+            Action::Kv {
+                op: KvOp::Clear,
+                key: vec![KeyPart::Lit("t.".into())],
+                value: Vec::new()
+            }
+        );
+        let c = parse_str(&projection("")).unwrap();
+        assert!(
+            matches!(&c.projections[0].handlers[0].action, Action::Kv { op: KvOp::Clear, key, .. } if key.is_empty())
+        );
+        for bad in [
+            "key = \"t.{data.after.id}\"\n",
+            "key = \"t.\"\nvalue = { n = \"data.after.n\" }\n",
+        ] {
+            let err = errors(&projection(bad));
+            assert!(
+                err.contains("projection[0].on[0].key") && err.contains("a prefix without paths"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn good_config_with_defaults() {
         let c = parse_str(GOOD).unwrap();
         let s = &c.sources[0];

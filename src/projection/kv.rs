@@ -105,7 +105,8 @@ pub(super) async fn apply_kv(
         // error kinds, not their text): then it is read again.
         use jetstream::kv::{CreateErrorKind, UpdateErrorKind};
         let conflict = match op {
-            KvOp::Delete => match live {
+            // A clear deletes key by key.
+            KvOp::Delete | KvOp::Clear => match live {
                 Some(e) => match kv.delete_expect_revision(key, Some(e.revision)).await {
                     Ok(()) => false,
                     Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => true,
@@ -374,6 +375,106 @@ const KV_KEYS_AT_ONCE: usize = 64;
 async fn apply_kv_batch(
     cfg: &ProjectionConfig,
     kv: &jetstream::kv::Store,
+    mut batch: Vec<Incoming>,
+) -> Result<Vec<Refused>, ProjectionError> {
+    // A clear touches every key: the writes before it are done first, and those after
+    // it (its event's other handlers too) after it.
+    if let Some(c) = batch.iter().position(|e| !clears(cfg, e).is_empty()) {
+        let mut after = batch.split_off(c);
+        let rest = after.split_off(1);
+        // `after` is the clear's event alone.
+        let mut refused = Box::pin(apply_kv_batch(cfg, kv, batch)).await?;
+        let stop = |r: &Vec<Refused>| !r.is_empty() && cfg.dead_letter.is_none();
+        if stop(&refused) {
+            return Ok(refused);
+        }
+        for event in &after {
+            refused.extend(clear(cfg, kv, event).await?);
+        }
+        if stop(&refused) {
+            return Ok(refused);
+        }
+        refused.extend(apply_kv_batch_without_clears(cfg, kv, after).await?);
+        if stop(&refused) {
+            return Ok(refused);
+        }
+        refused.extend(Box::pin(apply_kv_batch(cfg, kv, rest)).await?);
+        return Ok(refused);
+    }
+    apply_kv_batch_without_clears(cfg, kv, batch).await
+}
+
+/// The prefixes an event's clear handlers delete the keys of.
+fn clears(cfg: &ProjectionConfig, e: &Incoming) -> Vec<String> {
+    cfg.handlers
+        .iter()
+        .filter(|h| h.types.contains(&e.event_type))
+        .filter_map(|h| match &h.action {
+            Action::Kv {
+                op: KvOp::Clear,
+                key,
+                ..
+            } => Some(
+                key.iter()
+                    .map(|p| match p {
+                        KeyPart::Lit(l) => l.as_str(),
+                        KeyPart::Path(_) => "",
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Deletes every key under the event's clear prefixes that an earlier event wrote
+/// (a key a later event wrote, applied before a crash, stays: see `apply_kv`), 64
+/// keys at once. The keys are listed as they are deleted, never held all at once.
+async fn clear(
+    cfg: &ProjectionConfig,
+    kv: &jetstream::kv::Store,
+    e: &Incoming,
+) -> Result<Vec<Refused>, ProjectionError> {
+    let nats = |what: &'static str| move |err: String| nats_error(&cfg.name, what)(err.into());
+    let mut refused = Vec::new();
+    for prefix in clears(cfg, e) {
+        let keys = kv
+            .keys()
+            .await
+            .map_err(|err| nats("list the KV read model's keys")(err.to_string()))?;
+        let mut deletes = std::pin::pin!(
+            keys.filter_map(|k| {
+                let prefix = prefix.clone();
+                async move {
+                    match k {
+                        Ok(k) if !k.starts_with(&prefix) => None,
+                        other => Some(other),
+                    }
+                }
+            })
+            .map(|k| async move {
+                let k = k.map_err(|err| KvFailure::Nats(err.to_string()))?;
+                apply_kv(kv, KvOp::Clear, &k, &[], &e.event, e.seq).await
+            })
+            .buffer_unordered(KV_KEYS_AT_ONCE)
+        );
+        while let Some(done) = deletes.next().await {
+            match done {
+                Ok(()) => {}
+                Err(KvFailure::Event(reason)) => refused.push(e.refused(reason, 0)),
+                Err(KvFailure::Nats(reason)) => {
+                    return Err(nats("clear the KV read model")(reason));
+                }
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Applies a batch of events without clears (see `apply_kv_batch`).
+async fn apply_kv_batch_without_clears(
+    cfg: &ProjectionConfig,
+    kv: &jetstream::kv::Store,
     batch: Vec<Incoming>,
 ) -> Result<Vec<Refused>, ProjectionError> {
     // Each key's writes, in stream order, keys in the order first written.
@@ -390,6 +491,9 @@ async fn apply_kv_batch(
             let Action::Kv { op, key, value } = &h.action else {
                 continue;
             };
+            if *op == KvOp::Clear {
+                continue;
+            }
             match render_key(key, &e.event) {
                 Ok(k) => {
                     let mut write = |k: String, op: KvOp, fields| {
