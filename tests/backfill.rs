@@ -1657,8 +1657,9 @@ async fn tables_dropped_and_created_again_are_truncated_and_read_again() {
 /// `all_tables` (a FOR ALL TABLES publication, which sends the new table's changes
 /// from its start, under its first name): the table's truncated event and a backfill
 /// make the stream fold to it again. A table without a key that is created again gets
-/// no truncated event then (it cannot be read again; its rows were streamed): its new
-/// rows stay in the fold.
+/// its truncated event with its rows as `read` events (read in the marker's
+/// transaction under a SHARE lock): its rows before the marker (streamed from its
+/// creation) are cleared with the old table's, and the fold is the new table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
@@ -1713,6 +1714,16 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
     wait_recreated_done(&nc, "big", None, || tm.log()).await;
     // Not written since the swap: the stream described it last under its first name.
     wait_recreated_done(&nc, "quiet", None, || tm.log()).await;
+    wait_until("notes' truncated event", Duration::from_secs(30), || {
+        let nc = nc.clone();
+        async move {
+            read_stream(&nc, "STORE")
+                .await
+                .iter()
+                .any(|e| e.body["type"] == "notes.truncated")
+        }
+    })
+    .await;
     db.batch_execute(
         "UPDATE big SET qty = qty + 1 WHERE id <= 20; INSERT INTO notes VALUES ('new 4');",
     )
@@ -1776,14 +1787,18 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
             "insert \"new 1\"",
             "insert \"new 2\"",
             "insert \"new 3\"",
+            "truncate null",
+            "read \"new 1\"",
+            "read \"new 2\"",
+            "read \"new 3\"",
             "insert \"new 4\""
         ],
-        "the new keyless table's rows, with no truncated event after them\n{}",
+        "the new keyless table's rows, then its truncated event and its rows again\n{}",
         tm.log()
     );
     assert!(
         tm.log()
-            .contains("cannot be read again, so no truncated event")
+            .contains("truncated event marked with the new table's rows")
     );
     assert!(tm.is_running(), "{}", tm.log());
 }
@@ -1792,7 +1807,8 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
 /// identity: publishing it would make Postgres refuse its UPDATEs, so the source stops
 /// with the `ALTER TABLE` to run (it never adds it). Once the operator sets one and
 /// starts tidemark again, the table is published again and gets its truncated event:
-/// the old rows go from the fold, and the new table's changes stream after it.
+/// the old rows go from the fold, the rows the new table got before it was published
+/// again are read with that event, and its changes stream after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_table_postgres_cannot_publish_stops_the_source_until_fixed() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
@@ -1829,14 +1845,19 @@ async fn a_recreated_table_postgres_cannot_publish_stops_the_source_until_fixed(
             && log.contains("ALTER TABLE \"public\".\"notes\" REPLICA IDENTITY FULL"),
         "{log}"
     );
-    db.batch_execute("ALTER TABLE notes REPLICA IDENTITY FULL")
-        .await
-        .unwrap();
+    // A row written before the table is published again: read with its marker.
+    db.batch_execute(
+        "ALTER TABLE notes REPLICA IDENTITY FULL; INSERT INTO notes VALUES ('early');",
+    )
+    .await
+    .unwrap();
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
     tm.wait_streaming();
-    db.batch_execute("INSERT INTO notes VALUES ('new 1'); UPDATE notes SET msg = 'new 2';")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "INSERT INTO notes VALUES ('new 1'); UPDATE notes SET msg = 'new 2' WHERE msg = 'new 1';",
+    )
+    .await
+    .unwrap();
     wait_confirmed_end(&pg, &db).await;
     let nc = nats.client().await;
     let events = read_stream(&nc, "STORE").await;
@@ -1857,6 +1878,7 @@ async fn a_recreated_table_postgres_cannot_publish_stops_the_source_until_fixed(
         [
             "insert \"old 3\"",
             "truncate null",
+            "read \"early\"",
             "insert \"new 1\"",
             "update \"new 2\""
         ],
@@ -1865,7 +1887,7 @@ async fn a_recreated_table_postgres_cannot_publish_stops_the_source_until_fixed(
     );
     assert!(
         tm.log()
-            .contains("written before it was published again are not in the stream"),
+            .contains("truncated event marked with the new table's rows"),
         "{}",
         tm.log()
     );

@@ -32,7 +32,7 @@ pub use chunk::{
 };
 pub use job::{Job, JobState};
 pub use progress::{Progress, TableOids, bucket_name, stream_binding};
-pub use read::{key_columns, reader};
+pub use read::{key_columns, read_shape, reader};
 pub use worker::{Resume, run_worker};
 #[allow(unused_imports)]
 use {chunk::*, job::*, progress::*, read::*};

@@ -308,7 +308,7 @@ pub(super) async fn max_key(
 /// What a chunk of a table reads: the table's OID, the columns the publication sends
 /// (names and types, in attribute order), the row estimate, and the publication's row
 /// filter. A chunk reads what the live stream carries, and nothing it leaves out.
-pub(super) async fn read_shape(
+pub async fn read_shape(
     catalog: &Catalog,
     cfg: &SourceConfig,
     schema: &str,

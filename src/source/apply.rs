@@ -6,7 +6,7 @@ use tracing::{debug, warn};
 use super::error::SourceError;
 use super::pipeline::{OpenTx, Pipeline};
 use super::plan::bind_plan;
-use super::recreated::Recreated;
+use super::recreated::{MarkerRows, Recreated};
 use crate::backfill::Watermark;
 use crate::events::mapping::{
     self, DomainEvent, Operation, RowChange, Shrink, Table, TableColumn, TxContext,
@@ -308,10 +308,46 @@ impl Pipeline<'_> {
             let table = self.describe_from_catalog(r.relid).await?;
             self.relations.insert(r.relid, table);
         }
-        match mapping::map_truncate(&self.context()?, index, self.table(r.relid)?) {
-            Some(event) => self.emit(event).await,
-            None => Ok(()),
+        if let Some(event) = mapping::map_truncate(&self.context()?, index, self.table(r.relid)?) {
+            self.emit(event).await?;
         }
+        if let Some(rows) = r.rows {
+            self.marker_rows(r.relid, rows).await?;
+        }
+        Ok(())
+    }
+
+    /// A recreated keyless table's rows from its marker, as `read` events right after
+    /// its truncated event (see `recreated::keyless`).
+    async fn marker_rows(&mut self, relid: u32, rows: MarkerRows) -> Result<(), SourceError> {
+        // Read in the marker's transaction, the rows have the columns the table had
+        // there; the stream's description may be older (see `watermark`).
+        let mut order = super::window::column_order(self.table(relid)?, &rows.columns);
+        if order.is_none() {
+            let fresh = self.describe_from_catalog(relid).await?;
+            order = super::window::column_order(&fresh, &rows.columns);
+            self.relations.insert(relid, fresh);
+        }
+        let Some(order) = order else {
+            warn!(table = %self.table(relid)?.qualified, "the recreated table's columns changed since its marker: its rows from the marker are not published");
+            return Ok(());
+        };
+        for mut row in rows.rows {
+            let tuple = pgoutput::Tuple(
+                order
+                    .iter()
+                    .map(|&i| match row.get_mut(i).and_then(Option::take) {
+                        Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
+                        None => pgoutput::ColumnValue::Null,
+                    })
+                    .collect(),
+            );
+            let (_, index) = self.next_index()?;
+            if let Some(event) = self.map_row(index, relid, Operation::Read, None, Some(&tuple))? {
+                self.emit(event).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The mapper's view of a table as the catalog has it now (for a table the

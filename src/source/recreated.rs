@@ -15,11 +15,13 @@
 //! 3. a backfill of the table is queued (`reason = "recreated"`): its rows come as
 //!    `read` events after the marker, so folding the stream gives the table again.
 //!
-//! A table without a key cannot be backfilled: under a publication that sent it from
-//! its creation (`FOR ALL TABLES`, a schema) its rows are in the stream already, so it
-//! gets no `truncated` event (the old table's rows stay in read models); otherwise it
-//! gets one, and its rows written before it was published again are missing. Either
-//! way a warning says so. An operator's publication that lost the
+//! A table without a key cannot be backfilled, so it is read whole in the marker's
+//! transaction, under a SHARE lock, and the marker carries its rows (`keyless`): the
+//! pipeline publishes them as `read` events right after the `truncated` event. A
+//! table over `MARKER_ROWS_BYTES`, or one tidemark's role may not lock, gets a
+//! warning instead: under a publication that sent it from its creation (`FOR ALL
+//! TABLES`, a schema) no `truncated` event (the old table's rows stay in read models);
+//! otherwise one, and its rows written before it was published again are missing. An operator's publication that lost the
 //! table stops the source with the `ALTER PUBLICATION` to run; a new table whose
 //! UPDATEs Postgres would refuse once published stops it with the identity to set.
 //! Both are found again at the next start.
@@ -52,7 +54,24 @@ pub(crate) struct Recreated {
     pub table: String,
     pub relid: u32,
     pub truncate: bool,
+    /// A table without a key: its rows, read in the marker's transaction under a
+    /// SHARE lock (so no write falls between the read and the marker), published as
+    /// `read` events right after the truncated event. None for a table read again by
+    /// a backfill, or one over `MARKER_ROWS_BYTES`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<MarkerRows>,
 }
+
+/// A table's rows as Postgres text, in its columns' order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct MarkerRows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+/// The most row text a recreated keyless table's marker carries. A larger table gets
+/// the warning instead (see `recreated`).
+const MARKER_ROWS_BYTES: i64 = 1 << 20;
 
 type Name = (String, String);
 
@@ -216,6 +235,97 @@ async fn poll(
     Ok(())
 }
 
+/// A table without a key, when its rows fit in a marker (`MARKER_ROWS_BYTES`): in one
+/// transaction, a SHARE lock (writers wait; in-flight ones finish first), the table
+/// published again if it is not, its rows read, and the marker written with them. So
+/// the marker stands exactly between the writes its rows hold and the writes after it.
+/// Returns false (nothing done) for a larger table.
+async fn keyless(
+    cfg: &SourceConfig,
+    t: &TableInfo,
+    published: bool,
+    marker: &mut Recreated,
+) -> Result<bool, SourceError> {
+    let reader = backfill::reader(&cfg.postgres).await?;
+    let (_, columns, _, row_filter) =
+        backfill::read_shape(&reader, cfg, &t.schema, &t.name).await?;
+    let table = t.qualified();
+    let filter = row_filter
+        .map(|f| format!(" WHERE ({f})"))
+        .unwrap_or_default();
+    let client = reader.client();
+    let query = |what: &'static str| move |source| CatalogError::Query { what, source };
+    let mut sql =
+        format!("BEGIN; SET LOCAL lock_timeout = '5s'; LOCK TABLE {table} IN SHARE MODE;");
+    if !published {
+        sql.push_str(&format!(
+            " ALTER PUBLICATION {} ADD TABLE {table};",
+            quote_ident(&cfg.publication)
+        ));
+    }
+    if let Err(e) = client.batch_execute(&sql).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            // SHARE mode needs UPDATE, DELETE or TRUNCATE on the table.
+            warn!(table = %table, "cannot lock the recreated table to read it with its truncated event (tidemark's role needs UPDATE, DELETE or TRUNCATE on it for a SHARE lock)");
+            return Ok(false);
+        }
+        return Err(query("lock the recreated table")(e).into());
+    }
+    let done = async {
+        let size: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(sum(octet_length(x::text)), 0)::int8 FROM {table} x{filter}"
+                ),
+                &[],
+            )
+            .await
+            .map_err(query("size the recreated table"))?
+            .get(0);
+        if size > MARKER_ROWS_BYTES {
+            return Ok(false);
+        }
+        let select: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
+        let mut rows = Vec::new();
+        for m in client
+            .simple_query(&format!(
+                "SELECT {} FROM {table}{filter}",
+                select.join(", ")
+            ))
+            .await
+            .map_err(query("read the recreated table"))?
+        {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                rows.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+            }
+        }
+        marker.truncate = true;
+        marker.rows = Some(MarkerRows {
+            columns: columns.into_iter().map(|(n, _)| n).collect(),
+            rows,
+        });
+        let content = serde_json::to_string(&*marker).map_err(|e| {
+            SourceError::Protocol(format!("could not encode the recreated-table marker: {e}"))
+        })?;
+        client
+            .batch_execute(&format!(
+                "SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
+                quote_literal(RECREATED_PREFIX),
+                quote_literal(&content)
+            ))
+            .await
+            .map_err(query("mark the point with the table's rows"))?;
+        Ok::<bool, SourceError>(true)
+    }
+    .await;
+    if !matches!(done, Ok(true)) {
+        let _ = client.batch_execute("ROLLBACK").await;
+        marker.rows = None;
+    }
+    done
+}
+
 /// Steps 1 to 3 of the module note for one table.
 async fn recreated(
     catalog: &Catalog,
@@ -256,14 +366,22 @@ async fn recreated(
     // Sent from its creation on (`FOR ALL TABLES`, a schema): its rows are in the
     // stream already, and only a backfill could follow a truncated event.
     let from_start = published && !catalog.names_table(&cfg.publication, t.oid).await?;
-    let marker = Recreated {
+    let mut marker = Recreated {
         source: cfg.name.clone(),
         slot: cfg.slot.clone(),
         schema: t.schema.clone(),
         table: t.name.clone(),
         relid: t.oid,
         truncate: key.is_some() || !from_start,
+        rows: None,
     };
+    if key.is_none() && !outbox {
+        // No key to read it again by: its rows go in the marker when they are few.
+        if keyless(cfg, t, published, &mut marker).await? {
+            info!(table = %t.qualified(), rows = marker.rows.as_ref().map_or(0, |r| r.rows.len()), "truncated event marked with the new table's rows");
+            return Ok(());
+        }
+    }
     let content = serde_json::to_string(&marker).map_err(|e| {
         SourceError::Protocol(format!("could not encode the recreated-table marker: {e}"))
     })?;

@@ -115,7 +115,7 @@ impl Window {
 
 /// Where each of a table's columns is among a chunk's columns; None when they are
 /// not the same columns.
-fn column_order(table: &Table, columns: &[String]) -> Option<Vec<usize>> {
+pub(super) fn column_order(table: &Table, columns: &[String]) -> Option<Vec<usize>> {
     if table.columns.len() != columns.len() {
         return None;
     }
