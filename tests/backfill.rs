@@ -1893,3 +1893,60 @@ async fn a_recreated_table_postgres_cannot_publish_stops_the_source_until_fixed(
     );
     assert!(tm.is_running(), "{}", tm.log());
 }
+
+/// A recreated table without a key whose rows do not fit in a marker (over half of
+/// `max_row_bytes`, the largest message the stream takes) gets the warning instead
+/// (under `all_tables`: no truncated event, its rows as they streamed), and the source
+/// streams on: a marker that large would have stopped it at that point for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_keyless_table_too_large_for_its_marker_is_warned_about() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE bulk (msg text); ALTER TABLE bulk REPLICA IDENTITY FULL;
+         CREATE TABLE tick (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .set("all_tables", true)
+            .set("max_row_bytes", 65536),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    db.batch_execute(
+        "INSERT INTO bulk VALUES ('old');
+         DROP TABLE bulk;
+         CREATE TABLE bulk (msg text);
+         ALTER TABLE bulk REPLICA IDENTITY FULL;
+         INSERT INTO bulk SELECT repeat('x', 60) || g FROM generate_series(1, 2000) g;",
+    )
+    .await
+    .unwrap();
+    let log = wait_for("the warning", Duration::from_secs(30), || {
+        let log = tm.log();
+        log.contains("cannot be read again, so no truncated event")
+            .then_some(log)
+    });
+    assert!(!log.contains("marked with the new table's rows"), "{log}");
+    db.batch_execute("INSERT INTO tick VALUES (1)")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nats.client().await, "STORE").await;
+    assert_exactly_once(&events);
+    assert!(
+        events.iter().any(|e| e.body["type"] == "tick.created"),
+        "{}",
+        tm.log()
+    );
+    assert!(
+        !events.iter().any(|e| e.body["type"] == "bulk.truncated"),
+        "{}",
+        tm.log()
+    );
+    assert!(tm.is_running(), "{}", tm.log());
+}

@@ -70,8 +70,10 @@ pub(crate) struct MarkerRows {
 }
 
 /// The most row text a recreated keyless table's marker carries. A larger table gets
-/// the warning instead (see `recreated`).
-const MARKER_ROWS_BYTES: i64 = 1 << 20;
+/// the warning instead (see `recreated`). The marker as a whole also stays within half
+/// of `max_row_bytes`, the largest message the replication stream takes (a marker over
+/// it would stop the source at it for good).
+const MARKER_ROWS_BYTES: usize = 1 << 20;
 
 type Name = (String, String);
 
@@ -272,6 +274,7 @@ async fn keyless(
         }
         return Err(query("lock the recreated table")(e).into());
     }
+    let truncate = marker.truncate;
     let done = async {
         let size: i64 = client
             .query_one(
@@ -283,7 +286,8 @@ async fn keyless(
             .await
             .map_err(query("size the recreated table"))?
             .get(0);
-        if size > MARKER_ROWS_BYTES {
+        let limit = MARKER_ROWS_BYTES.min(cfg.max_row_bytes / 2);
+        if size < 0 || size as u64 > limit as u64 {
             return Ok(false);
         }
         let select: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
@@ -308,6 +312,9 @@ async fn keyless(
         let content = serde_json::to_string(&*marker).map_err(|e| {
             SourceError::Protocol(format!("could not encode the recreated-table marker: {e}"))
         })?;
+        if content.len() > cfg.max_row_bytes / 2 {
+            return Ok(false);
+        }
         client
             .batch_execute(&format!(
                 "SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
@@ -322,6 +329,7 @@ async fn keyless(
     if !matches!(done, Ok(true)) {
         let _ = client.batch_execute("ROLLBACK").await;
         marker.rows = None;
+        marker.truncate = truncate;
     }
     done
 }
