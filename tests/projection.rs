@@ -1563,6 +1563,12 @@ upsert = "t"
 key = ["id"]
 columns = {{ id = "data.after.id", big = "data.after.big", n = "data.after.n" }}
 
+# An old value the default replica identity does not send: NULL, and a warning.
+[[projection.on]]
+type = "t.updated"
+sql = "UPDATE t SET n = n WHERE id = $1 AND $2::int IS NULL"
+params = ["data.after.id", "data.before.n"]
+
 {header_2}
 
 [[projection.on]]
@@ -1648,6 +1654,12 @@ value = {{ big = "data.after.big", n = "data.after.n" }}
             && log.contains("REPLICA IDENTITY FULL"),
         "{log}"
     );
+    assert_eq!(
+        log.matches("does not carry this old value").count(),
+        1,
+        "warned once for data.before.n\n{log}"
+    );
+    assert!(log.contains("value=data.before.n"), "{log}");
     let logged: i64 = rm
         .query_one("SELECT count(*) FROM log WHERE big IS NULL", &[])
         .await

@@ -16,6 +16,10 @@ struct Prepared {
     own_sql: bool,
     /// An upsert's removal of the row under a key an UPDATE changed.
     moved: Option<(MovedKey, tokio_postgres::Statement)>,
+    /// Its parameters from `data.before`, and whether an UPDATE or DELETE without
+    /// them (the source table's replica identity sends no old row) was warned about.
+    before: Vec<EventPath>,
+    warned_before: std::sync::atomic::AtomicBool,
 }
 
 pub(super) struct PgTarget {
@@ -91,12 +95,23 @@ impl PgTarget {
                 }
                 None => None,
             };
+            let before = params
+                .iter()
+                .filter_map(|p| match p {
+                    Param::Value(path) if path.len() >= 3 && path[..2] == ["data", "before"] => {
+                        Some(path.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
             handlers.push(Prepared {
                 types: h.types.clone(),
                 stmt,
                 params,
                 own_sql: matches!(h.action, Action::Sql { .. }),
                 moved,
+                before,
+                warned_before: std::sync::atomic::AtomicBool::new(false),
             });
         }
         Ok(PgTarget {
@@ -236,6 +251,33 @@ impl PgTx<'_> {
     }
 }
 
+/// Warns once per handler when an UPDATE or DELETE event lacks an old value the
+/// handler reads (`data.before.<column>`): the source table's replica identity sends
+/// only the key, or no old row at all, so the handler gets NULL there.
+fn warn_before(projection: &str, h: &Prepared, event: &serde_json::Value) {
+    use std::sync::atomic::Ordering;
+    let op = event["data"]["op"].as_str();
+    if !matches!(op, Some("update" | "delete")) || h.warned_before.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Some(path) = h.before.iter().find(|p| lookup_missing(event, p)) {
+        h.warned_before.store(true, Ordering::Relaxed);
+        warn!(projection, types = ?h.types, value = %path.join("."), "an event of these types does not carry this old value, so the handler gets NULL for it: the source table's replica identity sends only the key (or no old row on an UPDATE that keeps the key); ALTER TABLE ... REPLICA IDENTITY FULL on the source table sends the whole old row");
+    }
+}
+
+/// Whether the event has no value at `path` (not even a JSON null).
+fn lookup_missing(event: &serde_json::Value, path: &EventPath) -> bool {
+    let mut v = event;
+    for p in path {
+        match v.get(p) {
+            Some(x) => v = x,
+            None => return true,
+        }
+    }
+    false
+}
+
 /// Runs one statement in a savepoint; a failure of the event's doing is rolled back
 /// alone (it was set aside by the live projection).
 async fn apply_in_savepoint(
@@ -297,6 +339,9 @@ impl<'a> Tx for PgTx<'a> {
                         ),
                         whole_txs: self.whole_txs,
                     }]);
+                }
+                if !h.before.is_empty() {
+                    warn_before(self.name, h, &event.event);
                 }
                 let mut statements = Vec::with_capacity(2);
                 if let Some((m, delete)) = &h.moved

@@ -147,6 +147,9 @@ pub(super) async fn watch(
 ) {
     let mut catalog: Option<Catalog> = None;
     let mut gone: HashSet<Name> = HashSet::new();
+    // Failures in a row: a few are a restart or a busy lock; more are worth a warning
+    // (a recreated table not handled while it lasts).
+    let mut failing = 0u32;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -162,13 +165,21 @@ pub(super) async fn watch(
             }
         }
         .await;
-        if let Err(e) = result {
-            if e.recovery() == Recovery::Fatal {
+        match result {
+            Ok(()) => failing = 0,
+            Err(e) if e.recovery() == Recovery::Fatal => {
                 let _ = failed.send(e);
                 return;
             }
-            debug!(error = %e, "checking the tables' OIDs failed; trying again");
-            catalog = None;
+            Err(e) => {
+                failing += 1;
+                if failing == 5 {
+                    warn!(error = %crate::error::ErrorChain(&e), "checking the tables' OIDs keeps failing (a table dropped and created again is not handled until it works); trying again every 2 s");
+                } else {
+                    debug!(error = %e, "checking the tables' OIDs failed; trying again");
+                }
+                catalog = None;
+            }
         }
     }
 }
