@@ -333,19 +333,7 @@ impl Pipeline<'_> {
             return Ok(());
         };
         for mut row in rows.rows {
-            let tuple = pgoutput::Tuple(
-                order
-                    .iter()
-                    .map(|&i| match row.get_mut(i).and_then(Option::take) {
-                        Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
-                        None => pgoutput::ColumnValue::Null,
-                    })
-                    .collect(),
-            );
-            let (_, index) = self.next_index()?;
-            if let Some(event) = self.map_row(index, relid, Operation::Read, None, Some(&tuple))? {
-                self.emit(event).await?;
-            }
+            self.publish_read(relid, &mut row, &order).await?;
         }
         Ok(())
     }

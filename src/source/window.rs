@@ -127,6 +127,35 @@ pub(super) fn column_order(table: &Table, columns: &[String]) -> Option<Vec<usiz
 }
 
 impl Pipeline<'_> {
+    /// Publishes a row read from the table (its values as Postgres text, `order`
+    /// giving each of the table's columns' place in it) as a `read` event at the next
+    /// index of the open transaction. False when the mapping publishes nothing for it.
+    pub(super) async fn publish_read(
+        &mut self,
+        relid: u32,
+        row: &mut [Option<String>],
+        order: &[usize],
+    ) -> Result<bool, SourceError> {
+        // Each value is taken, not copied (`order` names each column once).
+        let tuple = pgoutput::Tuple(
+            order
+                .iter()
+                .map(|&i| match row.get_mut(i).and_then(Option::take) {
+                    Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
+                    None => pgoutput::ColumnValue::Null,
+                })
+                .collect(),
+        );
+        let (_, index) = self.next_index()?;
+        match self.map_row(index, relid, Operation::Read, None, Some(&tuple))? {
+            Some(event) => {
+                self.emit(event).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// A backfill watermark: the low one opens the chunk's window, the high one
     /// publishes the chunk's rows that no live change touched inside it.
     pub(super) async fn watermark(&mut self, wm: Watermark) -> Result<(), SourceError> {
@@ -269,21 +298,7 @@ impl Pipeline<'_> {
                 skipped += 1;
                 continue;
             }
-            // Each value is taken, not copied (`order` names each column once).
-            let tuple = pgoutput::Tuple(
-                order
-                    .iter()
-                    .map(|&i| match row.get_mut(i).and_then(Option::take) {
-                        Some(v) => pgoutput::ColumnValue::Text(bytes::Bytes::from(v)),
-                        None => pgoutput::ColumnValue::Null,
-                    })
-                    .collect(),
-            );
-            let (_, index) = self.next_index()?;
-            if let Some(event) =
-                self.map_row(index, chunk.relid, Operation::Read, None, Some(&tuple))?
-            {
-                self.emit(event).await?;
+            if self.publish_read(chunk.relid, &mut row, &order).await? {
                 published += 1;
             } else {
                 skipped += 1;
