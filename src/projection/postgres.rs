@@ -260,22 +260,10 @@ fn warn_before(projection: &str, h: &Prepared, event: &serde_json::Value) {
     if !matches!(op, Some("update" | "delete")) || h.warned_before.load(Ordering::Relaxed) {
         return;
     }
-    if let Some(path) = h.before.iter().find(|p| lookup_missing(event, p)) {
+    if let Some(path) = h.before.iter().find(|p| lookup(event, p).is_none()) {
         h.warned_before.store(true, Ordering::Relaxed);
         warn!(projection, types = ?h.types, value = %path.join("."), "an event of these types does not carry this old value, so the handler gets NULL for it: the source table's replica identity sends only the key (or no old row on an UPDATE that keeps the key); ALTER TABLE ... REPLICA IDENTITY FULL on the source table sends the whole old row");
     }
-}
-
-/// Whether the event has no value at `path` (not even a JSON null).
-fn lookup_missing(event: &serde_json::Value, path: &EventPath) -> bool {
-    let mut v = event;
-    for p in path {
-        match v.get(p) {
-            Some(x) => v = x,
-            None => return true,
-        }
-    }
-    false
 }
 
 /// Runs one statement in a savepoint; a failure of the event's doing is rolled back

@@ -78,7 +78,11 @@ pub(super) fn left_out(event: &serde_json::Value, path: &EventPath) -> bool {
         })
 }
 
-fn lookup<'a>(event: &'a serde_json::Value, path: &EventPath) -> Option<&'a serde_json::Value> {
+/// The value at `path` in an event; None when there is none (a JSON null is a value).
+pub(super) fn lookup<'a>(
+    event: &'a serde_json::Value,
+    path: &EventPath,
+) -> Option<&'a serde_json::Value> {
     let mut v = event;
     for p in path {
         v = match v {
