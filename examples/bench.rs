@@ -387,12 +387,14 @@ async fn main() {
             mib(rss)
         );
     }
-    if let Some((rows, secs, rss)) = snap {
+    if let Some(s) = &snap {
         println!(
-            "initial snapshot of a {rows}-row table (chunks of {}): {:.0} rows/s ({secs:.2}s), peak RSS {:.1} MiB",
+            "initial snapshot of a {}-row table (chunks of {}): {:.0} rows/s ({:.2}s), {}",
+            s.rows,
             args.chunk,
-            rows as f64 / secs,
-            mib(rss)
+            s.rows as f64 / s.secs,
+            s.secs,
+            s.details(chained_rate)
         );
     }
     for (what, (events, took)) in apply.into_iter().flat_map(|(apply_pg, apply_kv)| {
@@ -420,11 +422,12 @@ async fn main() {
             mib(rss)
         );
     }
-    if let Some(((rows, secs, rss), tps)) = snap_load {
+    if let Some((s, tps)) = snap_load {
         println!(
-            "the same under pgbench ({tps:.0} TPC-B transactions/s): {:.0} rows/s ({secs:.2}s), peak RSS {:.1} MiB",
-            rows as f64 / secs,
-            mib(rss)
+            "the same under pgbench ({tps:.0} TPC-B transactions/s): {:.0} rows/s ({:.2}s), {}",
+            s.rows as f64 / s.secs,
+            s.secs,
+            s.details(chained_rate)
         );
     }
 }
@@ -441,7 +444,7 @@ async fn snapshot(
     rows: u64,
     chunk: u64,
     window: usize,
-) -> (u64, f64, u64) {
+) -> Snap {
     db.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, qty int, payload text);
          INSERT INTO {table} SELECT g, g % 1000, repeat('x', 100) FROM generate_series(1, {rows}) g; ANALYZE {table};"
@@ -459,6 +462,12 @@ async fn snapshot(
             .set("snapshot_chunk_size", chunk),
     );
     let nc = nats.client().await;
+    let nats_cpu = || {
+        nats.pid()
+            .and_then(cpu_times_of)
+            .map_or(0.0, |(u, s)| (u + s).as_secs_f64())
+    };
+    let nats_before = nats_cpu();
     let (elapsed, peak, mut tm) = run_until(
         &cfg,
         &dir.join(format!("{table}.log")),
@@ -467,6 +476,8 @@ async fn snapshot(
         rows,
     )
     .await;
+    let nats_busy = (nats_cpu() - nats_before) / elapsed.as_secs_f64();
+    let tm_cpu = tm.cpu_time().unwrap_or_default().as_secs_f64();
     let _ = tm.terminate(Duration::from_secs(60));
     if let Ok(keep) = std::env::var("BENCH_KEEP_LOG") {
         let _ = std::fs::copy(
@@ -474,7 +485,39 @@ async fn snapshot(
             format!("{keep}/{table}.log"),
         );
     }
-    (rows, elapsed.as_secs_f64(), peak)
+    Snap {
+        rows,
+        secs: elapsed.as_secs_f64(),
+        peak,
+        nats_busy,
+        tm_cpu,
+    }
+}
+
+/// What a snapshot run measured.
+struct Snap {
+    rows: u64,
+    secs: f64,
+    peak: u64,
+    /// nats-server's CPU time over the run's wall time: how much of a core it took.
+    nats_busy: f64,
+    /// tidemark's CPU time (user + system), seconds.
+    tm_cpu: f64,
+}
+
+impl Snap {
+    /// The figures after the rate: peak memory, tidemark's CPU per row, nats-server's
+    /// share of a core, and the rate beside the chained publish ceiling.
+    fn details(&self, chained_rate: f64) -> String {
+        let rate = self.rows as f64 / self.secs;
+        format!(
+            "peak RSS {:.1} MiB, tidemark {:.1} µs CPU per row, nats-server busy {:.2} of a core, {:.0}% of the chained NATS ceiling",
+            mib(self.peak),
+            self.tm_cpu * 1e6 / self.rows as f64,
+            self.nats_busy,
+            100.0 * rate / chained_rate
+        )
+    }
 }
 
 /// The same snapshot while pgbench runs TPC-B transactions from 4 clients at about
@@ -489,7 +532,7 @@ async fn snapshot_under_load(
     chunk: u64,
     window: usize,
     tps: u64,
-) -> ((u64, f64, u64), f64) {
+) -> (Snap, f64) {
     pgbench(pg, "bench", &["-i", "-s", "4", "-q"]);
     let mut load = pgbench_cmd(
         pg,

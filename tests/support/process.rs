@@ -113,16 +113,7 @@ impl Tidemark {
 
     /// The CPU time used so far: (user, system).
     pub fn cpu_times(&self) -> Option<(Duration, Duration)> {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let user: u64 = f.get(11)?.parse().ok()?;
-        let sys: u64 = f.get(12)?.parse().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        let time = |ticks: u64| Duration::from_millis(ticks * 1000 / hz);
-        Some((time(user), time(sys)))
+        cpu_times_of(self.pid()?)
     }
 
     pub fn kill9(&mut self) {
@@ -227,4 +218,18 @@ pub fn tidemark_cmd_within(args: &[&str], limit: Duration) -> Option<(i32, Strin
         err.join().unwrap_or_default(),
     );
     status.map(|s| (s.code().unwrap_or(-1), out, err))
+}
+
+/// The CPU time a process has used so far, (user, system), from /proc.
+pub fn cpu_times_of(pid: u32) -> Option<(Duration, Duration)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let user: u64 = f.get(11)?.parse().ok()?;
+    let sys: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let time = |ticks: u64| Duration::from_millis(ticks * 1000 / hz);
+    Some((time(user), time(sys)))
 }
