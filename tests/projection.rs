@@ -1906,3 +1906,95 @@ key = "{t}."
     drop(projector);
     drop(source);
 }
+
+/// A KV key built from values NATS keys cannot hold (an email's `@`, a time's `:`,
+/// spaces, dots at the ends, `=`, non-ASCII) is escaped, never poison: each value reads
+/// back from its key, an UPDATE that changes one moves the entry, a DELETE removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_read_model_keys_any_value() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute("CREATE TABLE people (email text PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let sections = r#"
+[[projection]]
+name = "people_kv"
+source = "store"
+kv_bucket = "PEOPLE"
+
+[[projection.on]]
+type = ["people.created", "people.updated", "people.read"]
+kv = "put"
+key = "person.{data.after.email}"
+value = { n = "data.after.n" }
+
+[[projection.on]]
+type = "people.deleted"
+kv = "delete"
+key = "person.{data.key.email}"
+"#;
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store")
+            .tables(&["people"])
+            .sections(sections),
+    );
+    let mut source = Tidemark::run(&cfg, &dir.path().join("source.log"));
+    source.wait_streaming();
+    let projector = Tidemark::project(&cfg, &dir.path().join("projection.log"));
+    db.batch_execute(
+        "INSERT INTO people VALUES ('ann@example.com', 1), ('bob+tag@x.org', 2), ('a=b', 3),
+             ('.dot.', 4), ('ünï cödé', 5), ('2026-11-29 10:30:00+00', 6), ('a..b', 7),
+             ('plain', 8), ('a=40', 9), ('moved@x', 10), ('gone@x', 11);
+         UPDATE people SET email = 'moved:here' WHERE email = 'moved@x';
+         UPDATE people SET n = n + 100 WHERE email = 'a=b';
+         DELETE FROM people WHERE email = 'gone@x';",
+    )
+    .await
+    .unwrap();
+    wait_applied(&db, &cfg, &["people_kv"], || projector.log()).await;
+    let want: BTreeMap<String, i64> = db
+        .query("SELECT email, n::bigint FROM people", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stored = kv_values(&js, "PEOPLE").await;
+    // Read each key back: `=XY` is the byte 0xXY, anything else is itself.
+    let unescape = |key: &str| -> String {
+        let mut bytes = Vec::new();
+        let mut rest = key.as_bytes();
+        while let Some((&b, tail)) = rest.split_first() {
+            if b == b'=' {
+                let hex = std::str::from_utf8(&tail[..2]).unwrap();
+                bytes.push(u8::from_str_radix(hex, 16).unwrap());
+                rest = &tail[2..];
+            } else {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+        String::from_utf8(bytes).unwrap()
+    };
+    let got: BTreeMap<String, i64> = stored
+        .iter()
+        .map(|(k, v)| {
+            let email = k.strip_prefix("person.").expect("the template's prefix");
+            (unescape(email), v["n"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(got, want, "{}", projector.log());
+    assert!(
+        stored.contains_key("person.ann=40example.com") && stored.contains_key("person.plain"),
+        "{stored:?}"
+    );
+    assert!(
+        !projector.log().contains("not a valid KV key"),
+        "{}",
+        projector.log()
+    );
+}

@@ -8,14 +8,16 @@ use super::*;
 /// that wrote it, so a redelivered older event is never applied over it.
 pub const KV_SEQ_FIELD: &str = "_tidemark_seq";
 
-/// A KV key from its template, or why it cannot be made.
+/// A KV key from its template, or why it cannot be made. Each value taken from the
+/// event is written with `push_key_value`, so any value makes a key (an email's `@`, a
+/// time's `:`); the template's literal parts are written as they are.
 pub(super) fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result<String, String> {
     let mut out = String::new();
     for p in parts {
         match p {
             KeyPart::Lit(l) => out.push_str(l),
             KeyPart::Path(path) => match param(event, path).0 {
-                Some(v) => out.push_str(&v),
+                Some(v) => push_key_value(&mut out, &v),
                 None => return Err(format!("{} is missing from the event", path.join("."))),
             },
         }
@@ -23,13 +25,49 @@ pub(super) fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result
     let valid = !out.is_empty()
         && !out.starts_with('.')
         && !out.ends_with('.')
-        && out
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '=' | '.'));
+        && !out.contains("..")
+        && out.chars().all(key_char);
     if valid {
         Ok(out)
     } else {
-        Err(format!("{out:?} is not a valid KV key"))
+        Err(format!(
+            "{out:?} is not a valid KV key (empty, or a '.' at its start or end or next to another)"
+        ))
+    }
+}
+
+/// The characters a NATS KV key may hold.
+fn key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '=' | '.')
+}
+
+/// Writes a value into a key, escaped so that any value is a valid part of a key and
+/// two values never make the same key: each UTF-8 byte of a character a key cannot
+/// hold, of `=` itself, and of a `.` that starts or ends the value or follows another
+/// `.` (a key has no empty token), is written `=` and two uppercase hex digits
+/// (`a@b.com` is `a=40b.com`, `10:30` is `10=3A30`). Letters, digits, `-`, `_`, `/`
+/// and other dots stay as they are, so a value that was a valid key keeps its text
+/// (unless it holds `=`). Reading a key back: `=XY` is the byte 0xXY, anything else is
+/// itself.
+pub(super) fn push_key_value(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let bytes = value.as_bytes();
+    for (i, c) in value.char_indices() {
+        let plain = match c {
+            '=' => false,
+            '.' => i > 0 && i + 1 < bytes.len() && bytes[i - 1] != b'.' && bytes[i + 1] != b'.',
+            c => key_char(c),
+        };
+        if plain {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push('=');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
+        }
     }
 }
 
@@ -579,6 +617,74 @@ pub async fn kv_bucket(js: &jetstream::Context, projection: &str, configured: &s
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Reads an escaped key value back (the inverse of `push_key_value`).
+    fn unescape(key: &str) -> Option<String> {
+        let mut bytes = Vec::new();
+        let mut rest = key.as_bytes();
+        while let Some((&b, tail)) = rest.split_first() {
+            if b == b'=' {
+                let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                rest = &tail[2..];
+            } else {
+                bytes.push(b);
+                rest = tail;
+            }
+        }
+        String::from_utf8(bytes).ok()
+    }
+
+    #[test]
+    fn key_values_are_escaped_into_valid_keys() {
+        let esc = |v: &str| {
+            let mut out = String::new();
+            push_key_value(&mut out, v);
+            out
+        };
+        assert_eq!(esc("a@b.com"), "a=40b.com");
+        assert_eq!(
+            esc("2026-01-01 10:30:00+00"),
+            "2026-01-01=2010=3A30=3A00=2B00"
+        );
+        assert_eq!(esc("12.50"), "12.50");
+        assert_eq!(esc("eu-west_1/x"), "eu-west_1/x");
+        assert_eq!(esc("a=b"), "a=3Db");
+        assert_eq!(esc(".5"), "=2E5");
+        assert_eq!(esc("5."), "5=2E");
+        assert_eq!(esc("a..b"), "a=2E=2Eb");
+        assert_eq!(esc("é"), "=C3=A9");
+        assert_eq!(esc(""), "");
+        let path = |p: &str| KeyPart::Path(p.split('.').map(str::to_string).collect());
+        let parts = vec![KeyPart::Lit("user.".into()), path("data.after.email")];
+        let event = |email: &str| json!({"data": {"after": {"email": email}}});
+        assert_eq!(
+            render_key(&parts, &event("ann@example.com")).as_deref(),
+            Ok("user.ann=40example.com")
+        );
+        // An empty value leaves the key ending in a dot: said, not sent.
+        assert!(render_key(&parts, &event("")).is_err());
+        let middle = vec![path("data.after.email"), KeyPart::Lit(".x".into())];
+        assert!(render_key(&middle, &event("")).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any non-empty value makes a valid key, read back to the value: two values
+        /// never share a key.
+        #[test]
+        fn any_value_escapes_to_a_valid_key_that_reads_back(value in "\\PC{1,12}|[.=a@:]{1,8}") {
+            let mut key = String::from("k.");
+            push_key_value(&mut key, &value);
+            proptest::prop_assert!(is_valid_kv_key(&key), "{key:?}");
+            proptest::prop_assert!(!key.contains(".."), "{key:?}");
+            proptest::prop_assert_eq!(unescape(&key[2..]), Some(value));
+        }
+    }
+
+    /// NATS's own rule for a key (async-nats checks it before a put).
+    fn is_valid_kv_key(key: &str) -> bool {
+        !key.is_empty() && !key.starts_with('.') && !key.ends_with('.') && key.chars().all(key_char)
+    }
 
     #[test]
     fn the_old_key_of_an_update_that_changed_the_key() {
