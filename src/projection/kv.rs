@@ -36,6 +36,14 @@ pub(super) fn render_key(parts: &[KeyPart], event: &serde_json::Value) -> Result
     }
 }
 
+/// A value as it stands in a KV read model's key (see `push_key_value`): what a reader
+/// in Rust uses to find a row's entry, e.g. `format!("user.{}", kv_key_value(email))`.
+pub fn kv_key_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    push_key_value(&mut out, value);
+    out
+}
+
 /// The characters a NATS KV key may hold.
 fn key_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '=' | '.')
@@ -637,11 +645,7 @@ mod tests {
 
     #[test]
     fn key_values_are_escaped_into_valid_keys() {
-        let esc = |v: &str| {
-            let mut out = String::new();
-            push_key_value(&mut out, v);
-            out
-        };
+        let esc = kv_key_value;
         assert_eq!(esc("a@b.com"), "a=40b.com");
         assert_eq!(
             esc("2026-01-01 10:30:00+00"),

@@ -128,7 +128,7 @@ mod sql;
 
 pub use consumer::{Apply, Consumer, ConsumerError, Event};
 use kv::*;
-pub use kv::{KV_SEQ_FIELD, kv_bucket};
+pub use kv::{KV_SEQ_FIELD, kv_bucket, kv_key_value};
 use postgres::*;
 use read::*;
 pub use rebuild::{RebuildStats, rebuild};
