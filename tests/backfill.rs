@@ -1626,10 +1626,23 @@ async fn tables_dropped_and_created_again_are_truncated_and_read_again() {
     assert_exactly_once(&events);
     pgbench_balances_fold(&db, &events, &tm.log()).await;
 
-    // Recreated while tidemark is stopped.
+    // Recreated while tidemark is stopped: `check` says what `run` will do.
     tm.terminate(Duration::from_secs(20));
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("dropped and created again"), "{out}");
     pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
     pgbench(&pg, "store", &["-t", "50", "-c", "2", "-n"]);
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    for t in tables {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("table \"public\".\"{t}\""))
+                    && l.contains("dropped and created again since tidemark last ran")),
+            "{out}"
+        );
+    }
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
     tm.wait_streaming();
     for (t, first) in tables.iter().zip(&first) {

@@ -35,7 +35,9 @@ pub(super) async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
     );
     let mut slot_exists = None;
     let mut stream_last_seq = None;
-    match check_postgres(s, &mut slot_exists).await {
+    let mut oids_now = Vec::new();
+    let mut oids_recorded = None;
+    match check_postgres(s, &mut slot_exists, &mut oids_now).await {
         Ok(lines) => {
             line(
                 n,
@@ -49,13 +51,22 @@ pub(super) async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
         }
         Err(err) => ok &= line(n, false, "postgres", &ErrorChain(&err).to_string()),
     }
-    match check_nats(s, nats, &mut stream_last_seq).await {
+    match check_nats(s, nats, &mut stream_last_seq, &mut oids_recorded).await {
         Ok(lines) => {
             for (good, what, detail) in lines {
                 ok &= line(n, good, &what, &detail);
             }
         }
         Err(err) => ok &= line(n, false, "nats", &ErrorChain(&err).to_string()),
+    }
+    // Tables swapped while tidemark was stopped, as `run` finds them at start (see
+    // source::recreated): said here too, so `check` and `run` agree.
+    if slot_exists == Some(true)
+        && let Some(recorded) = &oids_recorded
+    {
+        for (what, detail) in swapped_lines(recorded, &oids_now) {
+            line(n, true, &what, &detail);
+        }
     }
     if let (Some(false), Some(last_seq)) = (slot_exists, stream_last_seq)
         && last_seq > 0
@@ -76,10 +87,41 @@ pub(super) async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
 
 type CheckLines = Vec<(bool, String, String)>;
 
-/// Checks the database; records whether the slot exists in `slot_exists`.
+/// The tables found under another OID than the source recorded (dropped and created
+/// again, or swapped in by a rename, while tidemark was stopped): what `run` does
+/// with each at its next start.
+fn swapped_lines(
+    recorded: &crate::backfill::TableOids,
+    now: &[(String, String, u32)],
+) -> Vec<(String, String)> {
+    now.iter()
+        .filter_map(|(schema, name, oid)| {
+            let (_, _, was) = recorded
+                .tables
+                .iter()
+                .find(|(s, t, _)| s == schema && t == name)?;
+            (was != oid).then(|| {
+                (
+                    format!(
+                        "table {}.{}",
+                        crate::postgres::replication::quote_ident(schema),
+                        crate::postgres::replication::quote_ident(name)
+                    ),
+                    format!(
+                        "dropped and created again since tidemark last ran (OID {was}, now {oid}): `run` will send its truncated event and read it again"
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Checks the database; records whether the slot exists in `slot_exists`, and the
+/// OIDs of the tables in `oids`.
 pub(super) async fn check_postgres(
     s: &SourceConfig,
     slot_exists: &mut Option<bool>,
+    oids: &mut Vec<(String, String, u32)>,
 ) -> Result<CheckLines, CatalogError> {
     let catalog = Catalog::connect(&s.postgres).await?;
     let mut out: CheckLines = Vec::new();
@@ -143,6 +185,11 @@ pub(super) async fn check_postgres(
     match catalog.tables(&wanted).await {
         Err(e) => out.push((false, "tables".into(), e.to_string())),
         Ok(tables) => {
+            oids.extend(
+                tables
+                    .iter()
+                    .map(|t| (t.schema.clone(), t.name.clone(), t.oid)),
+            );
             for t in tables.iter().cloned() {
                 let in_pub = published
                     .as_ref()
@@ -358,6 +405,7 @@ pub(super) async fn check_nats(
     s: &SourceConfig,
     nats: &NatsConfig,
     last_seq: &mut Option<u64>,
+    oids: &mut Option<crate::backfill::TableOids>,
 ) -> Result<CheckLines, provision::ProvisionError> {
     let client = provision::connect(nats, "tidemark-check").await?;
     let mut out: CheckLines = Vec::new();
@@ -401,10 +449,16 @@ pub(super) async fn check_nats(
                 }
                 // A stream that ever stored events makes a missing slot a loss, unless
                 // `reset --purge-stream` emptied it (the same rule as `run`).
-                let purged = match crate::backfill::Progress::existing(&js, &s.name).await {
+                let progress = crate::backfill::Progress::existing(&js, &s.name).await;
+                let purged = match &progress {
                     Some(p) => p.purged_at().await.ok().flatten(),
                     None => None,
                 };
+                // The OIDs `run` recorded for this stream.
+                if let Some(p) = progress {
+                    let p = p.bind(crate::backfill::stream_binding(stream.cached_info()));
+                    *oids = p.table_oids().await.ok().flatten();
+                }
                 let fresh = tail.last_seq == 0
                     || (tail.last_event.is_none() && purged == Some(tail.last_seq));
                 *last_seq = (!fresh).then_some(tail.last_seq);
