@@ -8,10 +8,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = tidemark::cli::Cli::parse();
     tidemark::cli::init_tracing(cli.log_format, &cli.command);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = tidemark::cli::worker_threads(&cli) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
