@@ -120,6 +120,7 @@ impl Policy for ProjectionError {
 mod consumer;
 mod engine;
 mod kv;
+mod kv_key;
 mod pg_text;
 mod postgres;
 mod read;
@@ -128,7 +129,8 @@ mod sql;
 
 pub use consumer::{Apply, Consumer, ConsumerError, Event};
 use kv::*;
-pub use kv::{KV_SEQ_FIELD, kv_bucket, kv_key_value};
+pub use kv::{KV_SEQ_FIELD, kv_bucket};
+pub use kv_key::kv_key_value;
 use postgres::*;
 use read::*;
 pub use rebuild::{RebuildStats, rebuild};
