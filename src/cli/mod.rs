@@ -63,15 +63,14 @@ pub fn init_tracing(format: LogFormat, command: &Command) {
 
 /// How many worker threads the async runtime gets; None leaves tokio's default (one
 /// per core, or `TOKIO_WORKER_THREADS`). `run` gets one per source and `project` one
-/// per projection, at most one per core: a source's pipeline is one task, and on a machine shared with Postgres and
-/// nats-server, as a sidecar is, a second thread for one source cost more CPU per
-/// event in hand-offs between threads than it gained (benchmark, 300,000 changes on 2
-/// cores, six alternating pairs: 3.6-4.6 µs per event and 98,000-118,000 events/s with
-/// one thread, 4.5-5.6 µs and 86,000-101,000 with two; the read models applied 32,000
-/// and 37,000 events/s into Postgres with one against 27,000 and 30,000 with two).
-/// `TOKIO_WORKER_THREADS`
-/// overrides it; a config that does not load leaves the default (the command then
-/// reports the error).
+/// per projection, at most one per core: a source's pipeline is one task, and on a
+/// machine shared with Postgres and nats-server, as a sidecar is, a second thread for
+/// it cost more CPU per event in hand-offs between threads than it gained (benchmark,
+/// 300,000 changes on 2 cores, six alternating pairs: 3.6-4.6 µs per event and
+/// 98,000-118,000 events/s with one thread, 4.5-5.6 µs and 86,000-101,000 with two;
+/// a Postgres read model applied 32,000-37,000 events/s with one, 27,000-30,000 with
+/// two). `TOKIO_WORKER_THREADS` overrides it; a config that does not load leaves the
+/// default (the command then reports the error).
 pub fn worker_threads(cli: &Cli) -> Option<usize> {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
         return None;
