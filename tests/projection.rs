@@ -1386,6 +1386,12 @@ const VALUE_ROWS: &[&[&str]] = &[
         "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "'-infinity'",
         "NULL", "NULL", "'[null]'",
     ],
+    // A JSON null is not SQL NULL.
+    &[
+        "1", "1", "1", "1", "'null'", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL",
+        "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL",
+        "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "' null '",
+    ],
 ];
 
 /// Values reach read models exactly as the store holds them, in a SQL read model and
@@ -1396,7 +1402,8 @@ const VALUE_ROWS: &[&[&str]] = &[
 /// writes as JSON: arrays (of any dimension, of bytea, boxes, composites, ranges),
 /// ranges, multiranges, composites, bytea, the geometric types; arrays, ranges and
 /// geometric values stopped a SQL read model ("malformed array literal"), and bytea
-/// was stored as its base64 text.
+/// was stored as its base64 text. A JSON `null` in json/jsonb stays one (it became
+/// SQL NULL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_models_get_every_value_exactly() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
@@ -1467,6 +1474,8 @@ value = {{ f8 = "data.after.f8", f4 = "data.after.f4", b = "data.after.b", j = "
             row.join(", ")
         ));
     }
+    // And a JSON null written by an UPDATE, over a value and over SQL NULL.
+    writes.push_str("UPDATE m SET j = 'null', js = 'null' WHERE id = 2003;");
     db.batch_execute(&writes).await.unwrap();
     wait_applied(&db, &cfg, &["m_sql", "m_kv"], || projector.log()).await;
     // Each value as Postgres prints it (shortest exact text for floats; jsonb numbers

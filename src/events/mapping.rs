@@ -207,6 +207,11 @@ pub fn map_change(
         Some(a) => a.unchanged_columns(),
         None => Vec::new(),
     };
+    let json_null = after.as_ref().map(|r| r.json_null_columns());
+    let before_json_null = match change.old {
+        Some((OldKind::Full, _)) => before.as_ref().map(|r| r.json_null_columns()),
+        _ => None,
+    };
     let (omitted, truncated) = match shrink {
         Some(s) => {
             let mut names = after.as_ref().map(|r| r.shrunk()).unwrap_or_default();
@@ -229,6 +234,8 @@ pub fn map_change(
         before,
         after,
         unchanged_toast,
+        json_null: json_null.unwrap_or_default(),
+        before_json_null: before_json_null.unwrap_or_default(),
         omitted,
         truncated,
     };
@@ -306,6 +313,8 @@ pub fn map_truncate(tx: &TxContext<'_>, index: u64, table: &Table) -> Option<Dom
         before: None,
         after: None,
         unchanged_toast: Vec::new(),
+        json_null: Vec::new(),
+        before_json_null: Vec::new(),
         omitted: Vec::new(),
         truncated: Vec::new(),
     };
@@ -455,6 +464,9 @@ struct Data<'a> {
     after: Option<RowJson<'a>>,
     /// The lists below are left out when empty.
     unchanged_toast: Vec<&'a str>,
+    /// Columns of `after` (and of a full `before`) holding a JSON `null`, not SQL NULL.
+    json_null: Vec<&'a str>,
+    before_json_null: Vec<&'a str>,
     omitted: Vec<&'a str>,
     truncated: Vec<&'a str>,
 }
@@ -477,8 +489,10 @@ impl JsonData for Data<'_> {
                 None => out.extend_from_slice(b"null"),
             }
         }
-        let lists: [(&[u8], &[&str]); 3] = [
+        let lists: [(&[u8], &[&str]); 5] = [
             (b",\"unchanged_toast\":[", &self.unchanged_toast),
+            (b",\"json_null\":[", &self.json_null),
+            (b",\"before_json_null\":[", &self.before_json_null),
             (b",\"omitted\":[", &self.omitted),
             (b",\"truncated\":[", &self.truncated),
         ];

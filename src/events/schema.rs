@@ -233,6 +233,8 @@ pub fn table_event(shape: &TableShape) -> Value {
             "before": before,
             "after": row,
             "unchanged_toast": names,
+            "json_null": names,
+            "before_json_null": names,
             "omitted": names,
             "truncated": names
         },

@@ -47,8 +47,31 @@ pub(super) fn param(event: &serde_json::Value, path: &EventPath) -> TextParam {
 
 /// The value at `path` as Postgres text input for a parameter of type `ty` (arrays,
 /// ranges, composite, bytea and geometric values in Postgres syntax; see `pg_text`).
+/// A column the event names in `data.json_null` (or `data.before_json_null`) holds the
+/// JSON literal `null`, not SQL NULL, and is written as such.
 pub(super) fn typed_param(event: &serde_json::Value, path: &EventPath, ty: &Type) -> TextParam {
-    TextParam(lookup(event, path).and_then(|v| pg_text::pg_text(v, ty)))
+    match lookup(event, path) {
+        Some(serde_json::Value::Null) if json_null(event, path) => TextParam(Some("null".into())),
+        v => TextParam(v.and_then(|v| pg_text::pg_text(v, ty))),
+    }
+}
+
+/// Whether `path` names a column of `data.after` listed in `data.json_null`, or of
+/// `data.before` listed in `data.before_json_null`: a `json`/`jsonb` value that is the
+/// JSON literal `null`.
+pub(super) fn json_null(event: &serde_json::Value, path: &EventPath) -> bool {
+    let [data, row, column] = path.as_slice() else {
+        return false;
+    };
+    let list = match row.as_str() {
+        "after" => "json_null",
+        "before" => "before_json_null",
+        _ => return false,
+    };
+    data == "data"
+        && event["data"][list]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|c| c.as_str() == Some(column)))
 }
 
 /// A statement parameter of a handler.
@@ -330,6 +353,37 @@ mod tests {
             &json!("x"),
             &vec!["data".into(), "after".into(), "big".into()]
         ));
+    }
+
+    #[test]
+    fn a_json_null_is_written_as_json_not_as_sql_null() {
+        let e = json!({"data": {
+            "before": {"doc": null, "raw": null},
+            "after": {"doc": null, "raw": null, "n": null},
+            "json_null": ["doc"],
+            "before_json_null": ["raw"]
+        }});
+        let p = |path: &str| {
+            typed_param(
+                &e,
+                &path.split('.').map(str::to_string).collect(),
+                &Type::JSONB,
+            )
+            .0
+        };
+        assert_eq!(p("data.after.doc").as_deref(), Some("null"));
+        assert_eq!(p("data.after.raw"), None);
+        assert_eq!(p("data.after.n"), None);
+        assert_eq!(p("data.before.raw").as_deref(), Some("null"));
+        assert_eq!(p("data.before.doc"), None);
+        // Only a null is: a listed column with a value keeps it.
+        let e = json!({"data": {"after": {"doc": {"a": 1}}, "json_null": ["doc"]}});
+        let v = typed_param(
+            &e,
+            &vec!["data".into(), "after".into(), "doc".into()],
+            &Type::JSONB,
+        );
+        assert_eq!(v.0.as_deref(), Some("{\"a\":1}"));
     }
 
     #[test]

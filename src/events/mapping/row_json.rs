@@ -38,6 +38,21 @@ impl<'a> RowJson<'a> {
             .collect()
     }
 
+    /// The columns whose value is the JSON literal `null` in a `json` or `jsonb` column:
+    /// written as `null`, as SQL NULL is, so the event names them in `json_null`.
+    pub(super) fn json_null_columns(&self) -> Vec<&'a str> {
+        self.cols
+            .iter()
+            .filter(|c| {
+                let value = self.value(c.index);
+                matches!(self.table.columns[c.index].kind, TypeKind::Json)
+                    && self.shrink_of(c.index, value).is_none()
+                    && matches!(value, ColumnValue::Text(b) if b.trim_ascii() == b"null")
+            })
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
     /// What shrinking does to column `i`: None = untouched, Some(None) = omitted,
     /// Some(Some(n)) = cut to `n` bytes.
     fn shrink_of(&self, i: usize, value: &ColumnValue) -> Option<Option<usize>> {
@@ -172,5 +187,103 @@ mod tests {
             prop_assert_eq!(&data["after"], &expect(&values[3..]));
             prop_assert_eq!(&data["op"], &json!("update"));
         }
+    }
+
+    fn text(s: &str) -> ColumnValue {
+        ColumnValue::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+    /// `orders` with a `json` and a `jsonb` column.
+    fn orders_with_json() -> Table {
+        let mut t = orders();
+        for (name, oid) in [("doc", 3802), ("raw", 114)] {
+            t.columns.push(TableColumn {
+                name: name.into(),
+                type_oid: oid,
+                kind: TypeKind::Json,
+            });
+        }
+        t.plan = TablePlan::default_for(
+            &[
+                ("id", 23),
+                ("status", 25),
+                ("note", 25),
+                ("doc", 3802),
+                ("raw", 114),
+            ],
+            "orders",
+        );
+        t
+    }
+
+    #[test]
+    fn a_json_null_is_named_apart_from_sql_null() {
+        let old = Tuple(vec![
+            text("7"),
+            ColumnValue::Null,
+            ColumnValue::Null,
+            ColumnValue::Null,
+            text("null"),
+        ]);
+        let new = Tuple(vec![
+            text("7"),
+            text("null"),
+            ColumnValue::Null,
+            text("null"),
+            text(" \n null\t"),
+        ]);
+        let change = |old| RowChange {
+            op: Operation::Update,
+            old,
+            new: Some(&new),
+        };
+        let full = map_change(
+            &tx(),
+            0,
+            &orders_with_json(),
+            &change(Some((OldKind::Full, &old))),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let v = decode(&full);
+        assert_eq!(
+            v["data"]["after"],
+            json!({"id": 7, "status": "null", "note": null, "doc": null, "raw": null})
+        );
+        // A text "null" and SQL NULLs are not named; JSON nulls are, whatever their spacing.
+        assert_eq!(v["data"]["json_null"], json!(["doc", "raw"]));
+        assert_eq!(v["data"]["before_json_null"], json!(["raw"]));
+
+        let keyed = map_change(&tx(), 0, &orders_with_json(), &change(None), None)
+            .unwrap()
+            .unwrap();
+        let v = decode(&keyed);
+        assert_eq!(v["data"]["json_null"], json!(["doc", "raw"]));
+        assert!(v["data"].get("before_json_null").is_none());
+
+        // Other JSON values, and none at all, name nothing.
+        let plain = Tuple(vec![
+            text("8"),
+            text("x"),
+            ColumnValue::Null,
+            text("{\"a\": null}"),
+            text("\"null\""),
+        ]);
+        let ev = map_change(
+            &tx(),
+            0,
+            &orders_with_json(),
+            &RowChange {
+                op: Operation::Insert,
+                old: None,
+                new: Some(&plain),
+            },
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let v = decode(&ev);
+        assert_eq!(v["data"]["after"]["raw"], json!("null"));
+        assert!(v["data"].get("json_null").is_none());
     }
 }
