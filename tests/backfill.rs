@@ -1515,10 +1515,22 @@ async fn wait_recreated_done(
     not: Option<&str>,
     log: impl Fn() -> String,
 ) -> String {
+    wait_reason_done(nc, table, "recreated", not, log).await
+}
+
+/// Waits for a backfill of `public.<table>` queued for `reason`, other than `not`, to
+/// be done; returns its id.
+async fn wait_reason_done(
+    nc: &async_nats::Client,
+    table: &str,
+    reason: &str,
+    not: Option<&str>,
+    log: impl Fn() -> String,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(job) = backfill_job(nc, "store", table).await
-            && job["reason"] == "recreated"
+            && job["reason"] == reason
             && job["state"] == "done"
             && job["id"].as_str() != not
         {
@@ -1526,7 +1538,7 @@ async fn wait_recreated_done(
         }
         assert!(
             Instant::now() < deadline,
-            "no backfill of the recreated {table}: {:?}\n{}",
+            "no backfill of {table} for {reason:?} done: {:?}\n{}",
             backfill_job(nc, "store", table).await,
             log()
         );
@@ -1960,6 +1972,151 @@ async fn a_recreated_keyless_table_too_large_for_its_marker_is_warned_about() {
         !events.iter().any(|e| e.body["type"] == "bulk.truncated"),
         "{}",
         tm.log()
+    );
+    assert!(tm.is_running(), "{}", tm.log());
+}
+
+/// A table added to a running source's `tables` (tidemark stopped, the config edited,
+/// tidemark started again) is read at that start: its truncated event, then its rows,
+/// under writes; a keyed table by a backfill, a keyless one in the marker. Taken out and
+/// put back, its rows deleted meanwhile go from the fold too. `check` says what `run`
+/// will do. (Before, such a table streamed from then on and its rows from before were
+/// never sent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
+    let Rig { pg, nats, dir, db } = Rig::start().await;
+    db.batch_execute(
+        "CREATE TABLE first (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO first SELECT g, g, 'old' FROM generate_series(1, 100) g;
+         CREATE TABLE late (id int PRIMARY KEY, qty int, note text);
+         INSERT INTO late SELECT g, g, 'old ' || g FROM generate_series(1, 3000) g;
+         CREATE TABLE events_log (n int, message text);
+         ALTER TABLE events_log REPLICA IDENTITY FULL;
+         INSERT INTO events_log SELECT g % 7, 'before' FROM generate_series(1, 40) g;",
+    )
+    .await
+    .unwrap();
+    let spec = |tables: &[&str]| {
+        SourceSpec::new("store", "store")
+            .tables(tables)
+            .snapshot("initial")
+            .set("snapshot_chunk_size", 700)
+    };
+    let cfg = write_config(dir.path(), &pg, &nats, &spec(&["first"]));
+    let cfg_arg = cfg.to_str().unwrap().to_string();
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    tm.wait_streaming();
+    let nc = nats.client().await;
+    wait_job_done(&nc, "store", "first", Duration::from_secs(60), || tm.log()).await;
+    tm.terminate(Duration::from_secs(20));
+    db.batch_execute("UPDATE late SET qty = -qty WHERE id % 10 = 0; INSERT INTO events_log VALUES (9, 'meanwhile');")
+        .await
+        .unwrap();
+
+    // Added to the config.
+    write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &spec(&["first", "late", "events_log"]),
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", &cfg_arg]);
+    assert_eq!(code, 0, "{out}");
+    for t in ["late", "events_log"] {
+        assert!(
+            out.lines().any(|l| l.contains(&format!("table \"public\".\"{t}\""))
+                && l.contains("new since tidemark last ran: `run` will send its truncated event and read its rows")),
+            "{out}"
+        );
+    }
+    assert!(
+        !out.lines().any(|l| l.contains("\"first\": new since")),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    tm.wait_streaming();
+    // Writes while the added tables are read.
+    let writer_db = pg.client("store").await;
+    let writer = tokio::spawn(async move {
+        for i in 1..=200 {
+            writer_db
+                .batch_execute(&format!(
+                    "UPDATE late SET qty = qty + 1000, note = 'new' WHERE id = {};
+                     DELETE FROM late WHERE id = {};
+                     INSERT INTO late VALUES ({}, 0, 'inserted');
+                     INSERT INTO events_log VALUES ({i}, 'live');",
+                    i * 13 % 3000 + 1,
+                    i * 7 % 3000 + 1,
+                    10_000 + i
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let added = wait_reason_done(&nc, "late", "added", None, || tm.log()).await;
+    writer.await.unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    same_table(
+        fold(&events).get("public.late"),
+        &table_rows(&db, "late").await,
+        &events,
+        &tm.log(),
+    );
+    same_rows(
+        fold_multiset(&events, "public.events_log"),
+        keyless_rows(&db).await,
+        &tm.log(),
+    );
+    assert!(
+        tm.log()
+            .contains("truncated event marked with the new table's rows"),
+        "{}",
+        tm.log()
+    );
+
+    // Taken out, rows deleted meanwhile, put back: the deleted rows leave the fold.
+    tm.terminate(Duration::from_secs(20));
+    write_config(dir.path(), &pg, &nats, &spec(&["first"]));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark3.log"));
+    tm.wait_streaming();
+    tm.terminate(Duration::from_secs(20));
+    db.batch_execute("DELETE FROM late WHERE id % 3 = 0; DELETE FROM events_log WHERE n = 1;")
+        .await
+        .unwrap();
+    write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &spec(&["first", "late", "events_log"]),
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark4.log"));
+    tm.wait_streaming();
+    wait_reason_done(&nc, "late", "added", Some(&added), || tm.log()).await;
+    db.batch_execute("INSERT INTO first VALUES (1000, 1, 'end')")
+        .await
+        .unwrap();
+    wait_confirmed_end(&pg, &db).await;
+    let events = read_stream(&nc, "STORE").await;
+    assert_exactly_once(&events);
+    same_table(
+        fold(&events).get("public.late"),
+        &table_rows(&db, "late").await,
+        &events,
+        &tm.log(),
+    );
+    same_rows(
+        fold_multiset(&events, "public.events_log"),
+        keyless_rows(&db).await,
+        &tm.log(),
+    );
+    same_table(
+        fold(&events).get("public.first"),
+        &table_rows(&db, "first").await,
+        &events,
+        &tm.log(),
     );
     assert!(tm.is_running(), "{}", tm.log());
 }

@@ -67,6 +67,9 @@ pub(super) async fn check_source(s: &SourceConfig, nats: &NatsConfig) -> bool {
         for (what, detail) in swapped_lines(recorded, &oids_now) {
             line(n, true, &what, &detail);
         }
+        for (what, detail) in added_lines(s, recorded, &oids_now) {
+            line(n, true, &what, &detail);
+        }
     }
     if let (Some(false), Some(last_seq)) = (slot_exists, stream_last_seq)
         && last_seq > 0
@@ -112,6 +115,38 @@ fn swapped_lines(
                     ),
                 )
             })
+        })
+        .collect()
+}
+
+/// The tables new to the selection since the source last ran (added to `tables`, or
+/// created under `all_tables`): what `run` does with each at its next start.
+fn added_lines(
+    s: &SourceConfig,
+    recorded: &crate::backfill::TableOids,
+    now: &[(String, String, u32)],
+) -> Vec<(String, String)> {
+    now.iter()
+        .filter(|(schema, name, _)| {
+            !recorded
+                .tables
+                .iter()
+                .any(|(s, t, _)| s == schema && t == name)
+        })
+        .map(|(schema, name, _)| {
+            let detail = if source::reads_added(s, schema, name) {
+                "new since tidemark last ran: `run` will send its truncated event and read its rows (they are not in the stream)"
+            } else {
+                "new since tidemark last ran: `run` streams its changes from now on; its rows from before are not sent (snapshot = \"never\", snapshot_tables or an outbox): `tidemark backfill` sends them"
+            };
+            (
+                format!(
+                    "table {}.{}",
+                    crate::postgres::replication::quote_ident(schema),
+                    crate::postgres::replication::quote_ident(name)
+                ),
+                detail.to_string(),
+            )
         })
         .collect()
 }
@@ -237,15 +272,7 @@ pub(super) async fn check_postgres(
                 // What `run` does with a table it cannot page: reads it from the new
                 // slot's snapshot (no key), or says so and streams its changes (a
                 // mapping key that cannot page it); see source::attempt.
-                let snapshotted = s.snapshot == crate::config::SnapshotMode::Initial
-                    && s.snapshot_tables
-                        .as_ref()
-                        .is_none_or(|l| l.contains(&(t.schema.clone(), t.name.clone())))
-                    && !s
-                        .outboxes
-                        .iter()
-                        .any(|o| o.schema == t.schema && o.table == t.name);
-                if snapshotted
+                if source::reads_added(s, &t.schema, &t.name)
                     && let Err(e) = crate::backfill::key_columns(
                         &catalog,
                         s,

@@ -382,15 +382,7 @@ async fn queue_initial_snapshot(
     let mut jobs = Vec::new();
     let mut keyless = Vec::new();
     for t in tables {
-        let wanted = match &cfg.snapshot_tables {
-            Some(list) => list.contains(&(t.schema.clone(), t.name.clone())),
-            None => true,
-        };
-        let outbox = cfg
-            .outboxes
-            .iter()
-            .any(|o| o.schema == t.schema && o.table == t.name);
-        if !wanted || outbox {
+        if !super::recreated::reads_added(cfg, &t.schema, &t.name) {
             continue;
         }
         // A table that cannot be read in key order loses only its own snapshot: its

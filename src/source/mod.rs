@@ -36,6 +36,7 @@ use crate::telemetry::Telemetry;
 
 pub use error::{Policy, Recovery, SourceError};
 pub use plan::plan_tables;
+pub(crate) use recreated::reads_added;
 
 /// Runs one source until `cancel` fires (Ok) or a fatal error (Err).
 pub async fn run_source(

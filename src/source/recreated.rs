@@ -35,7 +35,7 @@ use tracing::{debug, error, info, warn};
 
 use super::error::SourceError;
 use crate::backfill::{self, BackfillError, Progress, TableOids};
-use crate::config::{SourceConfig, TableSelection};
+use crate::config::{SnapshotMode, SourceConfig, TableSelection};
 use crate::events::reserved::RECREATED_PREFIX;
 use crate::policy::{Policy, Recovery};
 use crate::postgres::catalog::{Catalog, CatalogError, TableInfo};
@@ -78,8 +78,13 @@ const MARKER_ROWS_BYTES: usize = 1 << 20;
 type Name = (String, String);
 
 /// At start: the tables found under another OID than recorded (swapped while tidemark
-/// was down) are handled (see the module note), then the OIDs are recorded. A new
-/// slot's source records them only: its initial snapshot (if any) reads every table.
+/// was down) are handled (see the module note), and so are the tables new to the
+/// selection (added to `tables`, or created while tidemark was down under
+/// `all_tables`) when `reads_added` says so: their rows before are not in the stream
+/// (or, for a table taken out and put back, are stale), so they get the same truncated
+/// event and read. Then the OIDs are recorded. A new slot's source records them only:
+/// its initial snapshot (if any) reads every table. So does a source that recorded
+/// none yet (it cannot tell new tables from old ones).
 pub(super) async fn at_start(
     catalog: &Catalog,
     cfg: &SourceConfig,
@@ -87,31 +92,59 @@ pub(super) async fn at_start(
     tables: &[TableInfo],
     new_slot: bool,
 ) -> Result<HashMap<Name, u32>, SourceError> {
-    let recorded: HashMap<Name, u32> = progress
-        .table_oids()
-        .await?
-        .map(|r| {
-            r.tables
-                .into_iter()
-                .map(|(s, t, oid)| ((s, t), oid))
-                .collect()
-        })
-        .unwrap_or_default();
+    let recorded: Option<HashMap<Name, u32>> = progress.table_oids().await?.map(|r| {
+        r.tables
+            .into_iter()
+            .map(|(s, t, oid)| ((s, t), oid))
+            .collect()
+    });
     let mut known = HashMap::new();
     for t in tables {
         let name = (t.schema.clone(), t.name.clone());
-        if !new_slot
-            && let Some(&was) = recorded.get(&name)
-            && was != t.oid
-        {
-            warn!(table = %t.qualified(), was, oid = t.oid, "table was dropped and created again while tidemark was away (a new OID under its name): its old rows are gone");
-            // `ensure_publication` published it already, before the marker.
-            recreated(catalog, cfg, progress, t, true).await?;
+        match recorded.as_ref().map(|r| r.get(&name)) {
+            _ if new_slot => {}
+            Some(Some(&was)) if was != t.oid => {
+                warn!(table = %t.qualified(), was, oid = t.oid, "table was dropped and created again while tidemark was away (a new OID under its name): its old rows are gone");
+                // `ensure_publication` published it already, before the marker.
+                recreated(catalog, cfg, progress, t, true, "recreated").await?;
+            }
+            Some(None) if reads_added(cfg, &t.schema, &t.name) => {
+                info!(table = %t.qualified(), "table new to the source since it last ran: its truncated event, then its rows are read (they are not in the stream)");
+                recreated(catalog, cfg, progress, t, true, "added").await?;
+            }
+            Some(None) => {
+                let why = if outbox_table(cfg, &t.schema, &t.name) {
+                    "an outbox table: its rows are messages, sent as they are written"
+                } else {
+                    "snapshot = \"never\", or snapshot_tables leaves it out: run `tidemark backfill` for them"
+                };
+                info!(table = %t.qualified(), "table new to the source since it last ran: streamed from now on, its rows from before are not sent ({why})");
+            }
+            _ => {}
         }
         known.insert(name, t.oid);
     }
     record(progress, &known).await;
     Ok(known)
+}
+
+/// Whether a source reads a table's rows as a snapshot: in its initial snapshot, and
+/// at a start that finds the table new to its selection (its truncated event, then its
+/// rows). With `snapshot = "initial"`, for a table in `snapshot_tables` that is not an
+/// outbox table.
+pub(crate) fn reads_added(cfg: &SourceConfig, schema: &str, table: &str) -> bool {
+    cfg.snapshot == SnapshotMode::Initial
+        && cfg
+            .snapshot_tables
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|(s, t)| s == schema && t == table))
+        && !outbox_table(cfg, schema, table)
+}
+
+fn outbox_table(cfg: &SourceConfig, schema: &str, table: &str) -> bool {
+    cfg.outboxes
+        .iter()
+        .any(|o| o.schema == schema && o.table == table)
 }
 
 /// Records the OIDs. A failed write (NATS away, or a record over the server's
@@ -238,7 +271,7 @@ async fn poll(
         } else {
             warn!(table = %info.qualified(), "table is no longer in the publication: adding it again; its changes meanwhile were not sent, so it is read again after its truncated event");
         }
-        recreated(catalog, cfg, progress, &info, now.published).await?;
+        recreated(catalog, cfg, progress, &info, now.published, "recreated").await?;
         known.insert(name, oid);
         changed = true;
     }
@@ -352,6 +385,7 @@ async fn recreated(
     progress: &Progress,
     t: &TableInfo,
     published: bool,
+    reason: &str,
 ) -> Result<(), SourceError> {
     if !published {
         if !cfg.create_publication {
@@ -365,10 +399,7 @@ async fn recreated(
             return Err(CatalogError::NoReplicaIdentity { table, identity }.into());
         }
     }
-    let outbox = cfg
-        .outboxes
-        .iter()
-        .any(|o| o.schema == t.schema && o.table == t.name);
+    let outbox = outbox_table(cfg, &t.schema, &t.name);
     let key = if outbox {
         None
     } else {
@@ -436,7 +467,7 @@ async fn recreated(
                     &t.schema,
                     &t.name,
                     key,
-                    "recreated",
+                    reason,
                     None,
                     cfg.snapshot_chunk_size,
                 ))
