@@ -2056,20 +2056,7 @@ async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
     });
     let added = wait_reason_done(&nc, "late", "added", None, || tm.log()).await;
     writer.await.unwrap();
-    wait_confirmed_end(&pg, &db).await;
-    let events = read_stream(&nc, "STORE").await;
-    assert_exactly_once(&events);
-    same_table(
-        fold(&events).get("public.late"),
-        &table_rows(&db, "late").await,
-        &events,
-        &tm.log(),
-    );
-    same_rows(
-        fold_multiset(&events, "public.events_log"),
-        keyless_rows(&db).await,
-        &tm.log(),
-    );
+    added_tables_fold(&pg, &db, &nc, &tm.log()).await;
     assert!(
         tm.log()
             .contains("truncated event marked with the new table's rows"),
@@ -2098,20 +2085,7 @@ async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
     db.batch_execute("INSERT INTO first VALUES (1000, 1, 'end')")
         .await
         .unwrap();
-    wait_confirmed_end(&pg, &db).await;
-    let events = read_stream(&nc, "STORE").await;
-    assert_exactly_once(&events);
-    same_table(
-        fold(&events).get("public.late"),
-        &table_rows(&db, "late").await,
-        &events,
-        &tm.log(),
-    );
-    same_rows(
-        fold_multiset(&events, "public.events_log"),
-        keyless_rows(&db).await,
-        &tm.log(),
-    );
+    let events = added_tables_fold(&pg, &db, &nc, &tm.log()).await;
     same_table(
         fold(&events).get("public.first"),
         &table_rows(&db, "first").await,
@@ -2119,4 +2093,29 @@ async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
         &tm.log(),
     );
     assert!(tm.is_running(), "{}", tm.log());
+}
+
+/// Once the slot confirmed the WAL's end: the stream has every event once, and folds
+/// to `late` (by key) and to `events_log` (as a multiset). Returns the events.
+async fn added_tables_fold(
+    pg: &PgServer,
+    db: &tokio_postgres::Client,
+    nc: &async_nats::Client,
+    log: &str,
+) -> Vec<StoredEvent> {
+    wait_confirmed_end(pg, db).await;
+    let events = read_stream(nc, "STORE").await;
+    assert_exactly_once(&events);
+    same_table(
+        fold(&events).get("public.late"),
+        &table_rows(db, "late").await,
+        &events,
+        log,
+    );
+    same_rows(
+        fold_multiset(&events, "public.events_log"),
+        keyless_rows(db).await,
+        log,
+    );
+    events
 }
