@@ -44,10 +44,11 @@ impl<'a> RowJson<'a> {
         self.cols
             .iter()
             .filter(|c| {
-                let value = self.value(c.index);
-                matches!(self.table.columns[c.index].kind, TypeKind::Json)
-                    && self.shrink_of(c.index, value).is_none()
-                    && matches!(value, ColumnValue::Text(b) if b.trim_ascii() == b"null")
+                matches!(self.table.columns[c.index].kind, TypeKind::Json) && {
+                    let value = self.value(c.index);
+                    self.shrink_of(c.index, value).is_none()
+                        && matches!(value, ColumnValue::Text(b) if b.trim_ascii() == b"null")
+                }
             })
             .map(|c| c.name.as_str())
             .collect()
