@@ -2002,7 +2002,8 @@ async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
             .snapshot("initial")
             .set("snapshot_chunk_size", 700)
     };
-    let cfg = write_config(dir.path(), &pg, &nats, &spec(&["first"]));
+    let configure = |tables: &[&str]| write_config(dir.path(), &pg, &nats, &spec(tables));
+    let cfg = configure(&["first"]);
     let cfg_arg = cfg.to_str().unwrap().to_string();
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
     tm.wait_streaming();
@@ -2014,12 +2015,7 @@ async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
         .unwrap();
 
     // Added to the config.
-    write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &spec(&["first", "late", "events_log"]),
-    );
+    configure(&["first", "late", "events_log"]);
     let (code, out, _) = tidemark_cmd(&["check", "--config", &cfg_arg]);
     assert_eq!(code, 0, "{out}");
     for t in ["late", "events_log"] {
@@ -2066,19 +2062,14 @@ async fn a_table_added_to_a_sources_tables_is_read_at_its_next_start() {
 
     // Taken out, rows deleted meanwhile, put back: the deleted rows leave the fold.
     tm.terminate(Duration::from_secs(20));
-    write_config(dir.path(), &pg, &nats, &spec(&["first"]));
+    configure(&["first"]);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark3.log"));
     tm.wait_streaming();
     tm.terminate(Duration::from_secs(20));
     db.batch_execute("DELETE FROM late WHERE id % 3 = 0; DELETE FROM events_log WHERE n = 1;")
         .await
         .unwrap();
-    write_config(
-        dir.path(),
-        &pg,
-        &nats,
-        &spec(&["first", "late", "events_log"]),
-    );
+    configure(&["first", "late", "events_log"]);
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark4.log"));
     tm.wait_streaming();
     wait_reason_done(&nc, "late", "added", Some(&added), || tm.log()).await;

@@ -134,7 +134,7 @@ fn added_lines(
                 .any(|(s, t, _)| s == schema && t == name)
         })
         .map(|(schema, name, _)| {
-            let detail = if source::reads_added(s, schema, name) {
+            let detail = if source::snapshot_reads(s, schema, name) {
                 "new since tidemark last ran: `run` will send its truncated event and read its rows (they are not in the stream)"
             } else {
                 "new since tidemark last ran: `run` streams its changes from now on; its rows from before are not sent (snapshot = \"never\", snapshot_tables or an outbox): `tidemark backfill` sends them"
@@ -272,7 +272,7 @@ pub(super) async fn check_postgres(
                 // What `run` does with a table it cannot page: reads it from the new
                 // slot's snapshot (no key), or says so and streams its changes (a
                 // mapping key that cannot page it); see source::attempt.
-                if source::reads_added(s, &t.schema, &t.name)
+                if source::snapshot_reads(s, &t.schema, &t.name)
                     && let Err(e) = crate::backfill::key_columns(
                         &catalog,
                         s,

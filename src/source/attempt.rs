@@ -382,7 +382,7 @@ async fn queue_initial_snapshot(
     let mut jobs = Vec::new();
     let mut keyless = Vec::new();
     for t in tables {
-        if !super::recreated::reads_added(cfg, &t.schema, &t.name) {
+        if !super::recreated::snapshot_reads(cfg, &t.schema, &t.name) {
             continue;
         }
         // A table that cannot be read in key order loses only its own snapshot: its

@@ -36,7 +36,7 @@ use crate::telemetry::Telemetry;
 
 pub use error::{Policy, Recovery, SourceError};
 pub use plan::plan_tables;
-pub(crate) use recreated::reads_added;
+pub(crate) use recreated::snapshot_reads;
 
 /// Runs one source until `cancel` fires (Ok) or a fatal error (Err).
 pub async fn run_source(

@@ -80,7 +80,7 @@ type Name = (String, String);
 /// At start: the tables found under another OID than recorded (swapped while tidemark
 /// was down) are handled (see the module note), and so are the tables new to the
 /// selection (added to `tables`, or created while tidemark was down under
-/// `all_tables`) when `reads_added` says so: their rows before are not in the stream
+/// `all_tables`) when `snapshot_reads` says so: their rows before are not in the stream
 /// (or, for a table taken out and put back, are stale), so they get the same truncated
 /// event and read. Then the OIDs are recorded. A new slot's source records them only:
 /// its initial snapshot (if any) reads every table. So does a source that recorded
@@ -108,7 +108,7 @@ pub(super) async fn at_start(
                 // `ensure_publication` published it already, before the marker.
                 recreated(catalog, cfg, progress, t, true, "recreated").await?;
             }
-            Some(None) if reads_added(cfg, &t.schema, &t.name) => {
+            Some(None) if snapshot_reads(cfg, &t.schema, &t.name) => {
                 info!(table = %t.qualified(), "table new to the source since it last ran: its truncated event, then its rows are read (they are not in the stream)");
                 recreated(catalog, cfg, progress, t, true, "added").await?;
             }
@@ -132,7 +132,7 @@ pub(super) async fn at_start(
 /// at a start that finds the table new to its selection (its truncated event, then its
 /// rows). With `snapshot = "initial"`, for a table in `snapshot_tables` that is not an
 /// outbox table.
-pub(crate) fn reads_added(cfg: &SourceConfig, schema: &str, table: &str) -> bool {
+pub(crate) fn snapshot_reads(cfg: &SourceConfig, schema: &str, table: &str) -> bool {
     cfg.snapshot == SnapshotMode::Initial
         && cfg
             .snapshot_tables

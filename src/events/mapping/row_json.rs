@@ -193,6 +193,7 @@ mod tests {
     fn text(s: &str) -> ColumnValue {
         ColumnValue::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
     }
+
     /// `orders` with a `json` and a `jsonb` column.
     fn orders_with_json() -> Table {
         let mut t = orders();
