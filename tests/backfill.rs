@@ -1681,10 +1681,11 @@ async fn tables_dropped_and_created_again_are_truncated_and_read_again() {
 /// A migration that swaps in a rebuilt table (create, copy, drop, rename), under
 /// `all_tables` (a FOR ALL TABLES publication, which sends the new table's changes
 /// from its start, under its first name): the table's truncated event and a backfill
-/// make the stream fold to it again. A table without a key that is created again gets
-/// its truncated event with its rows as `read` events (read in the marker's
-/// transaction under a SHARE lock): its rows before the marker (streamed from its
-/// creation) are cleared with the old table's, and the fold is the new table.
+/// make the stream fold to it again, and so do they for a streamed table renamed. A
+/// table without a key that is created again gets its truncated event with its rows as
+/// `read` events (read in the marker's transaction under a SHARE lock): its rows
+/// before the marker (streamed from its creation) are cleared with the old table's,
+/// and the fold is the new table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
@@ -1765,8 +1766,9 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
         "big folds to the swapped-in table\n{}",
         tm.log()
     );
-    // A table renamed after a change described it, then backfilled under its new
-    // name with no change since: its reads carry the new name.
+    // A table renamed after a change described it, with no change since: its
+    // truncated event and a backfill under its new name (its rows so far went out
+    // under the old one), and a CLI backfill after it: their reads carry the new name.
     db.batch_execute("UPDATE moved SET qty = 0 WHERE id = 1")
         .await
         .unwrap();
@@ -1774,6 +1776,7 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
     db.batch_execute("ALTER TABLE moved RENAME TO moved_on")
         .await
         .unwrap();
+    wait_reason_done(&nc, "moved_on", "renamed", None, || tm.log()).await;
     let cfg_arg = cfg.to_str().unwrap();
     let (code, out, err) = tidemark_cmd(&[
         "backfill", "--config", cfg_arg, "--table", "moved_on", "--wait",
@@ -1786,6 +1789,13 @@ async fn a_table_swapped_in_by_rename_folds_to_the_new_table_under_all_tables() 
         folded.get("public.moved_on"),
         Some(&table_rows(&db, "moved_on").await),
         "the renamed table's reads under its new name\n{}",
+        tm.log()
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.body["type"] == "moved_on.truncated"),
+        "{}",
         tm.log()
     );
     assert_eq!(

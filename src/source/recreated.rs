@@ -7,7 +7,9 @@
 //!
 //! So each source keeps the OID of every table it streams, in the KV bucket (read at
 //! start: a table may have been swapped while tidemark was down) and checks the names
-//! every `POLL` while it runs. A table found under a new OID, or found unpublished:
+//! every `POLL` while it runs. A table found under a new OID, found unpublished, or
+//! (under `all_tables`) a streamed table found under a new name (renamed: its rows so
+//! far went out under its old name):
 //! 1. tidemark-managed publication: the table is added again, in the same transaction
 //!    as the marker below, so every change of it after the marker is streamed;
 //! 2. a `tidemark.recreated` logical message marks the point; the pipeline publishes
@@ -231,6 +233,9 @@ async fn poll(
         TableSelection::Listed(t) => t.clone(),
     };
     let mut changed = false;
+    // The OIDs streamed so far under any name: a name found new with one of them is a
+    // streamed table renamed.
+    let streamed: HashSet<u32> = known.values().copied().collect();
     for now in catalog.current_oids(&cfg.publication, &names).await? {
         let name = (now.schema.clone(), now.table.clone());
         let Some(oid) = now.oid else {
@@ -244,7 +249,8 @@ async fn poll(
         if was == Some(oid) && now.published {
             continue;
         }
-        if was.is_none() && now.published {
+        let renamed = was.is_none() && streamed.contains(&oid);
+        if was.is_none() && now.published && !renamed {
             // A table new to the selection (`all_tables`): streamed from its start.
             known.insert(name, oid);
             changed = true;
@@ -266,12 +272,17 @@ async fn poll(
         else {
             continue;
         };
-        if was.is_some_and(|w| w != oid) {
+        let reason = if was.is_some_and(|w| w != oid) {
             warn!(table = %info.qualified(), was = was.unwrap_or_default(), oid, "table was dropped and created again (a new OID under its name): its old rows are gone");
+            "recreated"
+        } else if renamed {
+            warn!(table = %info.qualified(), oid, "a streamed table was renamed to this name: its rows so far went out under its old name, so it is read again under this one after its truncated event");
+            "renamed"
         } else {
             warn!(table = %info.qualified(), "table is no longer in the publication: adding it again; its changes meanwhile were not sent, so it is read again after its truncated event");
-        }
-        recreated(catalog, cfg, progress, &info, now.published, "recreated").await?;
+            "recreated"
+        };
+        recreated(catalog, cfg, progress, &info, now.published, reason).await?;
         known.insert(name, oid);
         changed = true;
     }
