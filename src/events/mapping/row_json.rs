@@ -137,7 +137,7 @@ impl RowJson<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{change, decode, orders, tx};
+    use super::super::tests::{change, decode, orders, text, tx};
     use super::*;
     use bytes::Bytes;
     use proptest::prelude::*;
@@ -190,10 +190,6 @@ mod tests {
         }
     }
 
-    fn text(s: &str) -> ColumnValue {
-        ColumnValue::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
-    }
-
     /// `orders` with a `json` and a `jsonb` column.
     fn orders_with_json() -> Table {
         let mut t = orders();
@@ -233,16 +229,11 @@ mod tests {
             text("null"),
             text(" \n null\t"),
         ]);
-        let change = |old| RowChange {
-            op: Operation::Update,
-            old,
-            new: Some(&new),
-        };
         let full = map_change(
             &tx(),
             0,
             &orders_with_json(),
-            &change(Some((OldKind::Full, &old))),
+            &change(Operation::Update, Some(&old), Some(&new)),
             None,
         )
         .unwrap()
@@ -256,9 +247,15 @@ mod tests {
         assert_eq!(v["data"]["json_null"], json!(["doc", "raw"]));
         assert_eq!(v["data"]["before_json_null"], json!(["raw"]));
 
-        let keyed = map_change(&tx(), 0, &orders_with_json(), &change(None), None)
-            .unwrap()
-            .unwrap();
+        let keyed = map_change(
+            &tx(),
+            0,
+            &orders_with_json(),
+            &change(Operation::Update, None, Some(&new)),
+            None,
+        )
+        .unwrap()
+        .unwrap();
         let v = decode(&keyed);
         assert_eq!(v["data"]["json_null"], json!(["doc", "raw"]));
         assert!(v["data"].get("before_json_null").is_none());
@@ -275,11 +272,7 @@ mod tests {
             &tx(),
             0,
             &orders_with_json(),
-            &RowChange {
-                op: Operation::Insert,
-                old: None,
-                new: Some(&plain),
-            },
+            &change(Operation::Insert, None, Some(&plain)),
             None,
         )
         .unwrap()

@@ -3,7 +3,7 @@ use crate::events::rules::{Choice, Literal, OutboxSpec, RuleSpec, TableSpec, Tem
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-fn text(s: &str) -> ColumnValue {
+pub(super) fn text(s: &str) -> ColumnValue {
     ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()))
 }
 
