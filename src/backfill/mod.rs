@@ -64,6 +64,8 @@ pub enum BackfillError {
         "the key column {column} of {table} is not in the publication's column list, so the table cannot be read in key order as the stream sends it: add the column to the publication's column list (ALTER PUBLICATION ... SET TABLE ...), or name a published unique key in the table's mapping"
     )]
     KeyNotPublished { table: String, column: String },
+    #[error("backfills cannot run: {why}")]
+    NoSignals { why: String },
     #[error("backfill of {table} failed reading a chunk")]
     Read {
         table: String,
@@ -81,6 +83,7 @@ impl BackfillError {
             BackfillError::NoKey { .. }
             | BackfillError::KeyNotUnique { .. }
             | BackfillError::KeyNotPublished { .. }
+            | BackfillError::NoSignals { .. }
             | BackfillError::Catalog(CatalogError::TableMissing { .. }) => true,
             BackfillError::Read { source, .. } => source
                 .code()

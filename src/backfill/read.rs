@@ -89,14 +89,19 @@ pub(super) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-pub(super) async fn emit_watermark(catalog: &Catalog, wm: &Watermark) -> Result<(), BackfillError> {
+pub(super) async fn emit_watermark(
+    catalog: &Catalog,
+    signal_table: &(String, String),
+    wm: &Watermark,
+) -> Result<(), BackfillError> {
     let content = serde_json::to_string(wm).unwrap_or_default();
     catalog
         .client()
-        .simple_query(&format!(
-            "SELECT pg_logical_emit_message(true, {}, {})",
-            literal(WATERMARK_PREFIX),
-            literal(&content)
+        .simple_query(&crate::postgres::signal::emit_sql(
+            catalog.version(),
+            signal_table,
+            WATERMARK_PREFIX,
+            &content,
         ))
         .await
         .map_err(|source| CatalogError::Query {

@@ -22,6 +22,9 @@ pub struct Resume {
     pub tail: StreamTail,
     /// The key (`data.key`) of the tail event.
     pub tail_key: Option<serde_json::Value>,
+    /// Why watermarks cannot reach the stream on this server (PostgreSQL 12 or 13
+    /// without its signal table), if they cannot: every job fails with it.
+    pub no_signals: Option<String>,
 }
 
 /// Runs the source's backfills, one chunk at a time, until `cancel` fires. Hands
@@ -248,6 +251,9 @@ pub(super) async fn run_jobs(
             }
         };
         *current = Some(job.clone());
+        if let Some(why) = &resume.no_signals {
+            return Err(BackfillError::NoSignals { why: why.clone() });
+        }
         if catalog.is_none() {
             catalog = Some(reader(&cfg.postgres).await?);
         }
@@ -314,7 +320,7 @@ pub(super) async fn run_jobs(
                 key: job.key.clone(),
                 run: run.to_string(),
             };
-            emit_watermark(db, &mark("low")).await?;
+            emit_watermark(db, &cfg.signal_table, &mark("low")).await?;
             let ChunkRead { rows, in_progress } = match read_chunk(
                 db,
                 &job,
@@ -366,7 +372,7 @@ pub(super) async fn run_jobs(
             if chunks.send((chunk, done_tx)).await.is_err() {
                 return Ok(());
             }
-            emit_watermark(db, &mark("high")).await?;
+            emit_watermark(db, &cfg.signal_table, &mark("high")).await?;
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 o = done_rx => o,

@@ -151,6 +151,21 @@ fn added_lines(
         .collect()
 }
 
+/// PostgreSQL 18's `idle_replication_slot_timeout`: a slot unused for that long is
+/// invalidated, and the changes since are lost to the stream.
+async fn idle_timeout_line(catalog: &Catalog) -> Option<(bool, String, String)> {
+    let secs = catalog.idle_slot_timeout_secs().await?;
+    (secs > 0).then(|| {
+        (
+            true,
+            "idle_replication_slot_timeout".into(),
+            format!(
+                "warning: {secs} s: PostgreSQL invalidates a slot no walsender used for that long, and the changes made meanwhile never reach the stream (`tidemark resync` is the repair); keep tidemark running, or set idle_replication_slot_timeout = 0"
+            ),
+        )
+    })
+}
+
 /// Checks the database; records whether the slot exists in `slot_exists`, and the
 /// OIDs of the tables in `oids`.
 pub(super) async fn check_postgres(
@@ -160,12 +175,55 @@ pub(super) async fn check_postgres(
 ) -> Result<CheckLines, CatalogError> {
     let catalog = Catalog::connect(&s.postgres).await?;
     let mut out: CheckLines = Vec::new();
+    let version = catalog.version();
+    if let Err(e) = catalog.check_version() {
+        out.push((false, "server".into(), e.to_string()));
+        return Ok(out);
+    }
+    out.push((true, "server".into(), format!("PostgreSQL {version}")));
+    for d in version.differences() {
+        out.push((true, format!("on PostgreSQL {}", version.major()), d.into()));
+    }
+    if !version.logical_messages() {
+        for m in &s.messages {
+            out.push((
+                false,
+                format!("message prefix {:?}", m.prefix),
+                format!(
+                    "PostgreSQL {version} cannot send logical decoding messages (pgoutput has them from 14 on): write these events through an outbox table ([[source.outbox]]) instead, or upgrade to PostgreSQL 14 or newer"
+                ),
+            ));
+        }
+        let needs_snapshot = s.snapshot == crate::config::SnapshotMode::Initial
+            && catalog.slot(&s.slot).await?.is_none();
+        match crate::postgres::signal::inspect(
+            &catalog,
+            &s.signal_table,
+            &s.publication,
+            s.create_publication,
+        )
+        .await?
+        {
+            Ok(detail) => out.push((true, "signal table".into(), detail)),
+            Err(why) if needs_snapshot => out.push((
+                false,
+                "signal table".into(),
+                format!("{why}; the initial snapshot of a new slot needs it (or set snapshot = \"never\")"),
+            )),
+            Err(why) => out.push((true, "signal table".into(), format!("warning: {why}"))),
+        }
+    }
+    if version.generated_columns()
+        && let Some(line) = idle_timeout_line(&catalog).await
+    {
+        out.push(line);
+    }
     match catalog.check_wal_level().await {
         Ok(()) => out.push((true, "wal_level".into(), "logical".into())),
         Err(e) => out.push((false, "wal_level".into(), e.to_string())),
     }
     let wanted = match &s.tables {
-        TableSelection::All => catalog.all_tables().await?,
+        TableSelection::All => catalog.all_tables(&s.signal_table).await?,
         TableSelection::Listed(t) => t.clone(),
     };
     if s.tables == TableSelection::All {

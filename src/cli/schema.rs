@@ -55,7 +55,10 @@ async fn source_schemas(
         .await
         .map_err(|e| failed(&e))?;
     let wanted = match &s.tables {
-        TableSelection::All => catalog.all_tables().await.map_err(|e| failed(&e))?,
+        TableSelection::All => catalog
+            .all_tables(&s.signal_table)
+            .await
+            .map_err(|e| failed(&e))?,
         TableSelection::Listed(t) => t.clone(),
     };
     let tables = catalog.tables(&wanted).await.map_err(|e| failed(&e))?;

@@ -154,6 +154,10 @@ pub struct SourceConfig {
     pub replication_timeout: Duration,
     /// Warn when the slot retains more WAL than this.
     pub warn_retained_wal_bytes: Option<u64>,
+    /// The table whose rows carry tidemark's markers on PostgreSQL 12 and 13, which
+    /// have no logical messages in pgoutput: (schema, table), default
+    /// `tidemark.signal`.
+    pub signal_table: (String, String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -100,6 +100,7 @@ pub(super) struct RawSource {
     pub(super) stall_after_secs: Option<Spanned<u64>>,
     pub(super) replication_timeout_secs: Option<Spanned<u64>>,
     pub(super) warn_retained_wal_bytes: Option<Spanned<u64>>,
+    pub(super) signal_table: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) table: Vec<Spanned<RawTable>>,
     #[serde(default)]

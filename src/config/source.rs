@@ -344,9 +344,24 @@ impl Validator<'_> {
             default_row as u64,
             1024..=1024 * 1024 * 1024,
         ) as usize;
+        let signal_table = match &s.signal_table {
+            None => ("tidemark".to_string(), "signal".to_string()),
+            Some(t) => match split_table(t.get_ref()) {
+                Some((schema, table)) if t.get_ref().contains('.') => (schema, table),
+                _ => {
+                    self.issue(
+                        t,
+                        format!("{prefix}.signal_table"),
+                        "not a schema-qualified table name: use \"schema.table\" (the default is \"tidemark.signal\")",
+                    );
+                    ("tidemark".to_string(), "signal".to_string())
+                }
+            },
+        };
         SourceConfig {
             name,
             postgres: pg,
+            signal_table,
             publication,
             slot,
             tables,

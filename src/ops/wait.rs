@@ -44,10 +44,27 @@ pub(crate) async fn read_your_writes(
         .map_err(|e| WaitError::Failed(ErrorChain(&e).to_string()))?;
     catalog
         .client()
-        .simple_query("SELECT pg_logical_emit_message(true, 'tidemark.sync', '')")
+        .simple_query(&crate::postgres::signal::emit_sql(
+            catalog.version(),
+            &src.signal_table,
+            crate::events::reserved::SYNC_PREFIX,
+            "",
+        ))
         .await
         .map_err(|e| {
-            WaitError::Failed(format!("cannot write the sync message: {}", ErrorChain(&e)))
+            let how = if catalog.version().logical_messages() {
+                String::new()
+            } else {
+                format!(
+                    " (PostgreSQL {} has no logical messages in pgoutput: the sync marker is a row of the signal table {}, which `tidemark run` creates; `tidemark check` says what it lacks)",
+                    catalog.version(),
+                    crate::postgres::signal::qualified(&src.signal_table)
+                )
+            };
+            WaitError::Failed(format!(
+                "cannot write the sync message: {}{how}",
+                ErrorChain(&e)
+            ))
         })?;
     let client = provision::connect(&cfg.nats, "tidemark-wait")
         .await

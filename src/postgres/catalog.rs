@@ -11,6 +11,7 @@ use crate::position::Lsn;
 use crate::postgres::params::PostgresConfig;
 use crate::postgres::replication::quote_ident;
 use crate::postgres::values::{TypeKind, builtin_kind};
+use crate::postgres::version::ServerVersion;
 
 mod error;
 pub use error::*;
@@ -24,6 +25,7 @@ pub struct Catalog {
     client: tokio_postgres::Client,
     task: JoinHandle<()>,
     dbname: String,
+    version: ServerVersion,
 }
 
 impl Drop for Catalog {
@@ -90,10 +92,32 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
 impl Catalog {
     pub async fn connect(cfg: &PostgresConfig) -> Result<Catalog, CatalogError> {
         let (client, task) = connect_with_task(cfg, "tidemark-catalog").await?;
+        let row = client
+            .query_one("SELECT current_setting('server_version_num')", &[])
+            .await
+            .map_err(q("server version"))?;
+        let text: String = row.get(0);
+        let version = ServerVersion::from_num(&text).unwrap_or(ServerVersion(0));
         Ok(Catalog {
             client,
             task,
             dbname: cfg.dbname.clone(),
+            version,
+        })
+    }
+
+    /// The server's version (read once, at connect).
+    pub fn version(&self) -> ServerVersion {
+        self.version
+    }
+
+    /// Refuses a server older than tidemark supports, naming its version.
+    pub fn check_version(&self) -> Result<(), CatalogError> {
+        if self.version.supported() {
+            return Ok(());
+        }
+        Err(CatalogError::UnsupportedVersion {
+            version: self.version.to_string(),
         })
     }
 
@@ -156,13 +180,21 @@ impl Catalog {
         Ok(())
     }
 
-    pub async fn server_version_num(&self) -> Result<i32, CatalogError> {
+    /// PostgreSQL 18's `idle_replication_slot_timeout` in seconds (0: off); `None`
+    /// before 18 or when it cannot be read.
+    pub async fn idle_slot_timeout_secs(&self) -> Option<i64> {
+        if !self.version.generated_columns() {
+            return None;
+        }
         let row = self
             .client
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .query_opt(
+                "SELECT setting::bigint FROM pg_settings WHERE name = 'idle_replication_slot_timeout'",
+                &[],
+            )
             .await
-            .map_err(q("server version"))?;
-        Ok(row.get(0))
+            .ok()??;
+        Some(row.get(0))
     }
 
     /// Describes tables by name (`(schema, table)`); a missing one is an error.
@@ -278,8 +310,12 @@ impl Catalog {
     }
 
     /// Every user table in the database whose changes are in the WAL (for
-    /// `all_tables`): unlogged tables are left out, as `FOR ALL TABLES` leaves them.
-    pub async fn all_tables(&self) -> Result<Vec<(String, String)>, CatalogError> {
+    /// `all_tables`): unlogged tables are left out, as `FOR ALL TABLES` leaves them,
+    /// and so is tidemark's signal table (`except`), whose rows are never data.
+    pub async fn all_tables(
+        &self,
+        except: &(String, String),
+    ) -> Result<Vec<(String, String)>, CatalogError> {
         let rows = self
             .client
             .query(
@@ -290,7 +326,11 @@ impl Catalog {
             )
             .await
             .map_err(q("list tables"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .filter(|t| t != except)
+            .collect())
     }
 
     /// The unlogged user tables (`all_tables` leaves them out: no slot sees their
@@ -392,9 +432,7 @@ impl Catalog {
     }
 
     pub async fn slot(&self, name: &str) -> Result<Option<SlotInfo>, CatalogError> {
-        let version = self.server_version_num().await?;
-        // wal_status exists from PostgreSQL 13 on.
-        let wal_status = if version >= 130000 {
+        let wal_status = if self.version.slot_wal_status() {
             "wal_status::text"
         } else {
             "NULL::text"

@@ -6,6 +6,8 @@ pub(crate) mod catalog;
 pub(crate) mod params;
 pub(crate) mod pgoutput;
 pub(crate) mod replication;
+pub mod signal;
 pub(crate) mod sqlstate;
 pub(crate) mod tls;
 pub mod values;
+pub mod version;

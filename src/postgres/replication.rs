@@ -465,18 +465,25 @@ impl ReplicationConnection {
     }
 
     /// Starts streaming from the slot. `start` 0/0 means "from the slot's confirmed
-    /// flush LSN", which is how every restart resumes.
+    /// flush LSN", which is how every restart resumes. `messages`: ask for logical
+    /// decoding messages (pgoutput knows the option from PostgreSQL 14 on).
     pub async fn start_replication(
         mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
+        messages: bool,
     ) -> Result<ReplicationStream, ReplicationError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}{})",
             quote_ident(slot),
             start,
             quote_literal(&quote_ident(publication)),
+            if messages {
+                ", \"messages\" 'true'"
+            } else {
+                ""
+            },
         );
         frontend::query(&sql, &mut self.out)?;
         self.flush_out().await?;

@@ -75,9 +75,25 @@ impl Pipeline<'_> {
                 self.flush.commit(c.end_lsn, tx.commit_time);
             }
             LogicalMessage::Relation(r) => {
+                if let Some(signal) =
+                    crate::postgres::signal::SignalRelation::of(&r, &self.cfg.signal_table)
+                {
+                    self.signal_rel = Some(signal);
+                    return Ok(());
+                }
                 let table = self.describe(r).await?;
                 self.relations.insert(table.relation_id, table);
             }
+            LogicalMessage::Insert { relation_id, new } if self.is_signal(relation_id) => {
+                let lsn = self.tx.as_ref().map_or(Lsn::ZERO, |t| t.final_lsn);
+                match self.signal_rel.as_ref().and_then(|s| s.message(&new, lsn)) {
+                    Some(m) => self.message(m).await?,
+                    None => warn!(%lsn, "a row of the signal table that is no marker ignored"),
+                }
+            }
+            // The signal table's own deletes (each marker is deleted as it is written).
+            LogicalMessage::Update(u) if self.is_signal(u.relation_id) => {}
+            LogicalMessage::Delete(d) if self.is_signal(d.relation_id) => {}
             LogicalMessage::Insert { relation_id, new } => {
                 self.row(relation_id, Operation::Insert, None, Some(&new))
                     .await?;
@@ -94,6 +110,9 @@ impl Pipeline<'_> {
             }
             LogicalMessage::Truncate(t) => {
                 for rel in t.relation_ids {
+                    if self.is_signal(rel) {
+                        continue;
+                    }
                     if let Some(w) = self.window.as_mut()
                         && w.relid == rel
                     {
@@ -111,6 +130,13 @@ impl Pipeline<'_> {
             LogicalMessage::Type(_) | LogicalMessage::Origin { .. } => {}
         }
         Ok(())
+    }
+
+    /// Whether a relation is the signal table (see `postgres::signal`).
+    fn is_signal(&self, relation_id: u32) -> bool {
+        self.signal_rel
+            .as_ref()
+            .is_some_and(|s| s.id == relation_id)
     }
 
     /// Claims the next index in the open transaction: (commit LSN, index).

@@ -31,14 +31,35 @@ pub(super) async fn run_attempt(
 ) -> Result<(), SourceError> {
     // Postgres: catalog checks and setup.
     let catalog = Catalog::connect(&cfg.postgres).await?;
+    catalog.check_version()?;
+    let pg_version = catalog.version();
     catalog.check_wal_level().await?;
+    if let Some(m) = cfg.messages.first()
+        && !pg_version.logical_messages()
+    {
+        return Err(CatalogError::NeedsNewer {
+            version: pg_version.to_string(),
+            what: "send logical decoding messages",
+            why: "pgoutput has no messages option before PostgreSQL 14",
+            fix: format!(
+                "the [[source.message]] prefix {:?} cannot work: write these events through an outbox table ([[source.outbox]]) instead, or upgrade to PostgreSQL 14 or newer",
+                m.prefix
+            ),
+        }
+        .into());
+    }
     let wanted = match &cfg.tables {
-        crate::config::TableSelection::All => catalog.all_tables().await?,
+        crate::config::TableSelection::All => catalog.all_tables(&cfg.signal_table).await?,
         crate::config::TableSelection::Listed(t) => t.clone(),
     };
     catalog.check_grants(&wanted).await?;
     let tables = catalog
-        .ensure_publication(&cfg.publication, &cfg.tables, cfg.create_publication)
+        .ensure_publication(
+            &cfg.publication,
+            &cfg.tables,
+            cfg.create_publication,
+            &cfg.signal_table,
+        )
         .await?;
     for t in &tables {
         if let Some((table, identity)) = t.identity_problem() {
@@ -50,6 +71,27 @@ pub(super) async fn run_attempt(
     {
         warn!(publication = %cfg.publication, unpublished = %p.unpublished.join(", "), "the publication does not publish these operations: their changes never reach the stream, and read models drift from the tables; ALTER PUBLICATION ... SET (publish = 'insert, update, delete, truncate')");
     }
+    if let Some(secs) = catalog.idle_slot_timeout_secs().await
+        && secs > 0
+    {
+        warn!(secs, slot = %cfg.slot, "idle_replication_slot_timeout is set: PostgreSQL invalidates the slot if no walsender uses it that long (tidemark stopped), and the changes made meanwhile never reach the stream; set it to 0, or keep tidemark running");
+    }
+    // Markers (watermarks, heartbeats, `wait`, table markers): messages on 14+, rows
+    // of the signal table before.
+    let signals = crate::postgres::signal::ensure(
+        &catalog,
+        &cfg.signal_table,
+        &cfg.publication,
+        cfg.create_publication,
+    )
+    .await?;
+    let no_signals = match &signals {
+        crate::postgres::signal::Signals::Unavailable(why) => {
+            warn!(version = %pg_version, "{why}");
+            Some(why.clone())
+        }
+        _ => None,
+    };
     // Mapping rules must fit the live tables before anything streams.
     plan_tables(&catalog, cfg, &tables).await?;
     let slot = catalog.slot(&cfg.slot).await?;
@@ -136,6 +178,18 @@ pub(super) async fn run_attempt(
     // Backfills: a new slot with snapshot = "initial" starts with a backfill of every
     // streamed table; the jobs are written before the slot exists, so a crash in
     // between cannot lose them.
+    if let Some(why) = &no_signals
+        && slot.is_none()
+        && cfg.snapshot == SnapshotMode::Initial
+        && !tables.is_empty()
+    {
+        return Err(CatalogError::NoSignals {
+            needed_for: "the initial snapshot (snapshot = \"initial\")",
+            why: why.clone(),
+            or: "or set snapshot = \"never\" to stream changes only, without the rows from before",
+        }
+        .into());
+    }
     let keyless = if slot.is_none() && cfg.snapshot == SnapshotMode::Initial {
         queue_initial_snapshot(&catalog, cfg, &progress, &tables).await?
     } else {
@@ -201,7 +255,12 @@ pub(super) async fn run_attempt(
         info!(lsn = %at, "replication slot created");
     }
     let repl = match conn
-        .start_replication(&cfg.slot, &cfg.publication, Lsn::ZERO)
+        .start_replication(
+            &cfg.slot,
+            &cfg.publication,
+            Lsn::ZERO,
+            pg_version.logical_messages(),
+        )
         .await
     {
         Ok(r) => r,
@@ -225,6 +284,14 @@ pub(super) async fn run_attempt(
             return Err(SourceError::SlotBusy {
                 slot: cfg.slot.clone(),
                 pid,
+            });
+        }
+        // A server that refuses what START_REPLICATION asks (an option or a feature
+        // it lacks) refuses it again on every retry.
+        Err(ReplicationError::Server(e)) if refused_start(&e) => {
+            return Err(SourceError::StartRefused {
+                version: pg_version.to_string(),
+                message: e.message.clone(),
             });
         }
         Err(e) => return Err(e.into()),
@@ -269,6 +336,7 @@ pub(super) async fn run_attempt(
                 run: watermark_run.clone(),
                 tail: tail.clone(),
                 tail_key,
+                no_signals: no_signals.clone(),
             },
             worker_cancel.clone(),
         )
@@ -290,6 +358,11 @@ pub(super) async fn run_attempt(
         )
         .instrument(info_span!("tables")),
     );
+    if no_signals.is_some() && cfg.heartbeat_interval.is_some() {
+        warn!(
+            "heartbeats are off: they travel as markers, which cannot reach the stream here (see above)"
+        );
+    }
     let _watch = TaskGuard {
         cancel: watch_cancel,
         task: watch,
@@ -343,6 +416,8 @@ pub(super) async fn run_attempt(
         max_payload,
         sent_flush: confirmed,
         recreated_failed,
+        signal_rel: None,
+        signals_ok: no_signals.is_none(),
     };
     if let Some((read, record)) = consistent {
         p.consistent_read(read, cancel).await?;
@@ -355,6 +430,19 @@ pub(super) async fn run_attempt(
         info!("consistent snapshot of the tables without a key stored");
     }
     p.run(cancel).await
+}
+
+/// Whether START_REPLICATION failed on what the server cannot do (an option or
+/// protocol feature it does not know), not on its state: no retry changes that.
+fn refused_start(e: &crate::postgres::replication::ServerError) -> bool {
+    match e.code.as_str() {
+        // feature_not_supported, invalid_parameter_value, syntax_error
+        "0A000" | "22023" | "42601" => true,
+        // pgoutput's `elog(ERROR, "unrecognized pgoutput option: ...")` has no code
+        // of its own (internal_error): told by the text pgoutput writes.
+        "XX000" => e.message.starts_with("unrecognized pgoutput option"),
+        _ => false,
+    }
 }
 
 /// Ends a task of the attempt (the backfill worker, the tables' watch) with it.

@@ -44,6 +44,10 @@ pub enum SourceError {
         last_seq: u64,
         last_lsn: Option<Lsn>,
     },
+    #[error(
+        "PostgreSQL {version} refused to start streaming: {message}; this server cannot stream what tidemark asks of it, and no retry changes that: check that it is a supported version (12 or newer) and that no proxy in between rewrites the replication command"
+    )]
+    StartRefused { version: String, message: String },
     #[error(transparent)]
     Backfill(#[from] BackfillError),
     #[error(
@@ -67,6 +71,7 @@ impl SourceError {
             SourceError::Mapping(_) => "mapping",
             SourceError::Protocol(_) => "protocol",
             SourceError::SlotLost { .. } => "slot_lost",
+            SourceError::StartRefused { .. } => "start_refused",
             SourceError::SlotBusy { .. } => "slot_busy",
             SourceError::Backfill(_) => "backfill",
             SourceError::Silent { .. } => "replication",
@@ -85,7 +90,9 @@ impl Policy for SourceError {
             SourceError::Publish(e) => e.recovery(),
             SourceError::Backfill(e) => e.recovery(),
             // Events we would lose, or a mapping that no longer fits the table.
-            SourceError::SlotLost { .. } | SourceError::Mapping(_) => Recovery::Fatal,
+            SourceError::SlotLost { .. }
+            | SourceError::Mapping(_)
+            | SourceError::StartRefused { .. } => Recovery::Fatal,
             SourceError::Decode { .. }
             | SourceError::Map(_)
             | SourceError::Protocol(_)
@@ -129,6 +136,13 @@ mod tests {
                 Recovery::Fatal,
             ),
             (SourceError::Silent { secs: 60 }, Recovery::Retry),
+            (
+                SourceError::StartRefused {
+                    version: "13.23".into(),
+                    message: "unrecognized pgoutput option: messages".into(),
+                },
+                Recovery::Fatal,
+            ),
             (SourceError::Protocol("x".into()), Recovery::Retry),
             (server("28P01"), Recovery::Fatal),
             (server("55000"), Recovery::Fatal),

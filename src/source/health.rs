@@ -35,9 +35,14 @@ impl Pipeline<'_> {
         // replication timeout and stall detection run in it).
         let sent = tokio::time::timeout(
             CATALOG_TIMEOUT,
-            self.catalog.client().simple_query(&format!(
-                "SELECT pg_logical_emit_message(true, '{HEARTBEAT_PREFIX}', '')"
-            )),
+            self.catalog
+                .client()
+                .simple_query(&crate::postgres::signal::emit_sql(
+                    self.catalog.version(),
+                    &self.cfg.signal_table,
+                    HEARTBEAT_PREFIX,
+                    "",
+                )),
         )
         .await;
         match sent {

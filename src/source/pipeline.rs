@@ -96,6 +96,11 @@ pub(super) struct Pipeline<'a> {
         Option<tokio::task::JoinHandle<Result<(), crate::backfill::BackfillError>>>,
     /// A failure of the tables' watch that an operator must fix (see `recreated`).
     pub(super) recreated_failed: tokio::sync::oneshot::Receiver<SourceError>,
+    /// The signal table as the stream described it (its rows are markers, never data).
+    pub(super) signal_rel: Option<crate::postgres::signal::SignalRelation>,
+    /// Whether markers reach the stream here (false: PostgreSQL 12 or 13 without the
+    /// signal table; no heartbeats then).
+    pub(super) signals_ok: bool,
 }
 
 impl Pipeline<'_> {
@@ -151,7 +156,7 @@ impl Pipeline<'_> {
                     self.check_stall();
                 }
                 // 3b. A heartbeat through the WAL, so progress is proven end to end.
-                _ = heartbeat.tick(), if self.cfg.heartbeat_interval.is_some() => {
+                _ = heartbeat.tick(), if self.cfg.heartbeat_interval.is_some() && self.signals_ok => {
                     self.send_heartbeat().await;
                 }
                 // 4. New WAL, only while the publish window has room (backpressure).

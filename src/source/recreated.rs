@@ -41,7 +41,8 @@ use crate::config::{SnapshotMode, SourceConfig, TableSelection};
 use crate::events::reserved::RECREATED_PREFIX;
 use crate::policy::{Policy, Recovery};
 use crate::postgres::catalog::{Catalog, CatalogError, TableInfo};
-use crate::postgres::replication::{quote_ident, quote_literal};
+use crate::postgres::replication::quote_ident;
+use crate::postgres::signal;
 
 /// How often the names are checked while a source runs.
 const POLL: Duration = Duration::from_secs(2);
@@ -229,7 +230,7 @@ async fn poll(
     gone: &mut HashSet<Name>,
 ) -> Result<(), SourceError> {
     let names = match &cfg.tables {
-        TableSelection::All => catalog.all_tables().await?,
+        TableSelection::All => catalog.all_tables(&cfg.signal_table).await?,
         TableSelection::Listed(t) => t.clone(),
     };
     let mut changed = false;
@@ -370,14 +371,20 @@ async fn keyless(
         if content.len() > cfg.max_row_bytes / 2 {
             return Ok(false);
         }
-        client
-            .batch_execute(&format!(
-                "SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
-                quote_literal(RECREATED_PREFIX),
-                quote_literal(&content)
-            ))
-            .await
-            .map_err(query("mark the point with the table's rows"))?;
+        let emit = signal::emit_sql(
+            reader.version(),
+            &cfg.signal_table,
+            RECREATED_PREFIX,
+            &content,
+        );
+        if let Err(e) = client.batch_execute(&format!("{emit}; COMMIT")).await {
+            // No signal table (PostgreSQL 12, 13): said where the marker without rows
+            // fails the same way.
+            if signal_missing(&e) {
+                return Ok(false);
+            }
+            return Err(query("mark the point with the table's rows")(e).into());
+        }
         Ok::<bool, SourceError>(true)
     }
     .await;
@@ -387,6 +394,14 @@ async fn keyless(
         marker.truncate = truncate;
     }
     done
+}
+
+/// Whether writing a marker failed for want of the signal table (PostgreSQL 12 and
+/// 13): it does not exist, or tidemark's role may not write it.
+fn signal_missing(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code()
+        .is_some_and(|c| *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INSUFFICIENT_PRIVILEGE)
 }
 
 /// Steps 1 to 3 of the module note for one table.
@@ -446,10 +461,11 @@ async fn recreated(
     let content = serde_json::to_string(&marker).map_err(|e| {
         SourceError::Protocol(format!("could not encode the recreated-table marker: {e}"))
     })?;
-    let emit = format!(
-        "SELECT pg_logical_emit_message(true, {}, {})",
-        quote_literal(RECREATED_PREFIX),
-        quote_literal(&content)
+    let emit = signal::emit_sql(
+        catalog.version(),
+        &cfg.signal_table,
+        RECREATED_PREFIX,
+        &content,
     );
     let sql = if published {
         emit
@@ -460,14 +476,17 @@ async fn recreated(
             t.qualified()
         )
     };
-    catalog
-        .client()
-        .batch_execute(&sql)
-        .await
-        .map_err(|source| CatalogError::Query {
+    if let Err(source) = catalog.client().batch_execute(&sql).await {
+        if signal_missing(&source) {
+            warn!(table = %t.qualified(), signal_table = %signal::qualified(&cfg.signal_table), "the table was dropped and created again, but its truncated event cannot be marked in the stream: the signal table is missing or not writable ({})", signal::LOST_WITHOUT);
+            return Ok(());
+        }
+        return Err(CatalogError::Query {
             what: "publish the table again and mark the point",
             source,
-        })?;
+        }
+        .into());
+    }
     match key {
         Some(key) => {
             if let Some(old) = progress.get(&t.schema, &t.name).await? {

@@ -21,6 +21,23 @@ pub enum CatalogError {
         "wal_level is {actual:?}, not \"logical\": set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
     )]
     WalLevel { actual: String },
+    #[error(
+        "PostgreSQL {version} is not supported: tidemark needs PostgreSQL 12 or newer; upgrade the server (PostgreSQL {version} is past its end of life), or stream from a newer server"
+    )]
+    UnsupportedVersion { version: String },
+    #[error("{needed_for} cannot run: {why}; {or}")]
+    NoSignals {
+        needed_for: &'static str,
+        why: String,
+        or: &'static str,
+    },
+    #[error("PostgreSQL {version} cannot {what}: {why}; {fix}")]
+    NeedsNewer {
+        version: String,
+        what: &'static str,
+        why: &'static str,
+        fix: String,
+    },
     #[error("publication {name:?} does not exist and create_publication = false: run CREATE PUBLICATION {} FOR TABLE ... as an owner of the tables, or set create_publication = true", quote_ident(.name))]
     PublicationMissing { name: String },
     #[error("publication {publication:?} does not publish table {table}: run ALTER PUBLICATION {} ADD TABLE {table}, or set create_publication = true to let tidemark add it", quote_ident(.publication))]

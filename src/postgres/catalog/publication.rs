@@ -61,7 +61,7 @@ impl Catalog {
     pub async fn publication(&self, name: &str) -> Result<Option<Publication>, CatalogError> {
         // pubviaroot exists from PostgreSQL 13 on (partitioned tables cannot be
         // published before).
-        let via_root = if self.server_version_num().await? >= 130000 {
+        let via_root = if self.version.publish_via_root() {
             "pubviaroot"
         } else {
             "false"
@@ -110,7 +110,7 @@ impl Catalog {
         schema: &str,
         table: &str,
     ) -> Result<PublishedShape, CatalogError> {
-        if self.server_version_num().await? < 150000 {
+        if !self.version.row_filters() {
             return Ok(PublishedShape::default());
         }
         let rows = self
@@ -190,9 +190,10 @@ impl Catalog {
         name: &str,
         selection: &TableSelection,
         create: bool,
+        signal_table: &(String, String),
     ) -> Result<Vec<TableInfo>, CatalogError> {
         let wanted = match selection {
-            TableSelection::All => self.all_tables().await?,
+            TableSelection::All => self.all_tables(signal_table).await?,
             TableSelection::Listed(t) => t.clone(),
         };
         let tables = self.tables(&wanted).await?;
@@ -256,7 +257,7 @@ impl Catalog {
                 .join(", ")
         };
         // A partition's changes go out as its partitioned table's (PostgreSQL 13+).
-        let with = if self.server_version_num().await? >= 130000 {
+        let with = if self.version.publish_via_root() {
             " WITH (publish_via_partition_root = true)"
         } else {
             ""
