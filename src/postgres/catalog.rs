@@ -349,13 +349,29 @@ impl Catalog {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// The table's live columns in order: (name, type OID). Dropped columns are left out.
+    /// The generated columns a publication can send, as an `attgenerated` condition:
+    /// none before PostgreSQL 18; stored ones from 18 on (`publish_generated_columns`,
+    /// or named in a column list), which the publication's shape then narrows to what
+    /// it sends. Virtual ones never.
+    pub fn generated_sent(&self) -> &'static str {
+        if self.version.generated_columns() {
+            "attgenerated IN ('', 's')"
+        } else {
+            "attgenerated = ''"
+        }
+    }
+
+    /// The table's live columns in order: (name, type OID). Dropped columns are left
+    /// out, and generated ones no publication can send (`generated_sent`).
     pub async fn columns(&self, relid: u32) -> Result<Vec<(String, u32)>, CatalogError> {
         let rows = self
             .client
             .query(
-                "SELECT attname::text, atttypid FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+                &format!(
+                    "SELECT attname::text, atttypid FROM pg_attribute \
+                     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND {} ORDER BY attnum",
+                    self.generated_sent()
+                ),
                 &[&relid],
             )
             .await

@@ -61,7 +61,13 @@ pub async fn plan_tables(
     }
     let mut out = Vec::with_capacity(tables.len());
     for t in tables {
-        let columns = catalog.columns(t.oid).await?;
+        // The columns the stream will describe: the publication's column list, and
+        // on PostgreSQL 18 the generated columns it publishes.
+        let shape = catalog
+            .published_shape(&cfg.publication, &t.schema, &t.name)
+            .await?;
+        let mut columns = catalog.columns(t.oid).await?;
+        columns.retain(|(c, _)| shape.sends(c));
         let key: Vec<usize> = if t.primary_key.is_empty() {
             catalog
                 .identity_columns(t.oid)

@@ -50,6 +50,39 @@ pub fn pg_bindir() -> PathBuf {
     );
 }
 
+/// The major version of the PostgreSQL server binaries the tests run
+/// (`TIDEMARK_PG_BINDIR`, else the system's), read once from `postgres --version`.
+pub fn pg_major() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new(pg_bindir().join("postgres"))
+            .arg("--version")
+            .output()
+            .expect("run postgres --version");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "postgres (PostgreSQL) 13.23" or "... 15.18 (Debian 15.18-0+deb12u1)"
+        text.split_whitespace()
+            .nth(2)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the major version from {text:?}"))
+    })
+}
+
+/// A client tool: the server's own, else Debian's (the npm builds of 12-14 and 17
+/// ship only the server; Debian's 15 client tools work against every version).
+pub fn client_tool(bindir: &std::path::Path, name: &str) -> PathBuf {
+    let mut candidates = vec![bindir.join(name)];
+    if let Ok(rd) = fs::read_dir("/usr/lib/postgresql") {
+        candidates.extend(rd.flatten().map(|e| e.path().join("bin").join(name)));
+    }
+    candidates.push(PathBuf::from("/usr/bin").join(name));
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| bindir.join(name))
+}
+
 /// Runs `pgbench` (it ships with PostgreSQL: a workload nobody here wrote) against a
 /// database of `pg`; panics with its output when it fails.
 pub fn pgbench(pg: &PgServer, dbname: &str, args: &[&str]) {
@@ -64,13 +97,11 @@ pub fn pgbench(pg: &PgServer, dbname: &str, args: &[&str]) {
 
 /// A `pgbench` command against a database of `pg`, to run or spawn.
 pub fn pgbench_cmd(pg: &PgServer, dbname: &str, args: &[&str]) -> Command {
-    let bin = [
-        pg_bindir().join("pgbench"),
-        PathBuf::from("/usr/bin/pgbench"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("pgbench not found: it ships with the PostgreSQL server packages");
+    let bin = client_tool(&pg_bindir(), "pgbench");
+    assert!(
+        bin.exists(),
+        "pgbench not found: it ships with the PostgreSQL packages (apt-get install postgresql-client)"
+    );
     let mut cmd = Command::new(bin);
     cmd.args([
         "-h",
@@ -102,7 +133,11 @@ impl PgServer {
 
     /// Starts a server with extra `-c` settings (they override the defaults).
     pub fn start_with(extra: &[(&str, &str)]) -> PgServer {
-        let bindir = pg_bindir();
+        Self::start_from(pg_bindir(), extra)
+    }
+
+    /// Starts a server from the binaries in `bindir` (another version than the run's).
+    pub fn start_from(bindir: PathBuf, extra: &[(&str, &str)]) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("tidemark-pg-")
             .tempdir()
@@ -208,7 +243,7 @@ impl PgServer {
                 {
                     panic!("postgres exited with {st}: {}", self.log());
                 }
-                let ready = Command::new(self.bindir.join("pg_isready"))
+                let ready = Command::new(client_tool(&self.bindir, "pg_isready"))
                     .args([
                         "-h",
                         "127.0.0.1",
