@@ -1062,7 +1062,12 @@ async fn a_mapping_key_that_cannot_page_the_table_is_refused_with_the_fix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
-    pgbench(&pg, "store", &["-i", "-s", "1", "-q", "--partitions", "3"]);
+    // PostgreSQL 12 cannot publish a partitioned table (bridge.rs tests the refusal).
+    if pg_major() >= 13 {
+        pgbench(&pg, "store", &["-i", "-s", "1", "-q", "--partitions", "3"]);
+    } else {
+        pgbench(&pg, "store", &["-i", "-s", "1", "-q"]);
+    }
     pgbench(&pg, "store", &["-T", "2", "-c", "2", "-n"]);
     db.batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
         .await

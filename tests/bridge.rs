@@ -678,6 +678,9 @@ async fn missing_publication_with_creation_disabled_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_table_streams_as_itself_never_as_its_partitions() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
+    if pg_major() < 13 {
+        return partitioned_tables_on_12(pg, nats, dir, db).await;
+    }
     db.batch_execute(
         "CREATE TABLE orders (id bigint, region text NOT NULL, total int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
          CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu');
@@ -1759,4 +1762,71 @@ async fn reset_with_confirmation_starts_a_source_over_purging_or_keeping_the_str
         })
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+}
+
+/// PostgreSQL 12 cannot publish a partitioned table: a listed one is refused by
+/// `check` and `run` (no retries) with the fix; its partitions listed instead stream
+/// under their own names, and `all_tables` streams the partitions.
+async fn partitioned_tables_on_12(
+    pg: PgServer,
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    db: tokio_postgres::Client,
+) {
+    db.batch_execute(
+        "CREATE TABLE orders (id bigint, region text NOT NULL, total int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu');
+         CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us');",
+    )
+    .await
+    .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &pg,
+        &nats,
+        &SourceSpec::new("store", "store").tables(&["orders"]),
+    );
+    let (code, out, _) = tidemark_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL [store] table \"public\".\"orders\": PostgreSQL 12.")
+            && out.contains("list the partitions of"),
+        "{out}"
+    );
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+    assert_eq!(
+        tm.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        tm.log()
+    );
+    assert!(
+        tm.log().contains("cannot stream a partitioned table"),
+        "{}",
+        tm.log()
+    );
+    assert!(!tm.log().contains("retrying"), "{}", tm.log());
+    // Under all_tables, the partitions stream as tables of their own.
+    let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
+    let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark2.log"));
+    tm.wait_streaming();
+    db.batch_execute("INSERT INTO orders VALUES (1, 'eu', 10), (2, 'us', 20)")
+        .await
+        .unwrap();
+    let nc = nats.client().await;
+    wait_until(
+        "both partitions' inserts",
+        Duration::from_secs(60),
+        || async {
+            let mut types: Vec<String> = read_stream(&nc, "STORE")
+                .await
+                .iter()
+                .map(|e| e.body["type"].as_str().unwrap_or("").to_string())
+                .collect();
+            types.sort();
+            types == ["orders_eu.created", "orders_us.created"]
+        },
+    )
+    .await;
+    tm.terminate(Duration::from_secs(30));
 }

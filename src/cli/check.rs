@@ -287,6 +287,10 @@ pub(super) async fn check_postgres(
                 let in_pub = published
                     .as_ref()
                     .is_some_and(|p| p.publishes(&t.schema, &t.name));
+                if let Err(e) = catalog.check_partitioned(&t) {
+                    out.push((false, format!("table {}", t.qualified()), e.to_string()));
+                    continue;
+                }
                 // A partitioned table published by its partitions: `run` sets the
                 // publication to publish via the root when it manages it, else refuses.
                 if t.partitioned

@@ -197,6 +197,22 @@ impl Catalog {
         Some(row.get(0))
     }
 
+    /// Refuses a partitioned table where the server cannot publish it (PostgreSQL 12).
+    pub fn check_partitioned(&self, t: &TableInfo) -> Result<(), CatalogError> {
+        if !t.partitioned || self.version.publish_via_root() {
+            return Ok(());
+        }
+        Err(CatalogError::NeedsNewer {
+            version: self.version.to_string(),
+            what: "stream a partitioned table",
+            why: "it cannot add a partitioned table to a publication (publish_via_partition_root came in PostgreSQL 13)",
+            fix: format!(
+                "list the partitions of {} in the source's tables instead (each streams under its own name), or upgrade to PostgreSQL 13 or newer",
+                t.qualified()
+            ),
+        })
+    }
+
     /// Describes tables by name (`(schema, table)`); a missing one is an error.
     pub async fn tables(&self, names: &[(String, String)]) -> Result<Vec<TableInfo>, CatalogError> {
         let mut out = Vec::new();
@@ -319,9 +335,18 @@ impl Catalog {
         let rows = self
             .client
             .query(
+                &format!(
                 "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 WHERE {} AND c.relpersistence = 'p' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                  AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' ORDER BY 1, 2",
+                    // A partitioned table streams as itself (13+: via its root); on
+                    // 12, FOR ALL TABLES sends each partition as a table of its own.
+                    if self.version.publish_via_root() {
+                        "c.relkind IN ('r', 'p') AND NOT c.relispartition"
+                    } else {
+                        "c.relkind = 'r'"
+                    }
+                ),
                 &[],
             )
             .await

@@ -197,6 +197,9 @@ impl Catalog {
             TableSelection::Listed(t) => t.clone(),
         };
         let tables = self.tables(&wanted).await?;
+        for t in &tables {
+            self.check_partitioned(t)?;
+        }
         let mut existing = self.publication(name).await?;
         // A partitioned table's changes must be sent as its own, not as each
         // partition's: under the partitions' names no mapping, subject or snapshot
