@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then checks formatting and lints and runs
 # every test (unit, property and integration tests against real PostgreSQL and
-# nats-server), the integration tests once on the Debian PostgreSQL (15) and once on
-# PostgreSQL 16 from the pgserver wheel. Safe to run again.
+# nats-server): all of them on Debian's PostgreSQL 15, the integration tests again on
+# PostgreSQL 12 and 18, and the core integration tests on 13, 14, 16 and 17, every
+# server from a package registry (scripts/pg-versions.sh). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install-deps.sh
+source scripts/pg-versions.sh
+# PostgreSQL 11, for the test that sees it refused (tests/versions.rs).
+TIDEMARK_PG11_BINDIR=$(pg_bindir_for 11)
+export TIDEMARK_PG11_BINDIR
 cargo fmt --all -- --check
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --all-targets --quiet -- -D warnings
@@ -14,27 +19,40 @@ fi
 cargo test --all-targets -- --skip seeded_soak_keeps_every_promise
 bash scripts/soak.sh --seconds 30
 
-# PostgreSQL 16: the pgserver wheel ships 16.2 binaries. The tests run the server as an
-# unprivileged user when run as root, so the binaries are copied where that user can
-# reach them (site-packages may sit under /root).
-pginstall() {
-  python3 -c 'import os, pgserver; print(os.path.join(os.path.dirname(pgserver.__file__), "pginstall"))' 2>/dev/null
+# The version matrix. Every server comes from a package registry
+# (scripts/pg-versions.sh): the full integration suite runs on Debian's 15 (above), on
+# the oldest supported version (12) and on the newest (18); the core tests run on each
+# of the others. PostgreSQL 11 is installed only to test its refusal.
+pg_matrix_bin() {
+  local bin
+  bin=$(pg_bindir_for "$1") || { echo "cannot install PostgreSQL $1" >&2; exit 1; }
+  echo "$bin"
 }
-if ! pginstall >/dev/null; then
-  python3 -m pip install --quiet pgserver 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages pgserver
-fi
-# The binaries find their libraries through an RPATH into site-packages/pgserver.libs,
-# so the copy keeps that layout.
-pg16="${TMPDIR:-/tmp}/tidemark-pg16"
-pg16_bin="$pg16/pgserver/pginstall/bin"
-if [ ! -x "$pg16_bin/postgres" ]; then
-  site=$(dirname "$(dirname "$(pginstall)")")
-  rm -rf "$pg16.tmp" && mkdir -p "$pg16.tmp/pgserver"
-  cp -r "$site/pgserver/pginstall" "$pg16.tmp/pgserver/"
-  cp -r "$site/pgserver.libs" "$pg16.tmp/"
-  chmod -R a+rX "$pg16.tmp"
-  rm -rf "$pg16" && mv "$pg16.tmp" "$pg16"
-fi
-echo "integration tests on $("$pg16_bin/postgres" --version)"
-TIDEMARK_PG_BINDIR="$pg16_bin" cargo test --test bridge
+for v in 12 18; do
+  bin=$(pg_matrix_bin "$v")
+  echo "integration tests on $("$bin/postgres" --version)"
+  TIDEMARK_PG_BINDIR="$bin" cargo test --tests -- --skip seeded_soak_keeps_every_promise
+done
+# The core: exactly-once across kill -9 and restarts, snapshot and backfill folds under
+# writes (pgbench among them), a read model with `wait`, and what differs by version.
+core=(
+  kill_9_mid_backlog_then_restart_stores_each_change_exactly_once
+  postgres_restart_mid_backlog_recovers_alone_exactly_once
+  each_operation_on_several_tables_arrives_once_in_commit_order
+  a_partitioned_table_streams_as_itself_never_as_its_partitions
+  every_supported_type_arrives_as_the_expected_json
+  check_reports_a_ready_source_and_changes_nothing
+  pgbench_under_an_initial_snapshot_and_kill_9s_folds_to_every_table
+  an_initial_snapshot_under_concurrent_writes_folds_to_the_table
+  snapshot_rows_are_stored_once_through_kills_mid_chunk
+  an_initial_snapshot_reads_a_table_without_a_key_from_the_slots_snapshot
+  a_table_added_to_the_publication_is_backfilled_by_the_cli_while_streaming
+  a_read_model_stays_exact_through_kill_9s_and_wait_sees_writes
+  heartbeats_prove_progress_and_a_stall_is_said_loudly
+)
+for v in 13 14 16 17; do
+  bin=$(pg_matrix_bin "$v")
+  echo "core tests on $("$bin/postgres" --version)"
+  TIDEMARK_PG_BINDIR="$bin" cargo test --test versions
+  TIDEMARK_PG_BINDIR="$bin" cargo test --test bridge --test backfill --test projection --test ops -- "${core[@]}"
+done

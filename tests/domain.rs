@@ -290,6 +290,30 @@ type_field = "type"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_rows_and_emitted_messages_arrive_once_each_across_a_kill_9() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
+    if pg_major() < 14 {
+        // No logical messages before 14: the message section is refused at start,
+        // with the outbox as the way (versions.rs covers the rest of this path).
+        db.batch_execute("CREATE TABLE stock (sku text PRIMARY KEY, reserved int NOT NULL)")
+            .await
+            .unwrap();
+        let cfg = write_config(
+            dir.path(),
+            &pg,
+            &nats,
+            &SourceSpec::new("store", "store")
+                .tables(&["stock"])
+                .sections("[[source.message]]\nprefix = \"domain\"\n"),
+        );
+        let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
+        assert_eq!(
+            tm.wait_exit(Duration::from_secs(30)).code(),
+            Some(1),
+            "{}",
+            tm.log()
+        );
+        assert!(tm.log().contains("[[source.outbox]]"), "{}", tm.log());
+        return;
+    }
     db.batch_execute(
         "CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregate_type text NOT NULL,
              aggregate_id text NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL, headers jsonb);
@@ -535,7 +559,18 @@ drop = true
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_builtin_type_family_arrives_as_the_expected_json() {
     let Rig { pg, nats, dir, db } = Rig::start().await;
-    db.batch_execute(
+    // Multiranges and numeric infinities came in PostgreSQL 14: before, those columns
+    // are text, with the same values as text.
+    let old = pg_major() < 14;
+    let kinds = |sql: &str| {
+        if old {
+            sql.replace("mr int4multirange, mre nummultirange", "mr text, mre text")
+                .replace("n_inf numeric, n_ninf numeric", "n_inf text, n_ninf text")
+        } else {
+            sql.to_string()
+        }
+    };
+    db.batch_execute(&kinds(
         r#"CREATE TYPE address AS (street text, zip int, tags text[]);
          CREATE TYPE floatrange AS RANGE (subtype = float8);
          CREATE DOMAIN email AS text CHECK (VALUE LIKE '%@%');
@@ -551,7 +586,7 @@ async fn every_builtin_type_family_arrives_as_the_expected_json() {
            a_iv interval[], a_ip inet[], a_pt point[], a_bx box[], a_r int4range[], a_comp address[],
            a_en mood[], a_mo money[], a_dm email[]
          );"#,
-    )
+    ))
     .await
     .unwrap();
     let cfg = write_config(dir.path(), &pg, &nats, &SourceSpec::new("store", "store"));
@@ -581,7 +616,7 @@ async fn every_builtin_type_family_arrives_as_the_expected_json() {
     let after = &events[0].body["data"]["after"];
     let p = |x: f64, y: f64| json!({"x": x, "y": y});
     let range = |l: Value, u: Value, li: bool, ui: bool| json!({"lower": l, "upper": u, "lower_inc": li, "upper_inc": ui});
-    let expected = json!({
+    let mut expected = json!({
         "id": 1, "iv": "P1Y2M3DT4H5M6.5S", "mo": "-1234.56", "ip": "192.168.0.1/24", "cd": "10.0.0.0/8",
         "mac": "08:00:2b:01:02:03", "mac8": "08:00:2b:01:02:03:04:05", "bt": "1010", "vb": "101",
         "x": "<a>1</a>", "tsv": "'a' 'cat' 'fat'", "tsq": "'fat' & 'rat'",
@@ -610,6 +645,10 @@ async fn every_builtin_type_family_arrives_as_the_expected_json() {
         "a_comp": [{"street": "a", "zip": 1, "tags": null}], "a_en": ["happy", "sad"], "a_mo": ["1.50"],
         "a_dm": ["x@y"]
     });
+    if old {
+        expected["mr"] = json!("{[1,3),[5,7)}");
+        expected["mre"] = json!("{}");
+    }
     for (k, v) in expected.as_object().unwrap() {
         assert_eq!(&after[k], v, "column {k}");
     }

@@ -397,6 +397,16 @@ pub(super) async fn check_postgres(
 /// write rate (sampled over one second): unlimited risks the disk, small risks the slot.
 pub(super) async fn wal_keep_line(catalog: &Catalog) -> Option<(bool, String, String)> {
     let c = catalog.client();
+    if !catalog.version().slot_wal_status() {
+        return Some((
+            true,
+            "max_slot_wal_keep_size".into(),
+            format!(
+                "warning: unlimited: PostgreSQL {} has no such limit (it came in 13), so while tidemark is stopped or behind its slot keeps WAL until the disk fills; watch the slot's retained WAL (warn_retained_wal_bytes)",
+                catalog.version()
+            ),
+        ));
+    }
     let setting: String = c
         .query_opt(
             "SELECT setting FROM pg_settings WHERE name = 'max_slot_wal_keep_size'",

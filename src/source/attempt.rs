@@ -512,3 +512,36 @@ async fn queue_initial_snapshot(
     }
     Ok(keyless)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::refused_start;
+    use crate::postgres::replication::ServerError;
+
+    fn server(code: &str, message: &str) -> ServerError {
+        ServerError {
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    /// What PostgreSQL 12 and 13 said to `"messages" 'true'` stops the source; a
+    /// server shutting down or an internal error of another kind is retried.
+    #[test]
+    fn a_start_the_server_cannot_do_is_refused_for_good() {
+        assert!(refused_start(&server(
+            "XX000",
+            "unrecognized pgoutput option: messages"
+        )));
+        assert!(refused_start(&server(
+            "0A000",
+            "client sent proto_version=9 but server only supports protocol 4 or lower"
+        )));
+        assert!(refused_start(&server("42601", "syntax error")));
+        assert!(!refused_start(&server("XX000", "could not read block 7")));
+        assert!(!refused_start(&server("57P01", "terminating connection")));
+        assert!(!refused_start(&server("55006", "slot is active")));
+    }
+}
