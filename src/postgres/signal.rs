@@ -10,31 +10,13 @@
 //! source's publication, and the pipeline turns its inserts back into messages and
 //! never publishes its rows as data (the watermark table of the DBLog design).
 
-use tracing::{info, warn};
+use tracing::info;
 
 use super::catalog::{Catalog, CatalogError};
 use super::pgoutput::{ColumnValue, EmittedMessage, Relation, Tuple};
 use super::replication::{quote_ident, quote_literal};
 use super::version::ServerVersion;
 use crate::position::Lsn;
-
-/// How markers reach the stream on a server.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Signals {
-    /// Logical messages (PostgreSQL 14+).
-    Messages,
-    /// Rows of the signal table (PostgreSQL 12 and 13).
-    Table,
-    /// Neither: PostgreSQL 12 or 13 without a usable signal table. The core stream
-    /// works; snapshots, backfills, heartbeats, `wait` and table markers do not.
-    Unavailable(String),
-}
-
-impl Signals {
-    pub fn available(&self) -> bool {
-        !matches!(self, Signals::Unavailable(_))
-    }
-}
 
 /// The signal table's name, quoted.
 pub fn qualified(table: &(String, String)) -> String {
@@ -77,94 +59,122 @@ pub fn create_sql(table: &(String, String)) -> String {
 /// What is lost without the signal table, for warnings and `check`.
 pub const LOST_WITHOUT: &str = "without it the changes still stream, but initial snapshots, backfills, heartbeats, `tidemark wait` and the truncated events of recreated tables cannot work";
 
-/// Makes sure markers can reach the stream of `publication`: on 14+ nothing to do; on
-/// 12 and 13 the signal table exists (made when missing) and the publication sends
-/// it (added when `create` allows). Whatever fails is said, with the fix, in
-/// `Signals::Unavailable`; nothing here stops the source.
-pub async fn ensure(
+/// What the database holds of the signal table and its publication, read in one
+/// query, so that `ensure` (for `run`) and `inspect` (for `check`) judge the same facts.
+struct State {
+    exists: bool,
+    /// The publication sends it.
+    published: bool,
+    publication_exists: bool,
+    /// The role may create it (CREATE on its schema, or on the database when the
+    /// schema is missing too).
+    can_create: bool,
+    /// The role may write markers into it (INSERT and DELETE).
+    can_write: bool,
+}
+
+async fn state(
     catalog: &Catalog,
     table: &(String, String),
     publication: &str,
-    create: bool,
-) -> Result<Signals, CatalogError> {
-    let version = catalog.version();
-    if version.logical_messages() {
-        return Ok(Signals::Messages);
-    }
-    let name = qualified(table);
-    let exists = catalog
+) -> Result<State, CatalogError> {
+    let row = catalog
         .client()
-        .query_opt(
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.0, &table.1],
+        .query_one(
+            "SELECT x.r IS NOT NULL, \
+               EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $3 AND schemaname = $1 AND tablename = $2), \
+               EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $3), \
+               CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) \
+                 THEN has_schema_privilege($1, 'CREATE') \
+                 ELSE has_database_privilege(current_database(), 'CREATE') END, \
+               COALESCE(has_table_privilege(x.r, 'INSERT') AND has_table_privilege(x.r, 'DELETE'), false) \
+             FROM (SELECT to_regclass(format('%I.%I', $1::text, $2::text))::oid AS r) x",
+            &[&table.0, &table.1, &publication],
         )
         .await
         .map_err(|source| CatalogError::Query {
             what: "look up the signal table",
             source,
-        })?
-        .is_some();
-    if !exists {
+        })?;
+    Ok(State {
+        exists: row.get(0),
+        published: row.get(1),
+        publication_exists: row.get(2),
+        can_create: row.get(3),
+        can_write: row.get(4),
+    })
+}
+
+/// Why markers cannot reach the stream when the publication does not send the
+/// signal table and tidemark may not add it.
+fn unpublished(publication: &str, table: &(String, String)) -> String {
+    format!(
+        "publication {publication:?} does not send tidemark's signal table {} (create_publication = false): run ALTER PUBLICATION {} ADD TABLE {}; {LOST_WITHOUT}",
+        qualified(table),
+        quote_ident(publication),
+        qualified(table)
+    )
+}
+
+/// Why markers cannot reach the stream when the role may not write the signal table.
+fn unwritable(table: &(String, String)) -> String {
+    format!(
+        "this role may not INSERT and DELETE on tidemark's signal table {}: GRANT INSERT, DELETE ON {} TO the role; {LOST_WITHOUT}",
+        qualified(table),
+        qualified(table)
+    )
+}
+
+/// Makes sure markers can reach the stream of `publication`: on 14+ nothing to do; on
+/// 12 and 13 the signal table exists (made when missing) and the publication sends
+/// it (added when `create` allows). Returns why markers cannot reach the stream, with
+/// the fix, when they cannot; nothing here stops the source.
+pub async fn ensure(
+    catalog: &Catalog,
+    table: &(String, String),
+    publication: &str,
+    create: bool,
+) -> Result<Option<String>, CatalogError> {
+    let version = catalog.version();
+    if version.logical_messages() {
+        return Ok(None);
+    }
+    let lacks = format!("PostgreSQL {version} has no logical messages in pgoutput (14+), and");
+    let name = qualified(table);
+    let mut st = state(catalog, table, publication).await?;
+    if !st.exists {
         if let Err(e) = catalog.client().batch_execute(&create_sql(table)).await {
-            return Ok(Signals::Unavailable(format!(
-                "PostgreSQL {version} has no logical messages in pgoutput (14+), and tidemark could not create its signal table {name}: {}; create it as a role that may (it needs CREATE on the database, or an existing schema {}): {}; {LOST_WITHOUT}",
+            return Ok(Some(format!(
+                "{lacks} tidemark could not create its signal table {name}: {}; create it as a role that may (it needs CREATE on the database, or an existing schema {}): {}; {LOST_WITHOUT}",
                 crate::error::ErrorChain(&e),
                 quote_ident(&table.0),
                 create_sql(table)
             )));
         }
         info!(table = %name, %version, "signal table created: PostgreSQL before 14 has no logical messages in pgoutput, so tidemark's markers travel as its rows");
+        // A FOR ALL TABLES publication sends it from its creation on.
+        st = state(catalog, table, publication).await?;
+    } else if !st.can_write {
+        // Made by someone else, without the grants tidemark needs.
+        return Ok(Some(format!("{lacks} {}", unwritable(table))));
     }
-    let published = catalog
-        .client()
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &table.0, &table.1],
-        )
-        .await
-        .map_err(|source| CatalogError::Query {
-            what: "look up the signal table in the publication",
-            source,
-        })?
-        .is_some();
-    if !published {
+    if !st.published {
+        if !create {
+            return Ok(Some(format!("{lacks} {}", unpublished(publication, table))));
+        }
         let add = format!(
             "ALTER PUBLICATION {} ADD TABLE {name}",
             quote_ident(publication)
         );
-        if !create {
-            return Ok(Signals::Unavailable(format!(
-                "PostgreSQL {version} has no logical messages in pgoutput (14+), and publication {publication:?} does not send tidemark's signal table {name} (create_publication = false): run {add}; {LOST_WITHOUT}"
-            )));
-        }
         if let Err(e) = catalog.client().batch_execute(&add).await {
-            return Ok(Signals::Unavailable(format!(
-                "PostgreSQL {version} has no logical messages in pgoutput (14+), and tidemark could not add its signal table {name} to publication {publication:?}: {}; run {add} as the publication's owner; {LOST_WITHOUT}",
+            return Ok(Some(format!(
+                "{lacks} tidemark could not add its signal table {name} to publication {publication:?}: {}; run {add} as the publication's owner; {LOST_WITHOUT}",
                 crate::error::ErrorChain(&e)
             )));
         }
         info!(table = %name, publication, "signal table added to the publication");
     }
-    // Writing a marker needs INSERT and DELETE on it (a table made by someone else).
-    let row = catalog
-        .client()
-        .query_one(
-            "SELECT has_table_privilege(format('%I.%I', $1::text, $2::text), 'INSERT') \
-             AND has_table_privilege(format('%I.%I', $1::text, $2::text), 'DELETE')",
-            &[&table.0, &table.1],
-        )
-        .await
-        .map_err(|source| CatalogError::Query {
-            what: "check the signal table's privileges",
-            source,
-        })?;
-    if !row.get::<_, bool>(0) {
-        warn!(table = %name, "no INSERT and DELETE on the signal table");
-        return Ok(Signals::Unavailable(format!(
-            "PostgreSQL {version} has no logical messages in pgoutput (14+), and this role may not INSERT and DELETE on tidemark's signal table {name}: GRANT INSERT, DELETE ON {name} TO the role; {LOST_WITHOUT}"
-        )));
-    }
-    Ok(Signals::Table)
+    Ok(None)
 }
 
 /// What `ensure` would find and do, without changing anything (for `check`): `Ok`
@@ -176,38 +186,21 @@ pub async fn inspect(
     create: bool,
 ) -> Result<Result<String, String>, CatalogError> {
     let name = qualified(table);
-    let row = catalog
-        .client()
-        .query_one(
-            "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL, \
-               EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $3 AND schemaname = $1 AND tablename = $2), \
-               EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $3), \
-               CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) \
-                 THEN has_schema_privilege($1, 'CREATE') \
-                 ELSE has_database_privilege(current_database(), 'CREATE') END",
-            &[&table.0, &table.1, &publication],
-        )
-        .await
-        .map_err(|source| CatalogError::Query {
-            what: "look up the signal table",
-            source,
-        })?;
-    let (exists, published, pub_exists, can_create): (bool, bool, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    if !exists && !can_create {
+    let st = state(catalog, table, publication).await?;
+    if !st.exists && !st.can_create {
         return Ok(Err(format!(
             "tidemark's signal table {name} does not exist, and this role may not create it (it needs CREATE on the database, or on schema {}): run {} as a role that may; {LOST_WITHOUT}",
             quote_ident(&table.0),
             create_sql(table)
         )));
     }
-    if !published && pub_exists && !create {
-        return Ok(Err(format!(
-            "publication {publication:?} does not send tidemark's signal table {name} (create_publication = false): run ALTER PUBLICATION {} ADD TABLE {name}; {LOST_WITHOUT}",
-            quote_ident(publication)
-        )));
+    if st.exists && !st.can_write {
+        return Ok(Err(unwritable(table)));
     }
-    Ok(Ok(match (exists, published) {
+    if !st.published && st.publication_exists && !create {
+        return Ok(Err(unpublished(publication, table)));
+    }
+    Ok(Ok(match (st.exists, st.published) {
         (true, true) => format!("{name} exists and is published: markers travel as its rows"),
         (true, false) => {
             format!("{name} exists; `run` adds it to the publication: markers travel as its rows")

@@ -78,20 +78,16 @@ pub(super) async fn run_attempt(
     }
     // Markers (watermarks, heartbeats, `wait`, table markers): messages on 14+, rows
     // of the signal table before.
-    let signals = crate::postgres::signal::ensure(
+    let no_signals = crate::postgres::signal::ensure(
         &catalog,
         &cfg.signal_table,
         &cfg.publication,
         cfg.create_publication,
     )
     .await?;
-    let no_signals = match &signals {
-        crate::postgres::signal::Signals::Unavailable(why) => {
-            warn!(version = %pg_version, "{why}");
-            Some(why.clone())
-        }
-        _ => None,
-    };
+    if let Some(why) = &no_signals {
+        warn!(version = %pg_version, "{why}");
+    }
     // Mapping rules must fit the live tables before anything streams.
     plan_tables(&catalog, cfg, &tables).await?;
     let slot = catalog.slot(&cfg.slot).await?;
