@@ -160,7 +160,8 @@ async fn idle_timeout_line(catalog: &Catalog) -> Option<(bool, String, String)> 
             true,
             "idle_replication_slot_timeout".into(),
             format!(
-                "warning: {secs} s: PostgreSQL invalidates a slot no walsender used for that long, and the changes made meanwhile never reach the stream (`tidemark resync` is the repair); keep tidemark running, or set idle_replication_slot_timeout = 0"
+                "warning: {secs} s: {}",
+                crate::postgres::version::IDLE_SLOT_TIMEOUT_RISK
             ),
         )
     })
@@ -184,18 +185,18 @@ pub(super) async fn check_postgres(
     for d in version.differences() {
         out.push((true, format!("on PostgreSQL {}", version.major()), d.into()));
     }
-    if !version.logical_messages() {
-        for m in &s.messages {
+    for m in &s.messages {
+        if let Err(e) = catalog.check_messages(&m.prefix) {
             out.push((
                 false,
                 format!("message prefix {:?}", m.prefix),
-                format!(
-                    "PostgreSQL {version} cannot send logical decoding messages (pgoutput has them from 14 on): write these events through an outbox table ([[source.outbox]]) instead, or upgrade to PostgreSQL 14 or newer"
-                ),
+                e.to_string(),
             ));
         }
-        let needs_snapshot = s.snapshot == crate::config::SnapshotMode::Initial
-            && catalog.slot(&s.slot).await?.is_none();
+    }
+    let slot = catalog.slot(&s.slot).await?;
+    if !version.logical_messages() {
+        let needs_snapshot = s.snapshot == crate::config::SnapshotMode::Initial && slot.is_none();
         match crate::postgres::signal::inspect(
             &catalog,
             &s.signal_table,
@@ -213,9 +214,7 @@ pub(super) async fn check_postgres(
             Err(why) => out.push((true, "signal table".into(), format!("warning: {why}"))),
         }
     }
-    if version.generated_columns()
-        && let Some(line) = idle_timeout_line(&catalog).await
-    {
+    if let Some(line) = idle_timeout_line(&catalog).await {
         out.push(line);
     }
     match catalog.check_wal_level().await {
@@ -360,7 +359,6 @@ pub(super) async fn check_postgres(
         out.push(line);
     }
     let slot_name = format!("slot {:?}", s.slot);
-    let slot = catalog.slot(&s.slot).await?;
     *slot_exists = Some(slot.is_some());
     match slot {
         Some(info) => match catalog.check_slot(&s.slot, &info) {

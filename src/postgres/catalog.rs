@@ -183,7 +183,7 @@ impl Catalog {
     /// PostgreSQL 18's `idle_replication_slot_timeout` in seconds (0: off); `None`
     /// before 18 or when it cannot be read.
     pub async fn idle_slot_timeout_secs(&self) -> Option<i64> {
-        if !self.version.generated_columns() {
+        if !self.version.idle_slot_timeout() {
             return None;
         }
         let row = self
@@ -195,6 +195,22 @@ impl Catalog {
             .await
             .ok()??;
         Some(row.get(0))
+    }
+
+    /// Refuses logical messages as events (`[[source.message]]` with `prefix`) where
+    /// pgoutput cannot send them (before PostgreSQL 14).
+    pub fn check_messages(&self, prefix: &str) -> Result<(), CatalogError> {
+        if self.version.logical_messages() {
+            return Ok(());
+        }
+        Err(CatalogError::NeedsNewer {
+            version: self.version.to_string(),
+            what: "send logical decoding messages",
+            why: "pgoutput has no messages option before PostgreSQL 14",
+            fix: format!(
+                "the [[source.message]] prefix {prefix:?} cannot work: write these events through an outbox table ([[source.outbox]]) instead, or upgrade to PostgreSQL 14 or newer"
+            ),
+        })
     }
 
     /// Refuses a partitioned table where the server cannot publish it (PostgreSQL 12).

@@ -8,6 +8,10 @@ use std::fmt;
 /// handling; 11 reached its end of life in 2023 and is refused.
 pub const OLDEST_SUPPORTED: u32 = 12;
 
+/// What `idle_replication_slot_timeout` above 0 risks, and the fix: said by `check`
+/// and at start-up.
+pub const IDLE_SLOT_TIMEOUT_RISK: &str = "PostgreSQL invalidates a slot no walsender used for that long (tidemark stopped), and the changes made meanwhile never reach the stream (`tidemark resync` is the repair); keep tidemark running, or set idle_replication_slot_timeout = 0";
+
 /// A server's version, as `server_version_num` gives it (`130023` is 13.23).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServerVersion(pub u32);
@@ -49,8 +53,13 @@ impl ServerVersion {
         self.major() >= 17
     }
 
-    /// `publish_generated_columns` and `idle_replication_slot_timeout` (18+).
+    /// `publish_generated_columns` (18+).
     pub fn generated_columns(self) -> bool {
+        self.major() >= 18
+    }
+
+    /// `idle_replication_slot_timeout` (18+).
+    pub fn idle_slot_timeout(self) -> bool {
         self.major() >= 18
     }
 

@@ -21,6 +21,7 @@ use crate::position::Lsn;
 use crate::postgres::catalog::{Catalog, CatalogError};
 use crate::postgres::replication::{ReplicationConnection, ReplicationError};
 use crate::postgres::values::TypeRegistry;
+use crate::postgres::version::IDLE_SLOT_TIMEOUT_RISK;
 use crate::telemetry::Telemetry;
 
 pub(super) async fn run_attempt(
@@ -34,19 +35,8 @@ pub(super) async fn run_attempt(
     catalog.check_version()?;
     let pg_version = catalog.version();
     catalog.check_wal_level().await?;
-    if let Some(m) = cfg.messages.first()
-        && !pg_version.logical_messages()
-    {
-        return Err(CatalogError::NeedsNewer {
-            version: pg_version.to_string(),
-            what: "send logical decoding messages",
-            why: "pgoutput has no messages option before PostgreSQL 14",
-            fix: format!(
-                "the [[source.message]] prefix {:?} cannot work: write these events through an outbox table ([[source.outbox]]) instead, or upgrade to PostgreSQL 14 or newer",
-                m.prefix
-            ),
-        }
-        .into());
+    for m in &cfg.messages {
+        catalog.check_messages(&m.prefix)?;
     }
     let wanted = match &cfg.tables {
         crate::config::TableSelection::All => catalog.all_tables(&cfg.signal_table).await?,
@@ -74,7 +64,7 @@ pub(super) async fn run_attempt(
     if let Some(secs) = catalog.idle_slot_timeout_secs().await
         && secs > 0
     {
-        warn!(secs, slot = %cfg.slot, "idle_replication_slot_timeout is set: PostgreSQL invalidates the slot if no walsender uses it that long (tidemark stopped), and the changes made meanwhile never reach the stream; set it to 0, or keep tidemark running");
+        warn!(secs, slot = %cfg.slot, "idle_replication_slot_timeout is set: {IDLE_SLOT_TIMEOUT_RISK}");
     }
     // Markers (watermarks, heartbeats, `wait`, table markers): messages on 14+, rows
     // of the signal table before.
