@@ -41,14 +41,7 @@ async fn postgres_11_is_refused_by_name_by_run_and_check() {
         "{out}{err}"
     );
     let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-    let status = tm.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(1), "{}", tm.log());
-    let log = tm.log();
-    assert!(
-        log.contains("PostgreSQL 11.") && log.contains("is not supported"),
-        "{log}"
-    );
-    assert!(!log.contains("retrying"), "a refusal is not retried: {log}");
+    tm.wait_refused(&["PostgreSQL 11.", "is not supported"]);
     let made = db
         .query_one(
             "SELECT (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_replication_slots)",
@@ -209,15 +202,10 @@ async fn without_its_signal_table_an_old_server_streams_changes_and_says_what_is
             "{out}"
         );
         let mut tm = Tidemark::run(&cfg, &dir.path().join("tidemark.log"));
-        let status = tm.wait_exit(Duration::from_secs(30));
-        assert_eq!(status.code(), Some(1), "{}", tm.log());
-        assert!(
-            tm.log()
-                .contains("the initial snapshot (snapshot = \"initial\") cannot run")
-                && tm.log().contains("could not create its signal table"),
-            "{}",
-            tm.log()
-        );
+        tm.wait_refused(&[
+            "the initial snapshot (snapshot = \"initial\") cannot run",
+            "could not create its signal table",
+        ]);
     } else {
         assert_eq!(code, 0, "{out}{err}");
         assert!(!out.contains("signal table"), "{out}");
@@ -270,29 +258,15 @@ async fn without_its_signal_table_an_old_server_streams_changes_and_says_what_is
             out.contains("FAIL [store] message prefix \"domain\""),
             "{out}"
         );
-        let status = tm.wait_exit(Duration::from_secs(30));
-        assert_eq!(status.code(), Some(1), "{}", tm.log());
-        assert!(
-            tm.log().contains("cannot send logical decoding messages")
-                && tm.log().contains("[[source.outbox]]"),
-            "{}",
-            tm.log()
-        );
+        tm.wait_refused(&["cannot send logical decoding messages", "[[source.outbox]]"]);
     } else {
         tm.wait_streaming();
         db.batch_execute("SELECT pg_logical_emit_message(true, 'domain', '{\"type\":\"Hello\"}')")
             .await
             .unwrap();
-        wait_until(
-            "the message in the stream",
-            Duration::from_secs(60),
-            || async {
-                read_stream(&nc, "STORE")
-                    .await
-                    .iter()
-                    .any(|e| e.body["type"] == "domain")
-            },
-        )
+        wait_event(&nc, "STORE", "the message", Duration::from_secs(60), |e| {
+            e.body["type"] == "domain"
+        })
         .await;
         tm.terminate(Duration::from_secs(30));
     }
@@ -340,18 +314,10 @@ async fn snapshot_rows_and_live_events_carry_the_same_generated_columns() {
     db.batch_execute("INSERT INTO items (id, qty) VALUES (51, 51)")
         .await
         .unwrap();
-    wait_until(
-        "the insert in the stream",
-        Duration::from_secs(60),
-        || async {
-            read_stream(&nc, "STORE")
-                .await
-                .iter()
-                .any(|e| e.body["type"] == "items.created")
-        },
-    )
+    let events = wait_event(&nc, "STORE", "the insert", Duration::from_secs(60), |e| {
+        e.body["type"] == "items.created"
+    })
     .await;
-    let events = read_stream(&nc, "STORE").await;
     let read = events
         .iter()
         .find(|e| e.body["type"] == "items.read" && e.body["data"]["after"]["id"] == 7)

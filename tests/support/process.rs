@@ -152,6 +152,20 @@ impl Tidemark {
         }
     }
 
+    /// Waits for the process to stop on its own with exit code 1 (a refusal), and
+    /// that its log says each of `needles` and never that it is retrying; returns
+    /// the log.
+    pub fn wait_refused(&mut self, needles: &[&str]) -> String {
+        let status = self.wait_exit(Duration::from_secs(30));
+        let log = self.log();
+        assert_eq!(status.code(), Some(1), "{log}");
+        for n in needles {
+            assert!(log.contains(n), "missing {n:?} in:\n{log}");
+        }
+        assert!(!log.contains("retrying"), "a refusal is not retried: {log}");
+        log
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

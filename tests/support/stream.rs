@@ -111,6 +111,28 @@ pub async fn wait_stream_count(
     }
 }
 
+/// Waits until the stream holds an event `found` says yes to; returns the stream.
+pub async fn wait_event(
+    client: &async_nats::Client,
+    stream: &str,
+    what: &str,
+    timeout: Duration,
+    found: impl Fn(&StoredEvent) -> bool,
+) -> Vec<StoredEvent> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = read_stream(client, stream).await;
+        if events.iter().any(&found) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what} in {stream}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Asserts the stream is exactly-once and gap-free: consecutive sequences, unique ids,
 /// ids strictly increasing by (commit LSN, index), each id matching its CloudEvent id.
 pub fn assert_exactly_once(events: &[StoredEvent]) {
